@@ -1,0 +1,110 @@
+"""Configuration dataclasses and variant tables. Pure data: no torch, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULT_VIT = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+DEFAULT_CNN = "resnet50"
+
+
+@dataclass
+class LoDaConfig:
+    """Architecture of a LoDa model. ``LoDaConfig()`` is the paper's ViT-B/16 + ResNet-50."""
+
+    vit: str = DEFAULT_VIT
+    vit_kwargs: dict[str, Any] = field(default_factory=dict)
+    cnn: str = DEFAULT_CNN
+    cnn_kwargs: dict[str, Any] = field(default_factory=dict)
+    cnn_out_indices: tuple[int, ...] = (1, 2, 3, 4)
+    latent_dim: int = 64
+    grid_size: int = 7
+    cross_attn_heads: int = 4
+    dropout: float = 0.1
+    img_size: int = 224
+    # The authors keep the frozen CNN in train mode while training, so its BatchNorm running
+    # statistics keep adapting to the IQA data and are saved with the checkpoint. False keeps the
+    # CNN in eval mode (statistics frozen at their pretrained values).
+    update_cnn_bn_stats: bool = True
+    # Which parts train. "adapters" is LoDa as published (frozen backbones); "full" also trains
+    # both backbones, as the built-in model does when no pretrained weights exist.
+    trainable: str = "adapters"
+    # Optional local files holding pretrained backbone weights (instead of the Hugging Face cache).
+    vit_weights: str | None = None
+    cnn_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        self.cnn_out_indices = tuple(int(i) for i in self.cnn_out_indices)
+        if self.trainable not in ("adapters", "full"):
+            raise ValueError(f"trainable must be 'adapters' or 'full', not {self.trainable!r}")
+        if self.latent_dim % self.cross_attn_heads:
+            raise ValueError("latent_dim must be divisible by cross_attn_heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cnn_out_indices"] = list(self.cnn_out_indices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoDaConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown LoDaConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class Preprocess:
+    """How an image becomes crops. Stored in every checkpoint; the scorer is built from it."""
+
+    short_side: int = 384
+    crop_size: int = 224
+    num_crops: int = 15
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD))
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+    def digest(self) -> str:
+        """A short stable id of this preprocessing, used as a cache key."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Backbones of the paper's Table 4 (model size) and Table 3 (pretraining source), as timm names.
+VIT_SIZES: dict[str, str] = {
+    "tiny": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "small": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "base": DEFAULT_VIT,
+}
+VIT_PRETRAINING: dict[str, str] = {
+    "in1k": "vit_base_patch16_224.augreg_in1k",
+    "in21k": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "mae": "vit_base_patch16_224.mae",
+    "clip": "vit_base_patch16_clip_224.openai",
+}
+
+# A configuration small enough for CPU tests: random weights, seconds to build.
+TINY_CONFIG_KW: dict[str, Any] = {
+    "vit": "vit_tiny_patch16_224",
+    "vit_kwargs": {"depth": 2},
+    "cnn": "resnet18",
+}
