@@ -16,6 +16,7 @@ This module does no file I/O and no downloads beyond what timm does for ``pretra
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -120,6 +121,11 @@ def _create_backbone(name: str, pretrained: bool, weights_file: str | None, **kw
 
     overlay = {"file": weights_file} if (pretrained and weights_file) else None
     try:
+        if pretrained and not weights_file:
+            # Without a reachable hub, go straight to the cache: huggingface_hub would otherwise
+            # retry each file with back-off for most of a minute before giving up.
+            with _hub_offline(not _hub_reachable()):
+                return timm.create_model(name, pretrained=True, **kwargs)
         return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
@@ -133,11 +139,41 @@ def _create_backbone(name: str, pretrained: bool, weights_file: str | None, **kw
         raise BackboneUnavailableError(_missing_weights_message(name, exc)) from exc
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to the Hugging Face endpoint; False when offline is requested."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """Put huggingface_hub in offline mode for the duration (its flag is read at import)."""
+    import huggingface_hub.constants as hub_constants
+
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
+
+
 def _missing_weights_message(name: str, exc: BaseException) -> str:
     return (
-        f"pretrained weights for backbone {name!r} are not in the Hugging Face cache and could not "
-        f"be downloaded ({type(exc).__name__}); run once online so timm caches them "
-        f"(HF_HOME, default ~/.cache/huggingface), or pass a local weights file"
+        f"pretrained weights for backbone {name!r} are not in the Hugging Face cache and the hub is "
+        f"unreachable; run once online so timm caches them (HF_HOME, default ~/.cache/huggingface), "
+        f"or give a local weights file"
     )
 
 
