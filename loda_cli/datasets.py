@@ -273,13 +273,13 @@ def read_labels(spec: DatasetSpec, root: Path) -> LabelSet:
     return labels
 
 
-def _number(text: Any, label_file: Path, line: int, what: str) -> float:
+def _number(text: Any, label_file: Path, line: int, what: str, unit: str = "line") -> float:
     try:
         value = float(str(text).strip())
     except (TypeError, ValueError):
-        raise DatasetError(f"{label_file}, line {line}: {what} {text!r} is not a number") from None
+        raise DatasetError(f"{label_file}, {unit} {line}: {what} {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise DatasetError(f"{label_file}, line {line}: {what} {text!r} is not a finite number")
+        raise DatasetError(f"{label_file}, {unit} {line}: {what} {text!r} is not a finite number")
     return value
 
 
@@ -387,7 +387,7 @@ def _read_spaq(spec: DatasetSpec, root: Path) -> LabelSet:
             if name is None or str(name).strip() == "":
                 raise DatasetError(f"{label_file}, row {line}: no image name in the first column")
             name = str(name).strip()
-            value = _number(mos, label_file, line, "MOS")
+            value = _number(mos, label_file, line, "MOS", unit="row")
             items.append(LabelItem(name, root / "TestImage" / name, value))
     finally:
         workbook.close()
