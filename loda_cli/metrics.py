@@ -222,9 +222,7 @@ def _fit(x: np.ndarray, y: np.ndarray) -> FitResult:
     return _linear_fallback(x, y, "; ".join(reasons))
 
 
-def _try_logistic(
-    x: np.ndarray, y: np.ndarray, p0: list[float]
-) -> tuple[np.ndarray | None, str]:
+def _try_logistic(x: np.ndarray, y: np.ndarray, p0: list[float]) -> tuple[np.ndarray | None, str]:
     """One curve_fit attempt. Returns (params, "") or (None, why it failed)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", optimize.OptimizeWarning)

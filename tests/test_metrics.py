@@ -253,7 +253,8 @@ def test_fit_falls_back_on_optimize_warning(monkeypatch):
     real = optimize.curve_fit
 
     def warns(*args, **kwargs):
-        warnings.warn("Covariance of the parameters could not be estimated", optimize.OptimizeWarning)
+        message = "Covariance of the parameters could not be estimated"
+        warnings.warn(message, optimize.OptimizeWarning, stacklevel=2)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(metrics.optimize, "curve_fit", warns)
