@@ -24,6 +24,7 @@ Four layers, each usable alone:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import importlib.util
 import io
@@ -41,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 from scipy import ndimage, signal
 
+from loda_cli import datasets
 from loda_cli.errors import DatasetError, OutputError, UsageError
 
 __all__ = [
@@ -750,6 +752,30 @@ def bundled_photos(short_side: int | None = None) -> list[np.ndarray]:
     return [image for _, image in bundled_references(short_side)]
 
 
+def _reference_files(root: Path, recursive: bool = True) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        path
+        for path in root.glob(pattern)
+        if path.suffix.lower() in _IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        and path.is_file()
+    )
+
+
+def default_references(
+    short_side: int = 384, procedural: int = 16, seed: int = 3407
+) -> list[tuple[str, np.ndarray]]:
+    """The built-in reference set: scikit-image's bundled photos plus procedural images.
+
+    ``procedural`` references of 384x512 (dead leaves, textures, gradients, deterministic for
+    ``seed``) keep the set usable without scikit-image and add content photos lack. This is the
+    set the built-in model is trained from.
+    """
+    height, width = short_side, round(short_side * 4 / 3)
+    return bundled_references(short_side) + procedural_references(procedural, height, width, seed)
+
+
 def load_reference_folder(
     directory: str | os.PathLike, *, short_side: int | None = None, recursive: bool = True
 ) -> list[tuple[str, np.ndarray]]:
@@ -757,18 +783,15 @@ def load_reference_folder(
 
     ``ref_id`` is the path relative to ``directory`` without its suffix, with ``/`` separators.
     EXIF orientation is applied and every mode becomes RGB; ``short_side`` downsizes photos
-    whose shorter side is larger. Files that fail to decode are skipped with a logged warning.
-    Raises DatasetError when the folder is missing or holds no readable image.
+    whose shorter side is larger. Files that fail to decode are skipped with a logged warning,
+    and hidden files and folders (a generated set in ``.loda-synthetic``, the prepared cache)
+    are never read. Raises DatasetError when the folder is missing or holds no readable image.
     """
     root = Path(directory)
     if not root.is_dir():
         raise DatasetError(f"reference folder not found: {root}")
-    pattern = "**/*" if recursive else "*"
-    paths = sorted(p for p in root.glob(pattern) if p.suffix.lower() in _IMAGE_SUFFIXES)
     references = []
-    for path in paths:
-        if not path.is_file():
-            continue
+    for path in _reference_files(root, recursive):
         try:
             image = _read_rgb(path, short_side)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
@@ -960,6 +983,17 @@ def _safe_name(text: str) -> str:
     return _UNSAFE_CHARS.sub("_", text).strip("._") or "ref"
 
 
+def _unique_name(ref_id: str, taken: Iterable[str]) -> str:
+    """A file-system-safe name for ``ref_id`` that no other reference uses ("a b" vs "a_b")."""
+    taken_lower = {name.lower() for name in taken}
+    base = _safe_name(ref_id)
+    name, suffix = base, 1
+    while name.lower() in taken_lower:
+        suffix += 1
+        name = f"{base}-{suffix}"
+    return name
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
     references: Sequence[tuple[str, np.ndarray]],
@@ -967,6 +1001,7 @@ def write_dataset(
     *,
     image_format: str = "png",
     overwrite: bool = False,
+    manifest_extra: dict[str, object] | None = None,
     **generate_kwargs: object,
 ) -> Path:
     """Generate samples (see :func:`generate_samples`) and write them as a ``csv`` dataset.
@@ -979,9 +1014,9 @@ def write_dataset(
 
     ``mos`` is :func:`quality_label` (0..1, higher is better) and ``ref`` the reference id, which
     the trainer splits by. ``image_format`` is ``"png"`` (lossless; the default, so storage adds
-    no distortion of its own) or ``"jpeg"`` (quality 95). Returns the path of ``labels.csv``.
-    Raises UsageError if ``out_dir`` already holds a dataset and ``overwrite`` is False, and
-    OutputError when writing fails.
+    no distortion of its own) or ``"jpeg"`` (quality 95). ``manifest_extra`` adds keys to
+    ``synthetic.json``. Returns the path of ``labels.csv``. Raises UsageError if ``out_dir``
+    already holds a dataset and ``overwrite`` is False, and OutputError when writing fails.
     """
     fmt = image_format.lower()
     if fmt not in ("png", "jpeg", "jpg"):
@@ -998,9 +1033,12 @@ def write_dataset(
     samples = generate_samples(references, seed, **generate_kwargs)  # validates first
     rows = []
     counters: dict[str, int] = {}
+    folders: dict[str, str] = {}  # ref_id -> its folder name, unique even on case-blind disks
     try:
         for sample in samples:
-            ref_name = _safe_name(sample.ref_id)
+            if sample.ref_id not in folders:
+                folders[sample.ref_id] = _unique_name(sample.ref_id, folders.values())
+            ref_name = folders[sample.ref_id]
             index = counters.get(sample.ref_id, 0)
             counters[sample.ref_id] = index + 1
             relative = (
@@ -1027,9 +1065,108 @@ def write_dataset(
             "distortions": {name: list(LEVEL_PARAMETERS[name]) for name in DISTORTIONS},
             "label": "1 - 0.6 * level / 5 - 0.4 * clip((45 - psnr) / 30, 0, 1)",
             "images": len(rows),
+            **(manifest_extra or {}),
         }
         (root / "synthetic.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         os.replace(tmp, labels_path)
     except OSError as exc:
         raise OutputError(f"could not write the synthetic dataset to {root}: {exc}") from exc
     return labels_path
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``synthetic`` dataset of ``loda train`` / ``loda benchmark``
+# ---------------------------------------------------------------------------------------------
+
+#: Where a reference folder's generated set is cached, inside that folder (hidden, like the
+#: ``.loda-prepared-384`` resize cache).
+GENERATED_DIR = ".loda-synthetic"
+#: Bumped whenever a change here changes the generated images or labels, so caches regenerate.
+GENERATOR_VERSION = 1
+
+
+def _fingerprint(files: Sequence[Path], root: Path) -> list[list[object]]:
+    return [
+        [path.relative_to(root).as_posix(), path.stat().st_size, path.stat().st_mtime_ns]
+        for path in files
+    ]
+
+
+def ensure_generated(root: str | os.PathLike, seed: int = datasets.DEFAULT_SEED) -> Path:
+    """The ``labels.csv`` of the synthetic set generated from the references in ``root``.
+
+    ``root`` is a folder of pristine photos; an empty folder stands for the built-in references
+    (:func:`default_references`). The set (all types, 5 levels, pristine included, references
+    at a 384 short side) is written once to ``root/.loda-synthetic`` and reused while the
+    reference files (names, sizes, mtimes), the seed and :data:`GENERATOR_VERSION` are the same.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"synthetic dataset folder not found: {root}")
+    files = _reference_files(root)
+    out_dir = root / GENERATED_DIR
+    source = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "sources": _fingerprint(files, root) if files else "built-in",
+    }
+    labels_path = out_dir / "labels.csv"
+    manifest_path = out_dir / "synthetic.json"
+    if labels_path.is_file() and manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = {}
+        if manifest.get("source") == source:
+            return labels_path
+    short_side = datasets.SHORT_SIDE
+    if files:
+        references = load_reference_folder(root, short_side=short_side)
+    else:
+        references = default_references(short_side=short_side, seed=seed)
+    logger.info("generating the synthetic set from %d references in %s", len(references), out_dir)
+    return write_dataset(
+        out_dir, references, seed, overwrite=True, manifest_extra={"source": source}
+    )
+
+
+def _read_synthetic(spec: datasets.DatasetSpec, root: Path) -> datasets.LabelSet:
+    """Reader of the ``synthetic`` dataset.
+
+    ``root`` may be a ``labels.csv`` (or a folder holding one) written by :func:`write_dataset`,
+    or a folder of pristine reference photos (or an empty folder, for the built-in references),
+    from which :func:`ensure_generated` makes the set.
+    """
+    root = Path(root)
+    if root.is_file():
+        label_file = root
+    elif (root / "labels.csv").is_file():
+        label_file = root / "labels.csv"
+    else:
+        label_file = ensure_generated(root)
+    csv_spec = datasets.csv_spec(path_column="path", mos_column="mos", ref_column="ref")
+    labels = datasets.read_labels(csv_spec, label_file)
+    return dataclasses.replace(
+        labels,
+        dataset=spec.name,
+        scale=(0.0, 1.0),
+        lower_better=False,
+        kind="synthetic",
+    )
+
+
+SYNTHETIC_SPEC = datasets.DatasetSpec(
+    "synthetic",
+    "Synthetic distortions (loda)",
+    (0.0, 1.0),
+    False,
+    "synthetic",
+    3,
+    "bicubic",
+    False,
+    None,
+    "",
+    "labels.csv (path,mos,ref) written by loda_cli.synthetic.write_dataset, or pristine "
+    "reference photos to generate it from (an empty folder: the built-in references)",
+)
+datasets.register_dataset(SYNTHETIC_SPEC, _read_synthetic)

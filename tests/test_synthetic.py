@@ -444,3 +444,86 @@ def test_write_dataset_refuses_to_overwrite_and_sanitises_names(tmp_path, refs):
     write_dataset(tmp_path, odd, 0, per_reference=1, levels=(2,), overwrite=True)
     with pytest.raises(UsageError, match="image_format"):
         write_dataset(tmp_path / "x", odd, 0, image_format="gif")
+
+
+def test_write_dataset_keeps_references_with_similar_names_apart(tmp_path, refs):
+    similar = [("a b", refs[0][1]), ("a_b", refs[1][1]), ("A_B", refs[0][1])]
+    path = write_dataset(tmp_path, similar, 0, per_reference=1, levels=(1,))
+    rows = list(csv.DictReader(path.open(newline="")))
+    assert len({row["path"].lower() for row in rows}) == len(rows) == 3 * 2
+    assert len({row["path"].split("/")[1].lower() for row in rows}) == 3
+
+
+# --- the ``synthetic`` dataset ----------------------------------------------------------------
+
+
+def test_synthetic_dataset_reads_a_written_set(tmp_path):
+    from loda_cli import datasets
+
+    five = synthetic.procedural_references(5, 16, 16, seed=0)
+    write_dataset(tmp_path, five, seed=1, per_reference=2, levels=(1, 4))
+    spec = datasets.resolve_dataset("synthetic")
+    assert spec.kind == "synthetic" and spec.scale == (0.0, 1.0) and not spec.lower_better
+    for root in (tmp_path, tmp_path / "labels.csv"):
+        labels = datasets.read_labels(spec, root)
+        assert labels.dataset == "synthetic" and labels.kind == "synthetic"
+        assert len(labels) == 5 * (1 + 2 * 2)
+        assert {item.ref for item in labels.items} == {ref_id for ref_id, _ in five}
+        assert all(item.path.is_file() for item in labels.items)
+        assert max(labels.mos) == 1.0
+    for split in datasets.make_splits(labels, spec, n_splits=3):
+        train_refs = {labels.items[i].ref for i in split.train}
+        test_refs = {labels.items[i].ref for i in split.test}
+        assert not train_refs & test_refs
+
+
+def _tiny_reference_folder(folder):
+    folder.mkdir()
+    for i in range(2):
+        image = dead_leaves(24, 32, np.random.default_rng(i))
+        Image.fromarray(image).save(folder / f"ref{i}.png")
+
+
+def test_synthetic_dataset_generates_from_a_reference_folder_once(tmp_path):
+    from loda_cli import datasets
+
+    folder = tmp_path / "refs"
+    _tiny_reference_folder(folder)
+    spec = datasets.resolve_dataset("synthetic")
+    labels = datasets.read_labels(spec, folder)
+    assert len(labels) == 2 * (1 + 5 * len(DISTORTIONS))
+    assert {item.ref for item in labels.items} == {"ref0", "ref1"}
+    generated = folder / synthetic.GENERATED_DIR / "labels.csv"
+    stamp = generated.stat().st_mtime_ns
+    # The generated images are hidden from the reference scan, and a second read reuses them.
+    assert [r for r, _ in load_reference_folder(folder)] == ["ref0", "ref1"]
+    assert len(datasets.read_labels(spec, folder)) == len(labels)
+    assert generated.stat().st_mtime_ns == stamp
+    # A changed reference regenerates the set.
+    Image.fromarray(texture(24, 32, np.random.default_rng(9))).save(folder / "ref1.png")
+    datasets.read_labels(spec, folder)
+    assert generated.stat().st_mtime_ns != stamp
+
+
+def test_synthetic_dataset_from_an_empty_folder_uses_built_in_references(tmp_path, monkeypatch):
+    from loda_cli import datasets
+
+    calls = []
+
+    def tiny_defaults(short_side, seed):
+        calls.append((short_side, seed))
+        return [("builtin", gradient(16, 16, np.random.default_rng(seed)))]
+
+    monkeypatch.setattr(synthetic, "default_references", tiny_defaults)
+    (tmp_path / "empty").mkdir()
+    labels = datasets.read_labels(datasets.resolve_dataset("synthetic"), tmp_path / "empty")
+    assert calls == [(384, 3407)]
+    assert {item.ref for item in labels.items} == {"builtin"}
+
+
+def test_default_references_mix_photos_and_procedural_images():
+    refs = synthetic.default_references(short_side=32, procedural=2)
+    ids = [ref_id for ref_id, _ in refs]
+    assert ids[-2:] == ["procedural_000", "procedural_001"]
+    assert len(set(ids)) == len(ids)
+    assert all(min(image.shape[:2]) == 32 for _, image in refs)
