@@ -1,0 +1,801 @@
+"""Finding image files and decoding them robustly.
+
+Two halves, both used by scoring, training and organising:
+
+* ``iter_image_files`` streams the image files under one or more paths in a deterministic order.
+  Hidden and junk folders are skipped; symlink loops, broken links and unreadable folders are
+  reported through ``on_skip`` and never raise.
+* ``decode_image`` turns one file into an RGB Pillow image close to the size the model needs. Every
+  failure (missing, empty, truncated, corrupt, not an image, too large, unsupported) becomes an
+  ``ImageError`` with a short reason, so a scorer can turn it into an error row.
+
+This module must stay importable without torch: DataLoader workers and ``loda --help`` import it.
+Decoding uses ``warnings.catch_warnings``, which is process-global, so decode in worker processes
+(as the DataLoader does) rather than in several threads of one process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import io
+import os
+import re
+import stat
+import struct
+import sys
+import tempfile
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loda_cli.errors import ImageError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RAW_EXTENSIONS",
+    "DecodedImage",
+    "FoundFile",
+    "SkipNotice",
+    "decode_image",
+    "image_size",
+    "is_image_path",
+    "iter_image_files",
+    "resize_short_side",
+]
+
+RAW_EXTENSIONS: frozenset[str] = frozenset(
+    {".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"}
+)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif",
+        ".heic", ".heif", ".avif",
+    }
+) | RAW_EXTENSIONS
+
+# Folders that photo tools, NAS boxes and operating systems leave inside photo collections. Names
+# starting with "." (.thumbnails, .Trash-1000, ._x.jpg AppleDouble files) are skipped separately.
+JUNK_FOLDER_NAMES: frozenset[str] = frozenset(
+    {
+        "@eaDir",  # Synology thumbnails
+        "@__thumb",  # QNAP thumbnails
+        "#recycle",  # Synology recycle bin
+        "#snapshot",
+        "$RECYCLE.BIN",
+        "System Volume Information",
+        "__MACOSX",  # AppleDouble files extracted from zips
+        "lost+found",
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding files
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """An image file found under ``root``.
+
+    ``path`` is ``root`` joined with the part below it, as ``find`` would write it; symlinks are
+    not resolved, so moving ``path`` moves what the user sees. For a file given directly,
+    ``root`` is its parent folder.
+    """
+
+    path: Path
+    root: Path
+
+
+@dataclass(frozen=True)
+class SkipNotice:
+    """Something that was not walked or not yielded, with a short reason for the user."""
+
+    path: Path
+    reason: str
+
+
+def is_image_path(path: str | os.PathLike[str]) -> bool:
+    """True when the file name has an image extension (case-insensitive); the file is not read."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_skipped_name(name: str) -> bool:
+    # A file called "@eaDir" is no image either, so the junk names need no type check.
+    return name.startswith(".") or name in JUNK_FOLDER_NAMES
+
+
+class _Globs:
+    """fnmatch patterns compiled once; a name matches when the relative path or basename does.
+
+    Matching ignores case, so ``*.jpg`` also takes the ``IMG_0001.JPG`` every camera writes.
+    """
+
+    def __init__(self, patterns: str | Iterable[str]):
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        cleaned = [p.replace(os.sep, "/").removeprefix("./") for p in patterns if p]
+        self._regex = (
+            re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in cleaned), re.IGNORECASE)
+            if cleaned
+            else None
+        )
+
+    def __bool__(self) -> bool:
+        return self._regex is not None
+
+    def matches(self, relative: str, name: str) -> bool:
+        if self._regex is None:
+            return False
+        return bool(self._regex.match(relative) or self._regex.match(name))
+
+
+def _reason(error: OSError) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "no such file or directory"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if error.errno == errno.ELOOP:
+        return "symlink loop"
+    return (error.strerror or type(error).__name__).lower()
+
+
+def iter_image_files(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    recursive: bool = True,
+    include: str | Iterable[str] = (),
+    exclude: str | Iterable[str] = (),
+    on_skip: Callable[[SkipNotice], None] | None = None,
+) -> Iterator[FoundFile]:
+    """Yield the image files under ``paths`` (files or folders), one at a time.
+
+    Order is deterministic: the paths in the order given; inside a folder, its files sorted by
+    name, then its subfolders sorted by name, depth first. Folders reached through a symlink are
+    walked after the real tree below that argument, so a file reachable both ways is reported once,
+    under its real path. ``include``/``exclude`` are fnmatch globs tried against the path relative
+    to the root and against the basename (case-insensitive); a folder matching ``exclude`` is not
+    entered. Hidden names and junk folders (``@eaDir`` ...) are skipped silently, and so are
+    non-image files inside folders. Missing arguments, broken links, symlink loops and unreadable
+    folders are passed to ``on_skip`` and never raise.
+    """
+    included = _Globs(include)
+    excluded = _Globs(exclude)
+
+    def report(path: Path, reason: str) -> None:
+        if on_skip is not None:
+            on_skip(SkipNotice(path, reason))
+
+    def wanted(relative: str, name: str) -> bool:
+        if included and not included.matches(relative, name):
+            return False
+        return not excluded.matches(relative, name)
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every folder walked so far
+    for argument in paths:
+        path = Path(argument)
+        try:
+            info = os.stat(path)
+        except OSError as error:
+            broken = isinstance(error, FileNotFoundError) and os.path.islink(path)
+            report(path, "broken symlink" if broken else _reason(error))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            yield from _walk(path, info, recursive, wanted, excluded, report, visited)
+        elif not stat.S_ISREG(info.st_mode):
+            report(path, "not a regular file")
+        elif not is_image_path(path):
+            report(path, "not an image file")
+        elif wanted(path.name, path.name):
+            yield FoundFile(path, path.parent)
+
+
+@dataclass
+class _PendingFolder:
+    path: Path
+    relative: str  # posix path below the root, "" for the root
+    ancestors: tuple[tuple[int, int], ...]  # folder ids from the root down to this folder's parent
+
+
+def _walk(
+    root: Path,
+    root_info: os.stat_result,
+    recursive: bool,
+    wanted: Callable[[str, str], bool],
+    excluded: _Globs,
+    report: Callable[[Path, str], None],
+    visited: set[tuple[int, int]],
+) -> Iterator[FoundFile]:
+    root_id = (root_info.st_dev, root_info.st_ino)
+    if root_id in visited:
+        report(root, "already scanned")
+        return
+    visited.add(root_id)
+    # Real folders go on a stack (depth first); symlinked folders wait in a queue until the real
+    # tree is done, so a folder linked from elsewhere in the tree is walked under its real path.
+    stack: list[tuple[_PendingFolder, tuple[tuple[int, int], ...]]] = [
+        (_PendingFolder(root, "", ()), (root_id,))
+    ]
+    linked: deque[_PendingFolder] = deque()
+
+    while stack or linked:
+        if stack:
+            folder, chain = stack.pop()
+        else:
+            folder = linked.popleft()
+            try:
+                info = os.stat(folder.path)
+            except OSError as error:
+                report(folder.path, _reason(error))
+                continue
+            folder_id = (info.st_dev, info.st_ino)
+            if folder_id in folder.ancestors:
+                report(folder.path, "symlink loop")
+                continue
+            if folder_id in visited:
+                report(folder.path, "already scanned")
+                continue
+            visited.add(folder_id)
+            chain = (*folder.ancestors, folder_id)
+
+        try:
+            with os.scandir(folder.path) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            report(folder.path, _reason(error))
+            continue
+
+        real_subfolders: list[tuple[_PendingFolder, tuple[tuple[int, int], ...]]] = []
+        for entry in entries:
+            name = entry.name
+            if _is_skipped_name(name):
+                continue
+            relative = f"{folder.relative}/{name}" if folder.relative else name
+            entry_path = folder.path / name
+            is_link = False
+            try:
+                is_link = entry.is_symlink()
+                if is_link:
+                    mode = entry.stat().st_mode  # follows the link
+                    is_dir, is_file = stat.S_ISDIR(mode), stat.S_ISREG(mode)
+                else:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    is_file = not is_dir and entry.is_file(follow_symlinks=False)
+            except OSError as error:
+                broken = is_link and isinstance(error, FileNotFoundError)
+                report(entry_path, "broken symlink" if broken else _reason(error))
+                continue
+
+            if is_file:
+                if is_image_path(name) and wanted(relative, name):
+                    yield FoundFile(entry_path, root)
+            elif is_dir and recursive and not excluded.matches(relative, name):
+                pending = _PendingFolder(entry_path, relative, chain)
+                if is_link:
+                    linked.append(pending)
+                else:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError as error:
+                        report(entry_path, _reason(error))
+                        continue
+                    folder_id = (info.st_dev, info.st_ino)
+                    if folder_id in visited:  # a bind mount or an earlier argument
+                        report(entry_path, "already scanned")
+                        continue
+                    visited.add(folder_id)
+                    real_subfolders.append((pending, (*chain, folder_id)))
+        # Reversed so that popping the stack visits subfolders in name order.
+        stack.extend(reversed(real_subfolders))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass
+class DecodedImage:
+    """One decoded image, ready for ``resize_short_side``.
+
+    ``image`` is RGB and already reduced (JPEG draft, integer box reduction) as long as its short
+    side stays >= the requested target; it is not resized to the target exactly. ``width`` and
+    ``height`` are the original displayed size: after EXIF orientation, before any reduction.
+    """
+
+    image: PILImage.Image
+    width: int
+    height: int
+    format: str
+    warnings: list[str] = field(default_factory=list)
+
+
+_EXIF_ORIENTATION_TAG = 0x0112
+_GREY_BACKGROUND = (128, 128, 128)
+_RESAMPLING_NAMES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
+_HEIF_SUFFIXES = frozenset({".heic", ".heif"})
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+)
+_WARNING_LIMIT = 10
+_heif_registered = False
+
+
+def _register_heif_opener() -> bool:
+    """Register pillow-heif with Pillow once, on first use; False when it is not installed."""
+    global _heif_registered
+    if not _heif_registered:
+        try:
+            import pillow_heif
+        except ImportError:
+            return False
+        pillow_heif.register_heif_opener()
+        _heif_registered = True
+    return True
+
+
+def _orientation(im: PILImage.Image) -> int:
+    """The EXIF (or XMP) orientation, 1 when absent or unreadable."""
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF must not cost the image: show it as stored
+        warnings.warn("unreadable EXIF; orientation ignored", stacklevel=2)
+        return 1
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _displayed_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    # Orientations 5-8 store the picture turned by a quarter.
+    return (size[1], size[0]) if orientation >= 5 else size
+
+
+def _apply_orientation(im: PILImage.Image, orientation: int) -> PILImage.Image:
+    from PIL import Image
+
+    method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }.get(orientation)
+    return im if method is None else im.transpose(method)
+
+
+def _open_header(fp: io.BufferedIOBase, max_pixels: int | None) -> PILImage.Image:
+    """Identify the image and read its header; no pixel data is decoded.
+
+    Pillow refuses images above twice its own ``MAX_IMAGE_PIXELS`` before we can see their size.
+    Rather than change that process-wide setting, identify such a file again with Pillow's
+    registered openers directly, which read the header only, and apply our own ``max_pixels``.
+    """
+    from PIL import Image
+
+    try:
+        im = Image.open(fp)
+    except Image.DecompressionBombError:
+        im = _open_without_pillow_limit(fp)
+    if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+        raise ImageError(f"image too large: {im.size[0]}x{im.size[1]}")
+    return im
+
+
+def _open_without_pillow_limit(fp: io.BufferedIOBase) -> PILImage.Image:
+    from PIL import Image
+
+    Image.init()
+    fp.seek(0)
+    prefix = fp.read(16)
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        if accept is not None and accept(prefix) is not True:
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, ValueError, OSError, struct.error):
+            continue  # not this format; try the next opener, as Image.open does
+    raise ImageError("not an image")
+
+
+def _draft_for(im: PILImage.Image, target_short_side: int | None) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the picture is far above the target."""
+    if target_short_side is None or im.format not in ("JPEG", "MPO"):
+        return
+    width, height = im.size
+    short = min(width, height)
+    if short < 2 * target_short_side:
+        return
+    # draft keeps both sides >= the requested size, so ask for the size the target implies.
+    requested = (
+        -(-width * target_short_side // short),
+        -(-height * target_short_side // short),
+    )
+    im.draft("RGB", requested)
+
+
+def _high_depth_to_8bit(im: PILImage.Image) -> PILImage.Image:
+    """Scale integer or float single-channel images to 8 bits over their full range (not clip)."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(im)
+    if values.dtype.kind == "u" and values.dtype.itemsize == 2:
+        scaled = (values.astype(np.uint32) * 255 + 32767) // 65535
+    elif values.dtype.kind == "f":
+        finite = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(finite.min()), float(finite.max())
+        if low >= 0.0 and high <= 1.0:  # the usual normalised float image
+            low, high = 0.0, 1.0
+        span = high - low or 1.0
+        scaled = np.rint((finite - low) * (255.0 / span))
+    else:
+        # Mode "I" is 32-bit signed; data read from 16-bit files stays within 0..65535.
+        low, high = int(values.min()), int(values.max())
+        if low >= 0 and high <= 65535:
+            scaled = (values.astype(np.int64) * 255 + 32767) // 65535
+        else:
+            span = high - low or 1
+            scaled = (values.astype(np.int64) - low) * 255 // span
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_rgb(im: PILImage.Image) -> PILImage.Image:
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("P", "L", "1") and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode in ("RGBa", "La"):  # premultiplied alpha
+        im = im.convert("RGBA" if mode == "RGBa" else "LA")
+    elif mode.startswith("I") or mode == "F":
+        return _high_depth_to_8bit(im).convert("RGB")
+    if im.mode in ("RGBA", "LA"):
+        # A neutral background, so the model judges the photo rather than the checkerboard.
+        background = Image.new("RGBA", im.size, (*_GREY_BACKGROUND, 255))
+        background.alpha_composite(im.convert("RGBA"))
+        return background.convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as error:
+        raise ImageError(f"unsupported image mode: {mode}") from error
+
+
+def _reduce_for(im: PILImage.Image, target_short_side: int | None) -> PILImage.Image:
+    """Box-reduce by the largest whole factor that keeps the short side >= the target."""
+    if target_short_side is None:
+        return im
+    factor = min(im.size) // target_short_side
+    return im.reduce(factor) if factor >= 2 else im
+
+
+def _decode_opened(
+    im: PILImage.Image, target_short_side: int | None
+) -> tuple[PILImage.Image, int, int]:
+    """Header to pixels: draft, load, orient, convert, reduce. Returns (rgb, width, height)."""
+    stored_size = im.size
+    _draft_for(im, target_short_side)
+    im.load()
+    # Read orientation only now: PNG keeps EXIF after the pixels, and Pillow's getexif would
+    # load them itself and swallow a decoding error on the way.
+    orientation = _orientation(im)
+    width, height = _displayed_size(stored_size, orientation)
+    oriented = _apply_orientation(im, orientation)
+    return _reduce_for(_to_rgb(oriented), target_short_side), width, height
+
+
+def _short_text(text: str) -> str:
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else ""
+    return first if len(first) <= 80 else first[:77] + "..."
+
+
+def _short_message(error: BaseException) -> str:
+    return _short_text(str(error)) or type(error).__name__
+
+
+def _has_image_signature(head: bytes) -> bool:
+    """True when the first bytes are those of a common image format, so that a file Pillow
+    cannot identify is reported as damaged rather than as something else entirely."""
+    return (
+        head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM"))
+        or head.startswith((b"II*\x00", b"MM\x00*"))
+        or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+        or (head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS)
+    )
+
+
+def _as_image_error(
+    error: Exception, im: PILImage.Image | None, signature: bytes | None = None
+) -> ImageError:
+    """Map whatever Pillow or a plugin raised to one short, user-facing reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(error, Image.DecompressionBombError):
+        if im is not None:
+            return ImageError(f"image too large: {im.size[0]}x{im.size[1]}")
+        return ImageError("image too large")
+    if isinstance(error, UnidentifiedImageError):
+        if signature is not None and _has_image_signature(signature):
+            return ImageError("corrupt image: unreadable header")
+        return ImageError("not an image")
+    if isinstance(error, MemoryError):
+        return ImageError("out of memory decoding image")
+    if isinstance(error, EOFError) or "truncated" in str(error).lower():
+        return ImageError("truncated image")
+    if isinstance(error, IsADirectoryError):
+        return ImageError("not a file")
+    if isinstance(error, (FileNotFoundError, PermissionError)):
+        return ImageError(_reason(error))
+    return ImageError(f"corrupt image: {_short_message(error)}")
+
+
+def _summarise_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    from PIL import Image
+
+    messages: list[str] = []
+    for record in caught:
+        # Our own max_pixels check replaces Pillow's fixed threshold.
+        if issubclass(record.category, Image.DecompressionBombWarning):
+            continue
+        text = _short_text(str(record.message))
+        if text not in messages:
+            messages.append(text)
+        if len(messages) == _WARNING_LIMIT:
+            break
+    return messages
+
+
+def _read_signature(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as fp:
+            return fp.read(16)
+    except OSError:
+        return None
+
+
+def _check_regular_file(path: Path) -> os.stat_result:
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        if isinstance(error, FileNotFoundError) and os.path.islink(path):
+            raise ImageError("broken symlink") from error
+        raise ImageError(_reason(error)) from error
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the reader forever
+        raise ImageError("not a file")
+    if info.st_size == 0:
+        raise ImageError("empty file")
+    return info
+
+
+def decode_image(
+    path: str | os.PathLike[str],
+    *,
+    target_short_side: int | None = 384,
+    max_pixels: int = 250_000_000,
+) -> DecodedImage:
+    """Decode one image file to RGB, reduced cheaply towards ``target_short_side``.
+
+    The size is checked against ``max_pixels`` from the header, before any pixel is decoded.
+    Python warnings raised while decoding are returned in ``DecodedImage.warnings`` and not shown.
+    ``target_short_side=None`` keeps the full resolution. Raises ``ImageError`` with a short
+    reason for every failure.
+    """
+    path = Path(path)
+    _check_regular_file(path)
+    if path.suffix.lower() in RAW_EXTENSIONS:
+        return _decode_raw(path, target_short_side, max_pixels)
+    heif_available = _register_heif_opener()
+
+    im = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with open(path, "rb") as fp:
+                im = _open_header(fp, max_pixels)
+                rgb, width, height = _decode_opened(im, target_short_side)
+                image_format = im.format or "UNKNOWN"
+        except ImageError:
+            raise
+        except Exception as error:  # any decoder failure becomes an error row, never a crash
+            if not heif_available and path.suffix.lower() in _HEIF_SUFFIXES:
+                message = "HEIC support needs pillow-heif: pip install pillow-heif"
+                raise ImageError(message) from error
+            raise _as_image_error(error, im, _read_signature(path)) from error
+    return DecodedImage(rgb, width, height, image_format, _summarise_warnings(caught))
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """The displayed (width, height) of an image, read from its header with orientation applied."""
+    path = Path(path)
+    _check_regular_file(path)
+    if path.suffix.lower() in RAW_EXTENSIONS:
+        return _raw_size(path)
+    _register_heif_opener()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with open(path, "rb") as fp:
+                im = _open_header(fp, None)
+                if im.format == "PNG" and "exif" not in im.info:
+                    return im.size  # an eXIf chunk after the pixels would cost a full decode
+                return _displayed_size(im.size, _orientation(im))
+        except ImageError:
+            raise
+        except Exception as error:
+            raise _as_image_error(error, None) from error
+
+
+# --------------------------------------------------------------------------------------------
+# Camera RAW, through the optional rawpy extra
+
+# LibRaw's sizes.flip to the EXIF orientation meaning the same turn.
+_RAW_FLIP_TO_EXIF = {0: 1, 3: 3, 5: 8, 6: 6}
+
+
+def _import_rawpy():
+    try:
+        import rawpy
+    except ImportError as error:
+        raise ImageError("RAW support needs the extra: pip install 'loda-cli[raw]'") from error
+    return rawpy
+
+
+@contextmanager
+def _stderr_captured(lines: list[str]) -> Iterator[None]:
+    """Send file descriptor 2 to a temporary file while LibRaw runs; LibRaw prints its
+    complaints there from C, where Python's warnings cannot catch them. Only used around RAW
+    decoding, and restored before returning."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (pythonw): nothing to protect
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read(4096).decode("utf-8", errors="replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _raw_error(error: Exception, rawpy) -> ImageError:
+    # rawpy's messages are bytes reprs ("b'Input/output error'"); the class says more.
+    if isinstance(error, rawpy.LibRawFileUnsupportedError):
+        return ImageError("unsupported RAW file")
+    if isinstance(error, rawpy.LibRawIOError):
+        return ImageError("truncated image")
+    if isinstance(error, rawpy.LibRawTooBigError):
+        return ImageError("image too large")
+    if isinstance(error, rawpy.LibRawUnsufficientMemoryError):
+        return ImageError("out of memory decoding image")
+    return ImageError(f"corrupt image: {type(error).__name__}")
+
+
+def _raw_size(path: Path) -> tuple[int, int]:
+    rawpy = _import_rawpy()
+    stderr_lines: list[str] = []
+    try:
+        with _stderr_captured(stderr_lines), rawpy.imread(os.fspath(path)) as raw:
+            orientation = _RAW_FLIP_TO_EXIF.get(raw.sizes.flip, 1)
+            return _displayed_size((raw.sizes.width, raw.sizes.height), orientation)
+    except rawpy.LibRawError as error:
+        raise _raw_error(error, rawpy) from error
+
+
+def _decode_raw(path: Path, target_short_side: int | None, max_pixels: int) -> DecodedImage:
+    """Use the camera's embedded JPEG preview; develop the RAW itself only when the preview is
+    missing or smaller than the target (at half size when that still covers the target)."""
+    from PIL import Image
+
+    rawpy = _import_rawpy()
+    stderr_lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with _stderr_captured(stderr_lines), rawpy.imread(os.fspath(path)) as raw:
+                orientation = _RAW_FLIP_TO_EXIF.get(raw.sizes.flip, 1)
+                width, height = _displayed_size((raw.sizes.width, raw.sizes.height), orientation)
+                if width * height > max_pixels:
+                    raise ImageError(f"image too large: {width}x{height}")
+                preview = _raw_preview(raw, rawpy, target_short_side, orientation)
+                if preview is None:
+                    half_size = (
+                        target_short_side is not None
+                        and min(width, height) // 2 >= target_short_side
+                    )
+                    # postprocess applies the camera's flip itself.
+                    developed = raw.postprocess(
+                        half_size=half_size, use_camera_wb=True, output_bps=8
+                    )
+                    preview = Image.fromarray(developed)
+                rgb = _reduce_for(_to_rgb(preview), target_short_side)
+        except ImageError:
+            raise
+        except rawpy.LibRawError as error:
+            raise _raw_error(error, rawpy) from error
+        except Exception as error:  # the preview JPEG itself may be damaged
+            raise _as_image_error(error, None) from error
+    notes = _summarise_warnings(caught) + [_short_text(line) for line in stderr_lines]
+    return DecodedImage(rgb, width, height, "RAW", notes[:_WARNING_LIMIT])
+
+
+def _raw_preview(raw, rawpy, target_short_side: int | None, orientation: int):
+    """The embedded preview, oriented, or None when it is missing or smaller than the target."""
+    from PIL import Image
+
+    try:
+        thumb = raw.extract_thumb()
+    except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+        return None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        im = Image.open(io.BytesIO(thumb.data))
+        _draft_for(im, target_short_side)
+        im.load()
+        own_orientation = _orientation(im)
+        # Most previews carry no orientation of their own; the RAW's flip then applies.
+        preview = _apply_orientation(im, own_orientation if own_orientation != 1 else orientation)
+    else:
+        preview = _apply_orientation(Image.fromarray(thumb.data), orientation)
+    if target_short_side is not None and min(preview.size) < target_short_side:
+        return None
+    if target_short_side is None and preview.size != _displayed_size(
+        (raw.sizes.width, raw.sizes.height), orientation
+    ):
+        return None  # full resolution asked for: only the RAW itself has it
+    return preview
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing
+
+
+def resize_short_side(
+    img: PILImage.Image, short_side: int, interpolation: str = "bicubic"
+) -> PILImage.Image:
+    """Resize so that ``min(width, height) == short_side``, keeping the aspect ratio.
+
+    The long side is rounded half up and is at least 1. Returns ``img`` itself when it already
+    has that size. ``interpolation`` is one of nearest, box, bilinear, hamming, bicubic, lanczos.
+    """
+    from PIL import Image
+
+    if short_side < 1:
+        raise ValueError(f"short_side must be >= 1, got {short_side}")
+    if interpolation not in _RESAMPLING_NAMES:
+        raise ValueError(
+            f"unknown interpolation {interpolation!r}; use one of {', '.join(_RESAMPLING_NAMES)}"
+        )
+    width, height = img.size
+    if width <= height:
+        size = (short_side, max(1, int(height * short_side / width + 0.5)))
+    else:
+        size = (max(1, int(width * short_side / height + 0.5)), short_side)
+    if size == img.size:
+        return img
+    resample = Image.Resampling[interpolation.upper()]
+    return img.resize(size, resample)
