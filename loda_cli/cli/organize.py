@@ -1,9 +1,346 @@
-"""`loda` commands of this group. (Filled in by the issue that builds them.)"""
+"""`loda cull`, `sort`, `rate`, `undo` and `review`: acting on scores, safely and reversibly.
+
+Every command that changes files is a dry run unless `--apply` is given, and journals what it does
+so `loda undo` can reverse it. The library (loda_cli.organize) does the work and the checks; this
+module parses options, shows plans and progress, and turns errors into messages.
+"""
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
 import typer
+from rich.table import Table
+from rich.text import Text
+
+from loda_cli.cli.common import err_console, handle_errors, notice, out_console
+
+if TYPE_CHECKING:
+    from loda_cli.organize import Plan, ScoreSource
+
+PathsArg = Annotated[
+    Optional[list[Path]],
+    typer.Argument(help="Folders to work on (the roots). Default: the current folder.", show_default=False),
+]
+ScoresOpt = Annotated[
+    Optional[Path],
+    typer.Option("--scores", help="Scores file written by `loda score` (CSV, JSON or JSONL). "
+                 "Without it, photos are scored through the score cache.", show_default=False),
+]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="Checkpoint to score with when there is no --scores file.", show_default=False),
+]
+ApplyOpt = Annotated[bool, typer.Option("--apply", help="Act. Without it, only show the plan (a dry run).")]
+EdgesOpt = Annotated[
+    str,
+    typer.Option("--edges", help="Score edges of the star bins: below the first is 1 star, from the last up 5 stars."),
+]
+QuantilesOpt = Annotated[
+    bool, typer.Option("--quantiles", help="Put a fifth of the photos in each star bin instead of using --edges.")
+]
+
+_EXAMPLES = 5
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _show(path: str) -> Text:
+    """A path for people: relative to the current folder when inside it, escaped, never markup."""
+    from loda_cli.organize import display_path
+
+    try:
+        rel = os.path.relpath(path)
+        if not rel.startswith(".."):
+            path = rel
+    except ValueError:
+        pass
+    return Text(display_path(path))
+
+
+def _load(roots: list[str], scores: Optional[Path], model: Optional[str]) -> "ScoreSource":
+    from loda_cli.organize import load_scores
+
+    if scores is not None:
+        return load_scores(roots, scores)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err_console, transient=True,
+    ) as bar:
+        task = bar.add_task("scoring", total=None)
+
+        def progress(done: int = 0, total: Optional[int] = None, *_: object, **__: object) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return load_scores(roots, None, model=model, progress=progress)
+
+
+def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
+    verbs = {"move": "move to", "copy": "copy to", "link": "symlink into"}
+    summary = Table(title=f"loda {plan.command}: plan" + ("" if applying else " (dry run)"), show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(overflow="fold")
+    summary.add_row("scores from", Text(source.description))
+    if plan.command == "rate":
+        summary.add_row("action", Text(f"write xmp:Rating into sidecars ({plan.mode})"))
+        summary.add_row("photos", str(len(plan.groups)))
+        summary.add_row("sidecars to write", str(len(plan.actions)))
+        summary.add_row("sidecars left as they are", str(len(plan.unchanged)))
+    else:
+        for dest in plan.dests:
+            summary.add_row(verbs.get(plan.mode, plan.mode), _show(dest))
+        summary.add_row("photos", str(len(plan.groups)))
+        summary.add_row("files", f"{len(plan.actions)} ({plan.companion_count} companions)")
+        summary.add_row("bytes", _size(plan.total_bytes))
+    if plan.score_range:
+        low, high = plan.score_range
+        summary.add_row("score range", f"{low:.3f} - {high:.3f}")
+    if plan.edges:
+        summary.add_row("star edges", ", ".join(f"{e:.3f}" for e in plan.edges))
+    skipped = len(plan.skipped) + source.skipped
+    summary.add_row("skipped", str(skipped))
+    out_console.print(summary)
+
+    examples = Table(title="examples", show_lines=False)
+    examples.add_column("score", justify="right")
+    if plan.command in ("sort", "rate"):
+        examples.add_column("stars", justify="right")
+    examples.add_column("file", overflow="fold")
+    if plan.command != "rate":
+        examples.add_column("to", overflow="fold")
+    for action in [a for a in plan.actions if a.decision][:_EXAMPLES]:
+        cells: list = [f"{action.score:.3f}"]
+        if plan.command in ("sort", "rate"):
+            cells.append(str(action.stars))
+        cells.append(_show(action.src))
+        if plan.command != "rate":
+            cells.append(_show(action.dst))
+        examples.add_row(*cells)
+    if plan.actions:
+        out_console.print(examples)
+
+    reasons = Counter(s.reason for s in plan.skipped)
+    if source.skipped:
+        reasons["no score in the scores file (error rows)"] += source.skipped
+    if plan.unchanged:
+        for reason, count in Counter(s.reason for s in plan.unchanged).items():
+            reasons[f"left alone: {reason}"] += count
+    if reasons:
+        why = Table(title="not acted on")
+        why.add_column("reason", overflow="fold")
+        why.add_column("files", justify="right")
+        why.add_column("example", overflow="fold")
+        for reason, count in reasons.most_common():
+            example = next((s.path for s in plan.skipped + plan.unchanged if s.reason == reason or f"left alone: {s.reason}" == reason), "")
+            why.add_row(Text(reason), str(count), _show(example) if example else Text(""))
+        out_console.print(why)
+
+
+def _run(plan: "Plan", source: "ScoreSource", apply: bool, quiet: bool = False) -> None:
+    from loda_cli.organize import apply_plan
+
+    _print_plan(plan, source, apply)
+    if not plan.actions:
+        out_console.print("Nothing to do.")
+        return
+    if not apply:
+        out_console.print("Dry run: nothing was changed. Add --apply to act.")
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn(plan.command), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(plan.command, total=len(plan.actions))
+        report = apply_plan(plan, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    done_verb = {"move": "Moved", "copy": "Copied", "link": "Linked", "style": "Wrote"}.get(plan.mode, "Wrote")
+    line = Text(f"{done_verb} {report.done} files ({_size(report.bytes_done)}).")
+    if report.skipped:
+        line.append(f" Skipped {len(report.skipped)} that changed meanwhile (first: ")
+        line.append(_show(report.skipped[0].path))
+        line.append(f": {report.skipped[0].reason}).")
+    out_console.print(line)
+    if report.journal:
+        out_console.print(Text("Journal: ").append(_show(report.journal)))
+        out_console.print(Text("Undo with: loda undo ").append(_show(report.journal)))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add cull, sort, rate, undo and review to the root app."""
+
+    @app.command()
+    @handle_errors
+    def cull(
+        paths: PathsArg = None,
+        below: Annotated[Optional[float], typer.Option("--below", help="Cull photos whose score is below this (0-1).", show_default=False)] = None,
+        worst: Annotated[Optional[int], typer.Option("--worst", help="Cull the N lowest-scored photos.", show_default=False)] = None,
+        worst_percent: Annotated[Optional[float], typer.Option("--worst-percent", help="Cull the worst P percent (rounded down).", show_default=False)] = None,
+        scores: ScoresOpt = None,
+        model: ModelOpt = None,
+        to: Annotated[Optional[Path], typer.Option("--to", help="Destination folder. Default: <root>/_culled.", show_default=False)] = None,
+        copy: Annotated[bool, typer.Option("--copy", help="Copy instead of moving.")] = False,
+        link: Annotated[bool, typer.Option("--link", help="Make symlinks instead of moving.")] = False,
+        apply: ApplyOpt = False,
+    ) -> None:
+        """Set aside the lowest-scored photos (with their RAW, sidecars, Live Photo video): a dry run
+        unless --apply; journalled, so `loda undo` puts everything back."""
+        from loda_cli import organize
+        from loda_cli.errors import UsageError
+
+        if copy and link:
+            raise UsageError("--copy and --link exclude each other")
+        organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)  # validate early
+        roots = organize.resolve_roots(paths or [])
+        dests = organize.cull_dests(roots, to)
+        source = _load(roots, scores, model)
+        groups, skips = organize.collect_groups(roots, source, exclude=organize.cull_excludes(roots, dests))
+        selected = organize.select_worst(groups, below=below, worst=worst, worst_percent=worst_percent)
+        plan = organize.plan_cull(roots, selected, mode="copy" if copy else "link" if link else "move", to=to)
+        plan.skipped[:0] = skips
+        _run(plan, source, apply)
+
+    @app.command()
+    @handle_errors
+    def sort(
+        into: Annotated[Path, typer.Option("--into", help="Folder to sort into: DIR/5-stars ... DIR/1-star.", show_default=False)],
+        paths: PathsArg = None,
+        move: Annotated[bool, typer.Option("--move", help="Move instead of copying.")] = False,
+        edges: EdgesOpt = "0.2,0.4,0.6,0.8",
+        quantiles: QuantilesOpt = False,
+        scores: ScoresOpt = None,
+        model: ModelOpt = None,
+        apply: ApplyOpt = False,
+    ) -> None:
+        """Copy (or --move) photos into star folders by score, keeping their relative paths: a dry
+        run unless --apply; journalled for `loda undo`."""
+        from loda_cli import organize
+
+        bin_edges = organize.parse_edges(edges)
+        roots = organize.resolve_roots(paths or [])
+        organize.cull_dests(roots, into)  # validate the destination before scoring
+        dest = os.path.realpath(into)
+        source = _load(roots, scores, model)
+        groups, skips = organize.collect_groups(roots, source, exclude=organize.cull_excludes(roots, [dest]))
+        if quantiles:
+            bin_edges = organize.quantile_edges([g.score for g in groups])
+        plan = organize.plan_sort(roots, groups, into=into, mode="move" if move else "copy", edges=bin_edges)
+        plan.skipped[:0] = skips
+        _run(plan, source, apply)
+
+    @app.command()
+    @handle_errors
+    def rate(
+        paths: PathsArg = None,
+        sidecar: Annotated[str, typer.Option("--sidecar", help="darktable (IMG_1.CR2.xmp), lightroom (IMG_1.xmp) or both.")] = "both",
+        label: Annotated[Optional[str], typer.Option("--label", help="Also write this xmp:Label (e.g. Red) on the 1-star photos.", show_default=False)] = None,
+        force: Annotated[bool, typer.Option("--force", help="Overwrite ratings and labels a person set.")] = False,
+        edges: EdgesOpt = "0.2,0.4,0.6,0.8",
+        quantiles: QuantilesOpt = False,
+        scores: ScoresOpt = None,
+        model: ModelOpt = None,
+        apply: ApplyOpt = False,
+    ) -> None:
+        """Write star ratings (xmp:Rating 1-5) from scores into XMP sidecars: a dry run unless
+        --apply; ratings set by a person are kept unless --force; journalled for `loda undo`."""
+        from loda_cli import organize
+
+        bin_edges = organize.parse_edges(edges)
+        if sidecar not in organize.SIDECAR_STYLES:
+            from loda_cli.errors import UsageError
+
+            raise UsageError(f"--sidecar is one of {', '.join(organize.SIDECAR_STYLES)}, not {sidecar!r}")
+        roots = organize.resolve_roots(paths or [])
+        source = _load(roots, scores, model)
+        groups, skips = organize.collect_groups(roots, source, exclude=organize.cull_excludes(roots, []))
+        if quantiles:
+            bin_edges = organize.quantile_edges([g.score for g in groups])
+        plan = organize.plan_rate(roots, groups, edges=bin_edges, style=sidecar, label=label, force=force)
+        plan.skipped[:0] = skips
+        _run(plan, source, apply)
+
+    @app.command()
+    @handle_errors
+    def undo(
+        journal: Annotated[Optional[Path], typer.Argument(help="The journal to undo. Default: the newest one under the current folder.", show_default=False)] = None,
+        partial: Annotated[bool, typer.Option("--partial", help="Undo what can be undone even if some entries conflict.")] = False,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what undo would do.")] = False,
+    ) -> None:
+        """Reverse a cull, sort or rate run from its journal. Refuses anything ambiguous (a file
+        changed since, a path now occupied) and then changes nothing, unless --partial."""
+        from loda_cli import organize
+
+        path = str(journal) if journal is not None else organize.latest_journal()
+        plan = organize.plan_undo(path)
+        header = plan.journal
+        notice(f"Undoing {organize.display_path(header.path)} ({header.command}, {header.time})")
+        if header.truncated:
+            notice("Its last line was cut short (the run was killed); undo works from what is on disk.")
+        counts = Counter(step.action for step in plan.steps)
+        table = Table(title="undo plan" + (" (dry run)" if dry_run else ""), show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        labels = {
+            "restore": "move back", "remove-duplicate": "remove duplicates (original in place)",
+            "remove-copy": "remove copies", "remove-link": "remove symlinks",
+            "restore-sidecar": "restore sidecars", "remove-sidecar": "remove created sidecars",
+            "none": "already as before", "conflict": "conflicts",
+        }
+        for key, label_text in labels.items():
+            if counts.get(key):
+                table.add_row(label_text, str(counts[key]))
+        out_console.print(table)
+        if plan.conflicts:
+            conflicts = Table(title="conflicts (left alone)")
+            conflicts.add_column("entry", justify="right")
+            conflicts.add_column("why", overflow="fold")
+            for step in plan.conflicts[:20]:
+                conflicts.add_row(str(step.entry.id), Text(step.message))
+            out_console.print(conflicts)
+        if dry_run:
+            out_console.print("Dry run: nothing was changed.")
+            return
+        report = organize.apply_undo(plan, partial=partial)
+        out_console.print(
+            f"Restored {report.restored}, removed {report.removed} copies/links/created sidecars, "
+            f"{report.unchanged} already as before, {len(report.conflicts)} left alone."
+        )
+        if not report.complete:
+            out_console.print("Undo is partial; run `loda undo` on this journal again after resolving the conflicts.")
+
+    @app.command()
+    @handle_errors
+    def review(
+        scores: Annotated[Path, typer.Argument(help="Scores file written by `loda score`.", show_default=False)],
+        out: Annotated[Path, typer.Option("--out", help="The page to write; thumbnails go to <name>_files/ beside it.")] = Path("review.html"),
+        below: Annotated[Optional[float], typer.Option("--below", help="Highlight the photos `loda cull --below` would cull.", show_default=False)] = None,
+        thumb_size: Annotated[int, typer.Option("--thumb-size", help="Longest side of the thumbnails, in pixels.")] = 256,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing page that loda did not write.")] = False,
+    ) -> None:
+        """Write an HTML contact sheet (thumbnails sorted by score, a histogram, a folder filter)
+        that opens from disk with no server or network."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        from loda_cli.review import build_review
+
+        with Progress(TextColumn("thumbnails"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True) as bar:
+            task = bar.add_task("thumbnails", total=None)
+            report = build_review(
+                scores, out, below=below, thumb_size=thumb_size, force=force,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        line = Text("Wrote ").append(_show(report.page)).append(
+            f": {report.photos} photos, {report.thumbs} previews"
+            + (f", {report.failed} without preview" if report.failed else "")
+            + (f", {report.below} below {below:g}" if below is not None else "")
+            + "."
+        )
+        out_console.print(line)
