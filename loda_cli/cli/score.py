@@ -1,9 +1,297 @@
-"""`loda` commands of this group. (Filled in by the issue that builds them.)"""
+"""`loda score`: ranked quality scores for every photo under the given paths."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+
+from loda_cli.cli.common import err_console, handle_errors
+from loda_cli.errors import NoImagesError, UsageError
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    app.command("score")(score)
+
+
+def parse_shard(value: str | None) -> tuple[int, int]:
+    if not value:
+        return (0, 1)
+    try:
+        k, n = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard takes K/N, for example 0/4, not {value!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise UsageError(f"--shard {value}: K must be in 0..N-1")
+    return (k, n)
+
+
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ.get("RANK", "0")), world
+
+
+class _Counter(threading.Thread):
+    """Counts the files in the background so the progress bar can show an ETA."""
+
+    def __init__(self, paths, **walk_kw):
+        super().__init__(daemon=True)
+        self.paths, self.walk_kw, self.total = paths, walk_kw, None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        from loda_cli.images import iter_image_files
+
+        n = 0
+        for _ in iter_image_files(self.paths, **self.walk_kw):
+            n += 1
+            if self._stop_event.is_set():
+                return
+        self.total = n
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@handle_errors
+def score(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Photo files or folders (default: the current folder).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write ranked scores to a .csv, .json or .jsonl file, or - for JSONL on stdout.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint: a file, a name in $LODA_HOME, or a manifest name. Default: the best available.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into subfolders.")] = True,
+    include: Annotated[Optional[list[str]], typer.Option(help="Only files matching this glob (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Skip files matching this glob (repeatable).")] = None,
+    crops: Annotated[Optional[int], typer.Option(help="Crops per image (default: the checkpoint's, 15 for paper models).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Crops per forward pass.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (0 decodes in the main process).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 where the hardware runs it natively).")] = "auto",
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse and store scores in $LODA_HOME/cache.sqlite.")] = True,
+    shard: Annotated[Optional[str], typer.Option(help="Score only shard K of N (K/N), for job arrays.")] = None,
+    decode_timeout: Annotated[float, typer.Option(help="Seconds one image may take to decode before it becomes an error row.")] = 10.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, notices or summary.")] = False,
+) -> None:
+    """Score the technical quality of every photo; rows are ranked best first, failures last.
+
+    Example: loda score ~/Photos --out scores.csv
+    """
+    from loda_cli.output import JsonlStream, output_format, write_scores
+    from loda_cli.scoring import Scorer
+
+    paths = paths or [Path(".")]
+    if out is not None:
+        output_format(out)  # reject a bad suffix before any work
+    shard_k, shard_n = parse_shard(shard)
+    dist = _distributed()
+    if dist is not None:
+        if shard:
+            raise UsageError("--shard cannot be combined with torchrun; each rank takes its own shard")
+        shard_k, shard_n = dist
+        if dist[0] != 0:
+            quiet = True
+    if dist is not None and device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+    for p in paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"no such file or directory: {p}")
+
+    scorer = Scorer(
+        model, device=device, precision=precision, crops=crops, batch_size=batch_size,
+        workers=workers, cache=cache, decode_timeout=decode_timeout,
+    )
+    if scorer.loaded.builtin and not quiet:
+        err_console.print(
+            f"note: using the built-in model {scorer.name!r} (trained on synthetic distortions; not a "
+            "paper model). Train or import a real checkpoint for research-grade scores: see `loda weights`.",
+            style="yellow", soft_wrap=True,
+        )
+
+    stream = JsonlStream(sys.stdout) if out == "-" else None
+    rows: list[Any] = []
+    walk_kw = dict(recursive=recursive, include=tuple(include or ()), exclude=tuple(exclude or ()))
+    skipped: list[tuple[str, str]] = []
+    start = time.monotonic()
+    interrupted = False
+    previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    counter = _Counter(paths, **walk_kw)
+    progress = None if quiet else _progress()
+    try:
+        if progress is not None:
+            counter.start()
+            progress.start()
+            task = progress.add_task("scoring", total=None, errors=0)
+        generator = scorer.score_files(
+            paths, **walk_kw, shard=(shard_k, shard_n), on_skip=lambda p, r: skipped.append((p, r))
+        )
+        try:
+            for row in generator:
+                rows.append(row)
+                if stream is not None:
+                    stream.write(row)
+                if progress is not None:
+                    total = counter.total
+                    progress.update(
+                        task, completed=len(rows), errors=scorer.times.failed,
+                        total=(total + shard_n - 1) // shard_n if total is not None else None,
+                    )
+        finally:
+            generator.close()  # flushes the cache, also on Ctrl-C
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        counter.stop()
+        if progress is not None:
+            progress.stop()
+
+    if dist is not None:
+        rows = _gather_rows(rows)
+        if dist[0] != 0:
+            return
+    elapsed = time.monotonic() - start
+    if not rows and not interrupted:
+        for path, reason in skipped[:5]:
+            err_console.print(f"skipped {path}: {reason}", markup=False)
+        raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
+
+    if out is not None and out != "-":
+        header = _header(scorer, paths, elapsed, interrupted)
+        write_scores(out, rows, header)
+    elif out is None:
+        from loda_cli.output import ranked_records
+
+        for rec in ranked_records(rows):
+            score_text = f"{rec['score']:.4f}" if rec["score"] is not None else "error"
+            line = f"{score_text}\t{rec['path']}" + (f"\t{rec['error']}" if rec["error"] else "")
+            sys.stdout.write(line + "\n")
+    if not quiet:
+        _summary(scorer, rows, skipped, elapsed, out)
+    if interrupted:
+        err_console.print(
+            f"interrupted: {len(rows)} images done and cached; run the same command again to finish.",
+            style="yellow",
+        )
+        raise typer.Exit(130)
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    class RateColumn(TextColumn):
+        def __init__(self):
+            super().__init__("")
+
+        def render(self, task):
+            from rich.text import Text
+
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f} img/s" if speed else "- img/s")
+
+    return Progress(
+        TextColumn("[bold]scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("errors {task.fields[errors]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _header(scorer, paths, elapsed: float, interrupted: bool) -> dict[str, Any]:
+    from loda_cli import __version__
+
+    return {
+        "model": scorer.name,
+        "checkpoint_sha256": scorer.model_id,
+        "builtin_model": scorer.loaded.builtin,
+        "preprocess": scorer.preprocess.to_dict(),
+        "device": scorer.device,
+        "precision": scorer.precision,
+        "roots": [os.fsdecode(p) for p in paths],
+        "loda_version": __version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(elapsed, 3),
+        "complete": not interrupted,
+        "score": "quality in [0, 1], higher is better (the checkpoint's calibration of raw)",
+    }
+
+
+def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from loda_cli.output import rank_rows
+
+    ranked = rank_rows(rows)
+    good = [r for r in ranked if r.error is None and r.score is not None]
+    failed = [r for r in ranked if r not in good]
+    times = scorer.times
+    rate = len(rows) / elapsed if elapsed > 0 else 0.0
+    err_console.print(
+        f"{len(rows)} files: {len(good)} scored ({times.cached} from cache), {len(failed)} failed"
+        + (f", {len(skipped)} paths skipped" if skipped else "")
+        + f" in {elapsed:.1f} s ({rate:.2f} img/s, {scorer.device} {scorer.precision}, model {scorer.name})",
+        markup=False,
+    )
+    if good:
+        table = Table(show_header=True, header_style="bold", box=None)
+        table.add_column("", style="dim")
+        table.add_column("score", justify="right")
+        table.add_column("path")
+        for label, subset in (("best", good[:5]), ("worst", good[5:][-5:][::-1])):
+            for r in subset:
+                table.add_row(label, f"{r.score:.3f}", escape(r.path))
+        err_console.print(table)
+    for r in failed[:5]:
+        err_console.print(f"[red]failed[/] {escape(r.path)}: {escape(r.error or '')}")
+    if len(failed) > 5:
+        err_console.print(f"... and {len(failed) - 5} more failures" + (f" (see {out})" if out and out != "-" else ""))
+    for path, reason in skipped[:3]:
+        err_console.print(f"[dim]skipped {escape(path)}: {escape(reason)}[/]")
+    warned = sum(1 for r in rows if r.warnings)
+    if warned:
+        err_console.print(f"[dim]{warned} files raised decoder warnings (decoded anyway)[/]")
+    if out and out != "-":
+        err_console.print(f"wrote {out}", markup=False)
+
+
+def _gather_rows(rows: list[Any]) -> list[Any]:
+    """Under torchrun: every rank's rows to rank 0, which writes the one merged output."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None  # type: ignore[assignment]
+    dist.gather_object(rows, gathered, dst=0)
+    merged = [r for part in gathered for r in part] if dist.get_rank() == 0 else []
+    dist.destroy_process_group()
+    return merged

@@ -1,0 +1,122 @@
+"""Ranked score outputs: CSV, JSON and JSONL files (atomic), and a JSONL stream.
+
+File names are kept exactly: names that are not valid UTF-8 are written with surrogateescape in
+CSV (the original bytes) and as ``\\udcXX`` escapes in JSON, which read back to the same ``str``
+and therefore the same bytes through ``os.fsencode``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from loda_cli.errors import OutputError, UsageError
+
+COLUMNS = ("rank", "path", "score", "mos", "raw", "width", "height", "format", "error")
+FORMATS = ("csv", "json", "jsonl")
+
+
+def output_format(path: str) -> str:
+    if path == "-":
+        return "jsonl"
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise UsageError(f"unknown output format for {path!r}: use a .csv, .json or .jsonl file, or - for stdout")
+    return suffix
+
+
+def rank_rows(rows: Iterable[Any]) -> list[Any]:
+    """Highest score first (ties broken by raw output, then path); failures last, by path."""
+    scored = [r for r in rows if r.error is None and r.score is not None]
+    failed = [r for r in rows if not (r.error is None and r.score is not None)]
+    scored.sort(key=lambda r: (-r.score, -(r.raw or 0.0), r.path))
+    failed.sort(key=lambda r: r.path)
+    return scored + failed
+
+
+def _round(value: Any, digits: int) -> Any:
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def row_record(row: Any, rank: int | None) -> dict[str, Any]:
+    d = row.as_dict()
+    return {
+        "rank": rank,
+        "path": d["path"],
+        "score": _round(d["score"], 6),
+        "mos": _round(d["mos"], 6),
+        "raw": _round(d["raw"], 8),
+        "width": d["width"],
+        "height": d["height"],
+        "format": d["format"],
+        "error": d["error"],
+    }
+
+
+def ranked_records(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    ranked = rank_rows(list(rows))
+    return [row_record(r, i + 1 if r.error is None and r.score is not None else None) for i, r in enumerate(ranked)]
+
+
+def _csv_value(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def render(records: Sequence[dict[str, Any]], fmt: str, header: dict[str, Any] | None = None) -> str:
+    if fmt == "csv":
+        buf = io.StringIO(newline="")
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for rec in records:
+            writer.writerow([_csv_value(rec[c]) for c in COLUMNS])
+        return buf.getvalue()
+    if fmt == "json":
+        return json.dumps({"header": header or {}, "rows": list(records)}, indent=1) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(rec) + "\n" for rec in records)
+    raise UsageError(f"unknown output format {fmt!r}")
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write to a temp file beside ``path``, fsync, then rename: readers see the old file or the
+    new one, never a torn one. On failure (disk full) the old file stays intact."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)  # our own temp file, never the user's data
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; the previous file is unchanged") from exc
+
+
+def write_scores(path: str, rows: Iterable[Any], header: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rank ``rows`` and write them to ``path`` (format from the suffix), atomically."""
+    fmt = output_format(path)
+    records = ranked_records(rows)
+    atomic_write_text(path, render(records, fmt, header))
+    return records
+
+
+class JsonlStream:
+    """Rows as JSON lines on a text stream, flushed one by one (``--out -``)."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def write(self, row: Any) -> None:
+        self.stream.write(json.dumps(row_record(row, None)) + "\n")
+        self.stream.flush()

@@ -1,0 +1,530 @@
+"""Scoring many images: find, decode in workers, batch crops across images, aggregate by image id.
+
+Data flow (DESIGN.md, "Data flow of loda score"):
+
+1. Each DataLoader worker walks the paths itself (the walk is cheap and deterministic) and takes
+   every n-th file, so files stream to the model before the walk of a large tree has finished.
+2. The cache is asked first, in the worker: known files are never decoded again.
+3. The worker decodes (JPEG draft, EXIF orientation, RGB), resizes to the short side and cuts the
+   fixed crop layout; crops travel as uint8. A failure becomes an error row, not an exception.
+4. The main process packs crops from many images into full batches, runs them under
+   ``inference_mode`` at the chosen precision and averages crop scores per image id.
+5. Rows stream to the caller and the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from loda_cli.errors import ImageError, UsageError
+from loda_cli.images import FoundFile, SkipNotice, decode_image, iter_image_files
+from loda_cli.transforms import scoring_crops
+
+DEFAULT_DECODE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class ScoreRow:
+    """One image's result. ``error`` is set (and score is None) when it could not be scored."""
+
+    path: str
+    root: str
+    score: float | None = None
+    mos: float | None = None
+    raw: float | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    cached: bool = False
+    index: int = -1
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.score is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "score": self.score,
+            "mos": self.mos,
+            "raw": self.raw,
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "error": self.error,
+        }
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage (decode and crop summed over workers; h2d and forward in the main
+    process), and counts, for the speed benchmark and the end-of-run summary."""
+
+    decode: float = 0.0
+    crop: float = 0.0
+    h2d: float = 0.0
+    forward: float = 0.0
+    images: int = 0
+    crops: int = 0
+    cached: int = 0
+    failed: int = 0
+    decoded: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps was asked for but MPS is not available")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matrix work runs in hardware (much faster than fp32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    import torch
+
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "mps":
+        return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast_context(device: str, precision: str):
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def default_workers(device: str) -> int:
+    cores = os.cpu_count() or 1
+    if device == "cpu":
+        # The forward pass already uses every core; one decoder keeps it fed on small machines.
+        return max(1, min(4, cores // 4)) if cores > 4 else 1
+    return max(1, min(8, cores - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker side: walk, cache lookup, decode, crop
+
+
+@contextmanager
+def _time_limit(seconds: float | None):
+    """Raise ImageError when the body runs longer than ``seconds`` (main thread of a process)."""
+    if not seconds or seconds <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expired(signum, frame):
+        raise ImageError(f"decoding took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _display_path(found: FoundFile) -> str:
+    return os.fsdecode(found.path)
+
+
+@dataclass
+class ScanSpec:
+    """Everything a worker needs to find and prepare its share of the files (picklable)."""
+
+    paths: list[str]
+    recursive: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    shard: tuple[int, int] = (0, 1)
+    preprocess: Any = None
+    model_id: str = ""
+    cache_path: str | None = None
+    decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT_S
+
+
+def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> dict[str, Any]:
+    """Cache lookup, else decode and crop one file. Never raises for a bad image."""
+    from loda_cli.cache import FileKey
+
+    item: dict[str, Any] = {"index": index, "path": _display_path(found), "root": os.fsdecode(found.root)}
+    prep_id = spec.preprocess.digest()
+    try:
+        key = FileKey.of(found.path)
+        item["key"] = key
+    except OSError as exc:
+        item["error"] = f"unreadable: {exc.strerror or exc}"
+        return item
+    if cache is not None:
+        hit = cache.get(key, spec.model_id, prep_id)
+        if hit is not None:
+            item.update(cached=True, raw=hit.raw, width=hit.width, height=hit.height, format=hit.format, error=hit.error)
+            return item
+    t0 = time.perf_counter()
+    try:
+        with _time_limit(spec.decode_timeout):
+            decoded = decode_image(found.path, target_short_side=spec.preprocess.short_side)
+            t1 = time.perf_counter()
+            crops = scoring_crops(decoded.image, spec.preprocess)
+        item.update(
+            crops=crops, width=decoded.width, height=decoded.height, format=decoded.format,
+            warnings=decoded.warnings, t_decode=t1 - t0, t_crop=time.perf_counter() - t1,
+        )
+    except ImageError as exc:
+        item["error"] = str(exc)
+        item["transient"] = "longer than" in str(exc)
+        item["t_decode"] = time.perf_counter() - t0
+    except MemoryError:
+        item["error"] = "out of memory while decoding"
+        item["transient"] = True
+    return item
+
+
+def iter_prepared(spec: ScanSpec, worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
+    """The items of one worker: file i of the walk belongs to shard ``i % n`` and, within the
+    shard, to worker ``(i // n) % num_workers``. Worker 0 also reports skipped paths."""
+    from loda_cli.cache import ScoreCache
+
+    cache = ScoreCache(spec.cache_path, readonly=True) if spec.cache_path else None
+    skips: list[SkipNotice] = []
+    shard_k, shard_n = spec.shard
+    try:
+        files = iter_image_files(
+            [Path(p) for p in spec.paths],
+            recursive=spec.recursive,
+            include=spec.include,
+            exclude=spec.exclude,
+            on_skip=skips.append,
+        )
+        for index, found in enumerate(files):
+            if worker_id == 0:
+                yield from _drain_skips(skips)
+            else:
+                skips.clear()  # every worker walks the same tree; worker 0 alone reports
+            if index % shard_n != shard_k or (index // shard_n) % num_workers != worker_id:
+                continue
+            yield prepare_item(found, index, spec, cache)
+        if worker_id == 0:
+            yield from _drain_skips(skips)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _drain_skips(skips: list[SkipNotice]) -> Iterator[dict[str, Any]]:
+    while skips:
+        notice = skips.pop(0)
+        yield {"skip": os.fsdecode(notice.path), "reason": notice.reason}
+
+
+def _make_dataset(spec: ScanSpec):
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class PreparedImages(IterableDataset):
+        def __iter__(self):
+            info = get_worker_info()
+            if info is None:
+                yield from iter_prepared(spec)
+            else:
+                torch.set_num_threads(1)
+                yield from iter_prepared(spec, info.id, info.num_workers)
+
+    return PreparedImages()
+
+
+def _passthrough(item):
+    return item
+
+
+# ---------------------------------------------------------------------------------------------
+# The scorer
+
+
+class Scorer:
+    """Scores image files with one LoDa checkpoint.
+
+    >>> scorer = Scorer("loda-builtin")
+    >>> for row in scorer.score_files(["~/Photos"]):
+    ...     print(row.path, row.score)
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        crops: int | None = None,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        cache: bool | str | os.PathLike[str] = True,
+        decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT_S,
+    ):
+        import torch
+
+        from loda_cli.weights import LoadedModel, load_model
+
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+        self.loaded = loaded
+        self.preprocess = loaded.preprocess
+        if crops is not None:
+            if crops < 1:
+                raise UsageError("--crops must be at least 1")
+            from dataclasses import replace
+
+            self.preprocess = replace(self.preprocess, num_crops=crops)
+        self.model = loaded.model.to(self.device).eval()
+        if self.device != "mps":
+            # oneDNN (CPU) and cuDNN run the CNN's convolutions fastest in channels-last layout.
+            self.model.cnn.to(memory_format=torch.channels_last)
+        self.batch_size = batch_size or (64 if self.device.startswith("cuda") else 16)
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        self.workers = default_workers(self.device) if workers is None else workers
+        if self.workers < 0:
+            raise UsageError("--workers must be 0 or more")
+        if cache is True:
+            from loda_cli.cache import default_cache_path
+
+            self.cache_path: str | None = str(default_cache_path())
+        elif cache:
+            self.cache_path = str(cache)
+        else:
+            self.cache_path = None
+        self.decode_timeout = decode_timeout
+        self.model_id = loaded.sha256
+        self.times = StageTimes()
+        self.skipped: list[tuple[str, str]] = []
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    # -- tensors -------------------------------------------------------------------------------
+
+    def _forward(self, crops_uint8) -> list[float]:
+        """Raw scores of a uint8 Nx3xHxW batch."""
+        import torch
+
+        from loda_cli.transforms import normalize
+
+        t0 = time.perf_counter()
+        batch = torch.from_numpy(crops_uint8) if not isinstance(crops_uint8, torch.Tensor) else crops_uint8
+        batch = batch.to(self.device, non_blocking=True)
+        batch = normalize(batch, self.preprocess).contiguous(memory_format=torch.channels_last)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            raw = self.model(batch).float().flatten().cpu().tolist()
+        t2 = time.perf_counter()
+        self.times.h2d += t1 - t0
+        self.times.forward += t2 - t1
+        self.times.crops += len(raw)
+        return raw
+
+    def _row_from_raw(self, item: dict[str, Any], raw: float | None) -> ScoreRow:
+        row = ScoreRow(
+            path=item["path"], root=item["root"], raw=raw, width=item.get("width"),
+            height=item.get("height"), format=item.get("format"), error=item.get("error"),
+            warnings=item.get("warnings") or [], cached=bool(item.get("cached")), index=item["index"],
+        )
+        if raw is not None and row.error is None:
+            if not math.isfinite(raw):
+                row.error, row.raw = "model produced a non-finite score", None
+            else:
+                row.score = self.loaded.calibration.to_score(raw)
+                row.mos = self.loaded.calibration.to_mos(raw)
+        return row
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def score_files(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        *,
+        recursive: bool = True,
+        include: Iterable[str] = (),
+        exclude: Iterable[str] = (),
+        shard: tuple[int, int] = (0, 1),
+        on_skip: Callable[[str, str], None] | None = None,
+    ) -> Iterator[ScoreRow]:
+        """Score every image file under ``paths``; rows come in completion order.
+
+        Closing the generator early (Ctrl-C, ``break``) keeps everything finished so far in the
+        cache.
+        """
+        import numpy as np
+        from torch.utils.data import DataLoader
+
+        from loda_cli.cache import CachedResult, ScoreCache
+
+        shard_k, shard_n = shard
+        if not (0 <= shard_k < shard_n):
+            raise UsageError(f"invalid shard {shard_k}/{shard_n}")
+        spec = ScanSpec(
+            paths=[os.fspath(Path(p).expanduser()) for p in paths],
+            recursive=recursive, include=tuple(include), exclude=tuple(exclude), shard=shard,
+            preprocess=self.preprocess, model_id=self.model_id, cache_path=self.cache_path,
+            decode_timeout=self.decode_timeout,
+        )
+        writer = ScoreCache(self.cache_path) if self.cache_path else None  # creates the schema
+        if self.workers > 0:
+            loader: Iterable[dict[str, Any]] = DataLoader(
+                _make_dataset(spec), batch_size=None, num_workers=self.workers,
+                collate_fn=_passthrough, pin_memory=self.device.startswith("cuda"),
+                prefetch_factor=4, persistent_workers=False,
+            )
+        else:
+            loader = iter_prepared(spec)
+
+        prep_id = self.preprocess.digest()
+        pending: dict[int, dict[str, Any]] = {}  # index -> item waiting for crop scores
+        sums: dict[int, float] = {}
+        counts: dict[int, int] = {}
+        queue: list[tuple[int, Any]] = []  # (index, uint8 crops) not yet run
+        queued = 0
+
+        def finish(item: dict[str, Any], raw: float | None) -> ScoreRow:
+            row = self._row_from_raw(item, raw)
+            self.times.images += 1
+            self.times.cached += row.cached
+            self.times.failed += row.error is not None
+            if writer is not None and not row.cached and "key" in item and not item.get("transient"):
+                writer.put(
+                    item["key"], self.model_id, prep_id,
+                    CachedResult(row.raw, row.width, row.height, row.format, row.error),
+                )
+            return row
+
+        def run_batch(final: bool = False) -> Iterator[ScoreRow]:
+            nonlocal queued
+            while queued >= self.batch_size or (final and queued):
+                take, parts, owners = self.batch_size, [], []
+                while take and queue:
+                    index, crops = queue[0]
+                    n = min(take, len(crops))
+                    parts.append(crops[:n])
+                    owners += [index] * n
+                    if n == len(crops):
+                        queue.pop(0)
+                    else:
+                        queue[0] = (index, crops[n:])
+                    take -= n
+                raws = self._forward(np.concatenate(parts) if len(parts) > 1 else parts[0])
+                queued -= len(raws)
+                for index, value in zip(owners, raws):
+                    sums[index] = sums.get(index, 0.0) + value
+                    counts[index] = counts.get(index, 0) + 1
+                    item = pending[index]
+                    if counts[index] == len(item["crops"]):
+                        del pending[index]
+                        yield finish(item, sums.pop(index) / counts.pop(index))
+
+        try:
+            for item in loader:
+                if "skip" in item:
+                    self.skipped.append((item["skip"], item["reason"]))
+                    if on_skip is not None:
+                        on_skip(item["skip"], item["reason"])
+                    continue
+                self.times.decode += item.get("t_decode", 0.0)
+                self.times.crop += item.get("t_crop", 0.0)
+                crops = item.get("crops")
+                if crops is None:
+                    yield finish(item, item.get("raw"))
+                    continue
+                self.times.decoded += 1
+                crops = np.asarray(crops)
+                item["crops"] = crops
+                pending[item["index"]] = item
+                queue.append((item["index"], crops))
+                queued += len(crops)
+                yield from run_batch()
+            yield from run_batch(final=True)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def score_image(self, image) -> float:
+        """Score one in-memory PIL image (no cache); returns the calibrated score in [0, 1]."""
+        crops = scoring_crops(image.convert("RGB"), self.preprocess)
+        raws = self._forward(crops)
+        return self.loaded.calibration.to_score(sum(raws) / len(raws))
+
+
+def score_paths(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    model: Any = None,
+    recursive: bool = True,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    progress: Callable[[ScoreRow], None] | None = None,
+    **scorer_kw: Any,
+) -> Iterator[ScoreRow]:
+    """Score image files with a model (default: the best available; see ``loda weights list``).
+
+    ``progress``, when given, is called with each row as it completes.
+    """
+    scorer = Scorer(model, **scorer_kw)
+    for row in scorer.score_files(paths, recursive=recursive, include=include, exclude=exclude):
+        if progress is not None:
+            progress(row)
+        yield row

@@ -1,0 +1,101 @@
+"""From a decoded image to model input: resize, crop, normalise.
+
+Scoring uses a fixed crop layout, so the same file always gets the same score. Training and the
+paper's test protocol use random crops from a seeded generator. Crops travel between processes as
+uint8 (a quarter of the bytes of float32) and are normalised on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from loda_cli.config import Preprocess
+from loda_cli.errors import ImageError
+from loda_cli.images import resize_short_side
+
+if TYPE_CHECKING:
+    import torch
+    from PIL.Image import Image
+
+# Past this ratio of long to short side, a 384-pixel short side would make a giant strip and the
+# crops would see a sliver of the picture; such files get an error row instead.
+MAX_ASPECT_RATIO = 20.0
+
+
+def grid_positions(height: int, width: int, crop: int, n: int) -> list[tuple[int, int]]:
+    """``n`` crop corners (top, left) on a grid that spans the whole image.
+
+    The grid has about as many rows per column as the image's aspect ratio asks for; when
+    ``rows * cols > n`` an evenly spaced subset of the grid (in row-major order) is kept.
+    ``n == 1`` gives the centre crop.
+    """
+    if n < 1:
+        raise ValueError("need at least one crop")
+    if height < crop or width < crop:
+        raise ValueError(f"image {width}x{height} is smaller than the {crop}px crop")
+    if n == 1:
+        return [((height - crop) // 2, (width - crop) // 2)]
+    rows = max(1, min(n, round(math.sqrt(n * height / width))))
+    cols = math.ceil(n / rows)
+    tops = np.linspace(0, height - crop, rows).round().astype(int).tolist() if rows > 1 else [(height - crop) // 2]
+    lefts = np.linspace(0, width - crop, cols).round().astype(int).tolist() if cols > 1 else [(width - crop) // 2]
+    grid = [(t, left) for t in tops for left in lefts]
+    if len(grid) > n:
+        keep = np.linspace(0, len(grid) - 1, n).round().astype(int)
+        grid = [grid[i] for i in keep]
+    return grid
+
+
+def random_positions(
+    height: int, width: int, crop: int, n: int, rng: random.Random
+) -> list[tuple[int, int]]:
+    """``n`` uniformly random crop corners (the paper's train and test protocol)."""
+    return [(rng.randint(0, height - crop), rng.randint(0, width - crop)) for _ in range(n)]
+
+
+def prepare_image(image: Image, preprocess: Preprocess) -> np.ndarray:
+    """Resize an RGB image so its short side is ``preprocess.short_side``: an HxWx3 uint8 array."""
+    w, h = image.size
+    if max(w, h) / max(1, min(w, h)) > MAX_ASPECT_RATIO:
+        raise ImageError(f"aspect ratio too extreme to score ({w}x{h})")
+    resized = resize_short_side(image, preprocess.short_side, preprocess.interpolation)
+    return np.asarray(resized.convert("RGB"), dtype=np.uint8)
+
+
+def cut_crops(array: np.ndarray, positions: Sequence[tuple[int, int]], crop: int, flips=None) -> np.ndarray:
+    """Stack crops of an HxWx3 array into an Nx3xCxC uint8 array (channels first).
+
+    ``flips`` optionally gives (horizontal, vertical) booleans per crop (training augmentation).
+    """
+    out = np.empty((len(positions), 3, crop, crop), dtype=np.uint8)
+    for i, (top, left) in enumerate(positions):
+        patch = array[top : top + crop, left : left + crop]
+        if flips is not None:
+            horizontal, vertical = flips[i]
+            if horizontal:
+                patch = patch[:, ::-1]
+            if vertical:
+                patch = patch[::-1]
+        out[i] = patch.transpose(2, 0, 1)
+    return out
+
+
+def scoring_crops(image: Image, preprocess: Preprocess) -> np.ndarray:
+    """The deterministic crops the scorer feeds the model for one image."""
+    array = prepare_image(image, preprocess)
+    h, w = array.shape[:2]
+    return cut_crops(array, grid_positions(h, w, preprocess.crop_size, preprocess.num_crops), preprocess.crop_size)
+
+
+def normalize(crops: torch.Tensor, preprocess: Preprocess, dtype=None) -> torch.Tensor:
+    """uint8 Nx3xHxW -> float, scaled to [0, 1] and standardised with the preprocessing's stats."""
+    import torch
+
+    dtype = dtype or torch.float32
+    mean = torch.tensor(preprocess.mean, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(preprocess.std, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return ((crops.float() - mean) / std).to(dtype)
