@@ -449,6 +449,7 @@ class Plan:
     skipped: list[Skip] = field(default_factory=list)
     unchanged: list[Skip] = field(default_factory=list)
     edges: Optional[tuple[float, ...]] = None
+    layout: str = "dest"  # "culled": each root's own _culled; "dest": one chosen folder; "in-place": rate
 
     @property
     def total_bytes(self) -> int:
@@ -564,7 +565,7 @@ def plan_cull(
             base = os.path.join(base, subfolders[group.root])
         return os.path.join(base, group.rel_folder) if group.rel_folder else base
 
-    plan = Plan("cull", mode, list(roots), dests, dests[0])
+    plan = Plan("cull", mode, list(roots), dests, dests[0], layout="dest" if to is not None else "culled")
     _transfer_actions(plan, selected, dest_folder, mode)
     return plan
 
@@ -625,7 +626,7 @@ def plan_rate(
     force: bool = False,
 ) -> Plan:
     """Write xmp:Rating (and xmp:Label for the worst bin) into each group's sidecars."""
-    plan = Plan("rate", style, list(roots), [], roots[0], edges=tuple(edges))
+    plan = Plan("rate", style, list(roots), [], roots[0], edges=tuple(edges), layout="in-place")
     claimed: set[str] = set()
     for group in groups:
         stars = star_rating(group.score, edges)
@@ -960,6 +961,7 @@ def apply_plan(plan: Plan, *, progress: Optional[Callable[[int, int], None]] = N
         "version": JOURNAL_VERSION,
         "command": plan.command,
         "mode": plan.mode,
+        "layout": plan.layout,
         "roots": [_enc(r) for r in plan.roots],
         "dests": [_enc(d) for d in plan.dests],
         "time": _now(),
@@ -1177,6 +1179,10 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
             raise JournalError(f"{display_path(path)} is not a regular file")
+        # Undo moves files where a journal says; one written by another user could aim them
+        # anywhere that user cannot write but we can.
+        if st.st_uid != os.geteuid():
+            raise UnsafePathError(f"{display_path(path)} belongs to another user; undo only trusts your own journals")
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
@@ -1199,7 +1205,12 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
     real_journal = os.path.realpath(path)
     if not any(_is_under(real_journal, os.path.realpath(folder)) for folder in roots + dests):
         raise UnsafePathError(f"{display_path(path)} lies outside the folders it names; refusing to undo")
+    layout = header.get("layout")
+    if layout == "culled" and dests != [os.path.join(r, CULLED_DIRNAME) for r in roots]:
+        raise UnsafePathError(f"{display_path(path)}: its folders do not match a cull into _culled; refusing to undo")
     if header.get("command") == "rate":
+        if dests:
+            raise UnsafePathError(f"{display_path(path)}: a rate journal names destinations; refusing to undo")
         dests = list(roots)
 
     entries: dict[int, JournalEntry] = {}

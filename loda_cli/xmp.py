@@ -145,7 +145,9 @@ def update_sidecar(data: bytes, rating: int, label: Optional[str] = None) -> byt
     if not descriptions:
         rdf = root if root.tag == _RDF else root.find(f".//{_RDF}")
         if rdf is None:
-            raise XmpError("sidecar has no rdf:RDF element")
+            # An empty x:xmpmeta is still XMP: give it the rdf:RDF it lacks.
+            rdf = ET.SubElement(root, _RDF)
+            rdf.text, rdf.tail = "\n", "\n"
         desc = ET.SubElement(rdf, _DESCRIPTION, {_ABOUT: ""})
         desc.tail = "\n"
         descriptions = [desc]

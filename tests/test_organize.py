@@ -1,0 +1,637 @@
+"""cull, sort, rate and undo: every command and flag through the CLI, and the library's safety
+checks (paths outside the roots, symlinks, tampered journals, preflight, cross-device moves)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from loda_cli import organize
+from loda_cli.cli.main import app
+from loda_cli.errors import JournalError, UnsafePathError
+
+runner = CliRunner()
+
+
+# --- helpers shared with the property and crash tests ------------------------------------------
+
+
+def photo_bytes(seed: int) -> bytes:
+    """A small, real JPEG whose bytes differ per seed."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256)).save(buf, "JPEG")
+    return buf.getvalue() + seed.to_bytes(4, "big")  # trailing bytes keep equal colours apart
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def write_scores(path: Path, rows: list[tuple[str, float | None]], fmt: str = "csv", errors: dict | None = None) -> Path:
+    """A scores file like `loda score` writes; ``errors`` maps paths to an error text."""
+    errors = errors or {}
+    records = [
+        {"rank": i + 1, "path": p, "score": "" if s is None else s, "mos": "", "raw": "", "width": 16,
+         "height": 12, "format": "JPEG", "error": errors.get(p, "")}
+        for i, (p, s) in enumerate(rows)
+    ]
+    if fmt == "csv":
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(records[0]) if records else ["path", "score"])
+            writer.writeheader()
+            writer.writerows(records)
+    elif fmt == "json":
+        for r in records:
+            r["score"] = None if r["score"] == "" else r["score"]
+        path.write_text(json.dumps({"header": {"model": "test"}, "rows": records}), encoding="utf-8")
+    else:
+        for r in records:
+            r["score"] = None if r["score"] == "" else r["score"]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def snapshot(folder: Path, skip_loda: bool = True) -> dict[bytes, tuple[str, bytes]]:
+    """Every entry under ``folder`` (links not followed): relative path bytes -> (kind, content)."""
+    result: dict[bytes, tuple[str, bytes]] = {}
+    base = os.fsencode(folder)
+    for dirpath, dirnames, filenames in os.walk(base):
+        if skip_loda:
+            dirnames[:] = [d for d in dirnames if d != b"_culled"]
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, base)
+            if skip_loda and name.startswith(b".loda-"):
+                continue
+            if os.path.islink(full):
+                result[rel] = ("link", os.readlink(full))
+            elif os.path.isdir(full):
+                result[rel] = ("dir", b"")
+            else:
+                with open(full, "rb") as fh:
+                    result[rel] = ("file", fh.read())
+    return result
+
+
+def originals(snap: dict[bytes, tuple[str, bytes]]) -> dict[bytes, bytes]:
+    return {k: v[1] for k, v in snap.items() if v[0] == "file"}
+
+
+def invoke(*args: str) -> "object":
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def shoot(tmp_path, monkeypatch):
+    """A wedding folder: pairs, sidecars, Live Photos, a sub-folder, and a scores file."""
+    root = tmp_path / "wedding"
+    files = {
+        "IMG_1.JPG": photo_bytes(1), "IMG_1.CR2": b"raw-1" * 50, "IMG_1.CR2.xmp": b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/>",
+        "IMG_1.xmp": b"<lr/>", "IMG_1.JPG.xmp": b"<dt/>",
+        "IMG_2.heic": photo_bytes(2), "IMG_2.MOV": b"live" * 20, "IMG_2.AAE": b"<aae/>",
+        "IMG_3.jpg": photo_bytes(3), "IMG_4.jpg": photo_bytes(4), "IMG_40.jpg": photo_bytes(40),
+        "ceremony/IMG_5.jpg": photo_bytes(5), "ceremony/IMG_5.nef": b"nef" * 30, "ceremony/IMG_6.jpg": photo_bytes(6),
+        "notes.txt": b"not a photo",
+    }
+    for rel, data in files.items():
+        write(root / rel, data)
+    scores = write_scores(
+        tmp_path / "scores.csv",
+        [
+            ("wedding/IMG_1.JPG", 0.10), ("wedding/IMG_1.CR2", 0.95),  # the RAW's own score is ignored
+            ("wedding/IMG_2.heic", 0.20), ("wedding/IMG_3.jpg", 0.90), ("wedding/IMG_4.jpg", 0.50),
+            ("wedding/IMG_40.jpg", 0.70), ("wedding/ceremony/IMG_5.jpg", 0.30),
+            ("wedding/ceremony/IMG_6.jpg", 0.80), ("wedding/broken.jpg", None),
+        ],
+        errors={"wedding/broken.jpg": "cannot decode"},
+    )
+    monkeypatch.chdir(tmp_path)
+    return types.SimpleNamespace(root=root, scores=scores, tmp=tmp_path, files=files)
+
+
+# --- cull ----------------------------------------------------------------------------------------
+
+
+def test_cull_dry_run_changes_nothing_and_shows_the_plan(shoot):
+    before = snapshot(shoot.tmp, skip_loda=False)
+    result = invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores)
+    assert result.exit_code == 0, result.output
+    assert snapshot(shoot.tmp, skip_loda=False) == before
+    out = result.output
+    assert "dry run" in out and "Dry run: nothing was changed" in out
+    assert "photos" in out and "│ 3 " in out  # IMG_1, IMG_2, IMG_5
+    assert "0.100 - 0.300" in out
+    assert "IMG_1.JPG" in out
+
+
+def test_cull_apply_moves_photos_with_every_companion_and_undo_restores(shoot):
+    before = snapshot(shoot.root)
+    result = invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0, result.output
+    culled = shoot.root / "_culled"
+    moved = {"IMG_1.JPG", "IMG_1.CR2", "IMG_1.CR2.xmp", "IMG_1.xmp", "IMG_1.JPG.xmp", "IMG_2.heic", "IMG_2.MOV",
+             "IMG_2.AAE", "ceremony/IMG_5.jpg", "ceremony/IMG_5.nef"}
+    for rel in moved:
+        assert not (shoot.root / rel).exists(), rel
+        assert (culled / rel).read_bytes() == shoot.files[rel]
+    for rel in set(shoot.files) - moved:
+        assert (shoot.root / rel).read_bytes() == shoot.files[rel]
+    journals = list(culled.glob(".loda-journal-*.jsonl"))
+    assert len(journals) == 1
+
+    result = invoke("undo")
+    assert result.exit_code == 0, result.output
+    assert "Undoing" in result.output and journals[0].name in result.output.replace("\n", "")
+    assert snapshot(shoot.root) == before
+    assert not (culled / "ceremony").exists()  # folders undo created are removed when empty
+
+    again = invoke("undo")
+    assert again.exit_code == 1 and "no journal to undo" in again.output
+    explicit = invoke("undo", journals[0])
+    assert explicit.exit_code == 1 and "already undone" in explicit.output
+
+
+def test_cull_copy_and_link_leave_originals_and_undo_removes_only_what_it_made(shoot):
+    before = snapshot(shoot.root)
+    assert invoke("cull", "wedding", "--worst", "2", "--scores", shoot.scores, "--copy", "--apply").exit_code == 0
+    culled = shoot.root / "_culled"
+    assert (culled / "IMG_1.JPG").read_bytes() == shoot.files["IMG_1.JPG"]
+    assert (culled / "IMG_2.MOV").read_bytes() == shoot.files["IMG_2.MOV"]
+    assert originals(snapshot(shoot.root)) == originals(before)
+    assert invoke("undo").exit_code == 0
+    assert snapshot(shoot.root) == before
+
+    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--link", "--apply").exit_code == 0
+    link = culled / "IMG_1.JPG"
+    assert link.is_symlink() and os.readlink(link) == str((shoot.root / "IMG_1.JPG").resolve())
+    assert invoke("undo").exit_code == 0
+    assert snapshot(shoot.root) == before
+
+
+def test_cull_to_another_folder_worst_percent_and_flags_that_exclude_each_other(shoot):
+    before = snapshot(shoot.root)
+    dest = shoot.tmp / "rejects"
+    result = invoke("cull", "wedding", "--worst-percent", "34", "--scores", shoot.scores, "--to", dest, "--apply")
+    assert result.exit_code == 0, result.output
+    # 7 decision photos; 34% rounds down to 2: IMG_1 (0.1) and IMG_2 (0.2)
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == sorted(
+        ["IMG_1.JPG", "IMG_1.CR2", "IMG_1.CR2.xmp", "IMG_1.xmp", "IMG_1.JPG.xmp", "IMG_2.heic", "IMG_2.MOV", "IMG_2.AAE"]
+    )
+    assert list(dest.glob(".loda-journal-*.jsonl"))
+    assert invoke("undo", next(dest.glob(".loda-journal-*.jsonl"))).exit_code == 0
+    assert snapshot(shoot.root) == before
+
+    assert invoke("cull", "wedding", "--scores", shoot.scores).exit_code == 2
+    assert invoke("cull", "wedding", "--below", "0.4", "--worst", "3", "--scores", shoot.scores).exit_code == 2
+    bad = invoke("cull", "wedding", "--below", "0.4", "--copy", "--link", "--scores", shoot.scores)
+    assert bad.exit_code == 2 and "exclude each other" in bad.output
+    inside = invoke("cull", "wedding", "--below", "0.4", "--to", shoot.tmp, "--scores", shoot.scores)
+    assert inside.exit_code == 2 and "must not be a root" in inside.output
+
+
+def test_cull_with_no_path_works_on_the_current_folder_and_ignores_the_destination(shoot, monkeypatch):
+    monkeypatch.chdir(shoot.root)
+    write(shoot.root / "_culled" / "old.jpg", photo_bytes(99))
+    rows = [("IMG_3.jpg", 0.1), ("_culled/old.jpg", 0.0), ("IMG_4.jpg", 0.9)]
+    scores = write_scores(shoot.tmp / "local.jsonl", rows, fmt="jsonl")
+    result = invoke("cull", "--below", "0.4", "--scores", scores, "--apply")
+    assert result.exit_code == 0, result.output
+    assert (shoot.root / "_culled" / "IMG_3.jpg").exists()
+    assert (shoot.root / "_culled" / "old.jpg").read_bytes() == photo_bytes(99)  # never considered again
+    assert (shoot.root / "IMG_4.jpg").exists()
+
+
+def test_collisions_get_one_numbered_suffix_for_the_photo_and_its_companions(shoot):
+    culled = shoot.root / "_culled"
+    write(culled / "IMG_1.JPG", b"an earlier cull")
+    write(culled / "IMG_1-1.CR2", b"another earlier cull")
+    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply").exit_code == 0
+    assert (culled / "IMG_1.JPG").read_bytes() == b"an earlier cull"
+    assert (culled / "IMG_1-1.CR2").read_bytes() == b"another earlier cull"
+    for name in ("IMG_1-2.JPG", "IMG_1-2.CR2", "IMG_1-2.CR2.xmp", "IMG_1-2.xmp", "IMG_1-2.JPG.xmp"):
+        assert (culled / name).exists(), name
+    assert invoke("undo").exit_code == 0
+    assert (shoot.root / "IMG_1.JPG").read_bytes() == shoot.files["IMG_1.JPG"]
+    assert (culled / "IMG_1.JPG").read_bytes() == b"an earlier cull"
+
+
+def test_decision_photo_is_the_jpeg_even_when_the_raw_scores_differently(shoot):
+    # IMG_1.CR2 scored 0.95 in the file, but the JPEG (0.10) decides for the pair.
+    result = invoke("cull", "wedding", "--below", "0.15", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0
+    assert (shoot.root / "_culled" / "IMG_1.CR2").exists()
+    result = invoke("undo")
+    scores = write_scores(shoot.tmp / "raw.csv", [("wedding/IMG_1.CR2", 0.01), ("wedding/IMG_1.JPG", 0.9)])
+    assert invoke("cull", "wedding", "--below", "0.5", "--scores", scores, "--apply").exit_code == 0
+    assert (shoot.root / "IMG_1.CR2").exists() and (shoot.root / "IMG_1.JPG").exists()
+
+
+def test_scores_in_json_and_error_rows_are_skipped(shoot):
+    scores = write_scores(
+        shoot.tmp / "s.json", [("wedding/IMG_3.jpg", 0.1), ("wedding/IMG_4.jpg", None)],
+        fmt="json", errors={"wedding/IMG_4.jpg": "broken"},
+    )
+    result = invoke("cull", "wedding", "--below", "0.5", "--scores", scores, "--apply")
+    assert result.exit_code == 0, result.output
+    assert (shoot.root / "_culled" / "IMG_3.jpg").exists() and (shoot.root / "IMG_4.jpg").exists()
+
+
+def test_without_scores_file_photos_are_scored_through_the_library(shoot, monkeypatch):
+    calls = {}
+
+    def score_paths(paths, *, model=None, recursive=True, include=(), exclude=(), progress=None):
+        calls["model"] = model
+        calls["paths"] = paths
+        for path in sorted(Path(paths[0]).rglob("*.jpg")):
+            rel = str(path.relative_to(paths[0]))
+            yield types.SimpleNamespace(path=str(path), root=str(paths[0]), score=0.1 if "IMG_3" in rel else 0.9,
+                                        mos=None, raw=None, width=16, height=12, format="JPEG", error=None)
+
+    monkeypatch.setitem(sys.modules, "loda_cli.scoring", types.SimpleNamespace(score_paths=score_paths))
+    result = invoke("cull", "wedding", "--below", "0.5", "--model", "tiny", "--apply")
+    assert result.exit_code == 0, result.output
+    assert calls["model"] == "tiny"
+    assert (shoot.root / "_culled" / "IMG_3.jpg").exists() and (shoot.root / "IMG_4.jpg").exists()
+
+
+# --- paths and security --------------------------------------------------------------------------
+
+
+def test_scores_cannot_reach_outside_the_roots(shoot):
+    outside = write(shoot.tmp / "outside.jpg", photo_bytes(77))
+    elsewhere = write(shoot.tmp / "elsewhere" / "x.jpg", photo_bytes(78))
+    os.symlink(outside, shoot.root / "link.jpg")
+    os.symlink(elsewhere.parent, shoot.root / "linkdir")
+    rows = [("/etc/passwd", 0.0), ("wedding/../outside.jpg", 0.0), (str(outside), 0.0), ("wedding/link.jpg", 0.0),
+            ("wedding/linkdir/x.jpg", 0.0), ("../../outside.jpg", 0.0), ("wedding/ceremony/../../outside.jpg", 0.0)]
+    scores = write_scores(shoot.tmp / "evil.csv", rows)
+    before = snapshot(shoot.tmp, skip_loda=False)
+    for mode in ([], ["--copy"], ["--link"]):
+        result = invoke("cull", "wedding", "--below", "0.5", "--scores", scores, "--apply", *mode)
+        assert result.exit_code == 0, result.output
+        assert "Nothing to do" in result.output
+    assert snapshot(shoot.tmp, skip_loda=False) == before
+    assert os.path.exists("/etc/passwd")
+    plan_skips = organize.collect_groups([str(shoot.root.resolve())], organize.load_scores([], scores))[1]
+    reasons = {s.path: s.reason for s in plan_skips}
+    assert "outside" in reasons["/etc/passwd"] and "symlink" in reasons["wedding/link.jpg"]
+    assert "outside" in reasons["wedding/linkdir/x.jpg"] and "outside" in reasons["wedding/../outside.jpg"]
+
+
+def test_a_symlinked_companion_keeps_its_group_in_place(shoot):
+    target = write(shoot.tmp / "elsewhere.xmp", b"not yours")
+    os.symlink(target, shoot.root / "IMG_3.xmp")
+    scores = write_scores(shoot.tmp / "s.csv", [("wedding/IMG_3.jpg", 0.0)])
+    result = invoke("cull", "wedding", "--below", "0.5", "--scores", scores, "--apply")
+    assert "companion file is a symlink" in result.output
+    assert (shoot.root / "IMG_3.jpg").exists() and target.read_bytes() == b"not yours"
+
+
+def test_a_culled_folder_that_is_a_symlink_is_refused(shoot):
+    os.symlink(shoot.tmp, shoot.root / "_culled")
+    result = invoke("cull", "wedding", "--below", "0.5", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 1 and "symlink" in result.output
+    assert (shoot.root / "IMG_1.JPG").exists()
+
+
+def _journal(folder: Path) -> Path:
+    return sorted(folder.glob(".loda-journal-*.jsonl"))[-1]
+
+
+def _edit_journal(path: Path, edit) -> None:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(edit(r)) + "\n" for r in lines))
+
+
+@pytest.mark.parametrize("evil", [b"../../outside.jpg", b"/etc/passwd", b"a/../../../x"])
+def test_undo_refuses_a_journal_edited_to_point_outside_its_roots(shoot, evil):
+    outside = write(shoot.tmp / "outside.jpg", photo_bytes(3))  # same bytes as IMG_3
+    assert invoke("cull", "wedding", "--worst", "3", "--scores", shoot.scores, "--apply").exit_code == 0
+    journal = _journal(shoot.root / "_culled")
+
+    def edit(record):
+        if record.get("type") == "intent" and record["id"] == 0:
+            record["src"][2] = base64.b64encode(evil).decode()
+        return record
+
+    _edit_journal(journal, edit)
+    before = snapshot(shoot.tmp, skip_loda=False)
+    result = invoke("undo", journal)
+    assert result.exit_code == 1 and "outside" in result.output
+    assert snapshot(shoot.tmp, skip_loda=False) == before
+    assert outside.read_bytes() == photo_bytes(3)
+    with pytest.raises(UnsafePathError):
+        organize.plan_undo(journal)
+
+
+def test_undo_refuses_a_journal_whose_roots_were_edited_or_that_sits_elsewhere(shoot):
+    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply").exit_code == 0
+    journal = _journal(shoot.root / "_culled")
+    moved = shoot.tmp / "moved.jsonl"
+    shutil.copy(journal, moved)
+    with pytest.raises(UnsafePathError):
+        organize.plan_undo(moved)
+
+    def edit(record):
+        if record.get("type") == "header":
+            record["roots"] = [base64.b64encode(b"/etc").decode()]
+        return record
+
+    _edit_journal(journal, edit)
+    with pytest.raises(UnsafePathError):
+        organize.plan_undo(journal)
+
+
+def test_undo_refuses_a_modified_destination_and_partial_restores_the_rest(shoot):
+    before = snapshot(shoot.root)
+    assert invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply").exit_code == 0
+    culled = shoot.root / "_culled"
+    (culled / "IMG_2.heic").write_bytes(b"edited after the cull")
+    state = snapshot(shoot.tmp, skip_loda=False)
+    result = invoke("undo")
+    assert result.exit_code == 1
+    assert "changed after the move" in result.output and "nothing was changed" in result.output
+    assert snapshot(shoot.tmp, skip_loda=False) == state
+
+    result = invoke("undo", "--partial")
+    assert result.exit_code == 0, result.output
+    assert "left alone" in result.output
+    after = snapshot(shoot.root)
+    assert (culled / "IMG_2.heic").read_bytes() == b"edited after the cull"
+    for rel, value in before.items():
+        if rel != b"IMG_2.heic":
+            assert after[rel] == value, rel
+
+
+def test_undo_refuses_when_the_original_path_is_occupied(shoot):
+    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply").exit_code == 0
+    write(shoot.root / "IMG_1.JPG", b"a new photo with the old name")
+    result = invoke("undo", "--dry-run")
+    assert result.exit_code == 0 and "conflicts" in result.output and "occupied" in result.output
+    result = invoke("undo")
+    assert result.exit_code == 1
+    assert (shoot.root / "IMG_1.JPG").read_bytes() == b"a new photo with the old name"
+    assert (shoot.root / "_culled" / "IMG_1.JPG").read_bytes() == shoot.files["IMG_1.JPG"]
+    assert (shoot.root / "_culled" / "IMG_1.CR2").exists()  # nothing moved back: all or nothing
+
+
+def test_undo_keeps_a_copy_whose_original_is_gone(shoot):
+    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--copy", "--apply").exit_code == 0
+    (shoot.root / "IMG_1.JPG").unlink()  # the user deleted the original after copying
+    result = invoke("undo", "--partial")
+    assert result.exit_code == 0
+    assert (shoot.root / "_culled" / "IMG_1.JPG").read_bytes() == shoot.files["IMG_1.JPG"]
+
+
+def test_journal_with_half_a_last_line_is_undoable_and_a_damaged_middle_line_is_refused(shoot):
+    before = snapshot(shoot.root)
+    assert invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply").exit_code == 0
+    journal = _journal(shoot.root / "_culled")
+    data = journal.read_bytes()
+    lines = data.split(b"\n")
+    damaged = b"\n".join(lines[:3] + [b"{garbage"] + lines[3:])
+    journal.write_bytes(damaged)
+    with pytest.raises(JournalError, match="damaged"):
+        organize.plan_undo(journal)
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    journal.write_bytes(data[: last_start + (len(data) - last_start) // 2])
+    result = invoke("undo", journal)
+    assert result.exit_code == 0, result.output
+    assert "cut short" in result.output
+    assert snapshot(shoot.root) == before
+
+
+# --- preflight and cross-device -------------------------------------------------------------------
+
+
+def test_preflight_read_only_destination_moves_nothing(shoot, monkeypatch):
+    dest = shoot.tmp / "ro"
+    dest.mkdir()
+    dest.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere; make the check see what a user would
+        real = organize._writable
+        monkeypatch.setattr(organize, "_writable", lambda folder: False if Path(folder) == dest else real(folder))
+    before = snapshot(shoot.tmp, skip_loda=False)
+    result = invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--to", dest, "--apply")
+    dest.chmod(0o755)
+    assert result.exit_code == 1 and "no permission" in result.output and "nothing was changed" in result.output
+    assert snapshot(shoot.tmp, skip_loda=False) == before
+
+
+def test_preflight_not_enough_space_moves_nothing(shoot, monkeypatch):
+    monkeypatch.setattr(organize.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1, used=1, free=1000))
+    before = snapshot(shoot.tmp, skip_loda=False)
+    result = invoke("sort", "wedding", "--into", shoot.tmp / "sorted", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 1 and "not enough free space" in result.output
+    assert snapshot(shoot.tmp, skip_loda=False) == before
+
+
+def _other_device_dir(tmp_path: Path) -> Path | None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        return None
+    return shm
+
+
+def test_cross_device_cull_copies_verifies_then_removes_and_undo_brings_back(shoot):
+    shm = _other_device_dir(shoot.tmp)
+    if shm is None:
+        pytest.skip("no second filesystem to move across")
+    dest = Path(shm) / f"loda-test-{os.getpid()}-{shoot.tmp.name}"
+    try:
+        before = snapshot(shoot.root)
+        result = invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--to", dest, "--apply")
+        assert result.exit_code == 0, result.output
+        assert (dest / "IMG_1.CR2").read_bytes() == shoot.files["IMG_1.CR2"]
+        assert not (shoot.root / "IMG_1.CR2").exists()
+        records = [json.loads(line) for line in _journal(dest).read_text().splitlines()]
+        assert sum(r["type"] == "verified" for r in records) == 10  # every file checked before removal
+        assert not list(dest.rglob(".loda-tmp-*"))
+        assert invoke("undo", _journal(dest)).exit_code == 0
+        assert snapshot(shoot.root) == before
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+# --- odd names -------------------------------------------------------------------------------------
+
+
+def test_names_with_newlines_quotes_and_non_utf8_bytes_round_trip(shoot):
+    names = [b"new\nline.jpg", b'quote"s,comma.jpg', b"caf\xe9-latin1.jpg", b"-leading-dash.jpg", b"\xff\xfe.jpg"]
+    root = os.fsencode(shoot.root)
+    for i, name in enumerate(names):
+        with open(os.path.join(root, name), "wb") as fh:
+            fh.write(photo_bytes(100 + i))
+    before = snapshot(shoot.root)
+    rows = [(os.fsdecode(b"wedding/" + n), 0.01) for n in names]
+    for fmt in ("csv", "json"):
+        scores = write_scores(shoot.tmp / f"odd.{fmt}", rows, fmt=fmt)
+        result = invoke("cull", "wedding", "--below", "0.05", "--scores", scores, "--apply")
+        assert result.exit_code == 0, result.output
+        for name in names:
+            assert os.path.exists(os.path.join(root, b"_culled", name))
+        result = invoke("undo")
+        assert result.exit_code == 0, result.output
+        assert snapshot(shoot.root) == before
+
+
+# --- sort -------------------------------------------------------------------------------------------
+
+
+def test_sort_copies_into_star_folders_and_undo_removes_the_copies(shoot):
+    before = snapshot(shoot.tmp, skip_loda=False)
+    sorted_dir = shoot.tmp / "sorted"
+    dry = invoke("sort", "wedding", "--into", sorted_dir, "--scores", shoot.scores)
+    assert dry.exit_code == 0 and "Dry run" in dry.output and not sorted_dir.exists()
+    result = invoke("sort", "wedding", "--into", sorted_dir, "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0, result.output
+    expect = {"1-star/IMG_1.JPG", "1-star/IMG_1.CR2", "2-stars/IMG_2.heic", "2-stars/IMG_2.MOV", "5-stars/IMG_3.jpg",
+              "3-stars/IMG_4.jpg", "4-stars/IMG_40.jpg", "2-stars/ceremony/IMG_5.jpg", "2-stars/ceremony/IMG_5.nef",
+              "5-stars/ceremony/IMG_6.jpg"}
+    for rel in expect:
+        src = rel.split("/", 1)[1]
+        assert (sorted_dir / rel).read_bytes() == shoot.files[src], rel
+    assert originals(snapshot(shoot.root)) == originals(snapshot(shoot.root))
+    assert invoke("undo", _journal(sorted_dir)).exit_code == 0
+    after = snapshot(shoot.tmp, skip_loda=False)
+    leftovers = {k for k in after if k not in before}
+    assert all(k.startswith(b"sorted") and (b".loda-journal" in k or k == b"sorted") for k in leftovers), leftovers
+
+
+def test_sort_move_edges_and_quantiles(shoot):
+    before = snapshot(shoot.root)
+    sorted_dir = shoot.tmp / "s"
+    result = invoke("sort", "wedding", "--into", sorted_dir, "--move", "--edges", "0.5,0.6,0.7,0.8",
+                    "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0, result.output
+    assert (sorted_dir / "1-star" / "IMG_1.JPG").exists() and not (shoot.root / "IMG_1.JPG").exists()
+    assert (sorted_dir / "2-stars" / "IMG_4.jpg").exists()
+    assert (sorted_dir / "4-stars" / "IMG_40.jpg").exists()  # 0.7 is on the edge: the higher bin
+    assert (sorted_dir / "5-stars" / "IMG_3.jpg").exists()
+    assert invoke("undo", _journal(sorted_dir)).exit_code == 0
+    assert snapshot(shoot.root) == before
+
+    q = shoot.tmp / "q"
+    assert invoke("sort", "wedding", "--into", q, "--quantiles", "--scores", shoot.scores, "--apply").exit_code == 0
+    photos = {".jpg", ".heic"}
+    counts = {d.name: sum(f.suffix.lower() in photos for f in d.rglob("*")) for d in q.iterdir() if d.is_dir()}
+    assert sum(counts.values()) == 7 and max(counts.values()) <= 2
+    assert invoke("sort", "wedding", "--into", q, "--edges", "0.5,0.4,0.6,0.8", "--scores", shoot.scores).exit_code == 2
+    assert invoke("sort", "wedding", "--into", q, "--edges", "nope", "--scores", shoot.scores).exit_code == 2
+
+
+def test_sort_into_a_folder_inside_the_root_skips_what_is_already_sorted(shoot):
+    result = invoke("sort", "wedding", "--into", shoot.root / "stars", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0
+    again_rows = [("wedding/stars/5-stars/IMG_3.jpg", 0.9)]
+    scores = write_scores(shoot.tmp / "again.csv", again_rows)
+    again = invoke("sort", "wedding", "--into", shoot.root / "stars", "--scores", scores, "--apply")
+    assert "Nothing to do" in again.output
+
+
+# --- rate --------------------------------------------------------------------------------------------
+
+
+def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(shoot):
+    from loda_cli import xmp
+
+    human = xmp.new_sidecar(5).replace(b' loda:Rating="5"', b"").replace(b'\n    loda:Rating="5"', b"")
+    write(shoot.root / "IMG_4.xmp", human)
+    assert xmp.read_state(human).rating_set_by_person
+    before = snapshot(shoot.root)
+    dry = invoke("rate", "wedding", "--scores", shoot.scores)
+    assert dry.exit_code == 0 and "Dry run" in dry.output and snapshot(shoot.root) == before
+
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--label", "Red", "--apply")
+    assert result.exit_code == 0, result.output
+    state = lambda name: xmp.read_state((shoot.root / name).read_bytes())  # noqa: E731
+    assert state("IMG_3.jpg.xmp").rating == 5 and state("IMG_3.xmp").rating == 5
+    assert state("IMG_40.jpg.xmp").rating == 4
+    assert state("ceremony/IMG_5.nef.xmp").rating == 2 and state("ceremony/IMG_5.jpg.xmp").rating == 2
+    assert state("IMG_2.heic.xmp").rating == 2
+    assert state("IMG_4.xmp").rating == 5  # a person's rating is kept
+    assert state("IMG_4.jpg.xmp").rating == 3  # the other sidecar gets loda's
+    assert "set by a person" in result.output
+    # existing non-XMP sidecars (IMG_1.CR2.xmp is XMP, IMG_1.xmp is not) are never rewritten
+    assert state("IMG_1.CR2.xmp").rating == 1 and state("IMG_1.CR2.xmp").label == "Red"
+    assert (shoot.root / "IMG_1.xmp").read_bytes() == shoot.files["IMG_1.xmp"]
+    assert state("IMG_3.xmp").label is None
+
+    assert invoke("undo", _journal(shoot.root)).exit_code == 0
+    assert snapshot(shoot.root) == before
+
+    forced = invoke("rate", "wedding", "--scores", shoot.scores, "--force", "--sidecar", "lightroom", "--apply")
+    assert forced.exit_code == 0
+    assert state("IMG_4.xmp").rating == 3 and not (shoot.root / "IMG_4.jpg.xmp").exists()
+    assert invoke("undo").exit_code == 0
+    assert (shoot.root / "IMG_4.xmp").read_bytes() == human
+
+
+def test_rate_darktable_only_and_edges(shoot):
+    from loda_cli import xmp
+
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "darktable", "--edges",
+                    "0.05,0.1,0.15,0.2", "--apply")
+    assert result.exit_code == 0, result.output
+    assert xmp.read_state((shoot.root / "IMG_4.jpg.xmp").read_bytes()).rating == 5
+    assert not (shoot.root / "IMG_4.xmp").exists()
+    assert invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "capture-one").exit_code == 2
+
+
+def test_rate_twice_is_unchanged_and_updates_its_own_rating(shoot):
+    from loda_cli import xmp
+
+    assert invoke("rate", "wedding", "--scores", shoot.scores, "--apply").exit_code == 0
+    again = invoke("rate", "wedding", "--scores", shoot.scores, "--apply")
+    assert "Nothing to do" in again.output
+    moved = write_scores(shoot.tmp / "new.csv", [("wedding/IMG_3.jpg", 0.1)])
+    assert invoke("rate", "wedding", "--scores", moved, "--apply").exit_code == 0
+    assert xmp.read_state((shoot.root / "IMG_3.xmp").read_bytes()).rating == 1  # loda's own: updated
+
+
+# --- library details ---------------------------------------------------------------------------------
+
+
+def test_star_rating_and_quantile_edges():
+    edges = organize.DEFAULT_EDGES
+    assert [organize.star_rating(s, edges) for s in (0.0, 0.19, 0.2, 0.5, 0.79, 0.8, 1.0)] == [1, 1, 2, 3, 4, 5, 5]
+    q = organize.quantile_edges([i / 9 for i in range(10)])
+    assert all(a <= b for a, b in zip(q, q[1:])) and q[0] == pytest.approx(0.2)
+
+
+def test_display_path_escapes_control_characters_and_bad_bytes():
+    assert organize.display_path(os.fsdecode(b"a\nb\xff.jpg")) == "a\\nb\\xff.jpg"
+    result = organize.display_path("[bold]x[/bold].jpg")
+    assert result == "[bold]x[/bold].jpg"  # printed through Text, so markup is shown, not applied
+
+
+def test_markup_in_file_names_is_printed_literally(shoot):
+    name = "[red]not markup[/red].jpg"
+    write(shoot.root / name, photo_bytes(200))
+    scores = write_scores(shoot.tmp / "m.csv", [(f"wedding/{name}", 0.0)])
+    result = invoke("cull", "wedding", "--below", "0.5", "--scores", scores)
+    assert "[red]not" in result.output
+
+
+def test_undo_refuses_a_journal_owned_by_another_user(shoot):
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply").exit_code == 0
+    journal = _journal(shoot.root / "_culled")
+    os.chown(journal, 12345, 12345)
+    result = invoke("undo", journal)
+    assert result.exit_code == 1 and "another user" in result.output
+    assert (shoot.root / "_culled" / "IMG_1.JPG").exists()
