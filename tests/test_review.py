@@ -1,0 +1,160 @@
+"""The HTML review page: escaping, thumbnails, histogram, filter, and a real render in Chromium."""
+
+from __future__ import annotations
+
+import csv
+import html.parser
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from loda_cli.cli.main import app
+from loda_cli.errors import OutputError
+from loda_cli.review import build_review
+
+HOSTILE = "<img src=x onerror=alert(1)>.jpg"
+runner = CliRunner()
+
+
+@pytest.fixture
+def scored(tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    (photos / "ceremony").mkdir(parents=True)
+    (photos / "party").mkdir()
+    rows = []
+    specs = [("ceremony/IMG_1.jpg", 0.12), ("ceremony/IMG_2.jpg", 0.81), (f"party/{HOSTILE}", 0.33),
+             ("party/IMG_4.png", 0.55), ("party/rotated.jpg", 0.25), ("party/broken.jpg", 0.9)]
+    for i, (rel, score) in enumerate(specs):
+        path = photos / rel
+        if "broken" in rel:
+            path.write_bytes(b"not an image")
+        else:
+            image = Image.new("RGB", (300, 200), (40 * i, 200 - 30 * i, 90))
+            if "rotated" in rel:
+                exif = image.getexif()
+                exif[0x0112] = 6  # stored landscape, shown portrait
+                image.save(path, exif=exif)
+            else:
+                image.save(path)
+        rows.append({"rank": i + 1, "path": f"photos/{rel}", "score": score, "error": ""})
+    rows.append({"rank": 7, "path": "photos/party/failed.jpg", "score": "", "error": "decode failed"})
+    scores = tmp_path / "scores.csv"
+    with open(scores, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["rank", "path", "score", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, scores
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_page_escapes_names_and_holds_only_its_own_markup(scored):
+    tmp, scores = scored
+    report = build_review(scores, tmp / "review.html", below=0.4)
+    text = Path(report.page).read_text(encoding="utf-8")
+    assert HOSTILE not in text
+    assert html_escaped(HOSTILE) in text
+    parser = _Tags()
+    parser.feed(text)
+    imgs = [attrs for tag, attrs in parser.tags if tag == "img"]
+    assert len(imgs) == report.thumbs == 5
+    assert not any(k.startswith("on") for _, attrs in parser.tags for k in attrs)
+    assert all(a["src"].startswith("review_files/") for a in imgs)
+    assert [tag for tag, _ in parser.tags].count("script") == 1
+    assert "http://" not in text and "https://" not in text  # nothing from the network
+
+
+def html_escaped(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def test_thumbnails_sorted_by_score_with_histogram_threshold_and_folder_filter(scored):
+    tmp, scores = scored
+    report = build_review(scores, tmp / "out" / "review.html", below=0.4, thumb_size=128)
+    assert (report.photos, report.thumbs, report.failed, report.below) == (6, 5, 1, 3)
+    thumbs = sorted(Path(report.thumbs_dir).glob("*.jpg"))
+    assert len(thumbs) == 5 and Path(report.thumbs_dir) == tmp / "out" / "review_files"
+    sizes = {Image.open(t).size for t in thumbs}
+    assert (85, 128) in sizes  # the EXIF-rotated photo is upright (portrait)
+    assert all(max(s) <= 128 for s in sizes)
+    text = Path(report.page).read_text(encoding="utf-8")
+    scores_in_order = [float(s) for s in re.findall(r'data-score="([0-9.]+)"', text)]
+    assert scores_in_order == sorted(scores_in_order)
+    assert text.count('class="photo cull"') == 3
+    assert 'class="threshold"' in text and "below 0.4: 3" in text
+    assert '<option value="photos/ceremony">photos/ceremony (2)</option>' in text
+    assert "no preview" in text
+
+
+def test_rerun_reuses_thumbnails_and_never_overwrites_foreign_files(scored):
+    tmp, scores = scored
+    first = build_review(scores, tmp / "review.html")
+    stamp = {p: p.stat().st_mtime_ns for p in Path(first.thumbs_dir).glob("*.jpg")}
+    build_review(scores, tmp / "review.html")
+    assert {p: p.stat().st_mtime_ns for p in Path(first.thumbs_dir).glob("*.jpg")} == stamp
+
+    foreign = tmp / "notes.html"
+    foreign.write_text("my own notes")
+    with pytest.raises(OutputError, match="not written by loda"):
+        build_review(scores, foreign)
+    assert foreign.read_text() == "my own notes"
+    (tmp / "other_files").mkdir()
+    (tmp / "other_files" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="did not write"):
+        build_review(scores, tmp / "other.html")
+    assert not (tmp / "other.html").exists()
+
+
+def test_review_cli(scored):
+    tmp, scores = scored
+    result = runner.invoke(app, ["review", str(scores), "--out", "r.html", "--below", "0.3", "--thumb-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "6 photos" in result.output and "2 below 0.3" in result.output
+    assert (tmp / "r.html").exists() and len(list((tmp / "r_files").glob("*.jpg"))) == 5
+    bad = runner.invoke(app, ["review", str(scores), "--below", "2"])
+    assert bad.exit_code == 2
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_page_renders_in_headless_chromium_and_every_thumbnail_loads(scored):
+    tmp, scores = scored
+    report = build_review(scores, tmp / "review.html", below=0.4)
+    url = Path(report.page).as_uri()
+    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp / 'profile'}"]
+    dom = subprocess.run(base + ["--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=90).stdout
+    # the page's own script counts images with naturalWidth > 0 after load
+    assert f'data-loaded-images="{report.thumbs}"' in dom, dom[:400]
+    assert html_escaped(HOSTILE) in dom  # the hostile name stayed text
+    shot = tmp / "shot.png"
+    subprocess.run(base + [f"--screenshot={shot}", "--window-size=1200,900", url], capture_output=True, timeout=90)
+    with Image.open(shot) as image:
+        assert image.size == (1200, 900)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 50  # not a blank page
+    assert os.path.getsize(shot) > 5000
