@@ -108,3 +108,47 @@ TINY_CONFIG_KW: dict[str, Any] = {
     "vit_kwargs": {"depth": 2},
     "cnn": "resnet18",
 }
+
+
+@dataclass
+class TrainConfig:
+    """One training run. The defaults are the paper's (Table 1 protocol); ``None`` fields take the
+    dataset's own value (crops per image, interpolation)."""
+
+    dataset: str = "kadid10k"
+    data: str | None = None
+    split: int = 0
+    n_splits: int = 10
+    seed: int = 3407
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    crops_per_image: int | None = None
+    train_fraction: float = 1.0
+    test_crops: int = 15
+    model: LoDaConfig = field(default_factory=LoDaConfig)
+    pretrained: bool = True
+    method: str = "loda"
+    out: str | None = None
+    resume: bool = False
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    grad_accum: int = 1
+    max_steps: int | None = None  # stop early (smoke tests); the schedule still spans all epochs
+    eval_every: int = 1
+    calibration_images: int = 2000
+    # Options of the generic csv dataset.
+    path_column: str | None = None
+    mos_column: str | None = None
+    lower_better: bool | None = None
+    # Metadata for models that are not paper models (the built-in one).
+    name: str | None = None
+    description: str = ""
+    num_crops: int = 15  # the scorer's crops per image stored in the checkpoint's preprocessing
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d

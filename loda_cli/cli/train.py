@@ -1,9 +1,175 @@
-"""`loda` commands of this group. (Filled in by the issue that builds them.)"""
+"""`loda train DATASET`: train LoDa with the paper's protocol (one or several GPUs, or the CPU)."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from loda_cli.cli.common import err_console, handle_errors
+
+# The built-in model: LoDa's architecture with small backbones, trained from scratch (no
+# pretrained weights exist offline) on the synthetic distortion set. See README, "Built-in model".
+BUILTIN_PRESET = {
+    "model": {
+        "vit": "vit_tiny_patch16_224",
+        "vit_kwargs": {"depth": 4, "embed_dim": 128, "num_heads": 4},
+        "cnn": "resnet10t",
+        "cnn_kwargs": {},
+        "trainable": "full",
+        "update_cnn_bn_stats": True,
+    },
+    "pretrained": False,
+    "epochs": 6,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "weight_decay": 5e-2,
+    "crops_per_image": 2,
+    "num_crops": 5,
+    "test_crops": 5,
+    "name": "loda-builtin",
+    "description": "trained on synthetic distortions; not a paper model",
+}
+PRESETS = {"builtin": BUILTIN_PRESET}
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    app.command("train")(train_cmd)
+
+
+@handle_errors
+def train_cmd(
+    dataset: Annotated[str, typer.Argument(help="koniq10k, kadid10k, spaq, live, livec, tid2013, flive, csv or synthetic (short names work: kadid, koniq, tid...).")],
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: $LODA_DATA/<name>, ~/datasets/<name>). For csv: the CSV file or its folder.")] = None,
+    split: Annotated[int, typer.Option(help="Which of the 10 seeded 80/20 splits to train on.")] = 0,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (paper: 10).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per optimiser step, over all GPUs (paper: 128).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (paper: 3e-4), cosine-annealed to 0.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (paper: 1e-2).")] = None,
+    crops_per_image: Annotated[Optional[int], typer.Option(help="Random crops per image per epoch (paper: per dataset, 1-10).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the splits, crops and initialisation (paper: 3407).")] = 3407,
+    train_fraction: Annotated[float, typer.Option(help="Keep this fraction of the training split (paper Table 5).")] = 1.0,
+    vit: Annotated[Optional[str], typer.Option(help="timm ViT name (default: the paper's ViT-B/16 IN-21k).")] = None,
+    cnn: Annotated[Optional[str], typer.Option(help="timm CNN name (default: resnet50).")] = None,
+    vit_depth: Annotated[Optional[int], typer.Option(help="Override the ViT depth (small experiments).")] = None,
+    method: Annotated[str, typer.Option(help="loda (the paper), or a comparison method: linear, full, adapter, lora, vpt, vit, add.")] = "loda",
+    preset: Annotated[Optional[str], typer.Option(help="A named configuration: builtin (the shipped synthetic-data model).")] = None,
+    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights (offline experiments).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Checkpoint path (default: $LODA_HOME/checkpoints/loda-<dataset>-split<K>.safetensors).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a killed run from its last saved epoch.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 where native), fp32, bf16 or fp16.")] = "auto",
+    grad_accum: Annotated[int, typer.Option(help="Split each batch into this many micro-batches (each standardised on its own by the PLCC loss).")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimiser steps (smoke tests).")] = None,
+    path_column: Annotated[Optional[str], typer.Option(help="csv dataset: the image path column.")] = None,
+    mos_column: Annotated[Optional[str], typer.Option(help="csv dataset: the label column.")] = None,
+    lower_better: Annotated[Optional[bool], typer.Option("--lower-better/--higher-better", help="csv dataset: label direction.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Train LoDa on a dataset split with the paper's protocol, then save a checkpoint `loda score` uses.
+
+    Example: loda train kadid --data ~/datasets/kadid10k
+    """
+    from loda_cli.config import LoDaConfig, TrainConfig
+    from loda_cli.errors import UsageError
+    from loda_cli.train import train
+
+    cfg = TrainConfig(dataset=dataset, split=split, seed=seed, method=method, grad_accum=grad_accum,
+                      train_fraction=train_fraction, device=device, precision=precision,
+                      path_column=path_column, mos_column=mos_column, lower_better=lower_better)
+    if preset:
+        if preset not in PRESETS:
+            raise UsageError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        values = dict(PRESETS[preset])
+        cfg.model = LoDaConfig(**values.pop("model"))
+        for key, value in values.items():
+            setattr(cfg, key, value)
+    model_kw = cfg.model.to_dict()
+    if vit:
+        model_kw["vit"] = vit
+    if cnn:
+        model_kw["cnn"] = cnn
+    if vit_depth:
+        model_kw["vit_kwargs"] = {**model_kw["vit_kwargs"], "depth": vit_depth}
+    if method == "full":
+        model_kw["trainable"] = "full"
+    cfg.model = LoDaConfig.from_dict(model_kw)
+    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
+                       ("weight_decay", weight_decay), ("crops_per_image", crops_per_image),
+                       ("workers", workers), ("max_steps", max_steps)):
+        if value is not None:
+            setattr(cfg, key, value)
+    if no_pretrained:
+        cfg.pretrained = False
+    cfg.data = str(data) if data else None
+    cfg.out = str(out) if out else None
+    cfg.resume = resume
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    reporter = _Reporter(quiet or not main_rank)
+    try:
+        path = train(cfg, reporter)
+    finally:
+        reporter.close()
+    if main_rank:
+        err_console.print(f"checkpoint: {path}")
+
+
+class _Reporter:
+    """Draws training events: a progress bar per epoch, a metrics table line per epoch."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def __call__(self, event) -> None:
+        if self.quiet:
+            return
+        d = event.data
+        if event.kind == "notice":
+            err_console.print(d["message"])
+        elif event.kind == "start":
+            err_console.print(
+                f"training on {d['dataset']}: {d['train_images']} train / {d['test_images']} test images, "
+                f"{d['crops_per_image']} crops each, {d['steps_per_epoch']} steps/epoch, "
+                f"{d['trainable_params']:,} trainable parameters, {d['device']} {d['precision']}"
+                + (f", {d['world']} processes" if d["world"] > 1 else "")
+                + (f", resuming at epoch {d['start_epoch'] + 1}" if d["start_epoch"] else ""),
+                markup=False,
+            )
+        elif event.kind == "step":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            if self.progress is None:
+                self.progress = Progress(
+                    TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[ips]:.1f} img/s"),
+                    TimeRemainingColumn(), console=err_console, transient=True,
+                )
+                self.progress.start()
+            if self.task is None:
+                self.task = self.progress.add_task("train", total=d["steps_per_epoch"], epoch=d["epoch"] + 1,
+                                                   loss=d["loss"], lr=d["lr"], ips=d["images_per_s"])
+            self.progress.update(self.task, completed=d["epoch_step"], epoch=d["epoch"] + 1, loss=d["loss"],
+                                 lr=d["lr"], ips=d["images_per_s"])
+        elif event.kind == "epoch":
+            if self.progress is not None and self.task is not None:
+                self.progress.remove_task(self.task)
+                self.task = None
+            m = d["metrics"]
+            parts = [f"{k.upper()} {m[k]:.4f}" for k in ("srcc", "plcc", "krcc", "rmse") if isinstance(m.get(k), float)]
+            err_console.print(
+                f"epoch {d['epoch']}: {', '.join(parts) or 'no metrics'} "
+                f"({d['epoch_seconds']:.0f} s, {d['train_images_per_s']:.1f} crops/s)",
+                markup=False,
+            )
+        elif event.kind == "done":
+            err_console.print(f"calibration: {json.dumps(d['calibration'])}", markup=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

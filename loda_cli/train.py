@@ -1,0 +1,366 @@
+"""Training with the paper's protocol: ``train(cfg) -> checkpoint path``.
+
+Reads top to bottom: the loss and the schedule (small pure functions), setup (data, model,
+optimizer, resume), the loop (train an epoch, evaluate, log, save a resumable state), and the end
+(calibration on the training predictions, the safetensors checkpoint with all metadata).
+
+Works alone or under ``torchrun`` (DDP, one process per GPU; gloo on the CPU). Rank 0 alone logs
+and writes files; evaluation gathers every rank's predictions and orders them by image index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from loda_cli.config import Preprocess, TrainConfig
+from loda_cli.errors import UsageError
+
+# ---------------------------------------------------------------------------------------------
+# Loss and schedule
+
+
+def plcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The PLCC-induced loss: on batch-standardised values, ``l0 = mean((p - y)^2) / 4`` (which
+    equals (1 - PLCC) / 2) and ``l1 = mean((rho * p - y)^2) / 4``; the loss is their mean."""
+    pred, target = pred.float().flatten(), target.float().flatten()
+    p = (pred - pred.mean()) / (pred.std(unbiased=False) + eps)
+    y = (target - target.mean()) / (target.std(unbiased=False) + eps)
+    l0 = F.mse_loss(p, y) / 4
+    rho = (p * y).mean()
+    l1 = F.mse_loss(rho * p, y) / 4
+    return (l0 + l1) / 2
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
+    """Cosine annealing from ``base_lr`` to 0 over ``total_steps`` (stepped every batch)."""
+    if total_steps <= 0:
+        return base_lr
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def default_out(cfg: TrainConfig, dataset: str) -> Path:
+    from loda_cli.weights import checkpoints_dir
+
+    name = cfg.name or f"loda-{dataset}-split{cfg.split}"
+    return checkpoints_dir() / f"{name}.safetensors"
+
+
+def state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state.pt")
+
+
+def log_path(out: Path) -> Path:
+    return out.with_name(out.name + ".log.jsonl")
+
+
+def build_model(cfg: TrainConfig):
+    """The network a method trains. "loda" is the paper's model; the baselines live elsewhere."""
+    from loda_cli.model import LoDa
+
+    if cfg.method != "loda":
+        from loda_cli.baselines import build_baseline
+
+        return build_baseline(cfg)
+    return LoDa(cfg.model, pretrained=cfg.pretrained)
+
+
+def _resolve_spec(cfg: TrainConfig):
+    from loda_cli import datasets
+
+    if datasets.resolve_dataset(cfg.dataset).name == "csv":
+        return datasets.csv_spec(
+            path_column=cfg.path_column, mos_column=cfg.mos_column, lower_better=cfg.lower_better
+        )
+    return datasets.resolve_dataset(cfg.dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TrainEvent:
+    """What the loop reports to its caller (the CLI draws progress from these)."""
+
+    kind: str  # "start", "step", "epoch", "done"
+    data: dict[str, Any]
+
+
+def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None) -> Path:
+    """Train one split of one dataset; returns the checkpoint path (rank 0's file)."""
+    from loda_cli import datasets
+    from loda_cli.data import ImageSource, TestCrops, TrainCrops, predict
+    from loda_cli.metrics import evaluate
+    from loda_cli.scoring import autocast_context, resolve_device, resolve_precision
+    from loda_cli.weights import Calibration, build_metadata, save_checkpoint
+
+    emit = on_event or (lambda event: None)
+    dist = Distributed.from_env()
+
+    # -- data ------------------------------------------------------------------------------------
+    spec = _resolve_spec(cfg)
+    root = datasets.dataset_root(spec, Path(cfg.data) if cfg.data else None)
+    labels = datasets.read_labels(spec, root)
+    splits = datasets.make_splits(labels, spec, seed=cfg.seed, n_splits=cfg.n_splits, train_fraction=cfg.train_fraction)
+    if not 0 <= cfg.split < len(splits):
+        raise UsageError(f"--split {cfg.split} is out of range 0..{len(splits) - 1}")
+    split = splits[cfg.split]
+    train_items = [labels.items[i] for i in split.train]
+    test_items = [labels.items[i] for i in split.test]
+    crops_per_image = cfg.crops_per_image or spec.crops_per_image
+    source = ImageSource(spec, root, datasets.default_cache_dir(root) if datasets.default_cache_dir(root).is_dir() else None)
+    train_set = TrainCrops(train_items, [it.mos for it in train_items], source, crops_per_image, seed=cfg.seed)
+    test_set = TestCrops(test_items, source, n=cfg.test_crops, seed=cfg.seed)
+
+    # -- model and optimiser ---------------------------------------------------------------------
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda") and dist.world > 1:
+        device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(device)
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "fp16":
+        precision = "bf16" if device == "cpu" else precision
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank_batch = cfg.batch_size // dist.world
+    if per_rank_batch < 2 or per_rank_batch % cfg.grad_accum:
+        raise UsageError("--batch-size must give each process at least 2 images and divide by --grad-accum")
+    micro = per_rank_batch // cfg.grad_accum
+    steps_per_epoch = len(train_set) // cfg.batch_size  # the last partial batch is dropped
+    if steps_per_epoch < 1:
+        raise UsageError(
+            f"the training split has {len(train_set)} crops, fewer than one batch of {cfg.batch_size}; "
+            "lower --batch-size"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    ddp_model = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+
+    out = Path(cfg.out) if cfg.out else default_out(cfg, spec.name)
+    start_epoch, step, history = 0, 0, []
+    if cfg.resume and state_path(out).is_file():
+        state = torch.load(state_path(out), map_location="cpu", weights_only=True)
+        if state["config"] != json.dumps(_resume_identity(cfg), sort_keys=True):
+            raise UsageError(f"{state_path(out)} was written by a different configuration; cannot resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history = state["epoch"], state["step"], json.loads(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+    elif cfg.resume and dist.main:
+        emit(TrainEvent("notice", {"message": f"no state to resume at {state_path(out)}; starting fresh"}))
+
+    workers = _default_workers() if cfg.workers is None else cfg.workers
+    emit(TrainEvent("start", {
+        "dataset": spec.name, "root": str(root), "train_images": len(train_items), "test_images": len(test_items),
+        "crops_per_image": crops_per_image, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        "trainable_params": sum(p.numel() for p in params), "device": device, "precision": precision,
+        "out": str(out), "start_epoch": start_epoch, "world": dist.world,
+    }))
+
+    # -- loop ------------------------------------------------------------------------------------
+    from torch.utils.data import DataLoader
+
+    preprocess = Preprocess(interpolation=spec.interpolation, num_crops=cfg.num_crops)
+    metrics: dict[str, Any] = history[-1]["metrics"] if history else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        train_set.set_epoch(epoch)
+        order = _epoch_order(len(train_set), cfg.seed, epoch, steps_per_epoch * cfg.batch_size)
+        mine = [order[s * cfg.batch_size + dist.rank * per_rank_batch + j]
+                for s in range(steps_per_epoch) for j in range(per_rank_batch)]
+        loader = DataLoader(
+            torch.utils.data.Subset(train_set, mine), batch_size=micro, shuffle=False,
+            num_workers=workers, pin_memory=device.startswith("cuda"), drop_last=False,
+            persistent_workers=False,
+        )
+        model.train()
+        t_epoch, seen, loss_sum = time.perf_counter(), 0, 0.0
+        optimizer.zero_grad(set_to_none=True)
+        for i, (crops, target) in enumerate(loader):
+            x = _normalize(crops.to(device, non_blocking=True), preprocess)
+            target = target.to(device)
+            with autocast_context(device, precision):
+                pred = ddp_model(x)
+            loss = plcc_loss(pred, target) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            seen += len(crops)
+            if (i + 1) % cfg.grad_accum:
+                continue
+            lr = cosine_lr(step, total_steps, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if dist.main:
+                elapsed = time.perf_counter() - t_epoch
+                emit(TrainEvent("step", {"epoch": epoch, "step": step, "loss": loss_sum, "lr": lr,
+                                         "images_per_s": seen * dist.world / max(elapsed, 1e-9),
+                                         "epoch_step": (i + 1) // cfg.grad_accum, "steps_per_epoch": steps_per_epoch}))
+            loss_sum = 0.0
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        epoch_time = time.perf_counter() - t_epoch
+        last_epoch = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
+        if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
+            metrics = _evaluate(model, test_set, preprocess, device, precision, workers, dist, evaluate, predict)
+        record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(epoch_time, 2),
+                  "train_images_per_s": round(seen * dist.world / max(epoch_time, 1e-9), 2), "metrics": metrics}
+        history.append(record)
+        if dist.main:
+            _append_jsonl(log_path(out), record)
+            _save_state(out, model, optimizer, epoch + 1, step, history, cfg)
+            emit(TrainEvent("epoch", record))
+        if last_epoch:
+            break
+
+    # -- calibration and checkpoint ----------------------------------------------------------------
+    calib_idx = list(range(len(train_items)))
+    if len(calib_idx) > cfg.calibration_images:
+        calib_idx = sorted(random.Random(cfg.seed).sample(calib_idx, cfg.calibration_images))
+    calib_set = TestCrops(train_items, source, n=cfg.num_crops, grid=True)
+    mine = calib_idx[dist.rank :: dist.world]
+    raw_parts = dist.gather(predict(model, calib_set, preprocess, device, precision, workers=workers, indices=mine))
+    raw = {k: v for part in raw_parts for k, v in part.items()}
+    order_idx = sorted(raw)
+    lo, hi = labels.scale if labels.scale else (min(labels.mos), max(labels.mos))
+    calibration = Calibration.fit([raw[i] for i in order_idx], [train_items[i].mos for i in order_idx],
+                                  float(lo), float(hi), bool(labels.lower_better))
+    if dist.main:
+        model.eval()
+        meta = build_metadata(
+            model, name=out.stem, kind="adapters", calibration=calibration, preprocess=preprocess,
+            dataset={"name": spec.name, "split": cfg.split, "n_splits": cfg.n_splits, "seed": cfg.seed,
+                     "train_fraction": cfg.train_fraction, "scale": [lo, hi],
+                     "lower_better": bool(labels.lower_better), "train_images": len(train_items),
+                     "test_images": len(test_items)},
+            metrics=metrics, description=cfg.description,
+            extra={"train": cfg.to_dict() | {"steps": step}, "method": cfg.method,
+                   "synthetic_only": spec.name == "synthetic"},
+        )
+        save_checkpoint(model, out, meta)
+        emit(TrainEvent("done", {"out": str(out), "metrics": metrics, "calibration": calibration.to_dict()}))
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def _default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _normalize(crops: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    from loda_cli.transforms import normalize
+
+    return normalize(crops, preprocess)
+
+
+def _epoch_order(n: int, seed: int, epoch: int, keep: int) -> list[int]:
+    """The epoch's shuffled crop order; the same for every rank, so ranks split it."""
+    g = torch.Generator().manual_seed(seed * 1009 + epoch)
+    return torch.randperm(n, generator=g)[:keep].tolist()
+
+
+def _evaluate(model, test_set, preprocess, device, precision, workers, dist, evaluate, predict) -> dict[str, Any]:
+    indices = list(range(len(test_set)))[dist.rank :: dist.world]
+    parts = dist.gather(predict(model, test_set, preprocess, device, precision, workers=workers, indices=indices))
+    raw = {k: v for part in parts for k, v in part.items()}
+    order = sorted(raw)
+    preds = [raw[i] for i in order]
+    mos = [test_set.items[i].mos for i in order]
+    if len(preds) < 3:
+        return {"n": len(preds)}
+    result = evaluate(preds, mos)
+    return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in result.items()}
+
+
+def _resume_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that wrote the state."""
+    d = cfg.to_dict()
+    for key in ("resume", "workers", "out", "max_steps", "device"):
+        d.pop(key, None)
+    return d
+
+
+def _save_state(out: Path, model, optimizer, epoch: int, step: int, history: list, cfg: TrainConfig) -> None:
+    """Everything a resume needs, loadable with ``weights_only=True`` (tensors, numbers, strings)."""
+    state = {
+        "model": {k: v for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "history": json.dumps(history),
+        "config": json.dumps(_resume_identity(cfg), sort_keys=True),
+        "torch_rng": torch.get_rng_state(),
+    }
+    path = state_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
