@@ -24,7 +24,8 @@ How the pieces fit:
    running undo (again). It removes a copy or duplicate only while an identical original exists.
 
 Test hook: the environment variable ``LODA_TEST_ACTION_DELAY`` (seconds, a float) makes
-``apply_plan`` sleep before each action, so tests can kill a run halfway. It has no other effect.
+``apply_plan`` and ``apply_undo`` sleep before each action, so tests can kill a run halfway. It has
+no other effect.
 """
 
 from __future__ import annotations
@@ -1492,6 +1493,9 @@ def apply_undo(plan: UndoPlan, *, partial: bool = False) -> UndoReport:
             if fresh.action == "none":
                 report.unchanged += 1
                 continue
+            delay = _action_delay()
+            if delay:
+                time.sleep(delay)
             _undo_one(fresh)
             if fresh.action in ("restore", "restore-sidecar"):
                 report.restored += 1

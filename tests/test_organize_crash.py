@@ -1,0 +1,240 @@
+"""SIGKILL in the middle of `cull --apply`, `sort --apply --move` and `undo`: undo still restores
+every file byte-identical, even when the journal's last line is cut in half.
+
+The runs are slowed with the test hook ``LODA_TEST_ACTION_DELAY`` (organize.py) so the kill lands
+halfway; the kill comes once the journal shows about half the actions done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loda_cli.cli.main import app
+from tests.test_organize import photo_bytes, snapshot, write, write_scores
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _tree(tmp: Path, count: int = 200) -> tuple[Path, Path]:
+    root = tmp / "photos"
+    rows = []
+    for i in range(count):
+        folder = root / f"day{i % 4}"
+        name = f"IMG_{i:04d}"
+        write(folder / f"{name}.jpg", photo_bytes(i))
+        if i % 5 == 0:
+            write(folder / f"{name}.CR2", b"raw" * (50 + i))
+            write(folder / f"{name}.CR2.xmp", b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/>")
+        if i % 7 == 0:
+            write(folder / f"{name}.MOV", b"mov" * i)
+        rows.append((f"photos/day{i % 4}/{name}.jpg", (i % 100) / 100))
+    write(root / "_culled" / "day0" / "IMG_0000.jpg", b"an older cull keeps its name")
+    return root, write_scores(tmp / "scores.csv", rows)
+
+
+def _done_count(journal_dir: Path) -> int:
+    journals = list(journal_dir.glob(".loda-journal-*.jsonl")) if journal_dir.exists() else []
+    if not journals:
+        return 0
+    return journals[0].read_bytes().count(b'"type":"done"')
+
+
+def _run_and_kill(args: list[str], cwd: Path, journal_dir: Path, kill_after: int) -> None:
+    env = dict(os.environ, LODA_TEST_ACTION_DELAY="0.01", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "loda_cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        while _done_count(journal_dir) < kill_after:
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the run made no progress")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _cut_last_line(journal: Path) -> None:
+    data = journal.read_bytes().rstrip(b"\n")
+    start = data.rfind(b"\n") + 1
+    journal.write_bytes(data[: start + (len(data) - start) // 2])
+
+
+def _journal(folder: Path) -> Path:
+    return sorted(folder.glob(".loda-journal-*.jsonl"))[-1]
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole-journal", "last-line-cut"])
+def test_killed_cull_is_undone_completely(tmp_path, monkeypatch, cut):
+    root, scores = _tree(tmp_path)
+    before = snapshot(root)
+    older = (root / "_culled" / "day0" / "IMG_0000.jpg").read_bytes()
+    _run_and_kill(["cull", "photos", "--below", "0.6", "--scores", str(scores), "--apply"], tmp_path, root / "_culled", 50)
+    journal = _journal(root / "_culled")
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert not any(r["type"] == "end" for r in records)  # really killed halfway
+    done = sum(r["type"] == "done" for r in records)
+    intents = sum(r["type"] == "intent" for r in records)
+    assert 0 < done < intents
+    if cut:
+        _cut_last_line(journal)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["undo"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert snapshot(root) == before
+    assert (root / "_culled" / "day0" / "IMG_0000.jpg").read_bytes() == older
+    assert not list(root.rglob(".loda-tmp-*"))
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole-journal", "last-line-cut"])
+def test_killed_sort_move_is_undone_completely(tmp_path, monkeypatch, cut):
+    root, scores = _tree(tmp_path, count=120)
+    before = snapshot(root)
+    into = tmp_path / "sorted"
+    _run_and_kill(["sort", "photos", "--into", str(into), "--move", "--scores", str(scores), "--apply"], tmp_path, into, 40)
+    if cut:
+        _cut_last_line(_journal(into))
+    result = runner.invoke(app, ["undo", str(_journal(into))], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert snapshot(root) == before
+    leftovers = [p for p in into.rglob("*") if p.is_file() and not p.name.startswith(".loda-journal-")]
+    assert leftovers == []
+
+
+def test_killed_undo_is_finished_by_running_undo_again(tmp_path, monkeypatch):
+    root, scores = _tree(tmp_path, count=80)
+    before = snapshot(root)
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["cull", "photos", "--below", "0.9", "--scores", str(scores), "--apply"]).exit_code == 0
+    journal = _journal(root / "_culled")
+    undo_log = Path(str(journal)[: -len(".jsonl")] + ".undo.jsonl")
+
+    env = dict(os.environ, LODA_TEST_ACTION_DELAY="0.01", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "loda_cli", "undo", str(journal)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (undo_log.exists() and undo_log.read_bytes().count(b'"type":"undone"') >= 30):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert snapshot(root) != before  # really halfway
+    result = runner.invoke(app, ["undo"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert snapshot(root) == before
+
+
+def test_killed_cross_device_cull_is_undone_completely(tmp_path, monkeypatch):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem to move across")
+    dest = shm / f"loda-crash-{os.getpid()}-{tmp_path.name}"
+    try:
+        root, scores = _tree(tmp_path, count=80)
+        before = snapshot(root)
+        _run_and_kill(["cull", "photos", "--below", "0.7", "--scores", str(scores), "--to", str(dest), "--apply"],
+                      tmp_path, dest, 25)
+        _cut_last_line(_journal(dest))
+        result = runner.invoke(app, ["undo", str(_journal(dest))], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert snapshot(root) == before
+        assert not [p for p in dest.rglob("*") if p.is_file() and not p.name.startswith(".loda-journal-")]
+    finally:
+        import shutil
+
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+# --- kills at exact points inside one action, simulated in-process ---------------------------------
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no handler catches it."""
+
+
+def _plan(root: Path, scores: Path, to: Path | None = None):
+    from loda_cli import organize
+
+    roots = organize.resolve_roots([root])
+    dests = organize.cull_dests(roots, to)
+    source = organize.load_scores(roots, scores)
+    groups, _ = organize.collect_groups(roots, source, exclude=organize.cull_excludes(roots, dests))
+    return organize.plan_cull(roots, organize.select_worst(groups, below=0.5), to=to)
+
+
+@pytest.mark.parametrize("point", ["after-link", "after-verified-copy", "partial-tmp", "sidecar-tmp"])
+def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatch, point):
+    import base64
+
+    from loda_cli import organize
+
+    root, scores = _tree(tmp_path, count=30)
+    before = snapshot(root)
+    monkeypatch.chdir(tmp_path)
+    real_link, real_unlink, real_fsync = os.link, os.unlink, os.fsync
+    calls = {"unlink": 0, "fsync": 0}
+
+    def no_cross_link(src, dst, *a, **k):
+        if ".loda-tmp-" not in os.fsdecode(src):
+            raise OSError(18, "Invalid cross-device link")  # EXDEV: take the copy path
+        return real_link(src, dst, *a, **k)
+
+    def dying_unlink(path, *a, **k):  # dies right before the 4th source removal
+        if ".loda-tmp-" not in os.fsdecode(path):
+            calls["unlink"] += 1
+            if calls["unlink"] == 4:
+                raise _Killed
+        return real_unlink(path, *a, **k)
+
+    def dying_fsync(fd):  # dies in the middle of the run's writes
+        calls["fsync"] += 1
+        if calls["fsync"] == 12:
+            raise _Killed
+        return real_fsync(fd)
+
+    plan = _plan(root, scores)
+    if point == "sidecar-tmp":
+        plan = organize.plan_rate(organize.resolve_roots([root]), plan.groups)
+    if point in ("after-verified-copy", "partial-tmp"):
+        monkeypatch.setattr(organize.os, "link", no_cross_link)
+    if point in ("after-link", "after-verified-copy"):
+        monkeypatch.setattr(organize.os, "unlink", dying_unlink)
+    else:
+        monkeypatch.setattr(organize.os, "fsync", dying_fsync)
+    with pytest.raises(_Killed):
+        organize.apply_plan(plan)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+
+    base = root if point == "sidecar-tmp" else root / "_culled"
+    journal = _journal(base)
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    if point == "after-link":  # one file has both names
+        assert any(p.stat().st_nlink == 2 for p in root.rglob("*") if p.is_file() and "_culled" not in p.parts)
+    if point == "after-verified-copy":  # a verified copy exists and its source does too
+        assert any(r["type"] == "verified" for r in records)
+    if point in ("partial-tmp", "sidecar-tmp"):
+        # A real SIGKILL would not have run the clean-up handler: leave a partial temp file behind.
+        intent = [r for r in records if r["type"] == "intent"][-1]
+        ref = intent["path"] if point == "sidecar-tmp" else intent["dst"]
+        target = base / os.fsdecode(base64.b64decode(ref[2]))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (target.parent / os.fsdecode(base64.b64decode(intent["tmp"]))).write_bytes(b"half a cop")
+    result = runner.invoke(app, ["undo", str(journal)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert snapshot(root) == before
+    assert not list(root.rglob(".loda-tmp-*"))
