@@ -200,9 +200,14 @@ def load_scores(
     scores_file: Optional[str | os.PathLike[str]] = None,
     *,
     model: Optional[str] = None,
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Optional[Callable[[Any], None]] = None,
+    exclude: Sequence[str] = (),
 ) -> ScoreSource:
-    """Scores from ``scores_file``, else from the scoring library (through its cache)."""
+    """Scores from ``scores_file``, else from the scoring library (through its cache).
+
+    ``progress`` is called with each scored row. Folders in ``exclude`` (absolute) are not scored:
+    the scorer is asked to skip them, and ``collect_groups`` leaves them out whatever it returns.
+    """
     if scores_file is not None:
         from loda_cli.scoresfile import read_scores
 
@@ -216,9 +221,12 @@ def load_scores(
         if exc.name != "loda_cli.scoring":
             raise
         raise LodaError("no scores: pass --scores FILE (written by `loda score`)") from None
+    globs = sorted({_glob_escape(os.path.relpath(folder, root)) for folder in exclude for root in roots
+                    if _is_under(folder, root) and folder != root})
     rows = []
     skipped = 0
-    for row in score_paths([Path(r) for r in roots], model=model, recursive=True, progress=progress):
+    found = score_paths([Path(r) for r in roots], model=model, recursive=True, exclude=tuple(globs), progress=progress)
+    for row in found:
         if row.error or row.score is None:
             skipped += 1
             continue
@@ -227,6 +235,11 @@ def load_scores(
             path = os.path.join(row.root, path)
         rows.append((path, float(row.score)))
     return ScoreSource(rows, [os.getcwd()], "the model" + (f" {model}" if model else ""), skipped)
+
+
+def _glob_escape(path: str) -> str:
+    """A relative path as an fnmatch pattern matching only itself."""
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in path)
 
 
 # --- groups of companion files -------------------------------------------------------------------

@@ -254,16 +254,19 @@ def test_without_scores_file_photos_are_scored_through_the_library(shoot, monkey
 
     def score_paths(paths, *, model=None, recursive=True, include=(), exclude=(), progress=None):
         calls["model"] = model
-        calls["paths"] = paths
+        calls["exclude"] = exclude
         for path in sorted(Path(paths[0]).rglob("*.jpg")):
             rel = str(path.relative_to(paths[0]))
-            yield types.SimpleNamespace(path=str(path), root=str(paths[0]), score=0.1 if "IMG_3" in rel else 0.9,
+            row = types.SimpleNamespace(path=str(path), root=str(paths[0]), score=0.1 if "IMG_3" in rel else 0.9,
                                         mos=None, raw=None, width=16, height=12, format="JPEG", error=None)
+            if progress:
+                progress(row)
+            yield row
 
     monkeypatch.setitem(sys.modules, "loda_cli.scoring", types.SimpleNamespace(score_paths=score_paths))
     result = invoke("cull", "wedding", "--below", "0.5", "--model", "tiny", "--apply")
     assert result.exit_code == 0, result.output
-    assert calls["model"] == "tiny"
+    assert calls["model"] == "tiny" and calls["exclude"] == ("_culled",)
     assert (shoot.root / "_culled" / "IMG_3.jpg").exists() and (shoot.root / "IMG_4.jpg").exists()
 
 
@@ -635,3 +638,20 @@ def test_undo_refuses_a_journal_owned_by_another_user(shoot):
     result = invoke("undo", journal)
     assert result.exit_code == 1 and "another user" in result.output
     assert (shoot.root / "_culled" / "IMG_1.JPG").exists()
+
+
+def test_cull_scores_real_photos_with_a_checkpoint_end_to_end(tmp_path, monkeypatch, tiny_checkpoint):
+    """No scores file: the real scoring library and cache score the photos first."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(3):
+        Image.effect_noise((64, 48), 20 + 40 * i).convert("RGB").save(root / f"IMG_{i}.jpg")
+    write(root / "IMG_0.CR2", b"raw")
+    before = snapshot(root)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("cull", "photos", "--worst", "1", "--model", tiny_checkpoint, "--apply")
+    assert result.exit_code == 0, result.output
+    culled = [p.name for p in (root / "_culled").iterdir() if not p.name.startswith(".")]
+    assert len([n for n in culled if n.endswith(".jpg")]) == 1
+    assert invoke("undo").exit_code == 0
+    assert snapshot(root) == before

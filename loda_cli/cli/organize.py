@@ -67,23 +67,18 @@ def _show(path: str) -> Text:
     return Text(display_path(path))
 
 
-def _load(roots: list[str], scores: Optional[Path], model: Optional[str]) -> "ScoreSource":
+def _load(roots: list[str], scores: Optional[Path], model: Optional[str], exclude: list[str]) -> "ScoreSource":
     from loda_cli.organize import load_scores
 
     if scores is not None:
         return load_scores(roots, scores)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    with Progress(
-        TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True,
-    ) as bar:
+    with Progress(SpinnerColumn(), TextColumn("scoring: {task.completed} photos"), console=err_console,
+                  transient=True) as bar:
         task = bar.add_task("scoring", total=None)
-
-        def progress(done: int = 0, total: Optional[int] = None, *_: object, **__: object) -> None:
-            bar.update(task, completed=done, total=total)
-
-        return load_scores(roots, None, model=model, progress=progress)
+        return load_scores(roots, None, model=model, exclude=exclude,
+                           progress=lambda row: bar.advance(task))
 
 
 def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
@@ -201,8 +196,9 @@ def register(app: typer.Typer) -> None:
         organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)  # validate early
         roots = organize.resolve_roots(paths or [])
         dests = organize.cull_dests(roots, to)
-        source = _load(roots, scores, model)
-        groups, skips = organize.collect_groups(roots, source, exclude=organize.cull_excludes(roots, dests))
+        excludes = organize.cull_excludes(roots, dests)
+        source = _load(roots, scores, model, excludes)
+        groups, skips = organize.collect_groups(roots, source, exclude=excludes)
         selected = organize.select_worst(groups, below=below, worst=worst, worst_percent=worst_percent)
         plan = organize.plan_cull(roots, selected, mode="copy" if copy else "link" if link else "move", to=to)
         plan.skipped[:0] = skips
@@ -228,8 +224,9 @@ def register(app: typer.Typer) -> None:
         roots = organize.resolve_roots(paths or [])
         organize.cull_dests(roots, into)  # validate the destination before scoring
         dest = os.path.realpath(into)
-        source = _load(roots, scores, model)
-        groups, skips = organize.collect_groups(roots, source, exclude=organize.cull_excludes(roots, [dest]))
+        excludes = organize.cull_excludes(roots, [dest])
+        source = _load(roots, scores, model, excludes)
+        groups, skips = organize.collect_groups(roots, source, exclude=excludes)
         if quantiles:
             bin_edges = organize.quantile_edges([g.score for g in groups])
         plan = organize.plan_sort(roots, groups, into=into, mode="move" if move else "copy", edges=bin_edges)
@@ -259,8 +256,9 @@ def register(app: typer.Typer) -> None:
 
             raise UsageError(f"--sidecar is one of {', '.join(organize.SIDECAR_STYLES)}, not {sidecar!r}")
         roots = organize.resolve_roots(paths or [])
-        source = _load(roots, scores, model)
-        groups, skips = organize.collect_groups(roots, source, exclude=organize.cull_excludes(roots, []))
+        excludes = organize.cull_excludes(roots, [])
+        source = _load(roots, scores, model, excludes)
+        groups, skips = organize.collect_groups(roots, source, exclude=excludes)
         if quantiles:
             bin_edges = organize.quantile_edges([g.score for g in groups])
         plan = organize.plan_rate(roots, groups, edges=bin_edges, style=sidecar, label=label, force=force)
