@@ -126,20 +126,34 @@ def plan_rating(existing: Optional[bytes], rating: int, label: Optional[str] = N
     if existing is None:
         return RatingUpdate(new_sidecar(rating, label), "create")
     state = read_state(existing)
-    if not force:
-        if state.rating_set_by_person and state.rating != rating:
+    write_rating, write_label = True, bool(label)
+    # A person's value that already equals ours is left as theirs: marking it as loda's would let
+    # a later run change it without --force.
+    if state.rating_set_by_person:
+        if state.rating == rating:
+            write_rating = False
+        elif not force:
             return RatingUpdate(None, "kept", f"rating {state.rating} set by a person (use --force)")
-        if label and state.label_set_by_person and state.label != label:
+    if label and state.label_set_by_person:
+        if state.label == label:
+            write_label = False
+        elif not force:
             return RatingUpdate(None, "kept", f"label {state.label!r} set by a person (use --force)")
-    label_done = not label or (state.label == label and state.loda_label == label)
-    if state.rating == rating and state.loda_rating == rating and label_done:
+    if write_rating and state.rating == rating and state.loda_rating == rating:
+        write_rating = False
+    if write_label and state.label == label and state.loda_label == label:
+        write_label = False
+    if not write_rating and not write_label:
         return RatingUpdate(None, "unchanged")
-    return RatingUpdate(update_sidecar(existing, rating, label), "update")
+    new = update_sidecar(existing, rating if write_rating else None, label if write_label else None)
+    return RatingUpdate(new, "update")
 
 
-def update_sidecar(data: bytes, rating: int, label: Optional[str] = None) -> bytes:
-    """``data`` with its rating (and label) set and marked as loda's; everything else kept."""
-    _check_rating(rating)
+def update_sidecar(data: bytes, rating: Optional[int], label: Optional[str] = None) -> bytes:
+    """``data`` with its rating (and label) set and marked as loda's; everything else kept.
+    A ``rating`` of None leaves the rating alone."""
+    if rating is not None:
+        _check_rating(rating)
     root, prefixes = _parse(data)
     descriptions = _descriptions(root)
     if not descriptions:
@@ -151,7 +165,8 @@ def update_sidecar(data: bytes, rating: int, label: Optional[str] = None) -> byt
         desc = ET.SubElement(rdf, _DESCRIPTION, {_ABOUT: ""})
         desc.tail = "\n"
         descriptions = [desc]
-    _set_value(descriptions, _RATING, _LODA_RATING, str(rating))
+    if rating is not None:
+        _set_value(descriptions, _RATING, _LODA_RATING, str(rating))
     if label:
         _set_value(descriptions, _LABEL, _LODA_LABEL, label)
 
@@ -161,7 +176,7 @@ def update_sidecar(data: bytes, rating: int, label: Optional[str] = None) -> byt
     out = (_PACKET_BEGIN + "\n" + text + _PADDING + f'<?xpacket end="{mode}"?>').encode("utf-8")
     # Never hand back something we could not read ourselves.
     written = read_state(out)
-    if written.rating != rating or (label and written.label != label):
+    if (rating is not None and written.rating != rating) or (label and written.label != label):
         raise XmpError("internal error: the rewritten sidecar does not hold the rating")
     return out
 

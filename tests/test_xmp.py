@@ -151,3 +151,13 @@ def test_labels_with_markup_characters_are_escaped():
     data = xmp.new_sidecar(1, 'Red "&" <b>')
     _packet_ok(data)
     assert xmp.read_state(data).label == 'Red "&" <b>'
+
+
+def test_a_persons_rating_equal_to_lodas_is_not_claimed():
+    human = xmp.update_sidecar(ELEMENT_FORM, 4).replace(b' loda:Rating="4"', b"")
+    assert xmp.read_state(human).rating_set_by_person
+    assert xmp.plan_rating(human, 4).action == "unchanged"
+    with_label = xmp.plan_rating(human.replace(b"<xap:Label>Green</xap:Label>", b""), 4, "Red")
+    state = xmp.read_state(with_label.new_bytes)
+    assert (state.rating, state.loda_rating, state.label, state.loda_label) == (4, None, "Red", "Red")
+    assert xmp.plan_rating(with_label.new_bytes, 2).action == "kept"  # still the person's
