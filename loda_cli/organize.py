@@ -77,11 +77,17 @@ _CHUNK = 1 << 20
 def display_path(path: str | os.PathLike[str]) -> str:
     """A path as text that is safe to print: undecodable bytes and control characters escaped."""
     text = os.fsencode(path).decode("utf-8", errors="backslashreplace")
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
 
 
 def _enc(path: str) -> str:
     return base64.b64encode(os.fsencode(path)).decode("ascii")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def _dec_bytes(text: Any) -> bytes:
@@ -221,11 +227,23 @@ def load_scores(
         if exc.name != "loda_cli.scoring":
             raise
         raise LodaError("no scores: pass --scores FILE (written by `loda score`)") from None
-    globs = sorted({_glob_escape(os.path.relpath(folder, root)) for folder in exclude for root in roots
-                    if _is_under(folder, root) and folder != root})
+    globs = sorted(
+        {
+            _glob_escape(os.path.relpath(folder, root))
+            for folder in exclude
+            for root in roots
+            if _is_under(folder, root) and folder != root
+        }
+    )
     rows = []
     skipped = 0
-    found = score_paths([Path(r) for r in roots], model=model, recursive=True, exclude=tuple(globs), progress=progress)
+    found = score_paths(
+        [Path(r) for r in roots],
+        model=model,
+        recursive=True,
+        exclude=tuple(globs),
+        progress=progress,
+    )
     for row in found:
         if row.error or row.score is None:
             skipped += 1
@@ -293,7 +311,9 @@ def _is_companion(name: str, decision: str) -> bool:
         return True
     # darktable style: IMG_1.CR2.xmp, IMG_1.JPG.xmp
     inner = rest[: -len(".xmp")]
-    return rest.endswith(".xmp") and inner.count(".") == 1 and (inner in IMAGE_COMPANION_EXTENSIONS or inner == ext.lower())
+    if not rest.endswith(".xmp") or inner.count(".") != 1:
+        return False
+    return inner in IMAGE_COMPANION_EXTENSIONS or inner == ext.lower()
 
 
 def _list_folder(folder: str) -> dict[str, str]:
@@ -346,7 +366,8 @@ def collect_groups(
             try:
                 listings[folder] = _list_folder(folder)
             except OSError as exc:
-                skips.extend(Skip(os.path.join(folder, n), f"folder unreadable: {exc.strerror}") for n in names)
+                reason = f"folder unreadable: {exc.strerror}"
+                skips.extend(Skip(os.path.join(folder, n), reason) for n in names)
                 continue
         listing = listings[folder]
         claimed: set[str] = set()
@@ -357,7 +378,8 @@ def collect_groups(
             members = [name, *companions]
             claimed.update(members)
             if any(listing.get(m) == "link" for m in members):
-                skips.append(Skip(os.path.join(folder, name), "a companion file is a symlink (group left alone)"))
+                reason = "a companion file is a symlink (group left alone)"
+                skips.append(Skip(os.path.join(folder, name), reason))
                 continue
             members = [m for m in members if listing.get(m) == "file"]
             if name not in members:
@@ -463,7 +485,8 @@ class Plan:
     skipped: list[Skip] = field(default_factory=list)
     unchanged: list[Skip] = field(default_factory=list)
     edges: Optional[tuple[float, ...]] = None
-    layout: str = "dest"  # "culled": each root's own _culled; "dest": one chosen folder; "in-place": rate
+    # "culled": each root's own _culled; "dest": one chosen folder; "in-place": rate
+    layout: str = "dest"
 
     @property
     def total_bytes(self) -> int:
@@ -495,7 +518,9 @@ def _checked_dest(dest: str | os.PathLike[str], roots: Sequence[str]) -> str:
 def _default_culled(root: str) -> str:
     folder = culled_folder(root)
     if os.path.islink(folder):
-        raise UnsafePathError(f"{display_path(folder)} is a symlink; loda will not move photos through it")
+        raise UnsafePathError(
+            f"{display_path(folder)} is a symlink; loda will not move photos through it"
+        )
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise UsageError(f"{display_path(folder)} exists and is not a folder")
     return folder
@@ -538,7 +563,9 @@ def _member_size(path: str) -> int:
     return os.lstat(path).st_size
 
 
-def _transfer_actions(plan: Plan, groups: Sequence[Group], dest_folder: Callable[[Group], str], kind: str) -> None:
+def _transfer_actions(
+    plan: Plan, groups: Sequence[Group], dest_folder: Callable[[Group], str], kind: str
+) -> None:
     placer = _Placer()
     for group in groups:
         try:
@@ -550,9 +577,9 @@ def _transfer_actions(plan: Plan, groups: Sequence[Group], dest_folder: Callable
         index = len(plan.groups)
         plan.groups.append(group)
         for member, target, size in zip(group.members, targets, sizes):
-            plan.actions.append(
-                Action(kind, os.path.join(group.folder, member), target, size, index, group.score, member == group.decision)
-            )
+            source = os.path.join(group.folder, member)
+            is_decision = member == group.decision
+            plan.actions.append(Action(kind, source, target, size, index, group.score, is_decision))
 
 
 def cull_excludes(roots: Sequence[str], dests: Sequence[str]) -> list[str]:
@@ -579,7 +606,8 @@ def plan_cull(
             base = os.path.join(base, subfolders[group.root])
         return os.path.join(base, group.rel_folder) if group.rel_folder else base
 
-    plan = Plan("cull", mode, list(roots), dests, dests[0], layout="dest" if to is not None else "culled")
+    layout = "dest" if to is not None else "culled"
+    plan = Plan("cull", mode, list(roots), dests, dests[0], layout=layout)
     _transfer_actions(plan, selected, dest_folder, mode)
     return plan
 
@@ -623,7 +651,12 @@ def sidecar_names(group: Group, style: str) -> list[str]:
         raise UsageError(f"--sidecar is one of {', '.join(SIDECAR_STYLES)}, not {style!r}")
     names: list[str] = []
     if style in ("darktable", "both"):
-        images = [m for m in group.members if m == group.decision or os.path.splitext(m)[1].lower() in IMAGE_COMPANION_EXTENSIONS]
+        images = [
+            m
+            for m in group.members
+            if m == group.decision
+            or os.path.splitext(m)[1].lower() in IMAGE_COMPANION_EXTENSIONS
+        ]
         names += [f"{m}.xmp" for m in images]
     if style in ("lightroom", "both"):
         names.append(f"{group.stem}.xmp")
@@ -685,8 +718,9 @@ def plan_rate(
                 plan.unchanged.append(Skip(path, update.reason or update.action))
                 continue
             wrote = True
+            new = update.new_bytes
             plan.actions.append(
-                Action("write", path, path, len(update.new_bytes), index, group.score, True, stars, old, update.new_bytes)
+                Action("write", path, path, len(new), index, group.score, True, stars, old, new)
             )
         if wrote:
             plan.groups.append(group)
@@ -728,26 +762,44 @@ def preflight(plan: Plan) -> None:
             checked.add(target_dir)
             ancestor = _existing_ancestor(target_dir)
             if not os.path.isdir(ancestor):
-                raise OutputError(f"cannot create {display_path(target_dir)}: {display_path(ancestor)} is not a folder")
+                raise OutputError(
+                    f"cannot create {display_path(target_dir)}: "
+                    f"{display_path(ancestor)} is not a folder"
+                )
             if not _writable(ancestor):
-                raise OutputError(f"no permission to write in {display_path(ancestor)} (or it is read-only); nothing was changed")
-            if not any(_is_under(os.path.realpath(ancestor), d) or _is_under(d, os.path.realpath(ancestor)) for d in plan.dests) and plan.command != "rate":
-                raise UnsafePathError(f"{display_path(target_dir)} leads outside the destination through a symlink")
+                raise OutputError(
+                    f"no permission to write in {display_path(ancestor)} (or it is read-only); "
+                    "nothing was changed"
+                )
+            real = os.path.realpath(ancestor)
+            inside = any(_is_under(real, d) or _is_under(d, real) for d in plan.dests)
+            if plan.command != "rate" and not inside:
+                raise UnsafePathError(
+                    f"{display_path(target_dir)} leads outside the destination through a symlink"
+                )
         if action.kind == "move":
             source_dir = os.path.dirname(action.src)
             if source_dir not in checked:
                 checked.add(source_dir)
                 if not _writable(source_dir):
-                    raise OutputError(f"no permission to move files out of {display_path(source_dir)}; nothing was changed")
+                    raise OutputError(
+                        f"no permission to move files out of {display_path(source_dir)}; "
+                        "nothing was changed"
+                    )
         ancestor = _existing_ancestor(target_dir)
         device = os.stat(ancestor).st_dev
-        copies = action.kind in ("copy", "write") or (action.kind == "move" and os.stat(os.path.dirname(action.src)).st_dev != device)
+        copies = action.kind in ("copy", "write") or (
+            action.kind == "move" and os.stat(os.path.dirname(action.src)).st_dev != device
+        )
         if copies:
             where, total = needed_by_device.get(device, (ancestor, 0))
             needed_by_device[device] = (where, total + action.size)
     journal_anchor = _existing_ancestor(plan.journal_dir)
     if not _writable(journal_anchor):
-        raise OutputError(f"no permission to write the journal in {display_path(journal_anchor)}; nothing was changed")
+        raise OutputError(
+            f"no permission to write the journal in {display_path(journal_anchor)}; "
+            "nothing was changed"
+        )
     journal_device = os.stat(journal_anchor).st_dev
     where, total = needed_by_device.get(journal_device, (journal_anchor, 0))
     needed_by_device[journal_device] = (where, total + 1024 * len(plan.actions))
@@ -755,8 +807,8 @@ def preflight(plan: Plan) -> None:
         free = shutil.disk_usage(where).free
         if needed + _SPACE_MARGIN > free:
             raise OutputError(
-                f"not enough free space at {display_path(where)}: {needed + _SPACE_MARGIN} bytes needed, "
-                f"{free} free; nothing was changed"
+                f"not enough free space at {display_path(where)}: "
+                f"{needed + _SPACE_MARGIN} bytes needed, {free} free; nothing was changed"
             )
 
 
@@ -774,12 +826,15 @@ class _JournalWriter:
             name = f"{JOURNAL_PREFIX}{stamp}{'' if n == 0 else f'-{n}'}{JOURNAL_SUFFIX}"
             path = os.path.join(folder, name)
             try:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW
+                self.fd = os.open(path, flags, 0o644)
                 break
             except FileExistsError:
                 n += 1
             except OSError as exc:
-                raise OutputError(f"cannot create the journal in {display_path(folder)}: {exc.strerror}") from None
+                raise OutputError(
+                    f"cannot create the journal in {display_path(folder)}: {exc.strerror}"
+                ) from None
         self.path = path
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         self.write(header)
@@ -804,7 +859,9 @@ class _JournalWriter:
         try:
             os.fsync(self.fd)
         except OSError as exc:
-            raise OutputError(f"cannot sync the journal {display_path(self.path)}: {exc.strerror}") from None
+            raise OutputError(
+                f"cannot sync the journal {display_path(self.path)}: {exc.strerror}"
+            ) from None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -812,7 +869,9 @@ class _JournalWriter:
 
 # --- file operations that never overwrite --------------------------------------------------------
 
-_NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EACCES}
+_NO_HARDLINKS = {
+    errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EACCES
+}
 
 
 def _place(tmp: str, dst: str) -> None:
@@ -861,7 +920,9 @@ def _copy_verified(src: str, dst: str, size: int, sha256: str, tmp: str) -> None
         raise _Skipped("the file changed after it was journalled")
     if os.path.getsize(tmp) != size or _sha256_file(tmp) != sha256:
         os.unlink(tmp)
-        raise OutputError(f"the copy of {display_path(src)} does not read back identical; the source is untouched")
+        raise OutputError(
+            f"the copy of {display_path(src)} does not read back identical; the source is untouched"
+        )
     try:
         shutil.copystat(src, tmp)
     except OSError:
@@ -878,7 +939,9 @@ def _same_file_state(path: str, size: int, mtime_ns: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns == mtime_ns
 
 
-def _move(src: str, dst: str, size: int, sha256: str, tmp: str, verified: Callable[[], None]) -> None:
+def _move(
+    src: str, dst: str, size: int, sha256: str, tmp: str, verified: Callable[[], None]
+) -> None:
     try:
         os.link(src, dst)
     except FileExistsError:
@@ -916,9 +979,12 @@ def _read_regular(path: str) -> Optional[bytes]:
         return fh.read()
 
 
-def _write_file(path: str, data: bytes, tmp: str, *, replace: bool, mode: Optional[int] = None) -> None:
-    """Write ``data`` to ``tmp``, fsync, then name it ``path`` (replacing it only if ``replace``)."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644 if mode is None else mode)
+def _write_file(
+    path: str, data: bytes, tmp: str, *, replace: bool, mode: Optional[int] = None
+) -> None:
+    """Write ``data`` to ``tmp``, fsync, then name it ``path`` (replacing only if ``replace``)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, 0o644 if mode is None else mode)
     try:
         view = memoryview(data)
         while view:
@@ -963,7 +1029,7 @@ def _action_delay() -> float:
 
 
 def apply_plan(plan: Plan, *, progress: Optional[Callable[[int, int], None]] = None) -> ApplyReport:
-    """Carry out ``plan``: preflight, journal every intent (fsynced), then act, one file at a time."""
+    """Carry out ``plan``: preflight, journal every intent (fsynced), then act one by one."""
     if not plan.actions:
         return ApplyReport(journal=None)
     preflight(plan)
@@ -997,9 +1063,10 @@ def apply_plan(plan: Plan, *, progress: Optional[Callable[[int, int], None]] = N
                 report.skipped.append(Skip(action.src, str(why)))
                 writer.write({"type": "skipped", "id": action_id, "reason": str(why)})
             except OSError as exc:
-                writer.write({"type": "failed", "id": action_id, "error": exc.strerror or str(exc)}, sync=True)
+                error = exc.strerror or str(exc)
+                writer.write({"type": "failed", "id": action_id, "error": error}, sync=True)
                 raise OutputError(
-                    f"{display_path(action.src)}: {exc.strerror or exc}; stopped. What was done so far is in "
+                    f"{display_path(action.src)}: {error}; stopped. What was done so far is in "
                     f"{display_path(writer.path)}, and `loda undo` reverses it"
                 ) from None
             else:
@@ -1008,19 +1075,29 @@ def apply_plan(plan: Plan, *, progress: Optional[Callable[[int, int], None]] = N
                 writer.write({"type": "done", "id": action_id})
             if progress:
                 progress(number, len(prepared))
-        writer.write({"type": "end", "time": _now(), "done": report.done, "skipped": len(report.skipped)}, sync=True)
+        end = {"type": "end", "time": _now(), "done": report.done, "skipped": len(report.skipped)}
+        writer.write(end, sync=True)
     finally:
         writer.close()
     return report
 
 
-def _write_intents(plan: Plan, writer: _JournalWriter, report: ApplyReport) -> list[tuple[int, Action, tuple[int, int, str], str]]:
+_Prepared = tuple[int, Action, tuple[int, int, str], str]  # id, action, (size, mtime, sha), tmp
+
+
+def _write_intents(plan: Plan, writer: _JournalWriter, report: ApplyReport) -> list[_Prepared]:
     """Journal every action (and every folder to create) before touching anything; fsync."""
     dest_bases = plan.dests if plan.command != "rate" else plan.roots
     prepared = []
     for action_id, action in enumerate(plan.actions):
         tmp_name = f"{TMP_PREFIX}{writer.stamp}-{action_id}"
-        record: dict[str, Any] = {"type": "intent", "id": action_id, "kind": action.kind, "group": action.group, "score": action.score}
+        record: dict[str, Any] = {
+            "type": "intent",
+            "id": action_id,
+            "kind": action.kind,
+            "group": action.group,
+            "score": action.score,
+        }
         try:
             if action.kind == "write":
                 current = _read_regular(action.src)
@@ -1028,7 +1105,7 @@ def _write_intents(plan: Plan, writer: _JournalWriter, report: ApplyReport) -> l
                     raise _Skipped("the sidecar changed since it was planned")
                 record.update(
                     path=_ref(action.src, plan.roots, "r"),
-                    old=None if action.old_bytes is None else base64.b64encode(action.old_bytes).decode("ascii"),
+                    old=None if action.old_bytes is None else _b64(action.old_bytes),
                     new_sha256=hashlib.sha256(action.new_bytes or b"").hexdigest(),
                     tmp=_enc(tmp_name),
                     text=display_path(action.src),
@@ -1058,7 +1135,8 @@ def _write_intents(plan: Plan, writer: _JournalWriter, report: ApplyReport) -> l
             report.skipped.append(Skip(action.src, "no longer exists"))
             continue
         writer.write(record)
-        prepared.append((action_id, action, fingerprint, os.path.join(os.path.dirname(action.dst), tmp_name)))
+        tmp = os.path.join(os.path.dirname(action.dst), tmp_name)
+        prepared.append((action_id, action, fingerprint, tmp))
 
     to_create: list[str] = []
     for _, action, _, _ in prepared:
@@ -1081,23 +1159,35 @@ def _write_intents(plan: Plan, writer: _JournalWriter, report: ApplyReport) -> l
     for _, action, _, _ in prepared:
         folder = os.path.dirname(action.dst)
         if os.path.realpath(folder) != folder:
-            raise UnsafePathError(f"{display_path(folder)} is now a symlink; stopped before moving anything")
+            raise UnsafePathError(
+                f"{display_path(folder)} is now a symlink; stopped before moving anything"
+            )
     return prepared
 
 
-def _perform(action: Action, fingerprint: tuple[int, int, str], tmp: str, writer: _JournalWriter, action_id: int) -> None:
+def _perform(
+    action: Action,
+    fingerprint: tuple[int, int, str],
+    tmp: str,
+    writer: _JournalWriter,
+    action_id: int,
+) -> None:
     if action.kind == "write":
         current = _read_regular(action.src)
         if current != action.old_bytes:
             raise _Skipped("the sidecar changed since it was planned")
         mode = stat.S_IMODE(os.lstat(action.src).st_mode) if current is not None else None
-        _write_file(action.src, action.new_bytes or b"", tmp, replace=current is not None, mode=mode)
+        new = action.new_bytes or b""
+        _write_file(action.src, new, tmp, replace=current is not None, mode=mode)
         return
     size, mtime_ns, digest = fingerprint
     if not _same_file_state(action.src, size, mtime_ns):
         raise _Skipped("the file changed after it was journalled")
     if action.kind == "move":
-        _move(action.src, action.dst, size, digest, tmp, lambda: writer.write({"type": "verified", "id": action_id}, sync=True))
+        def verified() -> None:
+            writer.write({"type": "verified", "id": action_id}, sync=True)
+
+        _move(action.src, action.dst, size, digest, tmp, verified)
     elif action.kind == "copy":
         _copy_verified(action.src, action.dst, size, digest, tmp)
     elif action.kind == "link":
@@ -1173,7 +1263,8 @@ def _parse_lines(data: bytes, what: str) -> tuple[list[dict[str, Any]], bool]:
 
 def _resolve_ref(ref: Any, roots: Sequence[str], dests: Sequence[str]) -> tuple[str, str]:
     """(base, absolute path) for a journal path reference; UnsafePathError if it could escape."""
-    if not (isinstance(ref, list) and len(ref) == 3 and ref[0] in ("r", "d") and isinstance(ref[1], int)):
+    well_formed = isinstance(ref, list) and len(ref) == 3 and ref[0] in ("r", "d")
+    if not (well_formed and isinstance(ref[1], int)):
         raise JournalError("journal record holds a malformed path")
     bases = roots if ref[0] == "r" else dests
     if not 0 <= ref[1] < len(bases):
@@ -1181,7 +1272,10 @@ def _resolve_ref(ref: Any, roots: Sequence[str], dests: Sequence[str]) -> tuple[
     rel = _dec_bytes(ref[2])
     parts = rel.split(b"/")
     if rel.startswith(b"/") or b"\x00" in rel or any(p in (b"", b".", b"..") for p in parts):
-        raise UnsafePathError(f"journal entry {display_path(rel)} points outside the journal's folders; refusing to undo")
+        raise UnsafePathError(
+            f"journal entry {display_path(rel)} points outside the journal's folders; "
+            "refusing to undo"
+        )
     base = bases[ref[1]]
     return base, os.path.join(base, os.fsdecode(rel))
 
@@ -1196,7 +1290,9 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
         # Undo moves files where a journal says; one written by another user could aim them
         # anywhere that user cannot write but we can.
         if st.st_uid != os.geteuid():
-            raise UnsafePathError(f"{display_path(path)} belongs to another user; undo only trusts your own journals")
+            raise UnsafePathError(
+                f"{display_path(path)} belongs to another user; undo only trusts your own journals"
+            )
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
@@ -1208,23 +1304,34 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
         raise JournalError(f"{display_path(path)} is not a loda journal")
     header = records[0]
     if header.get("version") != JOURNAL_VERSION:
-        raise JournalError(f"{display_path(path)} has journal version {header.get('version')!r}; this loda reads {JOURNAL_VERSION}")
+        raise JournalError(
+            f"{display_path(path)} has journal version {header.get('version')!r}; "
+            f"this loda reads {JOURNAL_VERSION}"
+        )
     try:
         roots = [os.fsdecode(_dec_bytes(r)) for r in header["roots"]]
         dests = [os.fsdecode(_dec_bytes(d)) for d in header["dests"]]
     except (KeyError, TypeError):
         raise JournalError(f"{display_path(path)} has a damaged header") from None
     if not roots or not all(os.path.isabs(p) and os.path.normpath(p) == p for p in roots + dests):
-        raise UnsafePathError(f"{display_path(path)} names folders that are not absolute, normalised paths")
+        raise UnsafePathError(
+            f"{display_path(path)} names folders that are not absolute, normalised paths"
+        )
     real_journal = os.path.realpath(path)
     if not any(_is_under(real_journal, os.path.realpath(folder)) for folder in roots + dests):
-        raise UnsafePathError(f"{display_path(path)} lies outside the folders it names; refusing to undo")
+        raise UnsafePathError(
+            f"{display_path(path)} lies outside the folders it names; refusing to undo"
+        )
     layout = header.get("layout")
     if layout == "culled" and dests != [os.path.join(r, CULLED_DIRNAME) for r in roots]:
-        raise UnsafePathError(f"{display_path(path)}: its folders do not match a cull into _culled; refusing to undo")
+        raise UnsafePathError(
+            f"{display_path(path)}: its folders do not match a cull into _culled; refusing to undo"
+        )
     if header.get("command") == "rate":
         if dests:
-            raise UnsafePathError(f"{display_path(path)}: a rate journal names destinations; refusing to undo")
+            raise UnsafePathError(
+                f"{display_path(path)}: a rate journal names destinations; refusing to undo"
+            )
         dests = list(roots)
 
     entries: dict[int, JournalEntry] = {}
@@ -1255,7 +1362,9 @@ def _entry_from(record: dict[str, Any], roots: Sequence[str], dests: Sequence[st
     entry_id = int(record["id"])
     tmp = os.fsdecode(_dec_bytes(record["tmp"])) if record.get("tmp") else None
     if tmp is not None and (os.sep in tmp or not tmp.startswith(TMP_PREFIX)):
-        raise UnsafePathError("journal names a temporary file outside loda's naming; refusing to undo")
+        raise UnsafePathError(
+            "journal names a temporary file outside loda's naming; refusing to undo"
+        )
     if kind == "write":
         base, path = _resolve_ref(record["path"], roots, dests)
         old = record.get("old")
@@ -1275,7 +1384,9 @@ def _entry_from(record: dict[str, Any], roots: Sequence[str], dests: Sequence[st
 
 
 def _undo_log_path(journal: str) -> str:
-    return journal[: -len(JOURNAL_SUFFIX)] + UNDO_SUFFIX if journal.endswith(JOURNAL_SUFFIX) else journal + ".undo"
+    if journal.endswith(JOURNAL_SUFFIX):
+        return journal[: -len(JOURNAL_SUFFIX)] + UNDO_SUFFIX
+    return journal + ".undo"
 
 
 def _undo_complete(journal: str) -> bool:
@@ -1332,7 +1443,11 @@ def find_journals(start: str | os.PathLike[str] | None = None, depth: int = 3) -
 
 
 def _is_journal_name(name: str) -> bool:
-    return name.startswith(JOURNAL_PREFIX) and name.endswith(JOURNAL_SUFFIX) and not name.endswith(UNDO_SUFFIX)
+    return (
+        name.startswith(JOURNAL_PREFIX)
+        and name.endswith(JOURNAL_SUFFIX)
+        and not name.endswith(UNDO_SUFFIX)
+    )
 
 
 def latest_journal(start: str | os.PathLike[str] | None = None) -> str:
@@ -1357,7 +1472,9 @@ def latest_journal(start: str | os.PathLike[str] | None = None) -> str:
 @dataclass
 class UndoStep:
     entry: JournalEntry
-    action: str  # restore, remove-duplicate, remove-copy, remove-link, restore-sidecar, remove-sidecar, none, conflict
+    # restore, remove-duplicate, remove-copy, remove-link, restore-sidecar, remove-sidecar,
+    # none (nothing to do) or conflict (left alone)
+    action: str
     message: str
 
 
@@ -1398,9 +1515,12 @@ def _state(path: str, size: int, sha256: str) -> str:
 
 def _check_no_symlinks(entry: JournalEntry) -> None:
     for base, path in entry.bases:
-        expected = os.path.join(os.path.realpath(base), os.path.relpath(os.path.dirname(path), base))
-        if os.path.realpath(os.path.dirname(path)) != os.path.normpath(expected):
-            raise UnsafePathError(f"a folder on the way to {display_path(path)} is now a symlink; refusing to undo")
+        rel_folder = os.path.relpath(os.path.dirname(path), base)
+        expected = os.path.normpath(os.path.join(os.path.realpath(base), rel_folder))
+        if os.path.realpath(os.path.dirname(path)) != expected:
+            raise UnsafePathError(
+                f"a folder on the way to {display_path(path)} is now a symlink; refusing to undo"
+            )
 
 
 def _decide(entry: JournalEntry) -> UndoStep:
@@ -1423,7 +1543,8 @@ def _decide(entry: JournalEntry) -> UndoStep:
         if d == "match":
             if s == "match":
                 return UndoStep(entry, "remove-copy", f"remove the copy {dst}")
-            return UndoStep(entry, "conflict", f"the original {src} is missing or changed; keeping the copy {dst}")
+            why = f"the original {src} is missing or changed; keeping the copy {dst}"
+            return UndoStep(entry, "conflict", why)
         if entry.done:
             return UndoStep(entry, "conflict", f"the copy {dst} was changed after it was made")
         return UndoStep(entry, "none", f"{dst} is not loda's copy")
@@ -1432,18 +1553,22 @@ def _decide(entry: JournalEntry) -> UndoStep:
         if d == "absent":
             return UndoStep(entry, "none", f"{src} is in place")
         if d == "match":
-            return UndoStep(entry, "remove-duplicate", f"{src} is in place; remove the identical {dst}")
+            why = f"{src} is in place; remove the identical {dst}"
+            return UndoStep(entry, "remove-duplicate", why)
         return UndoStep(entry, "none", f"{src} is in place; {dst} is another file, left alone")
     if s == "absent":
         if d == "match":
             return UndoStep(entry, "restore", f"move {dst} back to {src}")
         if d == "absent":
-            return UndoStep(entry, "conflict", f"{src} is in neither place (moved or renamed after the cull?)")
+            why = f"{src} is in neither place (moved or renamed after the cull?)"
+            return UndoStep(entry, "conflict", why)
         return UndoStep(entry, "conflict", f"{dst} was changed after the move")
     if d == "match":
-        return UndoStep(entry, "conflict", f"{src} is now occupied by a different file; {dst} stays")
+        why = f"{src} is now occupied by a different file; {dst} stays"
+        return UndoStep(entry, "conflict", why)
     if entry.done:
-        return UndoStep(entry, "conflict", f"{src} is a different file and {dst} is not the moved file")
+        why = f"{src} is a different file and {dst} is not the moved file"
+        return UndoStep(entry, "conflict", why)
     return UndoStep(entry, "none", f"{src} was not moved")
 
 
@@ -1481,15 +1606,18 @@ def apply_undo(plan: UndoPlan, *, partial: bool = False) -> UndoReport:
     report = UndoReport(journal.path, conflicts=plan.conflicts)
     if plan.conflicts and not partial:
         raise JournalError(
-            f"{len(plan.conflicts)} entr{'y' if len(plan.conflicts) == 1 else 'ies'} cannot be undone safely "
-            f"(first: {plan.conflicts[0].message}); nothing was changed. Resolve them, or pass --partial"
+            f"{len(plan.conflicts)} entr{'y' if len(plan.conflicts) == 1 else 'ies'} cannot be "
+            f"undone safely (first: {plan.conflicts[0].message}); nothing was changed. "
+            "Resolve them, or pass --partial"
         )
     lock_fd = os.open(journal.path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise JournalError(f"{display_path(journal.path)} is in use by a running loda") from None
+            raise JournalError(
+                f"{display_path(journal.path)} is in use by a running loda"
+            ) from None
         log = _UndoLog(_undo_log_path(journal.path))
         log.write({"type": "undo-start", "time": _now(), "journal": os.path.basename(journal.path)})
         remaining_conflicts = []
@@ -1528,7 +1656,10 @@ def apply_undo(plan: UndoPlan, *, partial: bool = False) -> UndoReport:
     finally:
         os.close(lock_fd)
     if remaining_conflicts and not partial:
-        raise JournalError(f"{len(remaining_conflicts)} entries changed during undo and were left alone; run undo again")
+        raise JournalError(
+            f"{len(remaining_conflicts)} entries changed during undo and were left alone; "
+            "run undo again"
+        )
     return report
 
 
@@ -1586,7 +1717,10 @@ def _undo_one(step: UndoStep) -> None:
         try:
             _move(entry.dst, entry.src, entry.size, entry.sha256, tmp, lambda: None)
         except _Skipped:
-            raise JournalError(f"{display_path(entry.src)} was taken while undoing; {display_path(entry.dst)} stays") from None
+            raise JournalError(
+                f"{display_path(entry.src)} was taken while undoing; "
+                f"{display_path(entry.dst)} stays"
+            ) from None
     elif step.action in ("remove-duplicate", "remove-copy", "remove-link", "remove-sidecar"):
         os.unlink(entry.dst)
         _fsync_dir(os.path.dirname(entry.dst))

@@ -52,7 +52,9 @@ class ReviewReport:
 
 def _printable(path: str) -> str:
     text = os.fsencode(path).decode("utf-8", errors="backslashreplace")
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
 
 
 def _resolve(raw: str, bases: Sequence[str]) -> str:
@@ -147,8 +149,13 @@ def build_review(
             if progress:
                 progress(done, len(items))
 
-    html_text = render_page(items, thumbs_url=urllib.parse.quote(os.path.basename(thumbs_dir)), below=below,
-                            page_dir=page_dir, title=_printable(os.path.basename(os.fspath(scores_file))))
+    html_text = render_page(
+        items,
+        thumbs_url=urllib.parse.quote(os.path.basename(thumbs_dir)),
+        below=below,
+        page_dir=page_dir,
+        title=_printable(os.path.basename(os.fspath(scores_file))),
+    )
     tmp = page + ".part"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -169,12 +176,18 @@ def _check_outputs(page: str, thumbs_dir: str, force: bool) -> None:
         with open(page, "rb") as fh:
             head = fh.read(4096)
         if f'content="loda review'.encode() not in head and not force:
-            raise OutputError(f"{_printable(page)} exists and was not written by loda review; pass --force to replace it")
+            raise OutputError(
+                f"{_printable(page)} exists and was not written by loda review; "
+                "pass --force to replace it"
+            )
     if os.path.lexists(thumbs_dir):
         if os.path.islink(thumbs_dir) or not os.path.isdir(thumbs_dir):
             raise OutputError(f"{_printable(thumbs_dir)} exists and is not a folder loda made")
         if not os.path.exists(os.path.join(thumbs_dir, _MARKER)) and os.listdir(thumbs_dir):
-            raise OutputError(f"{_printable(thumbs_dir)} exists and holds files loda did not write; choose another --out")
+            raise OutputError(
+                f"{_printable(thumbs_dir)} exists and holds files loda did not write; "
+                "choose another --out"
+            )
 
 
 def _histogram_svg(scores: Sequence[float], below: Optional[float]) -> str:
@@ -186,8 +199,8 @@ def _histogram_svg(scores: Sequence[float], below: Optional[float]) -> str:
     bar_w = (width - 2 * pad) / _BINS
     peak = max(counts) or 1
     parts = [
-        f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-        f'aria-label="Histogram of scores">'
+        f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'role="img" aria-label="Histogram of scores">'
     ]
     for i, count in enumerate(counts):
         h = plot_h * count / peak
@@ -195,18 +208,25 @@ def _histogram_svg(scores: Sequence[float], below: Optional[float]) -> str:
         low = i / _BINS
         cls = "bar cull" if below is not None and low < below else "bar"
         parts.append(
-            f'<rect class="{cls}" x="{x:.1f}" y="{pad + plot_h - h:.1f}" width="{bar_w - 2:.1f}" height="{h:.1f}">'
+            f'<rect class="{cls}" x="{x:.1f}" y="{pad + plot_h - h:.1f}" '
+            f'width="{bar_w - 2:.1f}" height="{h:.1f}">'
             f"<title>{low:.2f}-{low + 1 / _BINS:.2f}: {count}</title></rect>"
         )
-    parts.append(f'<line class="axis" x1="{pad}" y1="{pad + plot_h}" x2="{width - pad}" y2="{pad + plot_h}"/>')
+    base = pad + plot_h
+    parts.append(f'<line class="axis" x1="{pad}" y1="{base}" x2="{width - pad}" y2="{base}"/>')
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = pad + tick * (width - 2 * pad)
         parts.append(f'<text x="{x:.1f}" y="{height - 6}" text-anchor="middle">{tick:g}</text>')
     if below is not None:
         x = pad + below * (width - 2 * pad)
         n = sum(1 for s in scores if s < below)
-        parts.append(f'<line class="threshold" x1="{x:.1f}" y1="{pad - 8}" x2="{x:.1f}" y2="{pad + plot_h}"/>')
-        parts.append(f'<text class="threshold-label" x="{x + 4:.1f}" y="{pad - 10}">below {below:g}: {n}</text>')
+        parts.append(
+            f'<line class="threshold" x1="{x:.1f}" y1="{pad - 8}" x2="{x:.1f}" y2="{base}"/>'
+        )
+        parts.append(
+            f'<text class="threshold-label" x="{x + 4:.1f}" y="{pad - 10}">'
+            f"below {below:g}: {n}</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -234,7 +254,9 @@ _SCRIPT = """
     var items = Array.prototype.slice.call(grid.children);
     var sign = order.value === 'best' ? -1 : 1;
     items.sort(function (a, b) {
-      return sign * (parseFloat(a.getAttribute('data-score')) - parseFloat(b.getAttribute('data-score')));
+      var sa = parseFloat(a.getAttribute('data-score'));
+      var sb = parseFloat(b.getAttribute('data-score'));
+      return sign * (sa - sb);
     });
     items.forEach(function (el) { grid.appendChild(el); });
   }
@@ -271,7 +293,8 @@ figure { margin: 0; padding: 6px; background: #fff; border: 3px solid #ddd; bord
          width: var(--thumb); }
 figure.cull { border-color: #d9534f; background: #fff3f2; }
 figure img, figure .missing { display: block; max-width: 100%; height: auto; margin: 0 auto; }
-figure .missing { height: 80px; line-height: 80px; text-align: center; color: #999; background: #eee; }
+figure .missing { height: 80px; line-height: 80px; text-align: center; color: #999;
+                  background: #eee; }
 figcaption { font-size: 12px; margin-top: 4px; overflow-wrap: anywhere; }
 figcaption .score { font-weight: 700; margin-right: 6px; }
 figure.cull .score::after { content: " cull"; color: #d9534f; }
@@ -279,7 +302,12 @@ figure.cull .score::after { content: " cull"; color: #d9534f; }
 
 
 def render_page(
-    items: Sequence[ReviewItem], *, thumbs_url: str, below: Optional[float], page_dir: str, title: str
+    items: Sequence[ReviewItem],
+    *,
+    thumbs_url: str,
+    below: Optional[float],
+    page_dir: str,
+    title: str,
 ) -> str:
     """The HTML of the review page. Every piece of text from a file name is escaped here."""
     esc = html.escape
@@ -294,6 +322,8 @@ def render_page(
         f"script-src 'sha256-{script_hash}'"
     )
     cull_count = sum(1 for s in scores if below is not None and s < below)
+    thumb_count = sum(1 for i in items if i.thumb)
+    disabled = "" if below is not None else " disabled"
     out = [
         "<!DOCTYPE html>",
         '<html lang="en" data-loaded-images="0">',
@@ -310,8 +340,12 @@ def render_page(
         "<div>",
         f"<h1>loda review: {esc(title)}</h1>",
         f"<p>{len(items)} photos, worst first. Score in [0, 1], higher is better."
-        + (f" <strong>{cull_count}</strong> below {below:g} (outlined red) would be culled." if below is not None else "")
-        + f' Previews loaded: <span id="loaded">0</span> of {sum(1 for i in items if i.thumb)}.</p>',
+        + (
+            f" <strong>{cull_count}</strong> below {below:g} (outlined red) would be culled."
+            if below is not None
+            else ""
+        )
+        + f' Previews loaded: <span id="loaded">0</span> of {thumb_count}.</p>',
         '<div class="controls">',
         '<label>Folder <select id="folder"><option value="">All folders</option>',
     ]
@@ -319,7 +353,8 @@ def render_page(
         out.append(f'<option value="{esc(folder)}">{esc(folder)} ({count})</option>')
     out += [
         "</select></label>",
-        f'<label><input type="checkbox" id="only-cull"{"" if below is not None else " disabled"}> Only photos below the threshold</label>',
+        f'<label><input type="checkbox" id="only-cull"{disabled}> '
+        "Only photos below the threshold</label>",
         '<label>Order <select id="order"><option value="worst">worst first</option>'
         '<option value="best">best first</option></select></label>',
         'Showing <span id="shown">0</span>',
@@ -336,15 +371,18 @@ def render_page(
         if item.thumb:
             w, h = item.thumb_size
             picture = (
-                f'<img src="{esc(thumbs_url)}/{esc(item.thumb)}" width="{w}" height="{h}" alt="{esc(name)}">'
+                f'<img src="{esc(thumbs_url)}/{esc(item.thumb)}" width="{w}" height="{h}" '
+                f'alt="{esc(name)}">'
             )
         else:
             picture = '<div class="missing">no preview</div>'
         out.append(
-            f'<figure class="{classes}" data-folder="{esc(item.folder)}" data-score="{item.score:.6f}">'
+            f'<figure class="{classes}" data-folder="{esc(item.folder)}" '
+            f'data-score="{item.score:.6f}">'
             f'<a href="{esc(link)}">{picture}</a>'
-            f'<figcaption><span class="score">{item.score:.3f}</span><span class="name" title="{esc(item.shown)}">'
-            f"{esc(name)}</span></figcaption></figure>"
+            f'<figcaption><span class="score">{item.score:.3f}</span>'
+            f'<span class="name" title="{esc(item.shown)}">{esc(name)}</span>'
+            "</figcaption></figure>"
         )
     out += ["</main>", f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]
     return "\n".join(out)

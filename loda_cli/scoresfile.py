@@ -57,7 +57,7 @@ class ScoresFile:
 
 
 def read_scores(path: os.PathLike[str] | str) -> ScoresFile:
-    """Read every usable row of ``path``. Raises UsageError when the file is missing or malformed."""
+    """Read every usable row of ``path``. Raises UsageError when it is missing or malformed."""
     source = Path(path)
     try:
         with open(source, "rb") as fh:
@@ -106,7 +106,9 @@ def _csv_rows(text: str, source: Path) -> Iterator[dict[str, Any]]:
     reader = csv.DictReader(text.splitlines(keepends=True))
     fields = [name.strip().lower() for name in (reader.fieldnames or [])]
     if "path" not in fields or "score" not in fields:
-        raise UsageError(f"scores file {source} needs 'path' and 'score' columns (as `loda score` writes)")
+        raise UsageError(
+            f"scores file {source} needs 'path' and 'score' columns (as `loda score` writes)"
+        )
     reader.fieldnames = fields
     try:
         yield from reader

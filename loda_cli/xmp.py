@@ -115,7 +115,9 @@ def new_sidecar(rating: int, label: Optional[str] = None) -> bytes:
     return (_PACKET_BEGIN + "\n" + body + _PADDING + '<?xpacket end="w"?>').encode("utf-8")
 
 
-def plan_rating(existing: Optional[bytes], rating: int, label: Optional[str] = None, *, force: bool = False) -> RatingUpdate:
+def plan_rating(
+    existing: Optional[bytes], rating: int, label: Optional[str] = None, *, force: bool = False
+) -> RatingUpdate:
     """Decide what to write to give a sidecar ``rating`` (and ``label``).
 
     ``existing`` is the sidecar's current bytes, or None when there is none. A rating or label set
@@ -133,12 +135,14 @@ def plan_rating(existing: Optional[bytes], rating: int, label: Optional[str] = N
         if state.rating == rating:
             write_rating = False
         elif not force:
-            return RatingUpdate(None, "kept", f"rating {state.rating} set by a person (use --force)")
+            reason = f"rating {state.rating} set by a person (use --force)"
+            return RatingUpdate(None, "kept", reason)
     if label and state.label_set_by_person:
         if state.label == label:
             write_label = False
         elif not force:
-            return RatingUpdate(None, "kept", f"label {state.label!r} set by a person (use --force)")
+            reason = f"label {state.label!r} set by a person (use --force)"
+            return RatingUpdate(None, "kept", reason)
     if write_rating and state.rating == rating and state.loda_rating == rating:
         write_rating = False
     if write_label and state.label == label and state.loda_label == label:
@@ -303,7 +307,9 @@ def _qualify(qname: str, mapping: dict[str, str]) -> str:
     return f"{mapping[uri]}:{local}"
 
 
-def _write_element(elem: ET.Element, mapping: dict[str, str], out: list[str], declare: bool) -> None:
+def _write_element(
+    elem: ET.Element, mapping: dict[str, str], out: list[str], declare: bool
+) -> None:
     if elem.tag is ET.Comment:
         out.append(f"<!--{elem.text or ''}-->")
         out.append(_escape_text(elem.tail or ""))

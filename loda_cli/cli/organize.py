@@ -2,7 +2,8 @@
 
 Every command that changes files is a dry run unless `--apply` is given, and journals what it does
 so `loda undo` can reverse it. The library (loda_cli.organize) does the work and the checks; this
-module parses options, shows plans and progress, and turns errors into messages.
+module parses options, shows plans and progress, and turns errors into messages. File names are
+always printed through `Text`, never as markup.
 """
 
 from __future__ import annotations
@@ -23,27 +24,91 @@ if TYPE_CHECKING:
 
 PathsArg = Annotated[
     Optional[list[Path]],
-    typer.Argument(help="Folders to work on (the roots). Default: the current folder.", show_default=False),
+    typer.Argument(
+        help="Folders to work on (the roots). Default: the current folder.", show_default=False
+    ),
 ]
 ScoresOpt = Annotated[
     Optional[Path],
-    typer.Option("--scores", help="Scores file written by `loda score` (CSV, JSON or JSONL). "
-                 "Without it, photos are scored through the score cache.", show_default=False),
+    typer.Option(
+        "--scores",
+        help="Scores file written by `loda score` (CSV, JSON or JSONL). Without it, photos are "
+        "scored through the score cache.",
+        show_default=False,
+    ),
 ]
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", help="Checkpoint to score with when there is no --scores file.", show_default=False),
+    typer.Option(
+        "--model", help="Checkpoint to score with when there is no --scores file.",
+        show_default=False,
+    ),
 ]
-ApplyOpt = Annotated[bool, typer.Option("--apply", help="Act. Without it, only show the plan (a dry run).")]
+ApplyOpt = Annotated[
+    bool, typer.Option("--apply", help="Act. Without it, only show the plan (a dry run).")
+]
 EdgesOpt = Annotated[
     str,
-    typer.Option("--edges", help="Score edges of the star bins: below the first is 1 star, from the last up 5 stars."),
+    typer.Option(
+        "--edges",
+        help="Score edges of the star bins: below the first is 1 star, from the last up 5 stars.",
+    ),
 ]
 QuantilesOpt = Annotated[
-    bool, typer.Option("--quantiles", help="Put a fifth of the photos in each star bin instead of using --edges.")
+    bool,
+    typer.Option(
+        "--quantiles", help="Put a fifth of the photos in each star bin instead of using --edges."
+    ),
+]
+BelowOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--below", help="Cull photos whose score is below this (0-1).", show_default=False
+    ),
+]
+WorstOpt = Annotated[
+    Optional[int],
+    typer.Option("--worst", help="Cull the N lowest-scored photos.", show_default=False),
+]
+WorstPercentOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--worst-percent", help="Cull the worst P percent (rounded down).", show_default=False
+    ),
+]
+ToOpt = Annotated[
+    Optional[Path],
+    typer.Option("--to", help="Destination folder. Default: <root>/_culled.", show_default=False),
+]
+IntoOpt = Annotated[
+    Path,
+    typer.Option(
+        "--into", help="Folder to sort into: DIR/5-stars ... DIR/1-star.", show_default=False
+    ),
+]
+SidecarOpt = Annotated[
+    str,
+    typer.Option(
+        "--sidecar", help="darktable (IMG_1.CR2.xmp), lightroom (IMG_1.xmp) or both."
+    ),
+]
+LabelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--label", help="Also write this xmp:Label (e.g. Red) on the 1-star photos.",
+        show_default=False,
+    ),
+]
+JournalArg = Annotated[
+    Optional[Path],
+    typer.Argument(
+        help="The journal to undo. Default: the newest one under the current folder.",
+        show_default=False,
+    ),
 ]
 
 _EXAMPLES = 5
+_DEFAULT_EDGES = "0.2,0.4,0.6,0.8"
 
 
 def _size(n: float) -> str:
@@ -67,23 +132,27 @@ def _show(path: str) -> Text:
     return Text(display_path(path))
 
 
-def _load(roots: list[str], scores: Optional[Path], model: Optional[str], exclude: list[str]) -> "ScoreSource":
+def _load(
+    roots: list[str], scores: Optional[Path], model: Optional[str], exclude: list[str]
+) -> "ScoreSource":
     from loda_cli.organize import load_scores
 
     if scores is not None:
         return load_scores(roots, scores)
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    with Progress(SpinnerColumn(), TextColumn("scoring: {task.completed} photos"), console=err_console,
-                  transient=True) as bar:
+    columns = (SpinnerColumn(), TextColumn("scoring: {task.completed} photos"))
+    with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("scoring", total=None)
-        return load_scores(roots, None, model=model, exclude=exclude,
-                           progress=lambda row: bar.advance(task))
+        return load_scores(
+            roots, None, model=model, exclude=exclude, progress=lambda row: bar.advance(task)
+        )
 
 
 def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     verbs = {"move": "move to", "copy": "copy to", "link": "symlink into"}
-    summary = Table(title=f"loda {plan.command}: plan" + ("" if applying else " (dry run)"), show_header=False)
+    title = f"loda {plan.command}: plan" + ("" if applying else " (dry run)")
+    summary = Table(title=title, show_header=False)
     summary.add_column(style="bold")
     summary.add_column(overflow="fold")
     summary.add_row("scores from", Text(source.description))
@@ -103,20 +172,20 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
         summary.add_row("score range", f"{low:.3f} - {high:.3f}")
     if plan.edges:
         summary.add_row("star edges", ", ".join(f"{e:.3f}" for e in plan.edges))
-    skipped = len(plan.skipped) + source.skipped
-    summary.add_row("skipped", str(skipped))
+    summary.add_row("skipped", str(len(plan.skipped) + source.skipped))
     out_console.print(summary)
 
-    examples = Table(title="examples", show_lines=False)
+    with_stars = plan.command in ("sort", "rate")
+    examples = Table(title="examples")
     examples.add_column("score", justify="right")
-    if plan.command in ("sort", "rate"):
+    if with_stars:
         examples.add_column("stars", justify="right")
     examples.add_column("file", overflow="fold")
     if plan.command != "rate":
         examples.add_column("to", overflow="fold")
     for action in [a for a in plan.actions if a.decision][:_EXAMPLES]:
         cells: list = [f"{action.score:.3f}"]
-        if plan.command in ("sort", "rate"):
+        if with_stars:
             cells.append(str(action.stars))
         cells.append(_show(action.src))
         if plan.command != "rate":
@@ -124,25 +193,36 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
         examples.add_row(*cells)
     if plan.actions:
         out_console.print(examples)
+    _print_not_acted_on(plan, source)
 
-    reasons = Counter(s.reason for s in plan.skipped)
+
+def _print_not_acted_on(plan: "Plan", source: "ScoreSource") -> None:
+    reasons: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for skip in plan.skipped:
+        reasons[skip.reason] += 1
+        example.setdefault(skip.reason, skip.path)
+    for skip in plan.unchanged:
+        reason = f"left alone: {skip.reason}"
+        reasons[reason] += 1
+        example.setdefault(reason, skip.path)
     if source.skipped:
         reasons["no score in the scores file (error rows)"] += source.skipped
-    if plan.unchanged:
-        for reason, count in Counter(s.reason for s in plan.unchanged).items():
-            reasons[f"left alone: {reason}"] += count
-    if reasons:
-        why = Table(title="not acted on")
-        why.add_column("reason", overflow="fold")
-        why.add_column("files", justify="right")
-        why.add_column("example", overflow="fold")
-        for reason, count in reasons.most_common():
-            example = next((s.path for s in plan.skipped + plan.unchanged if s.reason == reason or f"left alone: {s.reason}" == reason), "")
-            why.add_row(Text(reason), str(count), _show(example) if example else Text(""))
-        out_console.print(why)
+    if not reasons:
+        return
+    why = Table(title="not acted on")
+    why.add_column("reason", overflow="fold")
+    why.add_column("files", justify="right")
+    why.add_column("example", overflow="fold")
+    for reason, count in reasons.most_common():
+        path = example.get(reason)
+        why.add_row(Text(reason), str(count), _show(path) if path else Text(""))
+    out_console.print(why)
 
 
-def _run(plan: "Plan", source: "ScoreSource", apply: bool, quiet: bool = False) -> None:
+def _run(plan: "Plan", source: "ScoreSource", apply: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     from loda_cli.organize import apply_plan
 
     _print_plan(plan, source, apply)
@@ -152,17 +232,18 @@ def _run(plan: "Plan", source: "ScoreSource", apply: bool, quiet: bool = False) 
     if not apply:
         out_console.print("Dry run: nothing was changed. Add --apply to act.")
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    with Progress(TextColumn(plan.command), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True) as bar:
+    columns = (TextColumn(plan.command), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(plan.command, total=len(plan.actions))
-        report = apply_plan(plan, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    done_verb = {"move": "Moved", "copy": "Copied", "link": "Linked", "style": "Wrote"}.get(plan.mode, "Wrote")
-    line = Text(f"{done_verb} {report.done} files ({_size(report.bytes_done)}).")
+        report = apply_plan(
+            plan, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    verb = {"move": "Moved", "copy": "Copied", "link": "Linked"}.get(plan.mode, "Wrote")
+    line = Text(f"{verb} {report.done} files ({_size(report.bytes_done)}).")
     if report.skipped:
+        first = report.skipped[0]
         line.append(f" Skipped {len(report.skipped)} that changed meanwhile (first: ")
-        line.append(_show(report.skipped[0].path))
-        line.append(f": {report.skipped[0].reason}).")
+        line.append(_show(first.path)).append(f": {first.reason}).")
     out_console.print(line)
     if report.journal:
         out_console.print(Text("Journal: ").append(_show(report.journal)))
@@ -176,41 +257,45 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def cull(
         paths: PathsArg = None,
-        below: Annotated[Optional[float], typer.Option("--below", help="Cull photos whose score is below this (0-1).", show_default=False)] = None,
-        worst: Annotated[Optional[int], typer.Option("--worst", help="Cull the N lowest-scored photos.", show_default=False)] = None,
-        worst_percent: Annotated[Optional[float], typer.Option("--worst-percent", help="Cull the worst P percent (rounded down).", show_default=False)] = None,
+        below: BelowOpt = None,
+        worst: WorstOpt = None,
+        worst_percent: WorstPercentOpt = None,
         scores: ScoresOpt = None,
         model: ModelOpt = None,
-        to: Annotated[Optional[Path], typer.Option("--to", help="Destination folder. Default: <root>/_culled.", show_default=False)] = None,
+        to: ToOpt = None,
         copy: Annotated[bool, typer.Option("--copy", help="Copy instead of moving.")] = False,
-        link: Annotated[bool, typer.Option("--link", help="Make symlinks instead of moving.")] = False,
+        link: Annotated[bool, typer.Option("--link", help="Make symlinks, not moves.")] = False,
         apply: ApplyOpt = False,
     ) -> None:
-        """Set aside the lowest-scored photos (with their RAW, sidecars, Live Photo video): a dry run
-        unless --apply; journalled, so `loda undo` puts everything back."""
+        """Set aside the lowest-scored photos (with their RAW, sidecars, Live Photo video): a dry
+        run unless --apply; journalled, so `loda undo` puts everything back."""
         from loda_cli import organize
         from loda_cli.errors import UsageError
 
         if copy and link:
             raise UsageError("--copy and --link exclude each other")
-        organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)  # validate early
+        # Check the selection before scoring, which can take a while.
+        organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)
         roots = organize.resolve_roots(paths or [])
         dests = organize.cull_dests(roots, to)
         excludes = organize.cull_excludes(roots, dests)
         source = _load(roots, scores, model, excludes)
         groups, skips = organize.collect_groups(roots, source, exclude=excludes)
-        selected = organize.select_worst(groups, below=below, worst=worst, worst_percent=worst_percent)
-        plan = organize.plan_cull(roots, selected, mode="copy" if copy else "link" if link else "move", to=to)
+        selected = organize.select_worst(
+            groups, below=below, worst=worst, worst_percent=worst_percent
+        )
+        mode = "copy" if copy else "link" if link else "move"
+        plan = organize.plan_cull(roots, selected, mode=mode, to=to)
         plan.skipped[:0] = skips
         _run(plan, source, apply)
 
     @app.command()
     @handle_errors
     def sort(
-        into: Annotated[Path, typer.Option("--into", help="Folder to sort into: DIR/5-stars ... DIR/1-star.", show_default=False)],
+        into: IntoOpt,
         paths: PathsArg = None,
         move: Annotated[bool, typer.Option("--move", help="Move instead of copying.")] = False,
-        edges: EdgesOpt = "0.2,0.4,0.6,0.8",
+        edges: EdgesOpt = _DEFAULT_EDGES,
         quantiles: QuantilesOpt = False,
         scores: ScoresOpt = None,
         model: ModelOpt = None,
@@ -222,14 +307,14 @@ def register(app: typer.Typer) -> None:
 
         bin_edges = organize.parse_edges(edges)
         roots = organize.resolve_roots(paths or [])
-        organize.cull_dests(roots, into)  # validate the destination before scoring
-        dest = os.path.realpath(into)
-        excludes = organize.cull_excludes(roots, [dest])
+        dests = organize.cull_dests(roots, into)  # checks the destination before scoring
+        excludes = organize.cull_excludes(roots, dests)
         source = _load(roots, scores, model, excludes)
         groups, skips = organize.collect_groups(roots, source, exclude=excludes)
         if quantiles:
             bin_edges = organize.quantile_edges([g.score for g in groups])
-        plan = organize.plan_sort(roots, groups, into=into, mode="move" if move else "copy", edges=bin_edges)
+        mode = "move" if move else "copy"
+        plan = organize.plan_sort(roots, groups, into=into, mode=mode, edges=bin_edges)
         plan.skipped[:0] = skips
         _run(plan, source, apply)
 
@@ -237,10 +322,12 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def rate(
         paths: PathsArg = None,
-        sidecar: Annotated[str, typer.Option("--sidecar", help="darktable (IMG_1.CR2.xmp), lightroom (IMG_1.xmp) or both.")] = "both",
-        label: Annotated[Optional[str], typer.Option("--label", help="Also write this xmp:Label (e.g. Red) on the 1-star photos.", show_default=False)] = None,
-        force: Annotated[bool, typer.Option("--force", help="Overwrite ratings and labels a person set.")] = False,
-        edges: EdgesOpt = "0.2,0.4,0.6,0.8",
+        sidecar: SidecarOpt = "both",
+        label: LabelOpt = None,
+        force: Annotated[
+            bool, typer.Option("--force", help="Overwrite ratings and labels a person set.")
+        ] = False,
+        edges: EdgesOpt = _DEFAULT_EDGES,
         quantiles: QuantilesOpt = False,
         scores: ScoresOpt = None,
         model: ModelOpt = None,
@@ -249,28 +336,37 @@ def register(app: typer.Typer) -> None:
         """Write star ratings (xmp:Rating 1-5) from scores into XMP sidecars: a dry run unless
         --apply; ratings set by a person are kept unless --force; journalled for `loda undo`."""
         from loda_cli import organize
+        from loda_cli.errors import UsageError
 
         bin_edges = organize.parse_edges(edges)
         if sidecar not in organize.SIDECAR_STYLES:
-            from loda_cli.errors import UsageError
-
-            raise UsageError(f"--sidecar is one of {', '.join(organize.SIDECAR_STYLES)}, not {sidecar!r}")
+            styles = ", ".join(organize.SIDECAR_STYLES)
+            raise UsageError(f"--sidecar is one of {styles}, not {sidecar!r}")
         roots = organize.resolve_roots(paths or [])
         excludes = organize.cull_excludes(roots, [])
         source = _load(roots, scores, model, excludes)
         groups, skips = organize.collect_groups(roots, source, exclude=excludes)
         if quantiles:
             bin_edges = organize.quantile_edges([g.score for g in groups])
-        plan = organize.plan_rate(roots, groups, edges=bin_edges, style=sidecar, label=label, force=force)
+        plan = organize.plan_rate(
+            roots, groups, edges=bin_edges, style=sidecar, label=label, force=force
+        )
         plan.skipped[:0] = skips
         _run(plan, source, apply)
 
     @app.command()
     @handle_errors
     def undo(
-        journal: Annotated[Optional[Path], typer.Argument(help="The journal to undo. Default: the newest one under the current folder.", show_default=False)] = None,
-        partial: Annotated[bool, typer.Option("--partial", help="Undo what can be undone even if some entries conflict.")] = False,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what undo would do.")] = False,
+        journal: JournalArg = None,
+        partial: Annotated[
+            bool,
+            typer.Option(
+                "--partial", help="Undo what can be undone even if some entries conflict."
+            ),
+        ] = False,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Only show what undo would do.")
+        ] = False,
     ) -> None:
         """Reverse a cull, sort or rate run from its journal. Refuses anything ambiguous (a file
         changed since, a path now occupied) and then changes nothing, unless --partial."""
@@ -278,31 +374,11 @@ def register(app: typer.Typer) -> None:
 
         path = str(journal) if journal is not None else organize.latest_journal()
         plan = organize.plan_undo(path)
-        header = plan.journal
-        notice(f"Undoing {organize.display_path(header.path)} ({header.command}, {header.time})")
-        if header.truncated:
-            notice("Its last line was cut short (the run was killed); undo works from what is on disk.")
-        counts = Counter(step.action for step in plan.steps)
-        table = Table(title="undo plan" + (" (dry run)" if dry_run else ""), show_header=False)
-        table.add_column(style="bold")
-        table.add_column(justify="right")
-        labels = {
-            "restore": "move back", "remove-duplicate": "remove duplicates (original in place)",
-            "remove-copy": "remove copies", "remove-link": "remove symlinks",
-            "restore-sidecar": "restore sidecars", "remove-sidecar": "remove created sidecars",
-            "none": "already as before", "conflict": "conflicts",
-        }
-        for key, label_text in labels.items():
-            if counts.get(key):
-                table.add_row(label_text, str(counts[key]))
-        out_console.print(table)
-        if plan.conflicts:
-            conflicts = Table(title="conflicts (left alone)")
-            conflicts.add_column("entry", justify="right")
-            conflicts.add_column("why", overflow="fold")
-            for step in plan.conflicts[:20]:
-                conflicts.add_row(str(step.entry.id), Text(step.message))
-            out_console.print(conflicts)
+        found = plan.journal
+        notice(f"Undoing {organize.display_path(found.path)} ({found.command}, {found.time})")
+        if found.truncated:
+            notice("Its last line was cut short (the run was killed); undo works from the disk.")
+        _print_undo_plan(plan, dry_run)
         if dry_run:
             out_console.print("Dry run: nothing was changed.")
             return
@@ -312,16 +388,36 @@ def register(app: typer.Typer) -> None:
             f"{report.unchanged} already as before, {len(report.conflicts)} left alone."
         )
         if not report.complete:
-            out_console.print("Undo is partial; run `loda undo` on this journal again after resolving the conflicts.")
+            out_console.print(
+                "Undo is partial; run `loda undo` on this journal again after resolving the "
+                "conflicts."
+            )
 
     @app.command()
     @handle_errors
     def review(
-        scores: Annotated[Path, typer.Argument(help="Scores file written by `loda score`.", show_default=False)],
-        out: Annotated[Path, typer.Option("--out", help="The page to write; thumbnails go to <name>_files/ beside it.")] = Path("review.html"),
-        below: Annotated[Optional[float], typer.Option("--below", help="Highlight the photos `loda cull --below` would cull.", show_default=False)] = None,
-        thumb_size: Annotated[int, typer.Option("--thumb-size", help="Longest side of the thumbnails, in pixels.")] = 256,
-        force: Annotated[bool, typer.Option("--force", help="Replace an existing page that loda did not write.")] = False,
+        scores: Annotated[
+            Path, typer.Argument(help="Scores file written by `loda score`.", show_default=False)
+        ],
+        out: Annotated[
+            Path,
+            typer.Option(
+                "--out", help="The page to write; thumbnails go to <name>_files/ beside it."
+            ),
+        ] = Path("review.html"),
+        below: Annotated[
+            Optional[float],
+            typer.Option(
+                "--below", help="Highlight the photos `loda cull --below` would cull.",
+                show_default=False,
+            ),
+        ] = None,
+        thumb_size: Annotated[
+            int, typer.Option("--thumb-size", help="Longest side of the thumbnails, in pixels.")
+        ] = 256,
+        force: Annotated[
+            bool, typer.Option("--force", help="Replace an existing page that loda did not write.")
+        ] = False,
     ) -> None:
         """Write an HTML contact sheet (thumbnails sorted by score, a histogram, a folder filter)
         that opens from disk with no server or network."""
@@ -329,16 +425,46 @@ def register(app: typer.Typer) -> None:
 
         from loda_cli.review import build_review
 
-        with Progress(TextColumn("thumbnails"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True) as bar:
+        columns = (TextColumn("thumbnails"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, console=err_console, transient=True) as bar:
             task = bar.add_task("thumbnails", total=None)
             report = build_review(
                 scores, out, below=below, thumb_size=thumb_size, force=force,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        line = Text("Wrote ").append(_show(report.page)).append(
-            f": {report.photos} photos, {report.thumbs} previews"
-            + (f", {report.failed} without preview" if report.failed else "")
-            + (f", {report.below} below {below:g}" if below is not None else "")
-            + "."
-        )
-        out_console.print(line)
+        details = f": {report.photos} photos, {report.thumbs} previews"
+        if report.failed:
+            details += f", {report.failed} without preview"
+        if below is not None:
+            details += f", {report.below} below {below:g}"
+        out_console.print(Text("Wrote ").append(_show(report.page)).append(details + "."))
+
+
+def _print_undo_plan(plan, dry_run: bool) -> None:
+    labels = {
+        "restore": "move back",
+        "remove-duplicate": "remove duplicates (original in place)",
+        "remove-copy": "remove copies",
+        "remove-link": "remove symlinks",
+        "restore-sidecar": "restore sidecars",
+        "remove-sidecar": "remove created sidecars",
+        "none": "already as before",
+        "conflict": "conflicts",
+    }
+    counts = Counter(step.action for step in plan.steps)
+    table = Table(title="undo plan" + (" (dry run)" if dry_run else ""), show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, text in labels.items():
+        if counts.get(key):
+            table.add_row(text, str(counts[key]))
+    out_console.print(table)
+    if plan.conflicts:
+        conflicts = Table(title="conflicts (left alone)")
+        conflicts.add_column("entry", justify="right")
+        conflicts.add_column("why", overflow="fold")
+        for step in plan.conflicts[:20]:
+            conflicts.add_row(str(step.entry.id), Text(step.message))
+        if len(plan.conflicts) > 20:
+            conflicts.add_row("", Text(f"... and {len(plan.conflicts) - 20} more"))
+        out_console.print(conflicts)
