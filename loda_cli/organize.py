@@ -1028,8 +1028,17 @@ def _action_delay() -> float:
         return 0.0
 
 
-def apply_plan(plan: Plan, *, progress: Optional[Callable[[int, int], None]] = None) -> ApplyReport:
-    """Carry out ``plan``: preflight, journal every intent (fsynced), then act one by one."""
+def apply_plan(
+    plan: Plan,
+    *,
+    progress: Optional[Callable[[int, int], None]] = None,
+    on_journal: Optional[Callable[[str], None]] = None,
+) -> ApplyReport:
+    """Carry out ``plan``: preflight, journal every intent (fsynced), then act one by one.
+
+    ``on_journal`` is told the journal's path as soon as it exists, so a caller interrupted
+    halfway (Ctrl-C) can still say which journal reverses what was done.
+    """
     if not plan.actions:
         return ApplyReport(journal=None)
     preflight(plan)
@@ -1051,6 +1060,8 @@ def apply_plan(plan: Plan, *, progress: Optional[Callable[[int, int], None]] = N
     }
     writer = _JournalWriter(plan.journal_dir, header)
     report = ApplyReport(journal=writer.path)
+    if on_journal:
+        on_journal(writer.path)
     try:
         prepared = _write_intents(plan, writer, report)
         for number, (action_id, action, fingerprint, tmp) in enumerate(prepared, start=1):

@@ -655,3 +655,24 @@ def test_cull_scores_real_photos_with_a_checkpoint_end_to_end(tmp_path, monkeypa
     assert len([n for n in culled if n.endswith(".jpg")]) == 1
     assert invoke("undo").exit_code == 0
     assert snapshot(root) == before
+
+
+def test_ctrl_c_halfway_names_the_journal_and_undo_restores(shoot, monkeypatch):
+    before = snapshot(shoot.root)
+    real = organize._perform
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(organize, "_perform", interrupted)
+    result = invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 130
+    assert "undo it with: loda undo" in result.output.replace("\n", "")
+    assert snapshot(shoot.root) != before
+    monkeypatch.setattr(organize, "_perform", real)
+    assert invoke("undo").exit_code == 0
+    assert snapshot(shoot.root) == before

@@ -233,11 +233,23 @@ def _run(plan: "Plan", source: "ScoreSource", apply: bool) -> None:
         out_console.print("Dry run: nothing was changed. Add --apply to act.")
         return
     columns = (TextColumn(plan.command), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(plan.command, total=len(plan.actions))
-        report = apply_plan(
-            plan, progress=lambda done, total: bar.update(task, completed=done, total=total)
-        )
+    journal: list[str] = []
+    try:
+        with Progress(*columns, console=err_console, transient=True) as bar:
+            task = bar.add_task(plan.command, total=len(plan.actions))
+            report = apply_plan(
+                plan,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                on_journal=journal.append,
+            )
+    except KeyboardInterrupt:
+        if journal:
+            err_console.print(
+                Text("Stopped. What was done is journalled; undo it with: loda undo ").append(
+                    _show(journal[0])
+                )
+            )
+        raise
     verb = {"move": "Moved", "copy": "Copied", "link": "Linked"}.get(plan.mode, "Wrote")
     line = Text(f"{verb} {report.done} files ({_size(report.bytes_done)}).")
     if report.skipped:
