@@ -676,3 +676,55 @@ def test_ctrl_c_halfway_names_the_journal_and_undo_restores(shoot, monkeypatch):
     monkeypatch.setattr(organize, "_perform", real)
     assert invoke("undo").exit_code == 0
     assert snapshot(shoot.root) == before
+
+
+def _fake_scoring(monkeypatch, scores: dict[str, float]) -> dict:
+    """Stand in for loda_cli.scoring: scores photos by file name, records the call."""
+    calls: dict = {}
+
+    def score_paths(paths, *, model=None, recursive=True, include=(), exclude=(), progress=None):
+        calls.update(model=model, exclude=exclude)
+        for root in paths:
+            for path in sorted(Path(root).rglob("*")):
+                if path.name in scores and "_culled" not in path.parts:
+                    row = types.SimpleNamespace(path=str(path), root=str(root), score=scores[path.name],
+                                                error=None)
+                    if progress:
+                        progress(row)
+                    yield row
+
+    monkeypatch.setitem(sys.modules, "loda_cli.scoring", types.SimpleNamespace(score_paths=score_paths))
+    return calls
+
+
+def test_sort_and_rate_score_through_the_library_with_model(shoot, monkeypatch):
+    from loda_cli import xmp
+
+    calls = _fake_scoring(monkeypatch, {"IMG_3.jpg": 0.95, "IMG_4.jpg": 0.05, "IMG_40.jpg": 0.5})
+    into = shoot.tmp / "stars"
+    result = invoke("sort", "wedding", "--into", into, "--model", "m1", "--apply")
+    assert result.exit_code == 0, result.output
+    assert calls["model"] == "m1"
+    assert (into / "5-stars" / "IMG_3.jpg").exists() and (into / "1-star" / "IMG_4.jpg").exists()
+    result = invoke("rate", "wedding", "--model", "m2", "--quantiles", "--apply")
+    assert result.exit_code == 0, result.output
+    assert calls["model"] == "m2"
+    ratings = {n: xmp.read_state((shoot.root / f"{n}.xmp").read_bytes()).rating for n in ("IMG_3", "IMG_4", "IMG_40")}
+    assert ratings == {"IMG_3": 5, "IMG_4": 1, "IMG_40": 3}
+
+
+def test_every_command_has_help():
+    for command in ("cull", "sort", "rate", "undo", "review"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+        assert len(result.output.splitlines()) > 5
+
+
+def test_review_force_replaces_a_page_loda_did_not_write(shoot):
+    page = shoot.tmp / "page.html"
+    page.write_text("somebody's page")
+    scores = write_scores(shoot.tmp / "r.csv", [("wedding/IMG_3.jpg", 0.5)])
+    refused = invoke("review", scores, "--out", page)
+    assert refused.exit_code == 1 and page.read_text() == "somebody's page"
+    forced = invoke("review", scores, "--out", page, "--force")
+    assert forced.exit_code == 0 and "loda review" in page.read_text()
