@@ -728,3 +728,36 @@ def test_review_force_replaces_a_page_loda_did_not_write(shoot):
     assert refused.exit_code == 1 and page.read_text() == "somebody's page"
     forced = invoke("review", scores, "--out", page, "--force")
     assert forced.exit_code == 0 and "loda review" in page.read_text()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl"])
+def test_scores_written_by_loda_score_round_trip_odd_names_into_cull(shoot, fmt):
+    """The scores writer (output.py) and this reader agree on every byte of a name."""
+    from loda_cli.output import write_scores as write_output
+    from loda_cli.scoresfile import read_scores
+
+    names = [b"new\nline.jpg", b'q"uote,comma.jpg', b"caf\xe9.jpg", b"\xff.jpg"]
+    rows = []
+    for i, name in enumerate(names):
+        path = os.path.join(os.fsencode(shoot.root), name)
+        with open(path, "wb") as fh:
+            fh.write(photo_bytes(300 + i))
+        rel = os.fsdecode(os.path.relpath(path, os.fsencode(shoot.tmp)))
+        values = dict(path=rel, score=0.01 * (i + 1), mos=None, raw=0.1, width=16, height=12,
+                      format="JPEG", error=None)
+        rows.append(types.SimpleNamespace(**values, as_dict=lambda v=values: dict(v)))
+    broken = dict(path="wedding/broken.jpg", score=None, mos=None, raw=None, width=None, height=None,
+                  format=None, error="cannot decode")
+    rows.append(types.SimpleNamespace(**broken, as_dict=lambda v=broken: dict(v)))
+    out = shoot.tmp / f"scores.{fmt}"
+    write_output(str(out), rows, header={"model": "test"})
+    parsed = read_scores(out)
+    assert sorted(os.fsencode(r.path) for r in parsed.rows) == sorted(b"wedding/" + n for n in names)
+    assert parsed.skipped_errors == 1
+    before = snapshot(shoot.root)
+    result = invoke("cull", "wedding", "--below", "0.5", "--scores", out, "--apply")
+    assert result.exit_code == 0, result.output
+    for name in names:
+        assert os.path.exists(os.path.join(os.fsencode(shoot.root), b"_culled", name))
+    assert invoke("undo").exit_code == 0
+    assert snapshot(shoot.root) == before
