@@ -90,8 +90,15 @@ def originals(snap: dict[bytes, tuple[str, bytes]]) -> dict[bytes, bytes]:
     return {k: v[1] for k, v in snap.items() if v[0] == "file"}
 
 
-def invoke(*args: str) -> "object":
+def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def ok(*args: object):
+    """Invoke the CLI and require success."""
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
 
 
 @pytest.fixture
@@ -166,18 +173,18 @@ def test_cull_apply_moves_photos_with_every_companion_and_undo_restores(shoot):
 
 def test_cull_copy_and_link_leave_originals_and_undo_removes_only_what_it_made(shoot):
     before = snapshot(shoot.root)
-    assert invoke("cull", "wedding", "--worst", "2", "--scores", shoot.scores, "--copy", "--apply").exit_code == 0
+    ok("cull", "wedding", "--worst", "2", "--scores", shoot.scores, "--copy", "--apply")
     culled = shoot.root / "_culled"
     assert (culled / "IMG_1.JPG").read_bytes() == shoot.files["IMG_1.JPG"]
     assert (culled / "IMG_2.MOV").read_bytes() == shoot.files["IMG_2.MOV"]
     assert originals(snapshot(shoot.root)) == originals(before)
-    assert invoke("undo").exit_code == 0
+    ok("undo")
     assert snapshot(shoot.root) == before
 
-    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--link", "--apply").exit_code == 0
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--link", "--apply")
     link = culled / "IMG_1.JPG"
     assert link.is_symlink() and os.readlink(link) == str((shoot.root / "IMG_1.JPG").resolve())
-    assert invoke("undo").exit_code == 0
+    ok("undo")
     assert snapshot(shoot.root) == before
 
 
@@ -191,7 +198,7 @@ def test_cull_to_another_folder_worst_percent_and_flags_that_exclude_each_other(
         ["IMG_1.JPG", "IMG_1.CR2", "IMG_1.CR2.xmp", "IMG_1.xmp", "IMG_1.JPG.xmp", "IMG_2.heic", "IMG_2.MOV", "IMG_2.AAE"]
     )
     assert list(dest.glob(".loda-journal-*.jsonl"))
-    assert invoke("undo", next(dest.glob(".loda-journal-*.jsonl"))).exit_code == 0
+    ok("undo", next(dest.glob(".loda-journal-*.jsonl")))
     assert snapshot(shoot.root) == before
 
     assert invoke("cull", "wedding", "--scores", shoot.scores).exit_code == 2
@@ -218,12 +225,12 @@ def test_collisions_get_one_numbered_suffix_for_the_photo_and_its_companions(sho
     culled = shoot.root / "_culled"
     write(culled / "IMG_1.JPG", b"an earlier cull")
     write(culled / "IMG_1-1.CR2", b"another earlier cull")
-    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
     assert (culled / "IMG_1.JPG").read_bytes() == b"an earlier cull"
     assert (culled / "IMG_1-1.CR2").read_bytes() == b"another earlier cull"
     for name in ("IMG_1-2.JPG", "IMG_1-2.CR2", "IMG_1-2.CR2.xmp", "IMG_1-2.xmp", "IMG_1-2.JPG.xmp"):
         assert (culled / name).exists(), name
-    assert invoke("undo").exit_code == 0
+    ok("undo")
     assert (shoot.root / "IMG_1.JPG").read_bytes() == shoot.files["IMG_1.JPG"]
     assert (culled / "IMG_1.JPG").read_bytes() == b"an earlier cull"
 
@@ -235,7 +242,7 @@ def test_decision_photo_is_the_jpeg_even_when_the_raw_scores_differently(shoot):
     assert (shoot.root / "_culled" / "IMG_1.CR2").exists()
     result = invoke("undo")
     scores = write_scores(shoot.tmp / "raw.csv", [("wedding/IMG_1.CR2", 0.01), ("wedding/IMG_1.JPG", 0.9)])
-    assert invoke("cull", "wedding", "--below", "0.5", "--scores", scores, "--apply").exit_code == 0
+    ok("cull", "wedding", "--below", "0.5", "--scores", scores, "--apply")
     assert (shoot.root / "IMG_1.CR2").exists() and (shoot.root / "IMG_1.JPG").exists()
 
 
@@ -322,7 +329,7 @@ def _edit_journal(path: Path, edit) -> None:
 @pytest.mark.parametrize("evil", [b"../../outside.jpg", b"/etc/passwd", b"a/../../../x"])
 def test_undo_refuses_a_journal_edited_to_point_outside_its_roots(shoot, evil):
     outside = write(shoot.tmp / "outside.jpg", photo_bytes(3))  # same bytes as IMG_3
-    assert invoke("cull", "wedding", "--worst", "3", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("cull", "wedding", "--worst", "3", "--scores", shoot.scores, "--apply")
     journal = _journal(shoot.root / "_culled")
 
     def edit(record):
@@ -341,7 +348,7 @@ def test_undo_refuses_a_journal_edited_to_point_outside_its_roots(shoot, evil):
 
 
 def test_undo_refuses_a_journal_whose_roots_were_edited_or_that_sits_elsewhere(shoot):
-    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
     journal = _journal(shoot.root / "_culled")
     moved = shoot.tmp / "moved.jsonl"
     shutil.copy(journal, moved)
@@ -360,7 +367,7 @@ def test_undo_refuses_a_journal_whose_roots_were_edited_or_that_sits_elsewhere(s
 
 def test_undo_refuses_a_modified_destination_and_partial_restores_the_rest(shoot):
     before = snapshot(shoot.root)
-    assert invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
     culled = shoot.root / "_culled"
     (culled / "IMG_2.heic").write_bytes(b"edited after the cull")
     state = snapshot(shoot.tmp, skip_loda=False)
@@ -380,7 +387,7 @@ def test_undo_refuses_a_modified_destination_and_partial_restores_the_rest(shoot
 
 
 def test_undo_refuses_when_the_original_path_is_occupied(shoot):
-    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
     write(shoot.root / "IMG_1.JPG", b"a new photo with the old name")
     result = invoke("undo", "--dry-run")
     assert result.exit_code == 0 and "conflicts" in result.output and "occupied" in result.output
@@ -392,7 +399,7 @@ def test_undo_refuses_when_the_original_path_is_occupied(shoot):
 
 
 def test_undo_keeps_a_copy_whose_original_is_gone(shoot):
-    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--copy", "--apply").exit_code == 0
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--copy", "--apply")
     (shoot.root / "IMG_1.JPG").unlink()  # the user deleted the original after copying
     result = invoke("undo", "--partial")
     assert result.exit_code == 0
@@ -401,7 +408,7 @@ def test_undo_keeps_a_copy_whose_original_is_gone(shoot):
 
 def test_journal_with_half_a_last_line_is_undoable_and_a_damaged_middle_line_is_refused(shoot):
     before = snapshot(shoot.root)
-    assert invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
     journal = _journal(shoot.root / "_culled")
     data = journal.read_bytes()
     lines = data.split(b"\n")
@@ -463,7 +470,7 @@ def test_cross_device_cull_copies_verifies_then_removes_and_undo_brings_back(sho
         records = [json.loads(line) for line in _journal(dest).read_text().splitlines()]
         assert sum(r["type"] == "verified" for r in records) == 10  # every file checked before removal
         assert not list(dest.rglob(".loda-tmp-*"))
-        assert invoke("undo", _journal(dest)).exit_code == 0
+        ok("undo", _journal(dest))
         assert snapshot(shoot.root) == before
     finally:
         shutil.rmtree(dest, ignore_errors=True)
@@ -508,7 +515,7 @@ def test_sort_copies_into_star_folders_and_undo_removes_the_copies(shoot):
         src = rel.split("/", 1)[1]
         assert (sorted_dir / rel).read_bytes() == shoot.files[src], rel
     assert originals(snapshot(shoot.root)) == originals(snapshot(shoot.root))
-    assert invoke("undo", _journal(sorted_dir)).exit_code == 0
+    ok("undo", _journal(sorted_dir))
     after = snapshot(shoot.tmp, skip_loda=False)
     leftovers = {k for k in after if k not in before}
     assert all(k.startswith(b"sorted") and (b".loda-journal" in k or k == b"sorted") for k in leftovers), leftovers
@@ -524,11 +531,11 @@ def test_sort_move_edges_and_quantiles(shoot):
     assert (sorted_dir / "2-stars" / "IMG_4.jpg").exists()
     assert (sorted_dir / "4-stars" / "IMG_40.jpg").exists()  # 0.7 is on the edge: the higher bin
     assert (sorted_dir / "5-stars" / "IMG_3.jpg").exists()
-    assert invoke("undo", _journal(sorted_dir)).exit_code == 0
+    ok("undo", _journal(sorted_dir))
     assert snapshot(shoot.root) == before
 
     q = shoot.tmp / "q"
-    assert invoke("sort", "wedding", "--into", q, "--quantiles", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("sort", "wedding", "--into", q, "--quantiles", "--scores", shoot.scores, "--apply")
     photos = {".jpg", ".heic"}
     counts = {d.name: sum(f.suffix.lower() in photos for f in d.rglob("*")) for d in q.iterdir() if d.is_dir()}
     assert sum(counts.values()) == 7 and max(counts.values()) <= 2
@@ -573,13 +580,13 @@ def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(s
     assert (shoot.root / "IMG_1.xmp").read_bytes() == shoot.files["IMG_1.xmp"]
     assert state("IMG_3.xmp").label is None
 
-    assert invoke("undo", _journal(shoot.root)).exit_code == 0
+    ok("undo", _journal(shoot.root))
     assert snapshot(shoot.root) == before
 
     forced = invoke("rate", "wedding", "--scores", shoot.scores, "--force", "--sidecar", "lightroom", "--apply")
     assert forced.exit_code == 0
     assert state("IMG_4.xmp").rating == 3 and not (shoot.root / "IMG_4.jpg.xmp").exists()
-    assert invoke("undo").exit_code == 0
+    ok("undo")
     assert (shoot.root / "IMG_4.xmp").read_bytes() == human
 
 
@@ -597,11 +604,11 @@ def test_rate_darktable_only_and_edges(shoot):
 def test_rate_twice_is_unchanged_and_updates_its_own_rating(shoot):
     from loda_cli import xmp
 
-    assert invoke("rate", "wedding", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("rate", "wedding", "--scores", shoot.scores, "--apply")
     again = invoke("rate", "wedding", "--scores", shoot.scores, "--apply")
     assert "Nothing to do" in again.output
     moved = write_scores(shoot.tmp / "new.csv", [("wedding/IMG_3.jpg", 0.1)])
-    assert invoke("rate", "wedding", "--scores", moved, "--apply").exit_code == 0
+    ok("rate", "wedding", "--scores", moved, "--apply")
     assert xmp.read_state((shoot.root / "IMG_3.xmp").read_bytes()).rating == 1  # loda's own: updated
 
 
@@ -632,7 +639,7 @@ def test_markup_in_file_names_is_printed_literally(shoot):
 def test_undo_refuses_a_journal_owned_by_another_user(shoot):
     if os.geteuid() != 0:
         pytest.skip("changing a file's owner needs root")
-    assert invoke("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply").exit_code == 0
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
     journal = _journal(shoot.root / "_culled")
     os.chown(journal, 12345, 12345)
     result = invoke("undo", journal)
@@ -653,7 +660,7 @@ def test_cull_scores_real_photos_with_a_checkpoint_end_to_end(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     culled = [p.name for p in (root / "_culled").iterdir() if not p.name.startswith(".")]
     assert len([n for n in culled if n.endswith(".jpg")]) == 1
-    assert invoke("undo").exit_code == 0
+    ok("undo")
     assert snapshot(root) == before
 
 
@@ -674,7 +681,7 @@ def test_ctrl_c_halfway_names_the_journal_and_undo_restores(shoot, monkeypatch):
     assert "undo it with: loda undo" in result.output.replace("\n", "")
     assert snapshot(shoot.root) != before
     monkeypatch.setattr(organize, "_perform", real)
-    assert invoke("undo").exit_code == 0
+    ok("undo")
     assert snapshot(shoot.root) == before
 
 
@@ -759,5 +766,5 @@ def test_scores_written_by_loda_score_round_trip_odd_names_into_cull(shoot, fmt)
     assert result.exit_code == 0, result.output
     for name in names:
         assert os.path.exists(os.path.join(os.fsencode(shoot.root), b"_culled", name))
-    assert invoke("undo").exit_code == 0
+    ok("undo")
     assert snapshot(shoot.root) == before
