@@ -316,6 +316,19 @@ def _is_companion(name: str, decision: str) -> bool:
     return inner in IMAGE_COMPANION_EXTENSIONS or inner == ext.lower()
 
 
+def _by_stem(listing: dict[str, str]) -> dict[str, list[str]]:
+    """Names indexed by the stems they could be companions of (``IMG_1.CR2.xmp`` under both
+    ``IMG_1.CR2`` and ``IMG_1``), so finding a photo's companions does not scan the folder."""
+    index: dict[str, list[str]] = {}
+    for name in listing:
+        first = os.path.splitext(name)[0]
+        index.setdefault(first, []).append(name)
+        second = os.path.splitext(first)[0]
+        if second != first:
+            index.setdefault(second, []).append(name)
+    return index
+
+
 def _list_folder(folder: str) -> dict[str, str]:
     """name -> "file", "link" or "other" for one folder (loda's own files left out)."""
     kinds: dict[str, str] = {}
@@ -360,11 +373,13 @@ def collect_groups(
         by_stem.setdefault((folder, os.path.splitext(name)[0]), []).append(name)
 
     listings: dict[str, dict[str, str]] = {}
+    stem_index: dict[str, dict[str, list[str]]] = {}
     groups: list[Group] = []
     for (folder, _stem), names in sorted(by_stem.items()):
         if folder not in listings:
             try:
                 listings[folder] = _list_folder(folder)
+                stem_index[folder] = _by_stem(listings[folder])
             except OSError as exc:
                 reason = f"folder unreadable: {exc.strerror}"
                 skips.extend(Skip(os.path.join(folder, n), reason) for n in names)
@@ -374,7 +389,8 @@ def collect_groups(
         for name in sorted(names, key=lambda n: (_preference(n), n)):
             if name in claimed:
                 continue
-            companions = sorted(n for n in listing if n not in claimed and _is_companion(n, name))
+            nearby = stem_index[folder].get(os.path.splitext(name)[0], [])
+            companions = sorted(n for n in nearby if n not in claimed and _is_companion(n, name))
             members = [name, *companions]
             claimed.update(members)
             if any(listing.get(m) == "link" for m in members):
