@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ from loda_cli.images import FoundFile, SkipNotice, decode_image, iter_image_file
 from loda_cli.transforms import scoring_crops
 
 DEFAULT_DECODE_TIMEOUT_S = 10.0
+# Test hook (documented in tests/test_reliability.py): seconds to sleep before each decode.
+_TEST_DECODE_DELAY = float(os.environ.get("LODA_TEST_DECODE_DELAY", "0") or 0)
 
 
 @dataclass
@@ -216,6 +219,8 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
     t0 = time.perf_counter()
     try:
         with _time_limit(spec.decode_timeout):
+            if _TEST_DECODE_DELAY:
+                time.sleep(_TEST_DECODE_DELAY)  # test hook: makes runs slow enough to interrupt
             decoded = decode_image(found.path, target_short_side=spec.preprocess.short_side)
             t1 = time.perf_counter()
             crops = scoring_crops(decoded.image, spec.preprocess)
@@ -280,7 +285,6 @@ def _make_dataset(spec: ScanSpec):
             if info is None:
                 yield from iter_prepared(spec)
             else:
-                torch.set_num_threads(1)
                 yield from iter_prepared(spec, info.id, info.num_workers)
 
     return PreparedImages()
@@ -288,6 +292,24 @@ def _make_dataset(spec: ScanSpec):
 
 def _passthrough(item):
     return item
+
+
+def _worker_init(worker_id: int) -> None:
+    """Workers die with their parent: a SIGKILLed `loda score` must not leave decoders running
+    (an orphan would also block on its result queue forever)."""
+    import torch
+
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +450,7 @@ class Scorer:
         if self.workers > 0:
             loader: Iterable[dict[str, Any]] = DataLoader(
                 _make_dataset(spec), batch_size=None, num_workers=self.workers,
-                collate_fn=_passthrough, pin_memory=self.device.startswith("cuda"),
+                collate_fn=_passthrough, pin_memory=self.device.startswith("cuda"), worker_init_fn=_worker_init,
                 prefetch_factor=4, persistent_workers=False,
             )
         else:

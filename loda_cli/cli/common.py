@@ -24,6 +24,24 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def shown(text: str) -> str:
+    """A file name made safe for the terminal: undecodable bytes become U+FFFD (display only;
+    outputs keep the exact bytes)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def write_stdout_line(line: str) -> None:
+    """Write a line to stdout keeping a file name's exact bytes (non-UTF-8 names included)."""
+    data = (line + "\n").encode("utf-8", "surrogateescape")
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is not None:
+        sys.stdout.flush()
+        buffer.write(data)
+        buffer.flush()
+    else:
+        sys.stdout.write(shown(line) + "\n")
+
+
 def notice(message: str, quiet: bool = False) -> None:
     if not quiet:
         err_console.print(message, soft_wrap=True)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loda_cli.cli.common import err_console, handle_errors
+from loda_cli.cli.common import err_console, handle_errors, shown, write_stdout_line
 from loda_cli.errors import NoImagesError, UsageError
 
 
@@ -168,7 +168,7 @@ def score(
     elapsed = time.monotonic() - start
     if not rows and not interrupted:
         for path, reason in skipped[:5]:
-            err_console.print(f"skipped {path}: {reason}", markup=False)
+            err_console.print(f"skipped {shown(path)}: {reason}", markup=False)
         raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
 
     if out is not None and out != "-":
@@ -180,7 +180,7 @@ def score(
         for rec in ranked_records(rows):
             score_text = f"{rec['score']:.4f}" if rec["score"] is not None else "error"
             line = f"{score_text}\t{rec['path']}" + (f"\t{rec['error']}" if rec["error"] else "")
-            sys.stdout.write(line + "\n")
+            write_stdout_line(line)
     if not quiet:
         _summary(scorer, rows, skipped, elapsed, out)
     if interrupted:
@@ -268,14 +268,14 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
         table.add_column("path")
         for label, subset in (("best", good[:5]), ("worst", good[5:][-5:][::-1])):
             for r in subset:
-                table.add_row(label, f"{r.score:.3f}", escape(r.path))
+                table.add_row(label, f"{r.score:.3f}", escape(shown(r.path)))
         err_console.print(table)
     for r in failed[:5]:
-        err_console.print(f"[red]failed[/] {escape(r.path)}: {escape(r.error or '')}")
+        err_console.print(f"[red]failed[/] {escape(shown(r.path))}: {escape(r.error or '')}")
     if len(failed) > 5:
         err_console.print(f"... and {len(failed) - 5} more failures" + (f" (see {out})" if out and out != "-" else ""))
     for path, reason in skipped[:3]:
-        err_console.print(f"[dim]skipped {escape(path)}: {escape(reason)}[/]")
+        err_console.print(f"[dim]skipped {escape(shown(path))}: {escape(reason)}[/]")
     warned = sum(1 for r in rows if r.warnings)
     if warned:
         err_console.print(f"[dim]{warned} files raised decoder warnings (decoded anyway)[/]")

@@ -1,0 +1,204 @@
+"""Scoring under hostile conditions: signals, SIGKILL, a shared cache, a full disk, odd names,
+degenerate images, slow decoders.
+
+Test hook: ``LODA_TEST_DECODE_DELAY=<seconds>`` makes the scorer sleep before each decode, so a
+real subprocess can be interrupted in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from loda_cli.cli.main import app
+
+runner = CliRunner()
+N_PHOTOS = 24
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(N_PHOTOS):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(folder / f"p{i:02d}.jpg")
+    return folder
+
+
+def _cache_rows(home: Path) -> int:
+    db = home / "cache.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _start_score(args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "loda_cli", "score", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_cache(home: Path, proc, at_least: int = 3, limit: float = 90.0) -> None:
+    deadline = time.monotonic() + limit  # a hang guard, not a performance threshold
+    while _cache_rows(home) < at_least:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "scoring never started"
+        time.sleep(0.1)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_leaves_valid_partial_output_and_rerun_completes(photos, tiny_checkpoint, isolated_home, tmp_path, sig):
+    out = tmp_path / "scores.csv"
+    proc = _start_score([str(photos), "-m", str(tiny_checkpoint), "-o", str(out)], {"LODA_TEST_DECODE_DELAY": "0.25"})
+    _wait_for_cache(isolated_home, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    partial = _read_csv(out)
+    assert 0 < len(partial) < N_PHOTOS
+    assert all(r["score"] for r in partial)
+    result = runner.invoke(app, ["score", str(photos), "-m", str(tiny_checkpoint), "-o", str(out), "-q"])
+    assert result.exit_code == 0
+    full = _read_csv(out)
+    assert sorted(r["path"] for r in full) == sorted(str(p) for p in photos.iterdir())
+
+
+def test_sigkill_leaves_the_cache_consistent(photos, tiny_checkpoint, isolated_home, tmp_path):
+    proc = _start_score([str(photos), "-m", str(tiny_checkpoint), "-o", str(tmp_path / "s.csv")],
+                        {"LODA_TEST_DECODE_DELAY": "0.25"})
+    _wait_for_cache(isolated_home, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    with sqlite3.connect(isolated_home / "cache.sqlite") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    done = _cache_rows(isolated_home)
+    assert 0 < done < N_PHOTOS
+    out = tmp_path / "rerun.jsonl"
+    result = runner.invoke(app, ["score", str(photos), "-m", str(tiny_checkpoint), "-o", str(out), "-q"])
+    assert result.exit_code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == N_PHOTOS == len({r["path"] for r in rows})
+    assert _cache_rows(isolated_home) == N_PHOTOS
+
+
+def test_two_processes_share_one_cache(photos, tiny_checkpoint, isolated_home, tmp_path):
+    procs = [
+        _start_score([str(photos), "-m", str(tiny_checkpoint), "-o", str(tmp_path / f"s{i}.csv"), "-q"],
+                     {"LODA_TEST_DECODE_DELAY": "0.02"})
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        assert "locked" not in err
+    a, b = (_read_csv(tmp_path / f"s{i}.csv") for i in range(2))
+    assert len(a) == len(b) == N_PHOTOS
+    assert {r["path"]: r["score"] for r in a} == {r["path"]: r["score"] for r in b}
+    assert _cache_rows(isolated_home) == N_PHOTOS
+
+
+def test_full_disk_keeps_the_previous_output(photos, tiny_checkpoint, tmp_path):
+    out = tmp_path / "scores.csv"
+    result = runner.invoke(app, ["score", str(photos), "-m", str(tiny_checkpoint), "-o", str(out), "-q"])
+    assert result.exit_code == 0
+    before = out.read_bytes()
+    # A file-size limit of 200 bytes makes the next output write fail like a full disk would.
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
+        "from loda_cli.cli.main import main\n"
+        f"sys.argv = ['loda', 'score', {str(photos)!r}, '-m', {str(tiny_checkpoint)!r}, '-o', {str(out)!r}, '-q', '--no-cache']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1
+    assert "cannot write" in proc.stderr and "previous file is unchanged" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out.read_bytes() == before
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_odd_file_names_survive_csv_and_json(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    names = ["new\nline.jpg", "com,ma.jpg", 'quo"te.jpg', "-dash.jpg", "tab\tand space.jpg",
+             os.fsdecode(b"latin\xe9-\xff.jpg")]
+    rng = np.random.default_rng(1)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / name, "JPEG")
+    expected = sorted(os.fsencode(folder / n) for n in names)
+    for suffix in ("csv", "json", "jsonl"):
+        out = tmp_path / f"odd.{suffix}"
+        result = runner.invoke(app, ["score", str(folder), "-m", str(tiny_checkpoint), "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        if suffix == "csv":
+            rows = _read_csv(out)
+        elif suffix == "json":
+            rows = json.loads(out.read_text())["rows"]
+        else:
+            rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(os.fsencode(r["path"]) for r in rows) == expected
+        assert all(os.path.exists(os.fsencode(r["path"])) for r in rows)
+    # The plain listing on stdout keeps the bytes too.
+    result = runner.invoke(app, ["score", str(folder), "-m", str(tiny_checkpoint), "-q"])
+    assert result.exit_code == 0 and b"latin\xe9-\xff.jpg" in result.stdout_bytes
+
+
+def test_degenerate_sizes(tmp_path, tiny_checkpoint):
+    from loda_cli.scoring import Scorer
+
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one.png")
+    Image.new("RGB", (3, 2), (10, 200, 10)).save(folder / "tiny.png")
+    Image.new("RGB", (1, 3000), (10, 10, 200)).save(folder / "strip.png")
+    Image.new("RGB", (20, 300), (10, 10, 200)).save(folder / "tall.png")
+    rows = {Path(r.path).name: r for r in Scorer(str(tiny_checkpoint), workers=0, cache=False).score_files([folder])}
+    for name in ("one.png", "tiny.png", "tall.png"):
+        assert rows[name].error is None and 0.0 <= rows[name].score <= 1.0
+    assert rows["strip.png"].error.startswith("aspect ratio too extreme")
+
+
+def test_slow_decode_becomes_an_error_row_and_the_run_continues(photos, tiny_checkpoint, monkeypatch):
+    import loda_cli.scoring as scoring
+    from loda_cli.scoring import Scorer
+
+    real = scoring.decode_image
+
+    def sometimes_hangs(path, **kw):
+        if Path(path).name == "p03.jpg":
+            time.sleep(30)
+        return real(path, **kw)
+
+    monkeypatch.setattr(scoring, "decode_image", sometimes_hangs)
+    start = time.monotonic()
+    rows = list(Scorer(str(tiny_checkpoint), workers=0, cache=False, decode_timeout=0.5).score_files([photos]))
+    assert time.monotonic() - start < 25  # the hung file did not hold the run
+    bad = [r for r in rows if r.error]
+    assert [Path(r.path).name for r in bad] == ["p03.jpg"]
+    assert "longer than 0.5 s" in bad[0].error
+    assert len(rows) == N_PHOTOS
