@@ -1058,9 +1058,13 @@ def apply_plan(
     if not plan.actions:
         return ApplyReport(journal=None)
     preflight(plan)
-    os.makedirs(plan.journal_dir, exist_ok=True)
-    if os.path.islink(plan.journal_dir) or not os.path.isdir(plan.journal_dir):
-        raise UnsafePathError(f"{display_path(plan.journal_dir)} is not a plain folder")
+    # The destination folders themselves (and the journal's) are made first and never removed:
+    # the journal lives in one, and undo needs it afterwards.
+    used = {d for d in plan.dests if any(_is_under(a.dst, d) for a in plan.actions)}
+    for folder in sorted(used | {plan.journal_dir}):
+        os.makedirs(folder, exist_ok=True)
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            raise UnsafePathError(f"{display_path(folder)} is not a plain folder")
     header = {
         "type": "header",
         "version": JOURNAL_VERSION,
@@ -1169,7 +1173,7 @@ def _write_intents(plan: Plan, writer: _JournalWriter, report: ApplyReport) -> l
     for _, action, _, _ in prepared:
         folder = os.path.dirname(action.dst)
         missing = []
-        while not os.path.lexists(folder) and folder not in to_create:
+        while not os.path.lexists(folder) and folder not in to_create and folder not in plan.dests:
             missing.append(folder)
             folder = os.path.dirname(folder)
         to_create.extend(reversed(missing))

@@ -768,3 +768,25 @@ def test_scores_written_by_loda_score_round_trip_odd_names_into_cull(shoot, fmt)
         assert os.path.exists(os.path.join(os.fsencode(shoot.root), b"_culled", name))
     ok("undo")
     assert snapshot(shoot.root) == before
+
+
+def test_several_roots_each_get_their_culled_folder_or_a_subfolder_of_to(shoot):
+    other = shoot.tmp / "reception"
+    write(other / "sub" / "IMG_9.jpg", photo_bytes(9))
+    write(other / "IMG_3.jpg", photo_bytes(33))  # same name as in the first root
+    scores = write_scores(shoot.tmp / "two.csv", [("wedding/IMG_3.jpg", 0.1), ("reception/IMG_3.jpg", 0.1),
+                                                  ("reception/sub/IMG_9.jpg", 0.2)])
+    before = snapshot(shoot.tmp)
+    ok("cull", "wedding", "reception", "--below", "0.5", "--scores", scores, "--apply")
+    assert (shoot.root / "_culled" / "IMG_3.jpg").read_bytes() == photo_bytes(3)
+    assert (other / "_culled" / "IMG_3.jpg").read_bytes() == photo_bytes(33)
+    assert (other / "_culled" / "sub" / "IMG_9.jpg").exists()
+    ok("undo")
+    assert snapshot(shoot.tmp) == before
+
+    dest = shoot.tmp / "rejects"
+    ok("cull", "wedding", "reception", "--below", "0.5", "--scores", scores, "--to", dest, "--apply")
+    assert (dest / "wedding" / "IMG_3.jpg").read_bytes() == photo_bytes(3)
+    assert (dest / "reception" / "sub" / "IMG_9.jpg").exists()
+    ok("undo", _journal(dest))
+    assert {k: v for k, v in snapshot(shoot.tmp).items() if not k.startswith(b"rejects")} == before
