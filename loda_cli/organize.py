@@ -1165,6 +1165,9 @@ def _write_intents(plan: Plan, writer: _JournalWriter, report: ApplyReport) -> l
         except FileNotFoundError:
             report.skipped.append(Skip(action.src, "no longer exists"))
             continue
+        except OSError as exc:
+            report.skipped.append(Skip(action.src, f"unreadable: {exc.strerror or exc}"))
+            continue
         writer.write(record)
         tmp = os.path.join(os.path.dirname(action.dst), tmp_name)
         prepared.append((action_id, action, fingerprint, tmp))
@@ -1184,7 +1187,12 @@ def _write_intents(plan: Plan, writer: _JournalWriter, report: ApplyReport) -> l
     _fsync_dir(os.path.dirname(writer.path))
 
     for folder in to_create:
-        os.mkdir(folder)
+        try:
+            os.mkdir(folder)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot create {display_path(folder)}: {exc.strerror or exc}; nothing was moved"
+            ) from None
         _fsync_dir(os.path.dirname(folder))
     # A folder swapped for a symlink between planning and now must not redirect any file.
     for _, action, _, _ in prepared:
@@ -1650,40 +1658,10 @@ def apply_undo(plan: UndoPlan, *, partial: bool = False) -> UndoReport:
                 f"{display_path(journal.path)} is in use by a running loda"
             ) from None
         log = _UndoLog(_undo_log_path(journal.path))
-        log.write({"type": "undo-start", "time": _now(), "journal": os.path.basename(journal.path)})
-        remaining_conflicts = []
-        for step in plan.steps:
-            if step.action == "conflict":
-                remaining_conflicts.append(step)
-                continue
-            # Look again right before acting: the disk may have changed since planning.
-            fresh = _decide(step.entry)
-            if fresh.action == "conflict":
-                remaining_conflicts.append(fresh)
-                continue
-            _cleanup_tmp(step.entry)
-            if fresh.action == "none":
-                report.unchanged += 1
-                continue
-            delay = _action_delay()
-            if delay:
-                time.sleep(delay)
-            _undo_one(fresh)
-            if fresh.action in ("restore", "restore-sidecar"):
-                report.restored += 1
-            else:
-                report.removed += 1
-            log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
-        for folder in reversed(journal.mkdirs):
-            try:
-                if os.path.isdir(folder) and not os.path.islink(folder):
-                    os.rmdir(folder)  # only ever removes an empty folder
-            except OSError:
-                pass
-        report.conflicts = remaining_conflicts
-        report.complete = not remaining_conflicts
-        log.write({"type": "undo-end", "time": _now(), "complete": report.complete}, sync=True)
-        log.close()
+        try:
+            remaining_conflicts = _undo_steps(plan, report, log)
+        finally:
+            log.close()
     finally:
         os.close(lock_fd)
     if remaining_conflicts and not partial:
@@ -1692,6 +1670,51 @@ def apply_undo(plan: UndoPlan, *, partial: bool = False) -> UndoReport:
             "run undo again"
         )
     return report
+
+
+def _undo_steps(plan: UndoPlan, report: UndoReport, log: "_UndoLog") -> list[UndoStep]:
+    """Carry out the undo plan, logging each step; returns the conflicts left."""
+    journal = plan.journal
+    log.write({"type": "undo-start", "time": _now(), "journal": os.path.basename(journal.path)})
+    remaining_conflicts: list[UndoStep] = []
+    for step in plan.steps:
+        if step.action == "conflict":
+            remaining_conflicts.append(step)
+            continue
+        # Look again right before acting: the disk may have changed since planning.
+        fresh = _decide(step.entry)
+        if fresh.action == "conflict":
+            remaining_conflicts.append(fresh)
+            continue
+        _cleanup_tmp(step.entry)
+        if fresh.action == "none":
+            report.unchanged += 1
+            continue
+        delay = _action_delay()
+        if delay:
+            time.sleep(delay)
+        try:
+            _undo_one(fresh)
+        except OSError as exc:
+            raise JournalError(
+                f"{display_path(fresh.entry.dst)}: {exc.strerror or exc}; undo stopped. "
+                "What was undone is recorded; run `loda undo` again once this is fixed"
+            ) from None
+        if fresh.action in ("restore", "restore-sidecar"):
+            report.restored += 1
+        else:
+            report.removed += 1
+        log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
+    for folder in reversed(journal.mkdirs):
+        try:
+            if os.path.isdir(folder) and not os.path.islink(folder):
+                os.rmdir(folder)  # only ever removes an empty folder
+        except OSError:
+            pass
+    report.conflicts = remaining_conflicts
+    report.complete = not remaining_conflicts
+    log.write({"type": "undo-end", "time": _now(), "complete": report.complete}, sync=True)
+    return remaining_conflicts
 
 
 class _UndoLog:

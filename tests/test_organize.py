@@ -790,3 +790,35 @@ def test_several_roots_each_get_their_culled_folder_or_a_subfolder_of_to(shoot):
     assert (dest / "reception" / "sub" / "IMG_9.jpg").exists()
     ok("undo", _journal(dest))
     assert {k: v for k, v in snapshot(shoot.tmp).items() if not k.startswith(b"rejects")} == before
+
+
+def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(shoot, monkeypatch):
+    before = snapshot(shoot.root)
+    real_hash = organize._sha256_file
+
+    def failing_hash(path):
+        if path.endswith("IMG_2.heic"):
+            raise PermissionError(13, "Permission denied")
+        return real_hash(path)
+
+    monkeypatch.setattr(organize, "_sha256_file", failing_hash)
+    result = ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    assert "Permission denied" in result.output.replace("\n", " ")
+    assert (shoot.root / "IMG_2.heic").exists() and not (shoot.root / "IMG_1.JPG").exists()
+    monkeypatch.setattr(organize, "_sha256_file", real_hash)
+
+    real_undo_one = organize._undo_one
+    calls = []
+
+    def failing_undo_one(step):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real_undo_one(step)
+
+    monkeypatch.setattr(organize, "_undo_one", failing_undo_one)
+    result = invoke("undo")
+    assert result.exit_code == 1 and "Input/output error" in result.output and "again" in result.output
+    monkeypatch.setattr(organize, "_undo_one", real_undo_one)
+    ok("undo")
+    assert snapshot(shoot.root) == before
