@@ -19,6 +19,18 @@ R, P = baselines.ADAPTER_BOTTLENECK, baselines.VPT_PROMPTS
 HEAD = D  # the cosine head: D x 1, no bias
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    threads' spin-waiting makes them several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _config() -> LoDaConfig:
     return LoDaConfig(**TINY_KW)
 
