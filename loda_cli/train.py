@@ -260,7 +260,10 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         history.append(record)
         if dist.main:
             _append_jsonl(log_path(out), record)
-            _save_state(out, model, optimizer, epoch + 1, step, history, cfg)
+            if step == (epoch + 1) * steps_per_epoch:
+                # Only a finished epoch is a resume point; a run stopped inside one (--max-steps)
+                # keeps the previous state so a resume never skips batches.
+                _save_state(out, model, optimizer, epoch + 1, step, history, cfg)
             emit(TrainEvent("epoch", record))
         if last_epoch:
             break

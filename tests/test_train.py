@@ -1,0 +1,155 @@
+"""Training: the loss and schedule, a tiny end-to-end run, determinism, resume, DDP (gloo)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from loda_cli.cli.main import app
+from loda_cli.config import LoDaConfig, TrainConfig
+from loda_cli.train import cosine_lr, plcc_loss, state_path, train
+from tests.datasetfixtures import make_kadid
+
+runner = CliRunner()
+TINY = {"vit": "test_vit", "vit_kwargs": {"img_size": 224, "depth": 2}, "cnn": "test_resnet"}
+
+
+@pytest.fixture(scope="module")
+def kadid(tmp_path_factory):
+    return make_kadid(tmp_path_factory.mktemp("kadid"), n_refs=8, per_ref=10, size=(96, 72))
+
+
+@pytest.fixture(scope="module")
+def small_kadid(tmp_path_factory):
+    return make_kadid(tmp_path_factory.mktemp("small_kadid"), n_refs=5, per_ref=5, size=(64, 48))
+
+
+def _cfg(root, out, **kw) -> TrainConfig:
+    base = dict(dataset="kadid", data=str(root), epochs=2, batch_size=8, lr=3e-3, workers=0,
+                crops_per_image=2, test_crops=3, num_crops=3, model=LoDaConfig(**TINY), pretrained=False,
+                out=str(out), precision="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_plcc_loss_matches_its_definition():
+    torch.manual_seed(0)
+    p, y = torch.randn(64), torch.randn(64)
+    ps = (p - p.mean()) / p.std(unbiased=False)
+    ys = (y - y.mean()) / y.std(unbiased=False)
+    plcc = float((ps * ys).mean())
+    l0 = float(((ps - ys) ** 2).mean() / 4)
+    assert l0 == pytest.approx((1 - plcc) / 2, abs=1e-6)
+    l1 = float(((plcc * ps - ys) ** 2).mean() / 4)
+    assert float(plcc_loss(p, y)) == pytest.approx((l0 + l1) / 2, abs=1e-6)
+    assert float(plcc_loss(y * 3 + 1, y)) == pytest.approx(0.0, abs=1e-6)
+    # Invariant to the scale and offset of the predictions: only their order and linear fit matter.
+    assert float(plcc_loss(p * 5 - 2, y)) == pytest.approx(float(plcc_loss(p, y)), abs=1e-6)
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 3e-4) == pytest.approx(3e-4)
+    assert cosine_lr(50, 100, 3e-4) == pytest.approx(1.5e-4)
+    assert cosine_lr(100, 100, 3e-4) == pytest.approx(0.0, abs=1e-12)
+    values = [cosine_lr(s, 100, 1.0) for s in range(101)]
+    assert all(b <= a for a, b in zip(values, values[1:]))
+
+
+def test_tiny_training_learns_and_the_checkpoint_scores(kadid, tmp_path):
+    events = []
+    out = train(_cfg(kadid, tmp_path / "tiny.safetensors"), events.append)
+    losses = [e.data["loss"] for e in events if e.kind == "step"]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    metrics = [e.data["metrics"] for e in events if e.kind == "epoch"][-1]
+    assert metrics["srcc"] > 0.6, metrics  # chance is 0
+    from loda_cli.weights import read_metadata
+
+    meta = read_metadata(out)
+    assert meta["dataset"]["name"] == "kadid10k" and meta["metrics"]["srcc"] == metrics["srcc"]
+    assert meta["calibration"]["label_min"] == 1.0 and meta["train"]["seed"] == 3407
+    assert (tmp_path / "tiny.safetensors.log.jsonl").read_text().count("\n") == 2
+    # The checkpoint drives `loda score`, and its scores follow quality on held-out images.
+    scores = tmp_path / "s.csv"
+    r = runner.invoke(app, ["score", str(kadid / "images"), "-m", str(out), "-o", str(scores), "-q"])
+    assert r.exit_code == 0, r.output
+    import csv
+
+    from loda_cli.metrics import srcc
+
+    rows = {Path(row["path"]).name: float(row["score"]) for row in csv.DictReader(open(scores))}
+    dmos = {line.split(",")[0]: float(line.split(",")[2]) for line in (kadid / "dmos.csv").read_text().splitlines()[1:]}
+    names = sorted(dmos)
+    assert srcc([rows[n] for n in names], [dmos[n] for n in names]) > 0.6
+
+
+def test_same_seed_same_checkpoint_and_resume_is_exact(small_kadid, tmp_path):
+    kadid = small_kadid
+    small = dict(crops_per_image=1, test_crops=2, num_crops=1)
+    a = train(_cfg(kadid, tmp_path / "a.safetensors", **small))
+    b = train(_cfg(kadid, tmp_path / "b.safetensors", **small))
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    # A run killed after its first epoch, then resumed, ends exactly where the straight run did.
+    cfg = _cfg(kadid, tmp_path / "c.safetensors", **small)
+    first = []
+    cfg.max_steps = 1  # stopped inside epoch 1: nothing to resume from yet
+    train(cfg, first.append)
+    assert not state_path(Path(cfg.out)).is_file()
+    cfg.max_steps = [e.data["steps_per_epoch"] for e in first if e.kind == "start"][0]
+    train(cfg)
+    assert state_path(Path(cfg.out)).is_file()
+    cfg.max_steps, cfg.resume = None, True
+    events = []
+    c = train(cfg, events.append)
+    assert [e.data["start_epoch"] for e in events if e.kind == "start"] == [1]
+    tc = load_file(str(c))
+    assert all(torch.equal(ta[k], tc[k]) for k in ta)
+
+    cfg.lr = 1.0  # a different configuration must not resume silently
+    from loda_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="different configuration"):
+        train(cfg)
+
+
+def test_train_cli_and_bad_input(kadid, tmp_path):
+    out = tmp_path / "cli.safetensors"
+    r = runner.invoke(app, ["train", "kadid", "--data", str(kadid), "--vit", "test_vit", "--vit-depth", "1",
+                            "--cnn", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "8",
+                            "--max-steps", "2", "--workers", "0", "--precision", "fp32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and "checkpoint:" in r.output
+    r = runner.invoke(app, ["train", "kadid", "--data", str(tmp_path / "nowhere")])
+    assert r.exit_code != 0 and "--data" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["train", "kadidd"])
+    assert r.exit_code == 2 and "did you mean" in r.output
+    r = runner.invoke(app, ["train", "kadid", "--data", str(kadid), "--preset", "nope"])
+    assert r.exit_code == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
+def test_ddp_with_gloo_two_processes(kadid, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "loda_cli", "train", "kadid", "--data", str(kadid), "--vit", "test_vit", "--vit-depth", "1",
+           "--cnn", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+           "--max-steps", "3", "--precision", "fp32", "--out", str(out), "-q"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from loda_cli.weights import load_checkpoint, read_metadata
+
+    assert read_metadata(out)["train"]["steps"] == 3
+    model, _ = load_checkpoint(out)
+    with torch.no_grad():
+        raw = model(torch.zeros(1, 3, 224, 224))
+    assert math.isfinite(float(raw))
