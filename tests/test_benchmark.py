@@ -213,6 +213,28 @@ def test_table1_dry_run_lists_all_seven_datasets(tmp_path):
     assert len(payload["runs"]) == 14 and {r["status"] for r in payload["runs"]} == {"missing"}
     assert payload["totals"]["seconds"] == 0 and payload["totals"]["seconds_if_trained"] > 0
 
+    # A dataset with --table keeps only that dataset's runs of the table.
+    only = runner.invoke(app, ["benchmark", "kadid", "--table", "6", "--splits", "3-3", "--dry-run",
+                               "--checkpoints", str(tmp_path / "ck"), "--data-root", str(tmp_path)])
+    ids = [line.split()[0] for line in only.stdout.splitlines()[2:-2]]
+    assert ids == [f"kadid10k-split3{t}" for t in ("-linear", "-full", "-adapter", "-lora", "-vpt", "")]
+
+
+def test_crops_option_of_the_accuracy_path(tmp_path, capsys):
+    """`--crops N` (passed by `loda benchmark` as ``crops``) sets the test crops per image."""
+    from loda_cli.cli.benchmark_accuracy import run_accuracy
+
+    kw = dict(target="koniq", data=None, splits="2", checkpoints=tmp_path, train_first=True, test_on=None,
+              test_data=None, table=None, data_root=tmp_path, results=tmp_path / "r", by_distortion=False,
+              dry_run=True, deterministic_crops=False, epochs=None, vit=None, cnn=None, vit_depth=None,
+              no_pretrained=False, batch_size=None, device="cpu", precision="auto", workers=None, as_json=True)
+    run_accuracy(**kw, crops=4)
+    payload = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in payload["runs"]] == ["koniq10k-split0-c4", "koniq10k-split1-c4"]
+    assert "4 test crops" in payload["totals"]["assumption"]
+    with pytest.raises(UsageError):
+        run_accuracy(**kw, crops=0)
+
 
 def test_dry_run_estimates_scale_with_the_data():
     settings = bm.BenchmarkSettings(train=True)

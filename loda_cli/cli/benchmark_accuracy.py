@@ -40,7 +40,10 @@ def run_accuracy(
     precision: str,
     workers: Optional[int],
     as_json: bool,
+    crops: int = 15,
 ) -> None:
+    """``loda benchmark``'s accuracy path. ``crops`` is the number of test crops per image (the
+    paper's 15); a TARGET given with ``--table`` restricts the table to that dataset."""
     from loda_cli import benchmark as bm
     from loda_cli.errors import UsageError
 
@@ -48,8 +51,10 @@ def run_accuracy(
         data_root=data_root, checkpoints=checkpoints, results=results, train=train_first,
         deterministic_crops=deterministic_crops, by_distortion=by_distortion, epochs=epochs,
         batch_size=batch_size, cnn=cnn, pretrained=not no_pretrained, device=device,
-        precision=precision, workers=workers,
+        precision=precision, workers=workers, test_crops=crops,
     )
+    if crops < 1:
+        raise UsageError("--crops must be at least 1")
     if vit or vit_depth:
         settings.vit = vit
         # A replacement ViT must still take the 224 crops, whatever its own default size.
