@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent GPU machine (see README, "Performance"):
+#   bash scripts/device_check.sh [OUT_DIR]
+# 1. `loda benchmark speed --compare-naive` on CUDA: pipeline vs model-only (target >= 80%) vs naive.
+# 2. Training throughput of the paper's model (for the README's wall-time estimates).
+set -uo pipefail
+out=${1:-${OUT:-/tmp/loda-device}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 LODA_HOME=${LODA_HOME:-/tmp/loda-home}
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
+python3 -m loda_cli benchmark speed --synthetic 24 --compare-naive --device cuda --batch-size 240 --workers 12 2>&1 | tee "$out/speed.txt"
+python3 scripts/train_throughput.py --device cuda --batch-size 128 --steps 30 2>&1 | tee "$out/train.txt"
