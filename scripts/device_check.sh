@@ -9,5 +9,5 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 LODA_HOME=${LODA_HOME:-/tmp/loda-home}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
-python3 -m loda_cli benchmark speed --synthetic 24 --compare-naive --device cuda --batch-size 240 --workers 12 2>&1 | tee "$out/speed.txt"
+python3 -m loda_cli benchmark speed --synthetic 16 --compare-naive --device cuda --batch-size 240 --workers 12 2>&1 | tee "$out/speed.txt"
 python3 scripts/train_throughput.py --device cuda --batch-size 128 --steps 30 2>&1 | tee "$out/train.txt"
