@@ -208,6 +208,9 @@ def fit_logistic(pred: Any, mos: Any) -> FitResult:
 def _fit(x: np.ndarray, y: np.ndarray) -> FitResult:
     if _is_constant(x):
         return _linear_fallback(x, y, "predictions are constant")
+    if x.size < 4:
+        # Four parameters cannot be fitted to three points (curve_fit raises TypeError).
+        return _linear_fallback(x, y, f"only {x.size} samples for a 4-parameter fit")
     starts = [[y.max(), y.min(), x.mean(), 0.5]]
     spread = float(x.std())
     if spread > 0 and not math.isclose(spread, 0.5, rel_tol=0.1):

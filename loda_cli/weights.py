@@ -295,6 +295,10 @@ def load_checkpoint(
 
     path = Path(path)
     meta = read_metadata(path)
+    if (meta.get("method") or "loda") != "loda":
+        from loda_cli import baselines  # comparison methods of the paper's Tables 6 and 7
+
+        return baselines.load_checkpoint(path, device=device)
     try:
         config = LoDaConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:

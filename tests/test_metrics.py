@@ -368,3 +368,15 @@ def test_evaluate_returns_json_ready_dict_with_all_metrics():
     assert out["rmse"] == pytest.approx(rmse(x, y))
     assert json.loads(json.dumps(out)) == out
     assert isinstance(fit_logistic(x, y), FitResult)
+
+
+def test_three_samples_fall_back_to_a_line_instead_of_crashing():
+    import warnings
+
+    from loda_cli.metrics import MetricWarning, evaluate
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate([0.1, 0.2, 0.4], [1.0, 2.0, 3.5])
+    assert result["fit_method"] == "linear" and result["n"] == 3
+    assert any(issubclass(w.category, MetricWarning) for w in caught)

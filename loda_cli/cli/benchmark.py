@@ -67,6 +67,7 @@ def benchmark(
         by_distortion=by_distortion, dry_run=dry_run, deterministic_crops=deterministic_crops,
         epochs=epochs, vit=vit, cnn=cnn, vit_depth=vit_depth, no_pretrained=no_pretrained,
         batch_size=batch_size, device=device, precision=precision, workers=workers, as_json=as_json,
+        crops=crops,
     )
 
 
