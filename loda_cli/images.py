@@ -570,6 +570,28 @@ def _read_signature(path: Path) -> bytes | None:
         return None
 
 
+class _ClampedReader(io.BufferedReader):
+    """A binary file whose large reads never ask for more than what is left of the file.
+
+    CPython allocates the n bytes of ``read(n)`` before reading. Pillow skips a PNG's remaining
+    IDAT with one ``read(length)``, so a few-KB file whose chunk length field says 2**31 asked for
+    gigabytes, and became "out of memory" wherever memory is limited (ulimit -v, cgroups, strict
+    overcommit) although its pixels had decoded. Small reads, the common case, pass untouched.
+    """
+
+    _CLAMP_ABOVE = 1 << 20
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > self._CLAMP_ABOVE:
+            left = os.fstat(self.fileno()).st_size - self.tell()
+            size = min(size, max(left, 0))
+        return super().read(size)
+
+
+def _open_clamped(path: Path) -> _ClampedReader:
+    return _ClampedReader(io.FileIO(path, "rb"))
+
+
 def _check_regular_file(path: Path) -> os.stat_result:
     try:
         info = os.stat(path)
@@ -607,7 +629,7 @@ def decode_image(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with open(path, "rb") as fp:
+            with _open_clamped(path) as fp:
                 im = _open_header(fp, max_pixels)
                 rgb, width, height = _decode_opened(im, target_short_side)
                 image_format = im.format or "UNKNOWN"
@@ -631,7 +653,7 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            with open(path, "rb") as fp:
+            with _open_clamped(path) as fp:
                 im = _open_header(fp, None)
                 if im.format == "PNG" and "exif" not in im.info:
                     return im.size  # an eXIf chunk after the pixels would cost a full decode
