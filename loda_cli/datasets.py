@@ -968,19 +968,11 @@ def prepared_path(spec: DatasetSpec, root: Path, item: LabelItem, cache_dir: Opt
 
 
 def resize_short_side(image: Any, short_side: int, interpolation: str) -> Any:
-    """Resize a PIL image so its shorter side is ``short_side``, like torchvision's Resize(int):
-    the longer side is truncated, not rounded."""
-    from PIL import Image
+    """The one resize of the project (training and scoring must agree): see
+    :func:`loda_cli.images.resize_short_side`."""
+    from loda_cli.images import resize_short_side as resize
 
-    filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-    width, height = image.size
-    if width <= height:
-        size = (short_side, int(short_side * height / width))
-    else:
-        size = (int(short_side * width / height), short_side)
-    if size == image.size:
-        return image
-    return image.resize(size, filters[interpolation])
+    return resize(image, short_side, interpolation)
 
 
 def _load_resized(path: str, interpolation: str, exif_transpose: bool) -> Any:

@@ -801,7 +801,9 @@ def resize_short_side(
 ) -> PILImage.Image:
     """Resize so that ``min(width, height) == short_side``, keeping the aspect ratio.
 
-    The long side is rounded half up and is at least 1. Returns ``img`` itself when it already
+    The long side is truncated (as torchvision's ``Resize(int)``, which prepared the paper's
+    training data, so scoring sees the same geometry as training) and is at least 1. Returns
+    ``img`` itself when it already
     has that size. ``interpolation`` is one of nearest, box, bilinear, hamming, bicubic, lanczos.
     """
     from PIL import Image
@@ -814,9 +816,9 @@ def resize_short_side(
         )
     width, height = img.size
     if width <= height:
-        size = (short_side, max(1, int(height * short_side / width + 0.5)))
+        size = (short_side, max(1, int(height * short_side / width)))
     else:
-        size = (max(1, int(width * short_side / height + 0.5)), short_side)
+        size = (max(1, int(width * short_side / height)), short_side)
     if size == img.size:
         return img
     resample = Image.Resampling[interpolation.upper()]

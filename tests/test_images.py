@@ -685,6 +685,7 @@ def test_images_module_does_not_import_torch():
         ((500, 500), 384, (384, 384)),
         ((1001, 1000), 384, (384, 384)),  # 384.38 rounds down
         ((1003, 1000), 384, (385, 384)),  # 385.15
+        ((1002, 1000), 384, (384, 384)),  # 384.77 truncates, as torchvision's Resize(int)
         ((3, 2), 384, (576, 384)),
         ((1, 1), 224, (224, 224)),
     ],
@@ -717,7 +718,8 @@ def test_resize_short_side_property(width, height, short_side, interpolation):
     out = resize_short_side(Image.new("L", (width, height)), short_side, interpolation)
     assert min(out.size) == short_side
     long_in, short_in = max(width, height), min(width, height)
-    assert abs(max(out.size) - long_in * short_side / short_in) <= 0.5
+    exact = long_in * short_side / short_in
+    assert exact - 1 < max(out.size) <= exact  # truncated, as torchvision's Resize(int)
     if width <= height:  # a long side may round down to the short one, never below it
         assert out.size[0] <= out.size[1]
     if width >= height:
