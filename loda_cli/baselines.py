@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from loda_cli.config import LoDaConfig
-from loda_cli.errors import BackboneUnavailableError, CheckpointError, StateDictMismatchError, UsageError
+from loda_cli.errors import BackboneUnavailableError, UsageError
 from loda_cli.model import CosineHead, DistortionExtractor, LoDa, TwoLayerMlp, _create_backbone
 
 ADAPTER_BOTTLENECK = 64  # r of the Houlsby adapters (LoDa's latent width, for a like-for-like size)
@@ -360,31 +360,8 @@ def build_baseline(cfg) -> nn.Module:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """:func:`loda_cli.weights.load_checkpoint` for checkpoints of any method (the ``method`` in
-    their metadata; LoDa when absent). Returns (model in eval mode, metadata)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Load a checkpoint of any method (its metadata's ``method``; LoDa when absent)."""
     from loda_cli import weights
 
-    path = Path(path)
-    meta = weights.read_metadata(path)
-    method = meta.get("method") or "loda"
-    if method == "loda":
-        return weights.load_checkpoint(path, device=device)
-    try:
-        config = LoDaConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid architecture config in metadata: {exc}") from exc
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is damaged: {exc}") from exc
-    adapters_only = meta["kind"] == "adapters"
-    model = build_method(method, config, pretrained=adapters_only)
-    try:
-        model.load_loda_state_dict(tensors, adapters_only=adapters_only)
-    except StateDictMismatchError as exc:
-        raise StateDictMismatchError(f"{path}: tensors do not match its metadata ({exc})") from exc
-    model.pretrained = bool(meta.get("backbones", {}).get("pretrained", adapters_only))
-    return model.to(device).eval(), meta
+    return weights.load_checkpoint(path, device=device)
+

@@ -175,7 +175,7 @@ def _check_outputs(page: str, thumbs_dir: str, force: bool) -> None:
             raise OutputError(f"{_printable(page)} exists and is not a file loda wrote")
         with open(page, "rb") as fh:
             head = fh.read(4096)
-        if f'content="loda review'.encode() not in head and not force:
+        if b'content="loda review' not in head and not force:
             raise OutputError(
                 f"{_printable(page)} exists and was not written by loda review; "
                 "pass --force to replace it"

@@ -276,7 +276,6 @@ def _drain_skips(skips: list[SkipNotice]) -> Iterator[dict[str, Any]]:
 
 
 def _make_dataset(spec: ScanSpec):
-    import torch
     from torch.utils.data import IterableDataset, get_worker_info
 
     class PreparedImages(IterableDataset):

@@ -295,10 +295,6 @@ def load_checkpoint(
 
     path = Path(path)
     meta = read_metadata(path)
-    if (meta.get("method") or "loda") != "loda":
-        from loda_cli import baselines  # comparison methods of the paper's Tables 6 and 7
-
-        return baselines.load_checkpoint(path, device=device)
     try:
         config = LoDaConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
@@ -308,7 +304,13 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is damaged: {exc}") from exc
     adapters_only = meta["kind"] == "adapters"
-    model = LoDa(config, pretrained=adapters_only)
+    method = meta.get("method") or "loda"
+    if method == "loda":
+        model = LoDa(config, pretrained=adapters_only)
+    else:
+        from loda_cli.baselines import build_method  # the paper's Table 6/7 comparison methods
+
+        model = build_method(method, config, pretrained=adapters_only)
     try:
         model.load_loda_state_dict(tensors, adapters_only=adapters_only)
     except StateDictMismatchError as exc:

@@ -15,7 +15,6 @@ are refused: XMP never has one, and entity tricks are the usual way to attack an
 
 from __future__ import annotations
 
-import io
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
