@@ -52,6 +52,7 @@ CI_SCORE_CASES = 48
 SLOW_SCORE_CASES = 600
 MEMORY_LIMIT = 2 << 30  # RLIMIT_AS of the worker process
 CASE_TIMEOUT_S = 30.0  # a hang guard on a shared, loaded machine, not a speed requirement
+STARTUP_TIMEOUT_S = 120.0
 
 INTERESTING_16 = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x3FFF, 0x4000, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF)
 INTERESTING_32 = INTERESTING_16 + (
@@ -568,6 +569,10 @@ def worker_main(memory_limit: int, names_file: str, start: int) -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    import loda_cli.images  # noqa: F401 - imported before "ready", so no case pays for it
+
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     names = Path(names_file).read_text(encoding="utf-8").splitlines()
     folder = Path(names_file).parent
     for position in range(start, len(names)):
@@ -634,6 +639,9 @@ def run_cases(cases: list[Case], folder: Path, base_seed: int = BASE_SEED,
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
         try:
+            # Start-up is not a case: on a loaded machine it may take longer than case_timeout.
+            if lines.get(timeout=STARTUP_TIMEOUT_S) != "ready\n":
+                raise RuntimeError(f"the fuzz worker did not start; see {folder / 'worker.stderr'}")
             while position < len(cases):
                 case = cases[position]
                 where = f"{case.describe(base_seed)}; file {folder / case.file_name}"
@@ -741,11 +749,11 @@ def test_the_harness_reports_a_crash_and_a_hang(tmp_path, monkeypatch):
     with the next case. The worker is told to misbehave through a test hook."""
     cases = make_cases(6)
     monkeypatch.setenv("LODA_FUZZ_TEST_MISBEHAVE", f"{cases[1].file_name},{cases[3].file_name}")
-    report = run_cases(cases, tmp_path / "cases", case_timeout=2.0)
+    report = run_cases(cases, tmp_path / "cases", case_timeout=3.0)
     assert len(report.results) == 4
     assert report.restarts == 2
     kinds = [failure.split(":")[0] for failure in report.failures]
-    assert kinds == ["CRASH (exit -11)", "HANG (> 2 s)"]
+    assert kinds == ["CRASH (exit -11)", "HANG (> 3 s)"]
 
 
 def _png_with_idat_length(length: int) -> Case:
