@@ -46,6 +46,7 @@ from loda_cli import datasets
 from loda_cli.errors import DatasetError, OutputError, UsageError
 
 __all__ = [
+    "BUILTIN_GENERATION",
     "DISTORTIONS",
     "LEVELS",
     "LEVEL_PARAMETERS",
@@ -64,11 +65,13 @@ __all__ = [
     "gradient",
     "load_reference_folder",
     "make_reference",
+    "photo_crops",
     "procedural_references",
     "psnr",
     "quality_label",
     "strength_from_psnr",
     "texture",
+    "training_photos",
     "write_dataset",
 ]
 
@@ -441,6 +444,59 @@ def _sharpen(img, amount, rng):
     return values + amount * (values - _blur(values, 1.2))
 
 
+# --- camera pipeline ---
+
+
+def _srgb_to_linear(values: np.ndarray) -> np.ndarray:
+    v = values / 255.0
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+def _linear_to_srgb(values: np.ndarray) -> np.ndarray:
+    v = np.clip(values, 0.0, 1.0)
+    return 255.0 * np.where(v <= 0.0031308, 12.92 * v, 1.055 * v ** (1 / 2.4) - 0.055)
+
+
+@_distortion("camera_noise", (0.8, 1.6, 3.0, 5.5, 10.0))
+def _camera_noise(img, gain, rng):
+    """Sensor noise as a camera records it: Poisson-Gaussian noise in linear light (shot noise
+    grows with the signal, read noise does not), spatially correlated per channel the way
+    demosaicing spreads it, then the sRGB curve (which lifts it most in the shadows). The
+    strength is the analogue gain (ISO / 100, roughly)."""
+    field = rng.standard_normal(img.shape)
+    # Red and blue are interpolated from a quarter of the photosites, green from half.
+    field = ndimage.gaussian_filter(field, sigma=(0.7, 0.7, 0)) if min(img.shape[:2]) > 1 else field
+    common = ndimage.gaussian_filter(rng.standard_normal(img.shape[:2]), 0.5)[..., None]
+    field = 0.8 * field + 0.6 * common
+    std = field.std(axis=(0, 1))
+    field /= np.where(std > 0, std, 1.0)
+    linear = _srgb_to_linear(img.astype(np.float64))
+    sigma = np.sqrt(gain * 0.0012 * linear + (gain * 0.0015) ** 2)
+    return _linear_to_srgb(linear + sigma * field)
+
+
+_RESAMPLERS = (
+    Image.Resampling.NEAREST,
+    Image.Resampling.BOX,
+    Image.Resampling.BILINEAR,
+    Image.Resampling.BICUBIC,
+)
+
+
+@_distortion("downscale", (1.5, 2.0, 3.0, 4.0, 6.0))
+def _downscale(img, factor, rng):
+    """Resizing artefacts: the image shrunk by this factor with a random filter (nearest aliases,
+    the others blur) and enlarged back to its size with bilinear or bicubic interpolation, as a
+    thumbnail blown up again looks."""
+    h, w = img.shape[:2]
+    down = _RESAMPLERS[int(rng.integers(len(_RESAMPLERS)))]
+    up = _RESAMPLERS[2 + int(rng.integers(2))]
+    small = Image.fromarray(img).resize(
+        (max(1, round(w / factor)), max(1, round(h / factor))), down
+    )
+    return np.asarray(small.resize((w, h), up))
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------
@@ -729,16 +785,22 @@ def _read_rgb(path: Path, short_side: int | None) -> np.ndarray:
     return np.asarray(image)
 
 
+def _skimage_data_dir() -> Path | None:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
 def bundled_references(short_side: int | None = None) -> list[tuple[str, np.ndarray]]:
     """The natural colour photos bundled in scikit-image, as ``(ref_id, image)`` pairs.
 
     Read straight from the installed package's data folder with Pillow, so nothing is ever
     downloaded. Empty when scikit-image is not installed. ``short_side`` downsizes larger photos.
     """
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
+    data_dir = _skimage_data_dir()
+    if data_dir is None:
         return []
-    data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
     pairs = []
     for filename, ref_id in _BUNDLED_PHOTOS.items():
         path = data_dir / filename
@@ -766,17 +828,108 @@ def _reference_files(root: Path, recursive: bool = True) -> list[Path]:
     )
 
 
-def default_references(
-    short_side: int = 384, procedural: int = 16, seed: int = 3407
-) -> list[tuple[str, np.ndarray]]:
-    """The built-in reference set: scikit-image's bundled photos plus procedural images.
+# More pictures inside scikit-image's wheel that the built-in model learns from (never used as
+# test material): a second view of the motorcycle, a stained tissue section, and grey photos and
+# textures (cameraman, brick, grass, gravel, coins), which photo_crops tints.
+_TRAINING_EXTRA_PHOTOS = {
+    "motorcycle_right.png": "skimage_motorcycle_right",
+    "ihc.png": "skimage_ihc",
+    "camera.png": "skimage_camera",
+    "brick.png": "skimage_brick",
+    "grass.png": "skimage_grass",
+    "gravel.png": "skimage_gravel",
+    "coins.png": "skimage_coins",
+}
 
-    ``procedural`` references of 384x512 (dead leaves, textures, gradients, deterministic for
-    ``seed``) keep the set usable without scikit-image and add content photos lack. This is the
-    set the built-in model is trained from.
+
+def training_photos() -> list[tuple[str, np.ndarray]]:
+    """Every scikit-image picture :func:`photo_crops` cuts references from, at full size: the
+    :func:`bundled_references` photos and the extra training pictures (grey ones as RGB)."""
+    data_dir = _skimage_data_dir()
+    if data_dir is None:
+        return []
+    pairs = []
+    for filename, ref_id in {**_BUNDLED_PHOTOS, **_TRAINING_EXTRA_PHOTOS}.items():
+        path = data_dir / filename
+        if path.is_file():
+            pairs.append((ref_id, _read_rgb(path, None)))
+    return pairs
+
+
+def _tint(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A grey picture given a faint random colour cast that varies with brightness, so grey
+    material does not teach the model that colourless means pristine."""
+    ycc = _to_ycc(grey.astype(np.float64))
+    luma = (ycc[..., :1] - 128.0) / 128.0
+    offset, slope = rng.uniform(-14, 14, size=2), rng.uniform(-10, 10, size=2)
+    ycc[..., 1:] = 128.0 + offset + slope * luma
+    return _to_uint8(_from_ycc(ycc))
+
+
+def photo_crops(
+    count: int,
+    short_side: int = 384,
+    seed: int = 3407,
+    photos: Sequence[tuple[str, np.ndarray]] | None = None,
+) -> list[tuple[str, np.ndarray]]:
+    """``count`` references cut from photos (default: :func:`training_photos`), deterministic for
+    ``seed``: ``("photo_000_<source>", image)``, ...
+
+    Crop ``i`` takes photo ``i % len(photos)``, shrinks it by a random factor (never enlarges
+    it, which would blur it) between full size and the size at which its short side is
+    ``short_side``, cuts a random window with a ``short_side`` short side (or the photo's, when
+    that is smaller) and a 4:3 long side where it fits, and flips or turns it at random. Grey
+    photos get a faint random colour cast. Many crops of a few photos give the model far more
+    views of natural content than the photos alone.
+    """
+    photos = training_photos() if photos is None else list(photos)
+    out: list[tuple[str, np.ndarray]] = []
+    if not photos:
+        return out
+    for i in range(max(0, int(count))):
+        source, photo = photos[i % len(photos)]
+        rng = np.random.default_rng([seed, 0x70686F74, i])
+        h, w = photo.shape[:2]
+        smallest = min(1.0, short_side / min(h, w))
+        scale = rng.uniform(smallest, 1.0)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = Image.fromarray(photo)
+        if size != (w, h):
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        array = np.asarray(image)
+        if rng.random() < 0.25:
+            array = array.transpose(1, 0, 2)
+        if rng.random() < 0.5:
+            array = array[:, ::-1]
+        rh, rw = array.shape[:2]
+        short = min(short_side, rh, rw)
+        long_side = round(short * 4 / 3)
+        ch, cw = (short, min(long_side, rw)) if rh <= rw else (min(long_side, rh), short)
+        top = int(rng.integers(0, rh - ch + 1))
+        left = int(rng.integers(0, rw - cw + 1))
+        crop = np.ascontiguousarray(array[top : top + ch, left : left + cw])
+        if np.array_equal(crop[..., 0], crop[..., 1]) and np.array_equal(crop[..., 1], crop[..., 2]):
+            crop = _tint(crop, rng)
+        out.append((f"photo_{i:03d}_{source.removeprefix('skimage_')}", crop))
+    return out
+
+
+def default_references(
+    short_side: int = 384, procedural: int = 240, seed: int = 3407, photos: int = 240
+) -> list[tuple[str, np.ndarray]]:
+    """The built-in reference set, the one the built-in model is trained from.
+
+    scikit-image's bundled photos, then ``photos`` :func:`photo_crops` of them and of the extra
+    training pictures, then ``procedural`` references of ``short_side`` x 4/3 (dead leaves,
+    textures, gradients), all deterministic for ``seed``. The procedural images keep the set
+    usable without scikit-image and add content photos lack.
     """
     height, width = short_side, round(short_side * 4 / 3)
-    return bundled_references(short_side) + procedural_references(procedural, height, width, seed)
+    return (
+        bundled_references(short_side)
+        + photo_crops(photos, short_side, seed)
+        + procedural_references(procedural, height, width, seed)
+    )
 
 
 def load_reference_folder(
@@ -997,6 +1150,37 @@ def _unique_name(ref_id: str, taken: Iterable[str]) -> str:
     return name
 
 
+def _write_samples(
+    root: Path,
+    references: Sequence[tuple[str, np.ndarray]],
+    folders: dict[str, str],
+    seed: int,
+    suffix: str,
+    save_params: dict[str, object],
+    generate_kwargs: dict[str, object],
+) -> list[tuple[str, str, str]]:
+    """Generate and save the samples of some references; their ``labels.csv`` rows, in order."""
+    rows = []
+    counters: dict[str, int] = {}
+    for sample in generate_samples(references, seed, **generate_kwargs):
+        ref_name = folders[sample.ref_id]
+        index = counters.get(sample.ref_id, 0)
+        counters[sample.ref_id] = index + 1
+        relative = (
+            f"images/{ref_name}/"
+            f"{ref_name}_{index:04d}_{_safe_name(sample.distortion)}_{sample.level}{suffix}"
+        )
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sample.image).save(target, **save_params)
+        rows.append((relative, f"{sample.label:.6f}", sample.ref_id))
+    return rows
+
+
+def _write_samples_star(args: tuple) -> list[tuple[str, str, str]]:
+    return _write_samples(*args)
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
     references: Sequence[tuple[str, np.ndarray]],
@@ -1005,6 +1189,7 @@ def write_dataset(
     image_format: str = "png",
     overwrite: bool = False,
     manifest_extra: dict[str, object] | None = None,
+    workers: int = 1,
     **generate_kwargs: object,
 ) -> Path:
     """Generate samples (see :func:`generate_samples`) and write them as a ``csv`` dataset.
@@ -1018,12 +1203,16 @@ def write_dataset(
     ``mos`` is :func:`quality_label` (0..1, higher is better) and ``ref`` the reference id, which
     the trainer splits by. ``image_format`` is ``"png"`` (lossless; the default, so storage adds
     no distortion of its own) or ``"jpeg"`` (quality 95). ``manifest_extra`` adds keys to
-    ``synthetic.json``. Returns the path of ``labels.csv``. Raises UsageError if ``out_dir``
-    already holds a dataset and ``overwrite`` is False, and OutputError when writing fails.
+    ``synthetic.json``. ``workers > 1`` generates the references in that many processes; the
+    files and rows are the same as with one, since every sample is seeded by its reference.
+    Returns the path of ``labels.csv``. Raises UsageError if ``out_dir`` already holds a dataset
+    and ``overwrite`` is False, and OutputError when writing fails.
     """
     fmt = image_format.lower()
     if fmt not in ("png", "jpeg", "jpg"):
         raise UsageError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"workers must be a positive integer, got {workers!r}")
     suffix, save_params = (
         (".png", {"format": "PNG", "compress_level": 3})
         if fmt == "png"
@@ -1033,25 +1222,23 @@ def write_dataset(
     labels_path = root / "labels.csv"
     if labels_path.exists() and not overwrite:
         raise UsageError(f"{labels_path} already exists; pass overwrite=True to replace it")
-    samples = generate_samples(references, seed, **generate_kwargs)  # validates first
-    rows = []
-    counters: dict[str, int] = {}
+    generate_samples(references, seed, **generate_kwargs)  # validates the arguments first
     folders: dict[str, str] = {}  # ref_id -> its folder name, unique even on case-blind disks
+    for ref_id, _ in references:
+        folders[ref_id] = _unique_name(ref_id, folders.values())
     try:
-        for sample in samples:
-            if sample.ref_id not in folders:
-                folders[sample.ref_id] = _unique_name(sample.ref_id, folders.values())
-            ref_name = folders[sample.ref_id]
-            index = counters.get(sample.ref_id, 0)
-            counters[sample.ref_id] = index + 1
-            relative = (
-                f"images/{ref_name}/"
-                f"{ref_name}_{index:04d}_{_safe_name(sample.distortion)}_{sample.level}{suffix}"
-            )
-            target = root / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(sample.image).save(target, **save_params)
-            rows.append((relative, f"{sample.label:.6f}", sample.ref_id))
+        if workers == 1 or len(references) < 2:
+            rows = _write_samples(root, references, folders, seed, suffix, save_params, generate_kwargs)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            # Small chunks in reference order keep both processes busy to the end; map returns
+            # them in order, so the rows are those of a single process.
+            size = max(1, math.ceil(len(references) / (workers * 8)))
+            chunks = [references[i : i + size] for i in range(0, len(references), size)]
+            jobs = [(root, chunk, folders, seed, suffix, save_params, generate_kwargs) for chunk in chunks]
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                rows = [row for part in pool.map(_write_samples_star, jobs) for row in part]
         tmp = labels_path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -1085,7 +1272,11 @@ def write_dataset(
 #: ``.loda-prepared-384`` resize cache).
 GENERATED_DIR = ".loda-synthetic"
 #: Bumped whenever a change here changes the generated images or labels, so caches regenerate.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+#: How the set of the built-in references is generated (an empty reference folder): each
+#: reference gets 4 distortion types at all 5 levels, a quarter of them mixed with one or two
+#: more. Many references with a few types each teach more than a few references with all types.
+BUILTIN_GENERATION: dict[str, object] = {"per_reference": 4, "mix_probability": 0.25}
 
 
 def _fingerprint(files: Sequence[Path], root: Path) -> list[list[object]]:
@@ -1099,8 +1290,9 @@ def ensure_generated(root: str | os.PathLike, seed: int = datasets.DEFAULT_SEED)
     """The ``labels.csv`` of the synthetic set generated from the references in ``root``.
 
     ``root`` is a folder of pristine photos; an empty folder stands for the built-in references
-    (:func:`default_references`). The set (all types, 5 levels, pristine included, references
-    at a 384 short side) is written once to ``root/.loda-synthetic`` and reused while the
+    (:func:`default_references`, generated with :data:`BUILTIN_GENERATION`). The set (all types
+    for a folder's photos, 5 levels, pristine included, references at a 384 short side; in
+    parallel processes) is written once to ``root/.loda-synthetic`` and reused while the
     reference files (names, sizes, mtimes), the seed and :data:`GENERATOR_VERSION` are the same.
     """
     root = Path(root)
@@ -1112,6 +1304,7 @@ def ensure_generated(root: str | os.PathLike, seed: int = datasets.DEFAULT_SEED)
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "sources": _fingerprint(files, root) if files else "built-in",
+        "options": {} if files else BUILTIN_GENERATION,
     }
     labels_path = out_dir / "labels.csv"
     manifest_path = out_dir / "synthetic.json"
@@ -1125,11 +1318,14 @@ def ensure_generated(root: str | os.PathLike, seed: int = datasets.DEFAULT_SEED)
     short_side = datasets.SHORT_SIDE
     if files:
         references = load_reference_folder(root, short_side=short_side)
+        options: dict[str, object] = {}
     else:
         references = default_references(short_side=short_side, seed=seed)
+        options = dict(BUILTIN_GENERATION)
     logger.info("generating the synthetic set from %d references in %s", len(references), out_dir)
     return write_dataset(
-        out_dir, references, seed, overwrite=True, manifest_extra={"source": source}
+        out_dir, references, seed, overwrite=True, manifest_extra={"source": source},
+        workers=max(1, min(4, os.cpu_count() or 1)), **options,
     )
 
 

@@ -1,0 +1,285 @@
+"""Measure the built-in model against issue 7's quality targets and print a small table.
+
+    python scripts/eval_builtin.py [--model weights/loda-builtin.safetensors] [--json out.json]
+
+1. Held-out synthetic set: procedural references drawn with a seed training never used, plus
+   the held-out real photos, each with every distortion type at all 5 levels and the pristine
+   image (``synthetic.generate_samples``, its own seed). SRCC of the score against the label.
+2. Held-out real photos (photos shipped inside scikit-learn and matplotlib, never training
+   material) against their strongly distorted versions (levels 3-5 of blur, noise and JPEG,
+   applied at the photo's own size): the share of pairs in which the original scores higher
+   (a tie counts as a miss). The variance-of-the-Laplacian sharpness statistic is measured on
+   the same pairs as a baseline.
+3. Optionally (``--crops-compare``) the rank agreement (SRCC) of the scores with the
+   checkpoint's default crops against 15 crops, on every 4th image of the held-out synthetic set.
+
+Scores go through the scorer's own path (``Scorer.preprocess``: resize to the short side, the
+fixed grid of crops, the checkpoint's calibration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+HOLDOUT_SEED = 2024  # never used by training (its references and samples use 3407)
+PAIR_TYPES = ("gaussian_blur", "lens_blur", "motion_blur", "white_noise", "color_noise",
+              "camera_noise", "jpeg")  # fmt: skip
+PAIR_LEVELS = (3, 4, 5)
+
+
+def heldout_photos() -> list[tuple[str, np.ndarray]]:
+    """Real photos that ship inside PyPI packages and are not training material: scikit-learn's
+    china.jpg and flower.jpg (CC BY 2.0) and matplotlib's grace_hopper.jpg (public domain). Those
+    whose package is not installed are left out; nothing is downloaded."""
+    photos = []
+    try:
+        from sklearn.datasets import load_sample_images
+
+        sample = load_sample_images()
+        for filename, image in zip(sample.filenames, sample.images):
+            photos.append((Path(filename).stem, np.ascontiguousarray(image, dtype=np.uint8)))
+    except ImportError:
+        pass
+    try:
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+            photos.append(("grace_hopper", np.asarray(Image.open(fh).convert("RGB"))))
+    except (ImportError, OSError, ValueError):
+        pass
+    return photos
+
+
+def _fit_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if min(h, w) <= short_side:
+        return image
+    scale = short_side / min(h, w)
+    size = (round(w * scale), round(h * scale))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+
+
+def heldout_synthetic_set(procedural: int = 16, seed: int = HOLDOUT_SEED):
+    """(images, labels, groups) of the held-out synthetic set described in the module doc."""
+    from loda_cli import synthetic
+
+    references = synthetic.procedural_references(procedural, 384, 512, seed)
+    references += [(f"photo_{name}", _fit_short_side(image, 384)) for name, image in heldout_photos()]
+    images, labels, groups = [], [], []
+    for sample in synthetic.generate_samples(references, seed):
+        images.append(sample.image)
+        labels.append(sample.label)
+        groups.append("photo" if sample.ref_id.startswith("photo_") else "procedural")
+    return images, labels, groups
+
+
+def real_photo_pairs(seed: int = HOLDOUT_SEED):
+    """(photo name, original, [(distortion, level, distorted image), ...]) per held-out photo."""
+    from loda_cli import synthetic
+
+    out = []
+    for index, (name, photo) in enumerate(heldout_photos()):
+        versions = []
+        for t, kind in enumerate(PAIR_TYPES):
+            for level in PAIR_LEVELS:
+                rng = np.random.default_rng([seed, index, t])
+                versions.append((kind, level, synthetic.apply_distortion(photo, kind, level, rng)))
+        out.append((name, photo, versions))
+    return out
+
+
+def laplacian_variance(image: np.ndarray) -> float:
+    """The classic sharpness statistic: variance of the Laplacian of the grey image."""
+    grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return float(ndimage.laplace(grey).var())
+
+
+def make_scorer(model: str | None = None, crops: int | None = None, device: str = "cpu"):
+    from loda_cli.scoring import Scorer
+
+    return Scorer(model, device=device, crops=crops, cache=False, workers=0)
+
+
+def score_arrays(scorer, images: list[np.ndarray], batch_crops: int = 60) -> list[float]:
+    """Calibrated scores of in-memory RGB images through the scorer's preprocessing, with crops
+    of many images batched together."""
+    from loda_cli.transforms import scoring_crops
+
+    raws: list[float] = []
+    pending: list[np.ndarray] = []
+    counts: list[int] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        flat = scorer._forward(np.concatenate(pending))
+        start = 0
+        for n in counts:
+            raws.append(sum(flat[start : start + n]) / n)
+            start += n
+        pending.clear()
+        counts.clear()
+
+    for image in images:
+        crops = scoring_crops(Image.fromarray(image), scorer.preprocess)
+        pending.append(crops)
+        counts.append(len(crops))
+        if sum(counts) >= batch_crops:
+            flush()
+    flush()
+    return [scorer.loaded.calibration.to_score(r) for r in raws]
+
+
+def pair_accuracy(pairs, scores_of) -> tuple[float, int, list[str]]:
+    """Share of (original, distorted) pairs where the original scores strictly higher."""
+    wins, total, misses = 0, 0, []
+    for name, original, versions in pairs:
+        values = scores_of([original] + [image for _, _, image in versions])
+        for (kind, level, _), value in zip(versions, values[1:]):
+            total += 1
+            if values[0] > value:
+                wins += 1
+            else:
+                misses.append(f"{name} {kind}@{level}")
+    return (wins / total if total else float("nan")), total, misses
+
+
+def evaluate(model: str | None = None, crops_compare: bool = False, device: str = "cpu") -> dict:
+    from loda_cli.metrics import srcc
+
+    scorer = make_scorer(model, device=device)
+    result: dict = {"model": str(scorer.loaded.path), "crops": scorer.preprocess.num_crops,
+                    "parameters": sum(p.numel() for p in scorer.model.parameters())}
+    t0 = time.perf_counter()
+    images, labels, groups = heldout_synthetic_set()
+    scores = score_arrays(scorer, images)
+    result["synthetic"] = {
+        "images": len(images),
+        "srcc": srcc(scores, labels),
+        "srcc_procedural": srcc(*_subset(scores, labels, groups, "procedural")),
+    }
+    if "photo" in groups:
+        result["synthetic"]["srcc_photos"] = srcc(*_subset(scores, labels, groups, "photo"))
+    if crops_compare:
+        # Every 4th image keeps the 15-crop pass affordable on a CPU.
+        many = make_scorer(model, crops=15, device=device)
+        subset = slice(0, None, 4)
+        result["synthetic"]["srcc_vs_15_crops"] = srcc(scores[subset], score_arrays(many, images[subset]))
+        result["synthetic"]["crops_compare_images"] = len(images[subset])
+    pairs = real_photo_pairs()
+    model_acc, total, misses = pair_accuracy(pairs, lambda ims: score_arrays(scorer, ims))
+    lap_acc, _, _ = pair_accuracy(pairs, lambda ims: [laplacian_variance(im) for im in ims])
+    result["real_pairs"] = {
+        "photos": [name for name, _, _ in pairs],
+        "pairs": total,
+        "model": model_acc,
+        "laplacian_variance": lap_acc,
+        "model_misses": misses,
+    }
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _subset(scores, labels, groups, group):
+    keep = [i for i, g in enumerate(groups) if g == group]
+    return [scores[i] for i in keep], [labels[i] for i in keep]
+
+
+def print_table(result: dict) -> None:
+    syn, real = result["synthetic"], result["real_pairs"]
+    rows = [
+        ("held-out synthetic SRCC (all)", f"{syn['srcc']:.4f}", f"{syn['images']} images", ">= 0.85"),
+        ("  procedural references", f"{syn['srcc_procedural']:.4f}", "", ""),
+    ]
+    if "srcc_photos" in syn:
+        rows.append(("  held-out photos", f"{syn['srcc_photos']:.4f}", "", ""))
+    if "srcc_vs_15_crops" in syn:
+        rows.append((f"SRCC {result['crops']} crops vs 15", f"{syn['srcc_vs_15_crops']:.4f}", "", ""))
+    rows += [
+        ("real photos: original ranked above", f"{real['model']:.1%}", f"{real['pairs']} pairs", ">= 90%"),
+        ("  Laplacian variance baseline", f"{real['laplacian_variance']:.1%}", "", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  {'value':>8}  {'n':<12}  target")
+    for name, value, n, target in rows:
+        print(f"{name:<{width}}  {value:>8}  {n:<12}  {target}")
+    if real["model_misses"]:
+        print("model misses:", ", ".join(real["model_misses"]))
+    print(f"photos: {', '.join(real['photos'])}; model {result['model']}; {result['seconds']} s")
+
+
+def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | None = None) -> dict:
+    """Add or replace the checkpoint's entry in ``weights/manifest.json`` (the built-in entry when
+    the checkpoint says it is synthetic-only), with its checksum and the metrics just measured."""
+    from loda_cli.weights import file_sha256, read_metadata
+
+    meta = read_metadata(checkpoint)
+    train = meta.get("train", {})
+    description = meta.get("description", "")
+    reproduce = description.split("Reproduce (seed", 1)[-1].split("): ", 1)[-1] if "Reproduce" in description else ""
+    entry = {
+        "name": meta["name"],
+        "file": checkpoint.name,
+        "builtin": bool(meta.get("synthetic_only")),
+        "sha256": file_sha256(checkpoint),
+        "size_bytes": checkpoint.stat().st_size,
+        "dataset": meta.get("dataset", {}).get("name"),
+        "seed": train.get("seed"),
+        "backbones": meta.get("backbones", {}) | {"vit_kwargs": meta["config"].get("vit_kwargs"),
+                                                  "cnn_kwargs": meta["config"].get("cnn_kwargs")},
+        "parameters": result.get("parameters"),
+        "preprocess": meta.get("preprocess"),
+        "description": description.split(" Reproduce", 1)[0],
+        "reproduce": reproduce,
+        "metrics": {
+            "test_split": meta.get("metrics", {}),
+            "heldout_synthetic_srcc": round(result["synthetic"]["srcc"], 4),
+            "heldout_synthetic_images": result["synthetic"]["images"],
+            "real_photo_pairs_original_wins": round(result["real_pairs"]["model"], 4),
+            "real_photo_pairs_laplacian_baseline": round(result["real_pairs"]["laplacian_variance"], 4),
+            "real_photo_pairs": result["real_pairs"]["pairs"],
+            "real_photos": result["real_pairs"]["photos"],
+            "measured_by": "python scripts/eval_builtin.py --manifest weights/manifest.json",
+        },
+    }
+    if "srcc_vs_15_crops" in result["synthetic"]:
+        entry["metrics"]["srcc_default_crops_vs_15"] = round(result["synthetic"]["srcc_vs_15_crops"], 4)
+    if speed:
+        entry["metrics"]["speed"] = speed
+    models = []
+    if path.is_file():
+        models = [m for m in json.loads(path.read_text())["models"] if m.get("name") != entry["name"]]
+    models.insert(0, entry)
+    path.write_text(json.dumps({"models": models}, indent=2) + "\n")
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint (default: what `loda score` resolves)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--crops-compare", action="store_true",
+                        help="also score with 15 crops and report the rank agreement")
+    parser.add_argument("--manifest", help="write the results into this manifest.json entry")
+    parser.add_argument("--speed-json", help="a JSON file of speed measurements to add to the entry")
+    args = parser.parse_args(argv)
+    result = evaluate(args.model, crops_compare=args.crops_compare or bool(args.manifest))
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.manifest:
+        speed = json.loads(Path(args.speed_json).read_text()) if args.speed_json else None
+        write_manifest(Path(args.manifest), Path(result["model"]), result, speed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
