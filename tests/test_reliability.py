@@ -71,8 +71,10 @@ def _read_csv(path: Path) -> list[dict]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_leaves_valid_partial_output_and_rerun_completes(photos, tiny_checkpoint, isolated_home, tmp_path, sig):
     out = tmp_path / "scores.csv"
-    proc = _start_score([str(photos), "-m", str(tiny_checkpoint), "-o", str(out)], {"LODA_TEST_DECODE_DELAY": "0.25"})
-    _wait_for_cache(isolated_home, proc)
+    # One image per forward pass, so rows (and cache commits) arrive steadily, not in bursts.
+    proc = _start_score([str(photos), "-m", str(tiny_checkpoint), "-o", str(out), "--batch-size", "3"],
+                        {"LODA_TEST_DECODE_DELAY": "0.5"})
+    _wait_for_cache(isolated_home, proc, at_least=1)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

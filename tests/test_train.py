@@ -24,7 +24,7 @@ TINY = {"vit": "test_vit", "vit_kwargs": {"img_size": 224, "depth": 2}, "cnn": "
 
 @pytest.fixture(scope="module")
 def kadid(tmp_path_factory):
-    return make_kadid(tmp_path_factory.mktemp("kadid"), n_refs=8, per_ref=10, size=(96, 72))
+    return make_kadid(tmp_path_factory.mktemp("kadid"), n_refs=6, per_ref=8, size=(96, 72))
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,10 @@ def test_tiny_training_learns_and_the_checkpoint_scores(kadid, tmp_path):
     assert meta["dataset"]["name"] == "kadid10k" and meta["metrics"]["srcc"] == metrics["srcc"]
     assert meta["calibration"]["label_min"] == 1.0 and meta["train"]["seed"] == 3407
     assert (tmp_path / "tiny.safetensors.log.jsonl").read_text().count("\n") == 2
-    # The checkpoint drives `loda score`, and its scores follow quality on held-out images.
+    # The checkpoint drives `loda score`, and its scores follow quality on the dataset's images.
     scores = tmp_path / "s.csv"
-    r = runner.invoke(app, ["score", str(kadid / "images"), "-m", str(out), "-o", str(scores), "-q"])
+    r = runner.invoke(app, ["score", str(kadid / "images"), "-m", str(out), "-o", str(scores), "-q",
+                            "--crops", "1", "--precision", "fp32"])
     assert r.exit_code == 0, r.output
     import csv
 
@@ -94,11 +95,10 @@ def test_same_seed_same_checkpoint_and_resume_is_exact(small_kadid, tmp_path):
     kadid = small_kadid
     small = dict(crops_per_image=1, test_crops=2, num_crops=1)
     a = train(_cfg(kadid, tmp_path / "a.safetensors", **small))
-    b = train(_cfg(kadid, tmp_path / "b.safetensors", **small))
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    ta = load_file(str(a))
 
-    # A run killed after its first epoch, then resumed, ends exactly where the straight run did.
+    # A run killed after its first epoch, then resumed, ends exactly where the straight run did:
+    # that is also the determinism check (same seed, same checkpoint, bit for bit).
     cfg = _cfg(kadid, tmp_path / "c.safetensors", **small)
     first = []
     cfg.max_steps = 1  # stopped inside epoch 1: nothing to resume from yet
@@ -121,7 +121,8 @@ def test_same_seed_same_checkpoint_and_resume_is_exact(small_kadid, tmp_path):
         train(cfg)
 
 
-def test_train_cli_and_bad_input(kadid, tmp_path):
+def test_train_cli_and_bad_input(small_kadid, tmp_path):
+    kadid = small_kadid
     out = tmp_path / "cli.safetensors"
     r = runner.invoke(app, ["train", "kadid", "--data", str(kadid), "--vit", "test_vit", "--vit-depth", "1",
                             "--cnn", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "8",
@@ -137,7 +138,8 @@ def test_train_cli_and_bad_input(kadid, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
-def test_ddp_with_gloo_two_processes(kadid, tmp_path):
+def test_ddp_with_gloo_two_processes(small_kadid, tmp_path):
+    kadid = small_kadid
     out = tmp_path / "ddp.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
