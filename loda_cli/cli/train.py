@@ -107,9 +107,13 @@ def train_cmd(
         model_kw["cnn"] = cnn
     if vit_depth:
         model_kw["vit_kwargs"] = {**model_kw["vit_kwargs"], "depth": vit_depth}
-    if method == "full":
+    if method in ("full", "vit"):
         model_kw["trainable"] = "full"
     cfg.model = LoDaConfig.from_dict(model_kw)
+    if method != "loda" and lr is None:
+        from loda_cli.baselines import METHOD_LR
+
+        cfg.lr = METHOD_LR.get(method, cfg.lr)  # e.g. 2e-5 for full fine-tuning, not LoDa's 3e-4
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
                        ("weight_decay", weight_decay), ("crops_per_image", crops_per_image),
                        ("workers", workers), ("max_steps", max_steps)):
