@@ -11,7 +11,7 @@
    (a tie counts as a miss). The variance-of-the-Laplacian sharpness statistic is measured on
    the same pairs as a baseline.
 3. Optionally (``--crops-compare``) the rank agreement (SRCC) of the scores with the
-   checkpoint's default crops against 15 crops, on every 4th image of the held-out synthetic set.
+   checkpoint's default crops against 15 crops, on every 8th image of the held-out synthetic set.
 
 Scores go through the scorer's own path (``Scorer.preprocess``: resize to the short side, the
 fixed grid of crops, the checkpoint's calibration).
@@ -67,7 +67,7 @@ def _fit_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
 
 
-def heldout_synthetic_set(procedural: int = 16, seed: int = HOLDOUT_SEED):
+def heldout_synthetic_set(procedural: int = 8, seed: int = HOLDOUT_SEED):
     """(images, labels, groups) of the held-out synthetic set described in the module doc."""
     from loda_cli import synthetic
 
@@ -169,9 +169,9 @@ def evaluate(model: str | None = None, crops_compare: bool = False, device: str 
     if "photo" in groups:
         result["synthetic"]["srcc_photos"] = srcc(*_subset(scores, labels, groups, "photo"))
     if crops_compare:
-        # Every 4th image keeps the 15-crop pass affordable on a CPU.
+        # Every 8th image keeps the 15-crop pass affordable on a CPU.
         many = make_scorer(model, crops=15, device=device)
-        subset = slice(0, None, 4)
+        subset = slice(0, None, 8)
         result["synthetic"]["srcc_vs_15_crops"] = srcc(scores[subset], score_arrays(many, images[subset]))
         result["synthetic"]["crops_compare_images"] = len(images[subset])
     pairs = real_photo_pairs()
@@ -225,6 +225,8 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
     train = meta.get("train", {})
     description = meta.get("description", "")
     reproduce = description.split("Reproduce (seed", 1)[-1].split("): ", 1)[-1] if "Reproduce" in description else ""
+    if reproduce and train.get("max_steps"):
+        reproduce += f" --max-steps {train['max_steps']}"
     entry = {
         "name": meta["name"],
         "file": checkpoint.name,
