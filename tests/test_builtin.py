@@ -38,11 +38,10 @@ def _generated_photos() -> list[tuple[str, np.ndarray]]:
 
 
 def _distorted_versions(image: np.ndarray) -> dict[str, np.ndarray]:
-    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    versions = {"blur4": ("gaussian_blur", 4), "noise4": ("white_noise", 4), "jpeg5": ("jpeg", 5)}
     return {
-        "blur4": synthetic.apply_distortion(image, "gaussian_blur", 4, rng()),
-        "noise4": synthetic.apply_distortion(image, "white_noise", 4, rng()),
-        "jpeg5": synthetic.apply_distortion(image, "jpeg", 5, rng()),
+        key: synthetic.apply_distortion(image, kind, level, np.random.default_rng(7))
+        for key, (kind, level) in versions.items()
     }
 
 
@@ -168,7 +167,7 @@ def test_photo_crops_are_deterministic_varied_views():
 
 def test_parallel_generation_writes_the_same_set_as_one_process(tmp_path):
     refs = synthetic.procedural_references(5, 24, 32, seed=3)
-    kwargs = dict(per_reference=2, levels=(1, 5), mix_probability=0.5)
+    kwargs = {"per_reference": 2, "levels": (1, 5), "mix_probability": 0.5}
     one = synthetic.write_dataset(tmp_path / "one", refs, 9, workers=1, **kwargs)
     two = synthetic.write_dataset(tmp_path / "two", refs, 9, workers=2, **kwargs)
     assert one.read_text() == two.read_text()
