@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
 
 from loda_cli import __version__
+
+# OpenMP threads that spin while they wait steal the CPU from the DataLoader workers and from
+# anything else running: on a loaded 2-core machine training ran 4.5 crops/s spinning and 21-25
+# crops/s passive, with identical results. Set before torch is imported; the user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="loda",
