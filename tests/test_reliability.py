@@ -49,10 +49,17 @@ def _cache_rows(home: Path) -> int:
         return 0
 
 
+def _default_sigint():
+    # A shell starts background jobs with SIGINT ignored, and children inherit that; a user's
+    # Ctrl-C reaches a foreground `loda score`, so the test restores the default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_score(args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "loda_cli", "score", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for_cache(home: Path, proc, at_least: int = 3, limit: float = 90.0) -> None:
