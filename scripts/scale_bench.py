@@ -249,16 +249,18 @@ def time_first_row(tree: Path, model: str, home: Path, quiet: bool, extra: list[
     if trace:
         command = ["strace", "-f", "-ttt", "-e", "trace=openat,write", "-o", str(log), *command]
     started = time.monotonic()
+    # A session of its own, so the stop below reaches loda under strace too. SIGTERM, not SIGINT:
+    # a shell's background job (nohup ... &) inherits SIGINT ignored, and so would loda.
     proc = subprocess.Popen(command, env=bench_env(home), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     first = proc.stdout.readline()
     seconds = time.monotonic() - started
     time.sleep(1.0 if trace else 0.0)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: keeps what is done, exits 130
+    os.killpg(proc.pid, signal.SIGTERM)  # loda stops as on Ctrl-C: keeps what is done, exits 130
     try:
         proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
     if not first.startswith(b"{"):
         raise SystemExit(f"no JSONL row from loda score {tree}: {first[:200]!r}")
