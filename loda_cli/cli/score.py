@@ -252,7 +252,7 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
 
     ranked = rank_rows(rows)
     good = [r for r in ranked if r.error is None and r.score is not None]
-    failed = [r for r in ranked if r not in good]
+    failed = ranked[len(good):]  # rank_rows puts every failure after the scored rows
     times = scorer.times
     rate = len(rows) / elapsed if elapsed > 0 else 0.0
     err_console.print(
