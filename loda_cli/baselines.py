@@ -44,7 +44,14 @@ from torch import nn
 
 from loda_cli.config import LoDaConfig
 from loda_cli.errors import BackboneUnavailableError, UsageError
-from loda_cli.model import CosineHead, DistortionExtractor, LoDa, TwoLayerMlp, _create_backbone
+from loda_cli.model import (
+    CosineHead,
+    DistortionExtractor,
+    LoDa,
+    TwoLayerMlp,
+    _create_backbone,
+    pooled_feature,
+)
 
 ADAPTER_BOTTLENECK = 64  # r of the Houlsby adapters (LoDa's latent width, for a like-for-like size)
 LORA_RANK = 8
@@ -178,11 +185,7 @@ class ViTMethod(nn.Module):
         return self.vit.norm(tokens)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.vit.cls_token is not None:
-            feature = tokens[:, 0]
-        else:
-            feature = tokens[:, self.vit.num_prefix_tokens :].mean(dim=1)
-        return self.head(self.head_drop(feature))
+        return self.head(self.head_drop(pooled_feature(self.vit, tokens)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -100,6 +100,13 @@ class DistortionInjector(nn.Module):
         return self.up(d)
 
 
+def pooled_feature(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The CLS token after the final norm (the mean of the patch tokens for a ViT without one)."""
+    if vit.cls_token is not None:
+        return tokens[:, 0]
+    return tokens[:, vit.num_prefix_tokens :].mean(dim=1)
+
+
 class CosineHead(nn.Module):
     """Cosine similarity between the feature and one learned direction; no bias."""
 
@@ -268,11 +275,7 @@ class LoDa(nn.Module):
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, embed_dim) -> (B, 1) raw score in [-1, 1]."""
-        if self.vit.cls_token is not None:
-            feature = tokens[:, 0]
-        else:
-            feature = tokens[:, self.vit.num_prefix_tokens :].mean(dim=1)
-        return self.head(self.head_drop(feature))
+        return self.head(self.head_drop(pooled_feature(self.vit, tokens)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
