@@ -171,21 +171,17 @@ def run_model_only(scorer, seconds: float = 5.0) -> SpeedResult:
     return SpeedResult("model-only", int(count / per_image), elapsed, count)
 
 
-def warm_up(loaded, device: str, precision: str, batch_size: int) -> None:
+def warm_up(loaded, scorer) -> None:
     """Run each batch shape the benchmark uses once in each mode, so neither side pays for kernel
     selection (oneDNN builds its primitives per shape) inside the timed part."""
     import torch
 
-    from loda_cli.scoring import autocast_context
-
     model = loaded.model
     with torch.inference_mode():
         model.cnn.to(memory_format=torch.contiguous_format)
-        model(torch.randn(loaded.preprocess.num_crops, 3, 224, 224, device=device))
+        model(torch.randn(loaded.preprocess.num_crops, 3, 224, 224, device=scorer.device))
         model.cnn.to(memory_format=torch.channels_last)
-        x = torch.randn(batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, precision):
-            model(x)
+    scorer._forward(torch.randint(0, 255, (scorer.batch_size, 3, 224, 224), dtype=torch.uint8))
 
 
 def cuda_peak_mb(device: str) -> float | None:

@@ -98,7 +98,7 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
                     workers=workers, cache=False)
     err_console.print(f"timing {scorer.name} on {scorer.device} ({scorer.precision}), {crops} crops, "
                       f"batch {scorer.batch_size}, {scorer.workers} workers, {len(files)} images")
-    bs.warm_up(loaded, scorer.device, scorer.precision, scorer.batch_size)
+    bs.warm_up(loaded, scorer)
     results = {"loda": bs.run_pipeline(scorer, files)}
     results["model-only"] = bs.run_model_only(scorer)
     if compare_naive:
