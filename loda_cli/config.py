@@ -150,6 +150,15 @@ class TrainConfig:
     name: str | None = None
     description: str = ""
     num_crops: int = 15  # the scorer's crops per image stored in the checkpoint's preprocessing
+    # Beyond the paper (used by the built-in model): batches of groups of one reference's images
+    # cut at one place, with a per-group PLCC term (0 = off, the paper), a linear learning-rate
+    # warm-up over this fraction of the steps, and a channels-last CNN (faster convolutions).
+    group_size: int = 0
+    warmup: float = 0.0
+    channels_last: bool = False
+    # Weight of a training-only head that names each synthetic image's distortions and levels
+    # (0 = off, the paper).
+    aux_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

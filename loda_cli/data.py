@@ -62,9 +62,11 @@ class TrainCrops(Dataset):
         crops_per_image: int,
         crop_size: int = 224,
         seed: int = 3407,
+        aux: list[np.ndarray] | None = None,
     ):
         self.items, self.labels, self.load = items, labels, load
         self.k, self.crop_size, self.seed = crops_per_image, crop_size, seed
+        self.aux = aux  # optional per-image auxiliary targets, returned third
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -81,7 +83,78 @@ class TrainCrops(Dataset):
         pos = random_positions(h, w, self.crop_size, 1, rng)
         flips = [(rng.random() < 0.5, rng.random() < 0.5)]
         crop = cut_crops(array, pos, self.crop_size, flips)[0]
-        return torch.from_numpy(crop), torch.tensor(self.labels[image_index], dtype=torch.float32)
+        out = (torch.from_numpy(crop), torch.tensor(self.labels[image_index], dtype=torch.float32))
+        if self.aux is not None:
+            out += (torch.from_numpy(self.aux[image_index]),)
+        return out
+
+
+class GroupedTrainCrops(Dataset):
+    """Training crops in groups of ``group_size`` images of one reference, all cut at the same
+    place with the same flips, so the images of a group differ only in their distortion.
+
+    For synthetic datasets (a reference column): each epoch shuffles every reference's images
+    and deals them into groups, ``crops_per_image`` times over, so each image is seen as often as
+    with :class:`TrainCrops`. A reference's last group is topped up with other images of the same
+    reference. One item is a whole group: ``(uint8 crops KxCxSxS, labels K)``. The crop corner is
+    drawn as a fraction of each image's free range, so images of slightly different sizes still
+    line up.
+    """
+
+    def __init__(
+        self,
+        items: list[LabelItem],
+        labels: list[float],
+        load: ImageLoader,
+        crops_per_image: int,
+        group_size: int,
+        crop_size: int = 224,
+        seed: int = 3407,
+        aux: list[np.ndarray] | None = None,
+    ):
+        if group_size < 2:
+            raise ValueError("group_size must be at least 2")
+        self.items, self.labels, self.load = items, labels, load
+        self.k, self.group_size, self.crop_size, self.seed = crops_per_image, group_size, crop_size, seed
+        self.aux = aux
+        by_ref: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_ref.setdefault(item.ref if item.ref is not None else item.name, []).append(i)
+        self.refs = [by_ref[key] for key in sorted(by_ref)]
+        self.groups: list[list[int]] = []
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        groups = []
+        for r, members in enumerate(self.refs):
+            rng = _rng(self.seed, epoch, 7919, r)
+            for _ in range(self.k):
+                order = list(members)
+                rng.shuffle(order)
+                while len(order) % self.group_size:
+                    order.append(rng.choice(members))
+                groups.extend(order[j : j + self.group_size] for j in range(0, len(order), self.group_size))
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, g: int):
+        rng = _rng(self.seed, self.epoch, 104729, g)
+        fy, fx = rng.random(), rng.random()
+        flip = (rng.random() < 0.5, rng.random() < 0.5)
+        crops, labels = [], []
+        for index in self.groups[g]:
+            array = self.load(self.items[index])
+            h, w = array.shape[:2]
+            top, left = round(fy * (h - self.crop_size)), round(fx * (w - self.crop_size))
+            crops.append(cut_crops(array, [(top, left)], self.crop_size, [flip])[0])
+            labels.append(self.labels[index])
+        out = (torch.from_numpy(np.stack(crops)), torch.tensor(labels, dtype=torch.float32))
+        if self.aux is not None:
+            out += (torch.from_numpy(np.stack([self.aux[index] for index in self.groups[g]])),)
+        return out
 
 
 class TestCrops(Dataset):

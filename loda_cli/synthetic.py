@@ -1173,8 +1173,23 @@ def _write_samples(
         target = root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(sample.image).save(target, **save_params)
-        rows.append((relative, f"{sample.label:.6f}", sample.ref_id))
+        components = ";".join(f"{name}:{level}" for name, level in sample.components)
+        rows.append((relative, f"{sample.label:.6f}", sample.ref_id, components))
     return rows
+
+
+def read_distortions(label_file: str | os.PathLike) -> dict[str, tuple[tuple[str, int], ...]]:
+    """The ``distortions`` column of a generated ``labels.csv``: path -> ``((name, level), ...)``
+    (empty for the pristine images). Empty when the file has no such column (older sets)."""
+    out: dict[str, tuple[tuple[str, int], ...]] = {}
+    with open(label_file, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            text = row.get("distortions")
+            if text is None:
+                return {}
+            parts = [part.rsplit(":", 1) for part in text.split(";") if part]
+            out[row["path"]] = tuple((name, int(level)) for name, level in parts)
+    return out
 
 
 def _write_samples_star(args: tuple) -> list[tuple[str, str, str]]:
@@ -1196,7 +1211,8 @@ def write_dataset(
 
     Layout::
 
-        out_dir/labels.csv            path,mos,ref  (path relative to out_dir, "/"-separated)
+        out_dir/labels.csv            path,mos,ref,distortions  (path relative to out_dir,
+                                      "/"-separated; distortions "name:level;..." or empty)
         out_dir/synthetic.json        how it was generated, for reproducing it
         out_dir/images/<ref>/<ref>_<nnnn>_<distortion>_<level>.png
 
@@ -1242,7 +1258,7 @@ def write_dataset(
         tmp = labels_path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "mos", "ref"])
+            writer.writerow(["path", "mos", "ref", "distortions"])
             writer.writerows(rows)
         manifest = {
             "generator": "loda_cli.synthetic",
@@ -1272,7 +1288,7 @@ def write_dataset(
 #: ``.loda-prepared-384`` resize cache).
 GENERATED_DIR = ".loda-synthetic"
 #: Bumped whenever a change here changes the generated images or labels, so caches regenerate.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 #: How the set of the built-in references is generated (an empty reference folder): each
 #: reference gets 4 distortion types at all 5 levels, a quarter of them mixed with one or two
 #: more. Many references with a few types each teach more than a few references with all types.
@@ -1329,6 +1345,17 @@ def ensure_generated(root: str | os.PathLike, seed: int = datasets.DEFAULT_SEED)
     )
 
 
+def synthetic_label_file(root: str | os.PathLike) -> Path:
+    """The ``labels.csv`` a ``synthetic`` dataset path stands for: the file itself, the one in the
+    folder, or the set :func:`ensure_generated` makes from the folder's reference photos."""
+    root = Path(root)
+    if root.is_file():
+        return root
+    if (root / "labels.csv").is_file():
+        return root / "labels.csv"
+    return ensure_generated(root)
+
+
 def _read_synthetic(spec: datasets.DatasetSpec, root: Path) -> datasets.LabelSet:
     """Reader of the ``synthetic`` dataset.
 
@@ -1336,13 +1363,7 @@ def _read_synthetic(spec: datasets.DatasetSpec, root: Path) -> datasets.LabelSet
     or a folder of pristine reference photos (or an empty folder, for the built-in references),
     from which :func:`ensure_generated` makes the set.
     """
-    root = Path(root)
-    if root.is_file():
-        label_file = root
-    elif (root / "labels.csv").is_file():
-        label_file = root / "labels.csv"
-    else:
-        label_file = ensure_generated(root)
+    label_file = synthetic_label_file(root)
     csv_spec = datasets.csv_spec(path_column="path", mos_column="mos", ref_column="ref")
     labels = datasets.read_labels(csv_spec, label_file)
     return dataclasses.replace(

@@ -41,11 +41,44 @@ def plcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> to
     return (l0 + l1) / 2
 
 
-def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
-    """Cosine annealing from ``base_lr`` to 0 over ``total_steps`` (stepped every batch)."""
+def grouped_plcc_loss(pred: torch.Tensor, target: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`plcc_loss` over the batch plus its mean over each group of ``group_size``
+    consecutive items (images of one reference): the batch term keeps scores comparable across
+    contents, the group term makes the model order the distortions of one content."""
+    pred, target = pred.float().flatten(), target.float().flatten()
+    groups = pred.numel() // group_size
+    p = pred[: groups * group_size].view(groups, group_size)
+    y = target[: groups * group_size].view(groups, group_size)
+    p = (p - p.mean(1, keepdim=True)) / (p.std(1, unbiased=False, keepdim=True) + 1e-8)
+    y = (y - y.mean(1, keepdim=True)) / (y.std(1, unbiased=False, keepdim=True) + 1e-8)
+    l0 = ((p - y) ** 2).mean(1) / 4
+    rho = (p * y).mean(1, keepdim=True)
+    l1 = ((rho * p - y) ** 2).mean(1) / 4
+    return plcc_loss(pred, target) + ((l0 + l1) / 2).mean()
+
+
+def distortion_targets(components, names: list[str]) -> "np.ndarray":
+    """The auxiliary target of one synthetic image: per known distortion type, its level / 5
+    (0 where absent; the pristine image is all zeros)."""
+    import numpy as np
+
+    target = np.zeros(len(names), dtype=np.float32)
+    index = {name: i for i, name in enumerate(names)}
+    for name, level in components:
+        if name in index:
+            target[index[name]] = max(target[index[name]], level / 5.0)
+    return target
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
+    """Cosine annealing from ``base_lr`` to 0 over ``total_steps`` (stepped every batch), after
+    an optional linear warm-up over the first ``warmup_steps`` (the paper uses none)."""
     if total_steps <= 0:
         return base_lr
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +167,7 @@ class TrainEvent:
 def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None) -> Path:
     """Train one split of one dataset; returns the checkpoint path (rank 0's file)."""
     from loda_cli import datasets
-    from loda_cli.data import ImageSource, TestCrops, TrainCrops, predict
+    from loda_cli.data import GroupedTrainCrops, ImageSource, TestCrops, TrainCrops, predict
     from loda_cli.metrics import evaluate
     from loda_cli.scoring import autocast_context, resolve_device, resolve_precision
     from loda_cli.weights import Calibration, build_metadata, save_checkpoint
@@ -154,7 +187,22 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     test_items = [labels.items[i] for i in split.test]
     crops_per_image = cfg.crops_per_image or spec.crops_per_image
     source = ImageSource(spec, root, datasets.default_cache_dir(root) if datasets.default_cache_dir(root).is_dir() else None)
-    train_set = TrainCrops(train_items, [it.mos for it in train_items], source, crops_per_image, seed=cfg.seed)
+    aux, aux_names = None, []
+    if cfg.aux_weight:
+        aux, aux_names = _aux_targets(spec, root, train_items)
+        if dist.world > 1:
+            raise UsageError("the auxiliary distortion head trains in one process only")
+    unit = cfg.group_size or 1  # crops per dataset item: one, or a group of one reference's images
+    if cfg.group_size:
+        if cfg.group_size < 2:
+            raise UsageError("--group-size must be 0 (off) or at least 2")
+        if labels.kind != "synthetic":
+            raise UsageError("--group-size needs a dataset with reference images (synthetic, KADID, TID, LIVE)")
+        train_set = GroupedTrainCrops(train_items, [it.mos for it in train_items], source, crops_per_image,
+                                      cfg.group_size, seed=cfg.seed, aux=aux)
+    else:
+        train_set = TrainCrops(train_items, [it.mos for it in train_items], source, crops_per_image,
+                               seed=cfg.seed, aux=aux)
     test_set = TestCrops(test_items, source, n=cfg.test_crops, seed=cfg.seed)
 
     # -- model and optimiser ---------------------------------------------------------------------
@@ -168,19 +216,32 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg).to(device)
+    if cfg.channels_last and hasattr(model, "cnn"):
+        model.cnn.to(memory_format=torch.channels_last)  # oneDNN/cuDNN convolutions run faster
     params = [p for p in model.parameters() if p.requires_grad]
+    aux_head = None
+    if aux is not None:
+        # Training only, never saved: a linear layer on LoDa's pooled feature that names the
+        # distortions in the image and their levels. It gives every image a rich signal about
+        # *which* distortion it carries, which a scalar PLCC over the batch does not.
+        aux_head = torch.nn.Linear(model.vit.embed_dim, len(aux_names)).to(device)
+        params += list(aux_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank_batch = cfg.batch_size // dist.world
     if per_rank_batch < 2 or per_rank_batch % cfg.grad_accum:
         raise UsageError("--batch-size must give each process at least 2 images and divide by --grad-accum")
     micro = per_rank_batch // cfg.grad_accum
-    steps_per_epoch = len(train_set) // cfg.batch_size  # the last partial batch is dropped
+    if micro % unit:
+        raise UsageError(f"each micro-batch ({micro} images) must hold whole groups of --group-size {unit}")
+    items_per_step, items_per_rank, items_per_micro = cfg.batch_size // unit, per_rank_batch // unit, micro // unit
+    steps_per_epoch = len(train_set) // items_per_step  # the last partial batch is dropped
     if steps_per_epoch < 1:
         raise UsageError(
-            f"the training split has {len(train_set)} crops, fewer than one batch of {cfg.batch_size}; "
+            f"the training split has {len(train_set) * unit} crops, fewer than one batch of {cfg.batch_size}; "
             "lower --batch-size"
         )
     total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup * total_steps)
     ddp_model = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -215,29 +276,50 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     metrics: dict[str, Any] = history[-1]["metrics"] if history else {}
     for epoch in range(start_epoch, cfg.epochs):
         train_set.set_epoch(epoch)
-        order = _epoch_order(len(train_set), cfg.seed, epoch, steps_per_epoch * cfg.batch_size)
-        mine = [order[s * cfg.batch_size + dist.rank * per_rank_batch + j]
-                for s in range(steps_per_epoch) for j in range(per_rank_batch)]
+        order = _epoch_order(len(train_set), cfg.seed, epoch, steps_per_epoch * items_per_step)
+        mine = [order[s * items_per_step + dist.rank * items_per_rank + j]
+                for s in range(steps_per_epoch) for j in range(items_per_rank)]
         loader = DataLoader(
-            torch.utils.data.Subset(train_set, mine), batch_size=micro, shuffle=False,
+            torch.utils.data.Subset(train_set, mine), batch_size=items_per_micro, shuffle=False,
             num_workers=workers, pin_memory=device.startswith("cuda"), drop_last=False,
             persistent_workers=False,
         )
         model.train()
         t_epoch, seen, loss_sum = time.perf_counter(), 0, 0.0
         optimizer.zero_grad(set_to_none=True)
-        for i, (crops, target) in enumerate(loader):
+        for i, batch in enumerate(loader):
+            crops, target = batch[0], batch[1]
+            aux_target = batch[2] if aux_head is not None else None
+            if cfg.group_size:  # (groups, K, C, S, S) -> (groups * K, C, S, S), a group's images adjacent
+                crops, target = crops.flatten(0, 1), target.flatten()
+                aux_target = aux_target.flatten(0, 1) if aux_target is not None else None
             x = _normalize(crops.to(device, non_blocking=True), preprocess)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             target = target.to(device)
             with autocast_context(device, precision):
-                pred = ddp_model(x)
-            loss = plcc_loss(pred, target) / cfg.grad_accum
+                if aux_head is None:
+                    pred = ddp_model(x)
+                else:
+                    from loda_cli.model import pooled_feature
+
+                    tokens = model.forward_features(x)
+                    pred = model.forward_head(tokens)
+                    aux_logits = aux_head(pooled_feature(model.vit, tokens))
+            if cfg.group_size:
+                loss = grouped_plcc_loss(pred, target, cfg.group_size)
+            else:
+                loss = plcc_loss(pred, target)
+            if aux_head is not None:
+                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(
+                    aux_logits.float(), aux_target.to(device))
+            loss = loss / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
             seen += len(crops)
             if (i + 1) % cfg.grad_accum:
                 continue
-            lr = cosine_lr(step, total_steps, cfg.lr)
+            lr = cosine_lr(step, total_steps, cfg.lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
@@ -333,6 +415,20 @@ def _evaluate(model, test_set, preprocess, device, precision, workers, dist, eva
         return {"n": len(preds)}
     result = evaluate(preds, mos)
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in result.items()}
+
+
+def _aux_targets(spec, root: Path, items) -> tuple[list, list[str]]:
+    """Per training image, :func:`distortion_targets` from the generated set's ``distortions``
+    column (synthetic dataset only)."""
+    from loda_cli import synthetic
+
+    if spec.name != "synthetic":
+        raise UsageError("--aux-weight needs the synthetic dataset (it names each image's distortions)")
+    recorded = synthetic.read_distortions(synthetic.synthetic_label_file(root))
+    if not recorded:
+        raise UsageError("this synthetic set records no distortions (an older set); regenerate it")
+    names = sorted(synthetic.DISTORTIONS)
+    return [distortion_targets(recorded.get(item.name, ()), names) for item in items], names
 
 
 def _resume_identity(cfg: TrainConfig) -> dict[str, Any]:

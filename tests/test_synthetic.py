@@ -418,8 +418,9 @@ def test_write_dataset_writes_a_csv_dataset(tmp_path, refs):
     assert labels_path == tmp_path / "set" / "labels.csv"
     with labels_path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["path", "mos", "ref"]
+    assert list(rows[0]) == ["path", "mos", "ref", "distortions"]
     assert len(rows) == 2 * (1 + 2 * 2)
+    recorded = synthetic.read_distortions(labels_path)
     expected = list(generate_samples(refs, seed=4, per_reference=2, levels=(1, 5)))
     for row, sample in zip(rows, expected):
         assert "\\" not in row["path"] and not row["path"].startswith("/")
@@ -427,6 +428,7 @@ def test_write_dataset_writes_a_csv_dataset(tmp_path, refs):
         np.testing.assert_array_equal(image, sample.image)  # PNG is lossless
         assert float(row["mos"]) == pytest.approx(sample.label, abs=1e-6)
         assert row["ref"] == sample.ref_id
+        assert recorded[row["path"]] == sample.components  # () for the pristine image
     manifest = json.loads((tmp_path / "set" / "synthetic.json").read_text())
     assert manifest["seed"] == 4 and manifest["images"] == len(rows)
 

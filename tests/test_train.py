@@ -155,3 +155,84 @@ def test_ddp_with_gloo_two_processes(small_kadid, tmp_path):
     with torch.no_grad():
         raw = model(torch.zeros(1, 3, 224, 224))
     assert math.isfinite(float(raw))
+
+
+# --- beyond the paper: grouped batches, warm-up, the auxiliary distortion head (built-in model) ---
+
+
+def test_warmup_then_cosine():
+    assert cosine_lr(0, 100, 1.0, warmup_steps=10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine_lr(10, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 1.0, warmup_steps=10) == pytest.approx(0.5)
+    assert cosine_lr(100, 100, 1.0, warmup_steps=10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_grouped_plcc_loss_adds_the_within_group_term():
+    from loda_cli.train import grouped_plcc_loss
+
+    torch.manual_seed(0)
+    y = torch.rand(24)
+    # Perfect within every group and across the batch: no loss.
+    assert float(grouped_plcc_loss(2 * y + 1, y, 8)) == pytest.approx(0.0, abs=1e-6)
+    # Right across groups but reversed inside each: the group term sees it, the batch term less.
+    offsets = torch.arange(3).repeat_interleave(8).float() * 10
+    target = offsets + y
+    pred = offsets - y
+    assert float(grouped_plcc_loss(pred, target, 8)) == pytest.approx(float(plcc_loss(pred, target)) + 0.5, abs=1e-4)
+
+
+def test_grouped_crops_hold_one_reference_cut_in_one_place():
+    import numpy as np
+
+    from loda_cli.data import GroupedTrainCrops
+    from loda_cli.datasets import LabelItem
+
+    rng = np.random.default_rng(0)
+    refs = {r: rng.integers(0, 200, (60, 80, 3), dtype=np.uint8) for r in "abc"}
+    counts = {"a": 7, "b": 5, "c": 2}
+    items = [LabelItem(f"{r}{i}", Path(f"{r}{i}.png"), float(i), r) for r, n in counts.items() for i in range(n)]
+    # Every image of a reference is the reference itself plus its index, so a crop says where it
+    # was cut and which image it came from.
+    load = lambda item: refs[item.ref] + np.uint8(item.name[1:])  # noqa: E731  (no overflow: < 200 + 7)
+    ds = GroupedTrainCrops(items, [it.mos for it in items], load, crops_per_image=2, group_size=4, crop_size=32,
+                           aux=[np.full(3, i, np.float32) for i in range(len(items))])
+    seen = {it.name: 0 for it in items}
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        assert len(ds) == 2 * (2 + 2 + 1)  # ceil(7/4) + ceil(5/4) + ceil(2/4), twice
+        for g in range(len(ds)):
+            crops, labels, aux = ds[g]
+            assert crops.shape == (4, 3, 32, 32) and labels.shape == (4,) and aux.shape == (4, 3)
+            members = [items[i] for i in ds.groups[g]]
+            assert len({m.ref for m in members}) == 1
+            base = crops[0].int() - int(members[0].name[1:])
+            for crop, m in zip(crops, members):  # same place, same flips: differ only by the index
+                assert torch.equal(crop.int() - int(m.name[1:]), base)
+            for m, lab in zip(members, labels):
+                assert float(lab) == m.mos
+            if epoch == 0:
+                for i in ds.groups[g]:
+                    seen[items[i].name] += 1
+    assert all(n >= 2 for n in seen.values())  # each image at least crops_per_image times an epoch
+
+
+def test_grouped_training_with_the_auxiliary_head(tmp_path):
+    import numpy as np
+
+    from loda_cli import synthetic
+    from loda_cli.weights import load_model
+
+    rng = np.random.default_rng(1)
+    refs = [(f"r{i}", synthetic.make_reference(64, 80, rng)) for i in range(6)]
+    synthetic.write_dataset(tmp_path / "syn", refs, seed=1, per_reference=2, levels=(1, 3, 5))
+    cfg = _cfg(tmp_path / "syn", tmp_path / "g.safetensors", dataset="synthetic", batch_size=8, group_size=4,
+               warmup=0.2, aux_weight=0.5, channels_last=True, epochs=1)
+    events = []
+    out = train(cfg, events.append)
+    assert [e for e in events if e.kind == "step"]
+    loaded = load_model(str(out))  # the auxiliary head is training-only: not in the checkpoint
+    assert not any("aux" in k for k in load_file(str(out)))
+    assert loaded.model is not None
+    with pytest.raises(Exception, match="group"):
+        train(_cfg(tmp_path / "syn", tmp_path / "h.safetensors", dataset="synthetic", batch_size=6, group_size=4))

@@ -79,6 +79,9 @@ def train_cmd(
     precision: Annotated[str, typer.Option(help="auto (bf16 where native), fp32, bf16 or fp16.")] = "auto",
     grad_accum: Annotated[int, typer.Option(help="Split each batch into this many micro-batches (each standardised on its own by the PLCC loss).")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimiser steps (smoke tests).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Synthetic data: batch groups of this many images of one reference, cut at one place, with a per-group PLCC term (0: off, the paper).")] = None,
+    warmup: Annotated[Optional[float], typer.Option(help="Linear learning-rate warm-up over this fraction of the steps (paper: 0).")] = None,
+    aux_weight: Annotated[Optional[float], typer.Option(help="Synthetic data: weight of a training-only head that names each image's distortions (0: off, the paper).")] = None,
     path_column: Annotated[Optional[str], typer.Option(help="csv dataset: the image path column.")] = None,
     mos_column: Annotated[Optional[str], typer.Option(help="csv dataset: the label column.")] = None,
     lower_better: Annotated[Optional[bool], typer.Option("--lower-better/--higher-better", help="csv dataset: label direction.")] = None,
@@ -118,7 +121,8 @@ def train_cmd(
         cfg.lr = METHOD_LR.get(method, cfg.lr)  # e.g. 2e-5 for full fine-tuning, not LoDa's 3e-4
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
                        ("weight_decay", weight_decay), ("crops_per_image", crops_per_image),
-                       ("workers", workers), ("max_steps", max_steps)):
+                       ("workers", workers), ("max_steps", max_steps), ("group_size", group_size),
+                       ("warmup", warmup), ("aux_weight", aux_weight)):
         if value is not None:
             setattr(cfg, key, value)
     if no_pretrained:
