@@ -197,6 +197,13 @@ def dataset_root(spec: DatasetSpec, data: Optional[Path] = None) -> Path:
         base = os.environ.get("LODA_DATA")
         root = (Path(base) if base else Path.home() / "datasets").expanduser() / spec.name
         where = f"{root} (from {'$LODA_DATA' if base else 'the default ~/datasets'})"
+    if not root.exists() and data is None and spec.name == "synthetic":
+        # The synthetic set needs no download: an empty folder stands for the built-in
+        # references, and the generated images are cached inside it.
+        from loda_cli.weights import loda_home
+
+        root = loda_home() / "synthetic"
+        root.mkdir(parents=True, exist_ok=True)
     if not root.exists():
         raise DatasetError(
             f"{spec.title} not found at {where}. {_where_published(spec)}Unpack it so that its "

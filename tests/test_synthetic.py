@@ -529,3 +529,15 @@ def test_default_references_mix_photos_and_procedural_images():
     assert ids[-2:] == ["procedural_000", "procedural_001"]
     assert len(set(ids)) == len(ids)
     assert all(min(image.shape[:2]) == 32 for _, image in refs)
+
+
+def test_synthetic_dataset_defaults_to_a_folder_in_loda_home(tmp_path, monkeypatch):
+    from loda_cli import datasets
+    from loda_cli.weights import loda_home
+
+    monkeypatch.setenv("LODA_DATA", str(tmp_path / "nothing-here"))
+    root = datasets.dataset_root(datasets.resolve_dataset("synthetic"))
+    assert root == loda_home() / "synthetic" and root.is_dir()
+    # Other datasets still say where to put them.
+    with pytest.raises(DatasetError, match="not found"):
+        datasets.dataset_root(datasets.resolve_dataset("kadid"))
