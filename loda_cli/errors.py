@@ -36,7 +36,15 @@ class StateDictMismatchError(CheckpointError):
 
 
 class ImageError(LodaError):
-    """One image could not be decoded. Scoring turns it into an error row, never a crash."""
+    """One image could not be decoded. Scoring turns it into an error row, never a crash.
+
+    ``transient`` marks failures of the moment (a timeout, memory running out) rather than of the
+    file: the cache does not remember them, so the next run tries the file again.
+    """
+
+    def __init__(self, message: str = "", *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class NoImagesError(LodaError):

@@ -536,7 +536,7 @@ def _as_image_error(
             return ImageError("corrupt image: unreadable header")
         return ImageError("not an image")
     if isinstance(error, MemoryError):
-        return ImageError("out of memory decoding image")
+        return ImageError("out of memory decoding image", transient=True)
     if isinstance(error, EOFError) or "truncated" in str(error).lower():
         return ImageError("truncated image")
     if isinstance(error, IsADirectoryError):
@@ -714,7 +714,7 @@ def _raw_error(error: Exception, rawpy) -> ImageError:
     if isinstance(error, rawpy.LibRawTooBigError):
         return ImageError("image too large")
     if isinstance(error, rawpy.LibRawUnsufficientMemoryError):
-        return ImageError("out of memory decoding image")
+        return ImageError("out of memory decoding image", transient=True)
     return ImageError(f"corrupt image: {type(error).__name__}")
 
 

@@ -169,7 +169,7 @@ def _time_limit(seconds: float | None):
         return
 
     def _expired(signum, frame):
-        raise ImageError(f"decoding took longer than {seconds:g} s")
+        raise ImageError(f"decoding took longer than {seconds:g} s", transient=True)
 
     previous = signal.signal(signal.SIGALRM, _expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -230,7 +230,7 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
         )
     except ImageError as exc:
         item["error"] = str(exc)
-        item["transient"] = "longer than" in str(exc)
+        item["transient"] = exc.transient
         item["t_decode"] = time.perf_counter() - t0
     except MemoryError:
         item["error"] = "out of memory while decoding"

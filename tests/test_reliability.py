@@ -211,3 +211,19 @@ def test_slow_decode_becomes_an_error_row_and_the_run_continues(photos, tiny_che
     assert [Path(r.path).name for r in bad] == ["p03.jpg"]
     assert "longer than 0.5 s" in bad[0].error
     assert len(rows) == N_PHOTOS
+
+
+def test_running_out_of_memory_is_not_remembered_by_the_cache(photos, tiny_checkpoint, tmp_path, monkeypatch):
+    """A decoder that runs out of memory (another program hogging RAM) fails that file for this
+    run only: the cache keeps no error for it, so the next run scores it."""
+    import loda_cli.images as images
+    from loda_cli.scoring import Scorer
+
+    real = images._decode_opened
+    monkeypatch.setattr(images, "_decode_opened", lambda im, target: (_ for _ in ()).throw(MemoryError))
+    cache = tmp_path / "cache.sqlite"
+    first = list(Scorer(str(tiny_checkpoint), workers=0, cache=cache).score_files([photos / "p05.jpg"]))
+    assert first[0].error == "out of memory decoding image"
+    monkeypatch.setattr(images, "_decode_opened", real)
+    again = list(Scorer(str(tiny_checkpoint), workers=0, cache=cache).score_files([photos / "p05.jpg"]))
+    assert again[0].error is None and not again[0].cached and again[0].score is not None
