@@ -611,10 +611,12 @@ def decode_image(
     *,
     target_short_side: int | None = 384,
     max_pixels: int = 250_000_000,
+    max_aspect: float | None = None,
 ) -> DecodedImage:
     """Decode one image file to RGB, reduced cheaply towards ``target_short_side``.
 
-    The size is checked against ``max_pixels`` from the header, before any pixel is decoded.
+    The size is checked against ``max_pixels`` (and the aspect ratio against ``max_aspect``, when
+    given) from the header, before any pixel is decoded.
     Python warnings raised while decoding are returned in ``DecodedImage.warnings`` and not shown.
     ``target_short_side=None`` keeps the full resolution. Raises ``ImageError`` with a short
     reason for every failure.
@@ -631,6 +633,9 @@ def decode_image(
         try:
             with _open_clamped(path) as fp:
                 im = _open_header(fp, max_pixels)
+                if max_aspect is not None and max(im.size) / max(1, min(im.size)) > max_aspect:
+                    # Refused before decoding: a 16-bit 100000x8 strip costs a gigabyte to convert.
+                    raise ImageError(f"aspect ratio too extreme to score ({im.size[0]}x{im.size[1]})")
                 rgb, width, height = _decode_opened(im, target_short_side)
                 image_format = im.format or "UNKNOWN"
         except ImageError:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from loda_cli.errors import ImageError, UsageError
 from loda_cli.images import FoundFile, SkipNotice, decode_image, iter_image_files
-from loda_cli.transforms import scoring_crops
+from loda_cli.transforms import MAX_ASPECT_RATIO, scoring_crops
 
 DEFAULT_DECODE_TIMEOUT_S = 10.0
 # Test hook (documented in tests/test_reliability.py): seconds to sleep before each decode.
@@ -221,7 +221,8 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
         with _time_limit(spec.decode_timeout):
             if _TEST_DECODE_DELAY:
                 time.sleep(_TEST_DECODE_DELAY)  # test hook: makes runs slow enough to interrupt
-            decoded = decode_image(found.path, target_short_side=spec.preprocess.short_side)
+            decoded = decode_image(found.path, target_short_side=spec.preprocess.short_side,
+                                   max_aspect=MAX_ASPECT_RATIO)
             t1 = time.perf_counter()
             crops = scoring_crops(decoded.image, spec.preprocess)
         item.update(

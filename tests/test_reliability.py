@@ -227,3 +227,21 @@ def test_running_out_of_memory_is_not_remembered_by_the_cache(photos, tiny_check
     monkeypatch.setattr(images, "_decode_opened", real)
     again = list(Scorer(str(tiny_checkpoint), workers=0, cache=cache).score_files([photos / "p05.jpg"]))
     assert again[0].error is None and not again[0].cached and again[0].score is not None
+
+
+def test_an_extreme_strip_is_refused_from_its_header(tmp_path, tiny_checkpoint, monkeypatch):
+    """A 16-bit 60000x4 TIFF strip is refused before its pixels are decoded and converted."""
+    import loda_cli.images as images
+    from loda_cli.scoring import Scorer
+
+    folder = tmp_path / "strips"
+    folder.mkdir()
+    Image.fromarray(np.full((4, 60000), 30000, dtype=np.uint16)).save(folder / "strip.tif")
+    Image.new("RGB", (40, 30), (90, 120, 150)).save(folder / "fine.png")
+    decoded = []
+    real = images._decode_opened
+    monkeypatch.setattr(images, "_decode_opened", lambda im, t: decoded.append(im.size) or real(im, t))
+    rows = {Path(r.path).name: r for r in Scorer(str(tiny_checkpoint), workers=0, cache=False).score_files([folder])}
+    assert rows["strip.tif"].error == "aspect ratio too extreme to score (60000x4)"
+    assert rows["fine.png"].error is None
+    assert decoded == [(40, 30)]
