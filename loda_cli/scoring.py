@@ -180,6 +180,41 @@ def _time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
+class _NativeStderr:
+    """Captures what C decoders (libtiff, libjpeg, libpng) print straight to file descriptor 2,
+    so it lands in the file's row instead of across the progress bar. Used in worker processes
+    only: in the main process fd 2 also carries the progress display and the user's own output.
+    One temporary file per process, emptied after each capture."""
+
+    enabled = False
+    _file = None
+
+    @classmethod
+    @contextmanager
+    def capture(cls):
+        lines: list[str] = []
+        if not cls.enabled:
+            yield lines
+            return
+        import tempfile
+
+        if cls._file is None:
+            cls._file = tempfile.TemporaryFile()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(cls._file.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            cls._file.seek(0)
+            text = cls._file.read(64 * 1024).decode("utf-8", "replace")
+            cls._file.seek(0)
+            cls._file.truncate()
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _display_path(found: FoundFile) -> str:
     return os.fsdecode(found.path)
 
@@ -217,8 +252,9 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
             item.update(cached=True, raw=hit.raw, width=hit.width, height=hit.height, format=hit.format, error=hit.error)
             return item
     t0 = time.perf_counter()
+    native: list[str] = []
     try:
-        with _time_limit(spec.decode_timeout):
+        with _NativeStderr.capture() as native, _time_limit(spec.decode_timeout):
             if _TEST_DECODE_DELAY:
                 time.sleep(_TEST_DECODE_DELAY)  # test hook: makes runs slow enough to interrupt
             decoded = decode_image(found.path, target_short_side=spec.preprocess.short_side,
@@ -236,6 +272,10 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
     except MemoryError:
         item["error"] = "out of memory while decoding"
         item["transient"] = True
+    if native:
+        item["warnings"] = list(item.get("warnings") or []) + [f"decoder: {line}" for line in native[:5]]
+        if item.get("error") and not item.get("transient"):
+            item["error"] += f" ({native[0][:120]})"  # the decoder's own words say what broke
     return item
 
 
@@ -300,6 +340,7 @@ def _worker_init(worker_id: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    _NativeStderr.enabled = True
     if sys.platform.startswith("linux"):
         import ctypes
 

@@ -245,3 +245,22 @@ def test_an_extreme_strip_is_refused_from_its_header(tmp_path, tiny_checkpoint, 
     assert rows["strip.tif"].error == "aspect ratio too extreme to score (60000x4)"
     assert rows["fine.png"].error is None
     assert decoded == [(40, 30)]
+
+
+def test_c_decoder_messages_go_to_the_row_not_the_terminal(tmp_path, tiny_checkpoint, capfd):
+    """libtiff prints straight to file descriptor 2; in worker processes that lands in the row."""
+    from loda_cli.scoring import Scorer
+
+    folder = tmp_path / "tiffs"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "good.tif", compression="tiff_lzw")
+    data = (folder / "good.tif").read_bytes()
+    (folder / "broken.tif").write_bytes(data[: len(data) // 2] + b"\0" * 100 + data[len(data) // 2 + 100 :])
+    capfd.readouterr()
+    rows = {Path(r.path).name: r for r in Scorer(str(tiny_checkpoint), workers=1, cache=False).score_files([folder])}
+    err = capfd.readouterr().err
+    assert "LZWDecode" not in err
+    assert rows["good.tif"].error is None
+    assert rows["broken.tif"].error.startswith("corrupt image") and "LZWDecode" in rows["broken.tif"].error
+    assert any("LZWDecode" in w for w in rows["broken.tif"].warnings)
