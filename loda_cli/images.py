@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import io
+import math
 import os
 import re
 import stat
@@ -307,7 +308,8 @@ class DecodedImage:
     """One decoded image, ready for ``resize_short_side``.
 
     ``image`` is RGB and already reduced (JPEG draft, integer box reduction) as long as its short
-    side stays >= the requested target; it is not resized to the target exactly. ``width`` and
+    side stays >= :data:`REDUCING_GAP` times the requested target; it is not resized to the
+    target exactly. ``width`` and
     ``height`` are the original displayed size: after EXIF orientation, before any reduction.
     """
 
@@ -410,19 +412,22 @@ def _open_without_pillow_limit(fp: io.BufferedIOBase) -> PILImage.Image:
     raise ImageError("not an image")
 
 
+#: The cheap reductions (JPEG draft, integer box reduction) stop while the picture is still this
+#: many times the target, leaving the rest to the antialiased resize (Pillow's "reducing gap").
+REDUCING_GAP = 2.0
+
+
 def _draft_for(im: PILImage.Image, target_short_side: int | None) -> None:
     """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the picture is far above the target."""
     if target_short_side is None or im.format not in ("JPEG", "MPO"):
         return
     width, height = im.size
     short = min(width, height)
-    if short < 2 * target_short_side:
+    keep = target_short_side * REDUCING_GAP
+    if short < 2 * keep:
         return
     # draft keeps both sides >= the requested size, so ask for the size the target implies.
-    requested = (
-        -(-width * target_short_side // short),
-        -(-height * target_short_side // short),
-    )
+    requested = (math.ceil(width * keep / short), math.ceil(height * keep / short))
     im.draft("RGB", requested)
 
 
@@ -481,7 +486,7 @@ def _reduce_for(im: PILImage.Image, target_short_side: int | None) -> PILImage.I
     """Box-reduce by the largest whole factor that keeps the short side >= the target."""
     if target_short_side is None:
         return im
-    factor = min(im.size) // target_short_side
+    factor = int(min(im.size) // (target_short_side * REDUCING_GAP))
     return im.reduce(factor) if factor >= 2 else im
 
 
