@@ -4,7 +4,8 @@
 
 1. Held-out synthetic set: procedural references drawn with a seed training never used, plus
    the held-out real photos, each with every distortion type at all 5 levels and the pristine
-   image (``synthetic.generate_samples``, its own seed). SRCC of the score against the label.
+   image (``synthetic.generate_samples``, its own seed). SRCC of the score against the label,
+   and of the variance-of-the-Laplacian sharpness statistic as a baseline.
 2. Held-out real photos (photos shipped inside scikit-learn and matplotlib, never training
    material) against their strongly distorted versions (levels 3-5 of blur, noise and JPEG,
    applied at the photo's own size): the share of pairs in which the original scores higher
@@ -68,17 +69,31 @@ def _fit_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
 
 
 def heldout_synthetic_set(procedural: int = 8, seed: int = HOLDOUT_SEED):
-    """(images, labels, groups) of the held-out synthetic set described in the module doc."""
+    """(images, labels, groups, samples) of the held-out synthetic set described in the module
+    doc; ``samples`` holds each image's (reference, distortion, level)."""
     from loda_cli import synthetic
 
     references = synthetic.procedural_references(procedural, 384, 512, seed)
     references += [(f"photo_{name}", _fit_short_side(image, 384)) for name, image in heldout_photos()]
-    images, labels, groups = [], [], []
+    images, labels, groups, samples = [], [], [], []
     for sample in synthetic.generate_samples(references, seed):
         images.append(sample.image)
         labels.append(sample.label)
         groups.append("photo" if sample.ref_id.startswith("photo_") else "procedural")
-    return images, labels, groups
+        samples.append((sample.ref_id, sample.distortion, sample.level))
+    return images, labels, groups, samples
+
+
+def drop_by_type(scores, samples) -> dict[str, list[float]]:
+    """Per distortion type, the mean score change from the pristine image at each level 1..5
+    (negative: the model sees the damage). Shows which distortions a model is blind to."""
+    pristine = {ref: score for score, (ref, kind, _) in zip(scores, samples) if kind == "pristine"}
+    sums: dict[str, list[list[float]]] = {}
+    for score, (ref, kind, level) in zip(scores, samples):
+        if kind != "pristine":
+            sums.setdefault(kind, [[] for _ in range(5)])[level - 1].append(score - pristine[ref])
+    return {kind: [float(np.mean(v)) if v else float("nan") for v in levels]
+            for kind, levels in sorted(sums.items())}
 
 
 def real_photo_pairs(seed: int = HOLDOUT_SEED):
@@ -159,12 +174,14 @@ def evaluate(model: str | None = None, crops_compare: bool = False, device: str 
     result: dict = {"model": str(scorer.loaded.path), "crops": scorer.preprocess.num_crops,
                     "parameters": sum(p.numel() for p in scorer.model.parameters())}
     t0 = time.perf_counter()
-    images, labels, groups = heldout_synthetic_set()
+    images, labels, groups, samples = heldout_synthetic_set()
     scores = score_arrays(scorer, images)
+    result["score_change_by_type"] = drop_by_type(scores, samples)
     result["synthetic"] = {
         "images": len(images),
         "srcc": srcc(scores, labels),
         "srcc_procedural": srcc(*_subset(scores, labels, groups, "procedural")),
+        "laplacian_variance_srcc": srcc([laplacian_variance(im) for im in images], labels),
     }
     if "photo" in groups:
         result["synthetic"]["srcc_photos"] = srcc(*_subset(scores, labels, groups, "photo"))
@@ -201,6 +218,8 @@ def print_table(result: dict) -> None:
     ]
     if "srcc_photos" in syn:
         rows.append(("  held-out photos", f"{syn['srcc_photos']:.4f}", "", ""))
+    if "laplacian_variance_srcc" in syn:
+        rows.append(("  Laplacian variance baseline", f"{syn['laplacian_variance_srcc']:.4f}", "", ""))
     if "srcc_vs_15_crops" in syn:
         rows.append((f"SRCC {result['crops']} crops vs 15", f"{syn['srcc_vs_15_crops']:.4f}", "", ""))
     rows += [
@@ -213,6 +232,10 @@ def print_table(result: dict) -> None:
         print(f"{name:<{width}}  {value:>8}  {n:<12}  {target}")
     if real["model_misses"]:
         print("model misses:", ", ".join(real["model_misses"]))
+    if result.get("score_change_by_type"):
+        print("mean score change from the pristine image, held-out synthetic, levels 1..5:")
+        for kind, changes in result["score_change_by_type"].items():
+            print(f"  {kind:<22}" + " ".join(f"{c:+.3f}" for c in changes))
     print(f"photos: {', '.join(real['photos'])}; model {result['model']}; {result['seconds']} s")
 
 
@@ -245,6 +268,8 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
             "test_split": meta.get("metrics", {}),
             "heldout_synthetic_srcc": round(result["synthetic"]["srcc"], 4),
             "heldout_synthetic_images": result["synthetic"]["images"],
+            "heldout_synthetic_laplacian_baseline_srcc": round(
+                result["synthetic"]["laplacian_variance_srcc"], 4),
             "real_photo_pairs_original_wins": round(result["real_pairs"]["model"], 4),
             "real_photo_pairs_laplacian_baseline": round(result["real_pairs"]["laplacian_variance"], 4),
             "real_photo_pairs": result["real_pairs"]["pairs"],
