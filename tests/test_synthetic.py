@@ -410,6 +410,24 @@ def test_generate_samples_cycles_types_when_asking_for_more(refs):
     assert len(names) == 5 and set(names) == {"jpeg", "darken"}
 
 
+
+def test_always_types_go_to_every_reference_before_the_random_picks(refs):
+    samples = list(generate_samples(refs, 3, per_reference=2, levels=(2,), include_pristine=False,
+                                    always_types=["jpeg", "darken"]))  # fmt: skip
+    by_ref: dict[str, list[str]] = {}
+    for s in samples:
+        by_ref.setdefault(s.ref_id, []).append(s.distortion)
+    for names in by_ref.values():
+        assert names[:2] == ["jpeg", "darken"] and len(names) == 4
+        assert not {"jpeg", "darken"} & set(names[2:])  # the picks come from the other types
+    everything = list(generate_samples(refs[:1], 0, levels=(1,), include_pristine=False,
+                                       always_types=["jpeg"]))  # fmt: skip
+    assert sorted(s.distortion for s in everything) == sorted(DISTORTIONS)
+    with pytest.raises(UsageError, match="always_types"):
+        generate_samples(refs, 0, always_types=["jpg"])
+    with pytest.raises(UsageError, match="always_types"):
+        generate_samples(refs, 0, always_types=["jpeg", "jpeg"])
+
 # --- write_dataset ----------------------------------------------------------------------------
 
 

@@ -15,9 +15,10 @@ from loda_cli.cli.common import err_console, handle_errors
 # pretrained weights exist offline) on the synthetic distortion set. See README, "Built-in model".
 # Sized for a 2-core CPU: 2.6M parameters (10 MB as fp32), a half-width resnet10t and a ViT of
 # 4 blocks of width 128; batches of 4 groups of 8 images of one reference cut at one place
-# (per-group PLCC term), 3 epochs of 3 crops per image (~84k crops), a 5% warm-up, 5 scoring
-# crops. Without --data the set is generated once into $LODA_HOME/synthetic (about 4 minutes on
-# 2 cores). scripts/eval_builtin.py measures a trained one; the figures so far are in the README.
+# (per-group PLCC term), 3 epochs of 3 crops per image (~112k crops), a 5% warm-up, 5 scoring
+# crops. The set gives every reference JPEG, Gaussian blur and white noise plus 2 other types
+# (synthetic.BUILTIN_GENERATION). Without --data it is generated once into $LODA_HOME/synthetic
+# (a few minutes on 2 cores). scripts/eval_builtin.py measures a trained one (README).
 # OMP_WAIT_POLICY=PASSIVE (the CLI's default) keeps it fast when other jobs share the cores.
 BUILTIN_COMMAND = "loda train synthetic --preset builtin --out weights/loda-builtin.safetensors"
 BUILTIN_PRESET = {
