@@ -159,6 +159,10 @@ class TrainConfig:
     # Weight of a training-only head that names each synthetic image's distortions and levels
     # (0 = off, the paper).
     aux_weight: float = 0.0
+    # Clip the gradient's global norm to this before each optimizer step (0 = off, the paper). The
+    # PLCC loss ignores the scores' scale, so its gradient grows as the batch's scores bunch
+    # together; from-scratch training of the built-in model diverged without a cap.
+    clip_grad: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

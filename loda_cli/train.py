@@ -286,6 +286,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         )
         model.train()
         t_epoch, seen, loss_sum = time.perf_counter(), 0, 0.0
+        epoch_loss, epoch_steps, clipped, norm_max = 0.0, 0, 0, 0.0
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
             crops, target = batch[0], batch[1]
@@ -322,9 +323,15 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
             lr = cosine_lr(step, total_steps, cfg.lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if cfg.clip_grad > 0:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+                clipped += norm > cfg.clip_grad
+                norm_max = max(norm_max, norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            epoch_loss += loss_sum
+            epoch_steps += 1
             if dist.main:
                 elapsed = time.perf_counter() - t_epoch
                 emit(TrainEvent("step", {"epoch": epoch, "step": step, "loss": loss_sum, "lr": lr,
@@ -338,7 +345,11 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
             metrics = _evaluate(model, test_set, preprocess, device, precision, workers, dist, evaluate, predict)
         record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(epoch_time, 2),
-                  "train_images_per_s": round(seen * dist.world / max(epoch_time, 1e-9), 2), "metrics": metrics}
+                  "train_images_per_s": round(seen * dist.world / max(epoch_time, 1e-9), 2),
+                  "train_loss": round(epoch_loss / max(epoch_steps, 1), 5), "metrics": metrics}
+        if cfg.clip_grad > 0:
+            record["clipped_steps"] = clipped
+            record["grad_norm_max"] = round(norm_max, 4)
         history.append(record)
         if dist.main:
             _append_jsonl(log_path(out), record)

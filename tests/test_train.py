@@ -236,3 +236,25 @@ def test_grouped_training_with_the_auxiliary_head(tmp_path):
     assert loaded.model is not None
     with pytest.raises(Exception, match="group"):
         train(_cfg(tmp_path / "syn", tmp_path / "h.safetensors", dataset="synthetic", batch_size=6, group_size=4))
+
+
+def test_gradient_clipping_caps_every_step_and_is_logged(tmp_path):
+    import numpy as np
+
+    from loda_cli import synthetic
+
+    rng = np.random.default_rng(2)
+    refs = [(f"r{i}", synthetic.make_reference(64, 80, rng)) for i in range(6)]
+    synthetic.write_dataset(tmp_path / "syn", refs, seed=1, per_reference=2, levels=(1, 3, 5))
+    records = {}
+    for clip in (0.0, 1e-6):
+        cfg = _cfg(tmp_path / "syn", tmp_path / f"c{clip}.safetensors", dataset="synthetic", batch_size=8,
+                   group_size=4, epochs=1, clip_grad=clip)
+        events = []
+        train(cfg, events.append)
+        records[clip] = [e.data for e in events if e.kind == "epoch"][-1]
+        assert records[clip]["train_loss"] > 0
+    assert "clipped_steps" not in records[0.0]  # the paper's protocol: no clipping, nothing logged
+    tiny = records[1e-6]
+    assert tiny["clipped_steps"] == tiny["step"]  # every real gradient is far above 1e-6
+    assert tiny["grad_norm_max"] > 1e-6

@@ -83,6 +83,7 @@ def train_cmd(
     group_size: Annotated[Optional[int], typer.Option(help="Synthetic data: batch groups of this many images of one reference, cut at one place, with a per-group PLCC term (0: off, the paper).")] = None,
     warmup: Annotated[Optional[float], typer.Option(help="Linear learning-rate warm-up over this fraction of the steps (paper: 0).")] = None,
     aux_weight: Annotated[Optional[float], typer.Option(help="Synthetic data: weight of a training-only head that names each image's distortions (0: off, the paper).")] = None,
+    clip_grad: Annotated[Optional[float], typer.Option(help="Clip the gradient's global norm to this before each step (0: off, the paper).")] = None,
     path_column: Annotated[Optional[str], typer.Option(help="csv dataset: the image path column.")] = None,
     mos_column: Annotated[Optional[str], typer.Option(help="csv dataset: the label column.")] = None,
     lower_better: Annotated[Optional[bool], typer.Option("--lower-better/--higher-better", help="csv dataset: label direction.")] = None,
@@ -123,7 +124,7 @@ def train_cmd(
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
                        ("weight_decay", weight_decay), ("crops_per_image", crops_per_image),
                        ("workers", workers), ("max_steps", max_steps), ("group_size", group_size),
-                       ("warmup", warmup), ("aux_weight", aux_weight)):
+                       ("warmup", warmup), ("aux_weight", aux_weight), ("clip_grad", clip_grad)):
         if value is not None:
             setattr(cfg, key, value)
     if no_pretrained:
@@ -187,7 +188,9 @@ class _Reporter:
             parts = [f"{k.upper()} {m[k]:.4f}" for k in ("srcc", "plcc", "krcc", "rmse") if isinstance(m.get(k), float)]
             err_console.print(
                 f"epoch {d['epoch']}: {', '.join(parts) or 'no metrics'} "
-                f"({d['epoch_seconds']:.0f} s, {d['train_images_per_s']:.1f} crops/s)",
+                f"(loss {d.get('train_loss', float('nan')):.4f}"
+                + (f", {d['clipped_steps']} steps clipped" if "clipped_steps" in d else "")
+                + f", {d['epoch_seconds']:.0f} s, {d['train_images_per_s']:.1f} crops/s)",
                 markup=False,
             )
         elif event.kind == "done":
