@@ -252,8 +252,10 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     start_epoch, step, history = 0, 0, []
     if cfg.resume and state_path(out).is_file():
         state = torch.load(state_path(out), map_location="cpu", weights_only=True)
-        if state["config"] != json.dumps(_resume_identity(cfg), sort_keys=True):
-            raise UsageError(f"{state_path(out)} was written by a different configuration; cannot resume")
+        differ = _resume_conflicts(json.loads(state["config"]), _resume_identity(cfg))
+        if differ:
+            raise UsageError(f"{state_path(out)} was written by a different configuration "
+                             f"({', '.join(differ)}); cannot resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"], state["step"], json.loads(state["history"])
@@ -266,7 +268,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         "dataset": spec.name, "root": str(root), "train_images": len(train_items), "test_images": len(test_items),
         "crops_per_image": crops_per_image, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         "trainable_params": sum(p.numel() for p in params), "device": device, "precision": precision,
-        "out": str(out), "start_epoch": start_epoch, "world": dist.world,
+        "out": str(out), "start_epoch": start_epoch, "epochs": cfg.epochs, "world": dist.world,
     }))
 
     # -- loop ------------------------------------------------------------------------------------
@@ -442,12 +444,30 @@ def _aux_targets(spec, root: Path, items) -> tuple[list, list[str]]:
     return [distortion_targets(recorded.get(item.name, ()), names) for item in items], names
 
 
+#: Settings that only shape what happens after the last epoch (the calibration fit and the
+#: checkpoint's metadata), so a finished run resumed with new values re-calibrates without
+#: retraining, and ends exactly where a fresh run with those values would.
+_AFTER_TRAINING = ("num_crops", "calibration_images", "name", "description")
+
+
 def _resume_identity(cfg: TrainConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the run that wrote the state."""
     d = cfg.to_dict()
-    for key in ("resume", "workers", "out", "max_steps", "device"):
+    for key in ("resume", "workers", "out", "max_steps", "device", *_AFTER_TRAINING):
         d.pop(key, None)
     return d
+
+
+def _resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings in which a saved state and this run differ. A setting the state predates
+    (added to the code since) matches when this run leaves it at its default."""
+    defaults = json.loads(json.dumps(_resume_identity(TrainConfig())))
+    current = json.loads(json.dumps(current))  # tuples as the saved JSON holds them: lists
+    for key in _AFTER_TRAINING:
+        saved.pop(key, None)
+    conflicts = [key for key in sorted(set(saved) | set(current))
+                 if saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key))]
+    return conflicts
 
 
 def _save_state(out: Path, model, optimizer, epoch: int, step: int, history: list, cfg: TrainConfig) -> None:

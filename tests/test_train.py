@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from loda_cli.cli.main import app
 from loda_cli.config import LoDaConfig, TrainConfig
 from loda_cli.train import cosine_lr, plcc_loss, state_path, train
+from loda_cli.weights import read_metadata
 from tests.datasetfixtures import make_kadid
 
 runner = CliRunner()
@@ -114,10 +115,22 @@ def test_same_seed_same_checkpoint_and_resume_is_exact(small_kadid, tmp_path):
     tc = load_file(str(c))
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
 
+    # A finished run resumed with other scoring crops trains nothing, and re-calibrates to what
+    # a fresh run with those crops writes.
+    fresh = train(_cfg(kadid, tmp_path / "d.safetensors", **(small | {"num_crops": 2})))
+    cfg.num_crops = 2
+    events = []
+    again = train(cfg, events.append)
+    assert not [e for e in events if e.kind == "step"]
+    assert load_file(str(again)).keys() == load_file(str(fresh)).keys()
+    assert all(torch.equal(load_file(str(fresh))[k], v) for k, v in load_file(str(again)).items())
+    assert read_metadata(again)["calibration"] == read_metadata(fresh)["calibration"]
+    assert read_metadata(again)["preprocess"]["num_crops"] == 2
+
     cfg.lr = 1.0  # a different configuration must not resume silently
     from loda_cli.errors import UsageError
 
-    with pytest.raises(UsageError, match="different configuration"):
+    with pytest.raises(UsageError, match=r"different configuration \(lr\)"):
         train(cfg)
 
 
