@@ -16,7 +16,8 @@ from loda_cli.cli.common import err_console, handle_errors
 # Sized for a 2-core CPU: 2.6M parameters (10 MB as fp32), a half-width resnet10t and a ViT of
 # 4 blocks of width 128; batches of 4 groups of 8 images of one reference cut at one place
 # (per-group PLCC term), 3 epochs of 3 crops per image (~112k crops), a 5% warm-up, 8 scoring
-# crops (the fewest whose scores rank like 15 crops' at SRCC >= 0.995: 0.9958; 5 gave 0.9938). The set gives every reference JPEG, Gaussian blur and white noise plus 2 other types
+# crops (the fewest whose scores rank like 15 crops' at SRCC >= 0.995: 0.9958; 5 gave 0.9938).
+# The set gives every reference JPEG, Gaussian blur and white noise plus 2 other types
 # (synthetic.BUILTIN_GENERATION). Without --data it is generated once into $LODA_HOME/synthetic
 # (a few minutes on 2 cores). scripts/eval_builtin.py measures a trained one (README).
 # OMP_WAIT_POLICY=PASSIVE (the CLI's default) keeps it fast when other jobs share the cores.
