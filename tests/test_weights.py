@@ -24,6 +24,7 @@ from loda_cli.model import LoDa, to_official_state_dict
 from loda_cli.weights import (
     Calibration,
     checkpoints_dir,
+    file_sha256,
     import_checkpoint,
     load_checkpoint,
     read_metadata,
@@ -253,3 +254,31 @@ def test_weights_cli_list_info_import(tmp_path, tiny_checkpoint, tiny_model):
     # loudly instead of loading a wrong model.
     assert result.exit_code == 1 and "wrong shape: vit.pos_embed" in result.output
     assert "Traceback" not in result.output
+
+
+def test_weights_list_and_info_show_what_the_manifest_measured(tmp_path, tiny_checkpoint, monkeypatch):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shipped = weights / "shipped.safetensors"
+    shipped.write_bytes(tiny_checkpoint.read_bytes())
+    entry = {"name": "shipped", "file": "shipped.safetensors", "builtin": True, "sha256": file_sha256(shipped),
+             "metrics": {"heldout_synthetic_srcc": 0.4383, "real_photo_pairs_original_wins": 0.9365}}
+    (weights / "manifest.json").write_text(json.dumps({"models": [entry]}))
+    monkeypatch.setenv("LODA_WEIGHTS_DIR", str(weights))
+
+    listed = runner.invoke(app, ["weights", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    row = json.loads(listed.stdout)[0]
+    assert row["metrics"]["heldout_synthetic_srcc"] == 0.4383  # beside the checkpoint's own metrics
+    assert row["metrics"].items() >= (read_metadata(shipped).get("metrics") or {}).items()
+
+    for name in ("shipped", str(shipped)):  # by name or by path
+        info = runner.invoke(app, ["weights", "info", name])
+        assert info.exit_code == 0, info.output
+        shown = json.loads(info.stdout)
+        assert shown["manifest"]["metrics"]["real_photo_pairs_original_wins"] == 0.9365
+        assert "manifest_warning" not in shown
+
+    shipped.write_bytes(tiny_checkpoint.read_bytes()[:-1] + b" ")  # another file than the manifest's
+    shown = json.loads(runner.invoke(app, ["weights", "info", "shipped"]).stdout)
+    assert "differs" in shown["manifest_warning"]

@@ -30,7 +30,20 @@ def _format_size(n: int) -> str:
 
 def _format_metrics(metrics: dict) -> str:
     parts = [f"{k.upper()} {metrics[k]:.3f}" for k in ("srcc", "plcc") if isinstance(metrics.get(k), (int, float))]
+    # The built-in model's held-out measurements (weights/manifest.json, scripts/eval_builtin.py).
+    if isinstance(metrics.get("heldout_synthetic_srcc"), (int, float)):
+        parts.append(f"held-out SRCC {metrics['heldout_synthetic_srcc']:.3f}")
+    if isinstance(metrics.get("real_photo_pairs_original_wins"), (int, float)):
+        parts.append(f"photo pairs {100 * metrics['real_photo_pairs_original_wins']:.1f}%")
     return ", ".join(parts) or "-"
+
+
+def _merged_metrics(meta: dict, manifest: dict) -> dict:
+    """The checkpoint's own test metrics, plus what its manifest entry measured beyond them."""
+    listed = manifest.get("metrics") or {}
+    own = meta.get("metrics") or listed.get("test_split") or {}
+    extra = {k: v for k, v in listed.items() if k != "test_split" and k not in own}
+    return {**own, **extra}
 
 
 @weights_app.command("list")
@@ -62,7 +75,7 @@ def list_cmd(
                 "dataset": dataset,
                 "backbones": " + ".join(str(backbones[k]) for k in ("vit", "cnn") if backbones.get(k)) or "-",
                 "size": entry.path.stat().st_size if entry.available else None,  # type: ignore[union-attr]
-                "metrics": meta.get("metrics") or entry.manifest.get("metrics") or {},
+                "metrics": _merged_metrics(meta, entry.manifest),
                 "path": str(entry.path) if entry.path else None,
                 "problem": problem,
             }
@@ -88,11 +101,20 @@ def info_cmd(
     name: Annotated[str, typer.Argument(help="A checkpoint name or a .safetensors path.")],
 ) -> None:
     """Show a checkpoint's metadata (architecture, dataset, calibration, metrics)."""
-    from loda_cli.weights import file_sha256, read_metadata, resolve_model
+    from loda_cli.weights import file_sha256, list_models, read_metadata, resolve_model
 
     resolved = resolve_model(name)
     meta = read_metadata(resolved.path)
-    info = {"name": resolved.name, "path": str(resolved.path), "sha256": file_sha256(resolved.path), **meta}
+    digest = file_sha256(resolved.path)
+    info = {"name": resolved.name, "path": str(resolved.path), "sha256": digest, **meta}
+    listed = next((e.manifest for e in list_models() if e.source == "manifest" and e.path is not None
+                   and e.path.resolve() == resolved.path.resolve()), None)
+    if listed:
+        # What weights/manifest.json records beside the file: for the built-in model, its
+        # held-out measurements, speed and reproduce command.
+        info["manifest"] = listed
+        if listed.get("sha256") and listed["sha256"] != digest:
+            info["manifest_warning"] = "the file's sha256 differs from the manifest's: its figures describe another file"
     out_console.print_json(json.dumps(info))
 
 
