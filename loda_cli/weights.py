@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,11 +52,20 @@ def checkpoints_dir() -> Path:
 
 
 def weights_dir() -> Path:
-    """The repository's ``weights/`` folder (manifest and the built-in model)."""
+    """The folder of the manifest and the built-in model: ``$LODA_WEIGHTS_DIR``, else the
+    repository's ``weights/`` (a checkout or an editable install), else the copy a non-editable
+    install puts in ``<prefix>/share/loda/weights``."""
     override = os.environ.get("LODA_WEIGHTS_DIR")
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "weights"
+    repository = Path(__file__).resolve().parent.parent / "weights"
+    if (repository / "manifest.json").is_file():
+        return repository
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        installed = Path(prefix) / "share" / "loda" / "weights"
+        if (installed / "manifest.json").is_file():
+            return installed
+    return repository
 
 
 # ---------------------------------------------------------------------------------------------

@@ -282,3 +282,24 @@ def test_weights_list_and_info_show_what_the_manifest_measured(tmp_path, tiny_ch
     shipped.write_bytes(tiny_checkpoint.read_bytes()[:-1] + b" ")  # another file than the manifest's
     shown = json.loads(runner.invoke(app, ["weights", "info", "shipped"]).stdout)
     assert "differs" in shown["manifest_warning"]
+
+
+def test_weights_dir_finds_the_copy_a_non_editable_install_makes(tmp_path, monkeypatch):
+    import loda_cli.weights as weights_module
+    from loda_cli.weights import weights_dir
+
+    monkeypatch.delenv("LODA_WEIGHTS_DIR", raising=False)
+    site = tmp_path / "site-packages" / "loda_cli"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(weights_module, "__file__", str(site / "weights.py"))
+    prefix = tmp_path / "venv"
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    assert weights_dir() == tmp_path / "site-packages" / "weights"  # nothing installed: the default
+    installed = prefix / "share" / "loda" / "weights"
+    installed.mkdir(parents=True)
+    (installed / "manifest.json").write_text('{"models": []}')
+    assert weights_dir() == installed
+    checkout = tmp_path / "site-packages" / "weights"
+    checkout.mkdir()
+    (checkout / "manifest.json").write_text('{"models": []}')
+    assert weights_dir() == checkout  # a checkout's own weights/ wins
