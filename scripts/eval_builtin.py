@@ -1,6 +1,7 @@
 """Measure the built-in model against issue 7's quality targets and print a small table.
 
     python scripts/eval_builtin.py [--model weights/loda-builtin.safetensors] [--json out.json]
+    python scripts/eval_builtin.py --model FILE --crops-sweep 5,8,9,12
 
 1. Held-out synthetic set: procedural references drawn with a seed training never used, plus
    the held-out real photos, each with every distortion type at all 5 levels and the pristine
@@ -96,6 +97,30 @@ def drop_by_type(scores, samples) -> dict[str, list[float]]:
             for kind, levels in sorted(sums.items())}
 
 
+def breakdown(scores, labels, samples) -> dict:
+    """Where a held-out SRCC comes from: per distortion type, the SRCC of that type's images and
+    the pristine ones pooled over references (can the model order it at all, across contents?);
+    the mean SRCC within one reference (ordering one content's versions); and the range of the
+    pristine images' scores (a model that ranks contents against each other well keeps it small:
+    every pristine image has label 1)."""
+    from loda_cli.metrics import srcc
+
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=float)
+    refs = np.array([ref for ref, _, _ in samples])
+    kinds = np.array([kind for _, kind, _ in samples])
+    by_type = {}
+    for kind in sorted(set(kinds) - {"pristine"}):
+        keep = (kinds == kind) | (kinds == "pristine")
+        by_type[kind] = srcc(scores[keep], labels[keep])
+    within = [srcc(scores[refs == ref], labels[refs == ref]) for ref in sorted(set(refs))]
+    pristine = scores[kinds == "pristine"]
+    return {
+        "srcc_by_type": by_type,
+        "srcc_within_reference_mean": float(np.nanmean(within)),
+        "pristine_score_range": [float(pristine.min()), float(pristine.max())] if pristine.size else None,
+    }
+
+
 def real_photo_pairs(seed: int = HOLDOUT_SEED):
     """(photo name, original, [(distortion, level, distorted image), ...]) per held-out photo."""
     from loda_cli import synthetic
@@ -185,6 +210,7 @@ def evaluate(model: str | None = None, crops_compare: bool = False, device: str 
     }
     if "photo" in groups:
         result["synthetic"]["srcc_photos"] = srcc(*_subset(scores, labels, groups, "photo"))
+    result["synthetic"].update(breakdown(scores, labels, samples))
     if crops_compare:
         # Every 8th image keeps the 15-crop pass affordable on a CPU.
         many = make_scorer(model, crops=15, device=device)
@@ -205,6 +231,22 @@ def evaluate(model: str | None = None, crops_compare: bool = False, device: str 
     return result
 
 
+def crops_sweep(model: str | None, counts: list[int], device: str = "cpu") -> dict[int, tuple[float, float]]:
+    """Per crop count: (SRCC with 15 crops, max |score difference|), printed as it goes."""
+    from loda_cli.metrics import srcc
+
+    images = heldout_synthetic_set()[0][::4]
+    images += [im for _, original, versions in real_photo_pairs() for im in [original] + [v[2] for v in versions]]
+    reference = score_arrays(make_scorer(model, crops=15, device=device), images)
+    print(f"{len(images)} images; agreement with 15 crops")
+    out = {}
+    for n in counts:
+        scores = score_arrays(make_scorer(model, crops=n, device=device), images)
+        out[n] = (srcc(scores, reference), float(np.max(np.abs(np.subtract(scores, reference)))))
+        print(f"  {n:>2} crops: SRCC {out[n][0]:.4f}, max |d score| {out[n][1]:.4f}", flush=True)
+    return out
+
+
 def _subset(scores, labels, groups, group):
     keep = [i for i, g in enumerate(groups) if g == group]
     return [scores[i] for i in keep], [labels[i] for i in keep]
@@ -220,6 +262,11 @@ def print_table(result: dict) -> None:
         rows.append(("  held-out photos", f"{syn['srcc_photos']:.4f}", "", ""))
     if "laplacian_variance_srcc" in syn:
         rows.append(("  Laplacian variance baseline", f"{syn['laplacian_variance_srcc']:.4f}", "", ""))
+    if "srcc_within_reference_mean" in syn:
+        rows.append(("  mean SRCC within one reference", f"{syn['srcc_within_reference_mean']:.4f}", "", ""))
+    if syn.get("pristine_score_range"):
+        low, high = syn["pristine_score_range"]
+        rows.append(("  pristine images' scores", f"{low:.2f}-{high:.2f}", "", "(all label 1)"))
     if "srcc_vs_15_crops" in syn:
         rows.append((f"SRCC {result['crops']} crops vs 15", f"{syn['srcc_vs_15_crops']:.4f}", "", ""))
     rows += [
@@ -233,9 +280,12 @@ def print_table(result: dict) -> None:
     if real["model_misses"]:
         print("model misses:", ", ".join(real["model_misses"]))
     if result.get("score_change_by_type"):
-        print("mean score change from the pristine image, held-out synthetic, levels 1..5:")
+        by_type = syn.get("srcc_by_type", {})
+        print("mean score change from the pristine image, held-out synthetic, levels 1..5"
+              + (", and the type's SRCC with pristine images across references:" if by_type else ":"))
         for kind, changes in result["score_change_by_type"].items():
-            print(f"  {kind:<22}" + " ".join(f"{c:+.3f}" for c in changes))
+            tail = f"   SRCC {by_type[kind]:+.3f}" if kind in by_type else ""
+            print(f"  {kind:<22}" + " ".join(f"{c:+.3f}" for c in changes) + tail)
     print(f"photos: {', '.join(real['photos'])}; model {result['model']}; {result['seconds']} s")
 
 
@@ -295,9 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--crops-compare", action="store_true",
                         help="also score with 15 crops and report the rank agreement")
+    parser.add_argument("--crops-sweep", metavar="N,N,...",
+                        help="only report, for each crop count, the rank agreement (SRCC) and the "
+                             "largest score difference with 15 crops, on every 4th held-out synthetic "
+                             "image and the real-photo pair sets (how a preset's crop count is chosen)")
     parser.add_argument("--manifest", help="write the results into this manifest.json entry")
     parser.add_argument("--speed-json", help="a JSON file of speed measurements to add to the entry")
     args = parser.parse_args(argv)
+    if args.crops_sweep:
+        crops_sweep(args.model, [int(n) for n in args.crops_sweep.split(",")])
+        return 0
     result = evaluate(args.model, crops_compare=args.crops_compare or bool(args.manifest))
     print_table(result)
     if args.json:

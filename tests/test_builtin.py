@@ -173,3 +173,17 @@ def test_parallel_generation_writes_the_same_set_as_one_process(tmp_path):
     assert one.read_text() == two.read_text()
     for row in list(csv.DictReader(one.open()))[:12]:
         assert (one.parent / row["path"]).read_bytes() == (two.parent / row["path"]).read_bytes()
+
+
+def test_heldout_breakdown_separates_ordering_within_and_across_references():
+    ev = _eval_script()
+    samples = [(ref, kind, level) for ref in ("a", "b")
+               for kind, level in (("pristine", 0), ("blur", 1), ("blur", 3), ("noise", 1), ("noise", 3))]
+    labels = [1.0, 0.8, 0.4, 0.8, 0.4] * 2
+    # Orders each reference's versions perfectly, but reference b scores 0.5 lower throughout.
+    scores = [0.9, 0.7, 0.3, 0.7, 0.3, 0.4, 0.2, -0.2, 0.2, -0.2]
+    out = ev.breakdown(scores, labels, samples)
+    assert out["srcc_within_reference_mean"] == pytest.approx(1.0)
+    assert out["pristine_score_range"] == pytest.approx([0.4, 0.9])
+    assert set(out["srcc_by_type"]) == {"blur", "noise"}
+    assert out["srcc_by_type"]["blur"] < 1.0  # the offset between references costs across-content order
