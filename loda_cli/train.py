@@ -173,6 +173,8 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     from loda_cli.weights import Calibration, build_metadata, save_checkpoint
 
     emit = on_event or (lambda event: None)
+    if not cfg.clip_grad >= 0:  # also refuses NaN
+        raise UsageError(f"--clip-grad must be 0 (off) or positive, got {cfg.clip_grad}")
     dist = Distributed.from_env()
 
     # -- data ------------------------------------------------------------------------------------
@@ -463,11 +465,8 @@ def _resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     (added to the code since) matches when this run leaves it at its default."""
     defaults = json.loads(json.dumps(_resume_identity(TrainConfig())))
     current = json.loads(json.dumps(current))  # tuples as the saved JSON holds them: lists
-    for key in _AFTER_TRAINING:
-        saved.pop(key, None)
-    conflicts = [key for key in sorted(set(saved) | set(current))
-                 if saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key))]
-    return conflicts
+    keys = (set(saved) | set(current)) - set(_AFTER_TRAINING)
+    return sorted(key for key in keys if saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)))
 
 
 def _save_state(out: Path, model, optimizer, epoch: int, step: int, history: list, cfg: TrainConfig) -> None:

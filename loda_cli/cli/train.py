@@ -163,7 +163,7 @@ class _Reporter:
                 f"{d['crops_per_image']} crops each, {d['steps_per_epoch']} steps/epoch, "
                 f"{d['trainable_params']:,} trainable parameters, {d['device']} {d['precision']}"
                 + (f", {d['world']} processes" if d["world"] > 1 else "")
-                + (", every epoch done: calibrating only" if d["start_epoch"] >= d.get("epochs", 1 << 30)
+                + (", every epoch done: calibrating only" if d["start_epoch"] >= d["epochs"]
                    else f", resuming at epoch {d['start_epoch'] + 1}" if d["start_epoch"] else ""),
                 markup=False,
             )
