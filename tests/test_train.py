@@ -271,3 +271,7 @@ def test_gradient_clipping_caps_every_step_and_is_logged(tmp_path):
     tiny = records[1e-6]
     assert tiny["clipped_steps"] == tiny["step"]  # every real gradient is far above 1e-6
     assert tiny["grad_norm_max"] > 1e-6
+    from loda_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--clip-grad"):
+        train(_cfg(tmp_path / "syn", tmp_path / "bad.safetensors", dataset="synthetic", clip_grad=-1.0))
