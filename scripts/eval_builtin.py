@@ -339,13 +339,23 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
     return entry
 
 
+def _crop_counts(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected crop counts such as 5,8,9, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"crop counts must be positive, got {text!r}")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint (default: what `loda score` resolves)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--crops-compare", action="store_true",
                         help="also score with 15 crops and report the rank agreement")
-    parser.add_argument("--crops-sweep", metavar="N,N,...",
+    parser.add_argument("--crops-sweep", metavar="N,N,...", type=_crop_counts,
                         help="only report, for each crop count, the rank agreement (SRCC) and the "
                              "largest score difference with 15 crops, on every 4th held-out synthetic "
                              "image and the real-photo pair sets (how a preset's crop count is chosen)")
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-json", help="a JSON file of speed measurements to add to the entry")
     args = parser.parse_args(argv)
     if args.crops_sweep:
-        crops_sweep(args.model, [int(n) for n in args.crops_sweep.split(",")])
+        crops_sweep(args.model, args.crops_sweep)
         return 0
     result = evaluate(args.model, crops_compare=args.crops_compare or bool(args.manifest))
     print_table(result)
