@@ -275,3 +275,28 @@ def test_gradient_clipping_caps_every_step_and_is_logged(tmp_path):
 
     with pytest.raises(UsageError, match="--clip-grad"):
         train(_cfg(tmp_path / "syn", tmp_path / "bad.safetensors", dataset="synthetic", clip_grad=-1.0))
+
+
+def test_unfused_attention_computes_the_same_scores_and_gradients():
+    from loda_cli.config import TINY_CONFIG_KW
+    from loda_cli.model import LoDa
+    from loda_cli.train import unfuse_attention
+
+    torch.manual_seed(0)
+    # eval(): no dropout, so both passes see the same arithmetic; gradients flow all the same.
+    fused = LoDa(LoDaConfig(**TINY_CONFIG_KW), pretrained=False).eval()
+    plain = LoDa(LoDaConfig(**TINY_CONFIG_KW), pretrained=False).eval()
+    plain.load_state_dict(fused.state_dict())
+    assert unfuse_attention(plain) == len(plain.vit.blocks)
+    assert unfuse_attention(plain) == 0  # already plain
+    x = torch.randn(4, 3, 224, 224)
+    y = torch.tensor([0.1, 0.9, 0.4, 0.6])
+    losses = []
+    for model in (fused, plain):
+        loss = plcc_loss(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3, msg=name)
