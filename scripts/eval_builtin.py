@@ -121,6 +121,25 @@ def breakdown(scores, labels, samples) -> dict:
     }
 
 
+#: Types that leave the luminance untouched (SSIM of the grey images 1.00 at every level): a
+#: model sees them only through colour statistics, which vary between scenes anyway.
+LUMINANCE_FREE_TYPES = ("desaturate", "color_diffusion")
+
+
+def level_reader_ceilings(labels, samples) -> dict[str, float]:
+    """What the held-out label lets a no-reference model reach at best: the SRCC of an oracle
+    that reads every image's nominal level exactly (pristine 0), and of the same oracle when it
+    cannot see the :data:`LUMINANCE_FREE_TYPES` (it takes them for pristine). Puts a model's
+    SRCC in proportion: the label gives every level the same weight whatever the type."""
+    from loda_cli.metrics import srcc
+
+    levels = np.array([float(level) for _, _, level in samples])
+    kinds = np.array([kind for _, kind, _ in samples])
+    blind = levels.copy()
+    blind[np.isin(kinds, LUMINANCE_FREE_TYPES)] = 0.0
+    return {"level_reader": srcc(-levels, labels), "level_reader_blind_to_colour_only_types": srcc(-blind, labels)}
+
+
 def real_photo_pairs(seed: int = HOLDOUT_SEED):
     """(photo name, original, [(distortion, level, distorted image), ...]) per held-out photo."""
     from loda_cli import synthetic
@@ -211,6 +230,7 @@ def evaluate(model: str | None = None, crops_compare: bool = False, device: str 
     if "photo" in groups:
         result["synthetic"]["srcc_photos"] = srcc(*_subset(scores, labels, groups, "photo"))
     result["synthetic"].update(breakdown(scores, labels, samples))
+    result["synthetic"]["ceilings"] = level_reader_ceilings(labels, samples)
     if crops_compare:
         # Every 8th image keeps the 15-crop pass affordable on a CPU.
         many = make_scorer(model, crops=15, device=device)
@@ -267,6 +287,10 @@ def print_table(result: dict) -> None:
     if syn.get("pristine_score_range"):
         low, high = syn["pristine_score_range"]
         rows.append(("  pristine images' scores", f"{low:.2f}-{high:.2f}", "", "(all label 1)"))
+    if "ceilings" in syn:
+        rows.append(("  oracle reading every level", f"{syn['ceilings']['level_reader']:.4f}", "", "(ceiling)"))
+        rows.append(("  same, blind to " + " and ".join(LUMINANCE_FREE_TYPES),
+                     f"{syn['ceilings']['level_reader_blind_to_colour_only_types']:.4f}", "", ""))
     if "srcc_vs_15_crops" in syn:
         rows.append((f"SRCC {result['crops']} crops vs 15", f"{syn['srcc_vs_15_crops']:.4f}", "", ""))
     rows += [

@@ -187,3 +187,26 @@ def test_heldout_breakdown_separates_ordering_within_and_across_references():
     assert out["pristine_score_range"] == pytest.approx([0.4, 0.9])
     assert set(out["srcc_by_type"]) == {"blur", "noise"}
     assert out["srcc_by_type"]["blur"] < 1.0  # the offset between references costs across-content order
+
+
+def test_level_reader_ceilings_and_the_colour_only_types():
+    evaluation = _eval_script()
+    # Colour-only types keep the luminance (up to rounding and the odd clipped pixel).
+    _, image = synthetic.procedural_references(1, 96, 128, seed=5)[0]
+
+    def luma(x):
+        return x.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+    for kind in evaluation.LUMINANCE_FREE_TYPES:
+        for level in (1, 5):
+            out = synthetic.apply_distortion(image, kind, level, np.random.default_rng(0))
+            assert np.abs(luma(out) - luma(image)).mean() < 0.5, (kind, level)
+    refs = synthetic.procedural_references(2, 32, 48, seed=1)
+    samples, labels = [], []
+    for sample in synthetic.generate_samples(refs, 7, types=["gaussian_blur", "desaturate", "white_noise"]):
+        samples.append((sample.ref_id, sample.distortion, sample.level))
+        labels.append(sample.label)
+    ceilings = evaluation.level_reader_ceilings(labels, samples)
+    assert ceilings["level_reader"] > 0.9
+    # Taking a third of the distorted images for pristine costs a lot of rank agreement.
+    assert ceilings["level_reader_blind_to_colour_only_types"] < ceilings["level_reader"] - 0.1
