@@ -210,3 +210,24 @@ def test_level_reader_ceilings_and_the_colour_only_types():
     assert ceilings["level_reader"] > 0.9
     # Taking a third of the distorted images for pristine costs a lot of rank agreement.
     assert ceilings["level_reader_blind_to_colour_only_types"] < ceilings["level_reader"] - 0.1
+
+
+@needs_model
+def test_the_shipped_model_is_what_the_preset_trains():
+    """A preset edit without a retrained (or, for scoring-only settings, re-calibrated) model
+    would make the README's reproduce command write something else than weights/ holds."""
+    from loda_cli.cli.train import BUILTIN_COMMAND, BUILTIN_PRESET
+    from loda_cli.weights import read_metadata
+
+    meta = read_metadata(WEIGHTS / "loda-builtin.safetensors")
+    trained = meta["train"]
+    for key, value in BUILTIN_PRESET.items():
+        if key == "model":
+            assert {k: trained["model"][k] for k in value} == value
+        else:
+            assert trained[key] == value, key
+    assert trained["seed"] == 3407 and trained["split"] == 0
+    assert meta["preprocess"]["num_crops"] == BUILTIN_PRESET["num_crops"]
+    assert BUILTIN_COMMAND in meta["description"]
+    manifest = json.loads((WEIGHTS / "manifest.json").read_text())["models"][0]
+    assert manifest["reproduce"] == BUILTIN_COMMAND
