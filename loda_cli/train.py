@@ -145,8 +145,8 @@ def build_model(cfg: TrainConfig):
 def unfuse_attention(model: torch.nn.Module) -> int:
     """Make timm's self-attention use plain matmuls + softmax instead of the fused kernel; returns
     how many attention layers changed. Same arithmetic, but on the CPU the fused kernel's backward
-    is the single slowest op of a training step: the built-in preset trains 12% faster without
-    it (35 -> 39 crops/s, ``python scripts/train_throughput.py --preset builtin --compare-attention``)."""
+    is the single slowest op of a training step: the built-in preset trains 9-12% faster without
+    it (35.7 -> 39.0 crops/s, ``python scripts/train_throughput.py --preset builtin --compare-attention``)."""
     changed = 0
     for module in model.modules():
         if getattr(module, "fused_attn", False):

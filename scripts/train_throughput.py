@@ -5,8 +5,9 @@
     python scripts/train_throughput.py --device cpu --preset builtin --batch-size 32 --steps 10 --compare-attention
 
 Times forward + backward + AdamW step over the trainable parameters at the precision training
-uses (bf16 autocast where native), after warm-up steps. Data loading is not included. ``--compare-attention`` times the fused attention kernel and the
-plain matmul path (what ``loda train`` uses on the CPU) in one run and prints their ratio.
+uses (bf16 autocast where native), after warm-up steps. Data loading is not included.
+``--compare-attention`` times the fused attention kernel and the plain matmul path (what ``loda
+train`` uses on the CPU) in one run and prints their ratio.
 """
 
 from __future__ import annotations
@@ -58,14 +59,15 @@ def measure(config: LoDaConfig, device: str, precision: str, args, unfused: bool
     """Crops per second of forward + backward + AdamW step, after warm-up steps."""
     torch.manual_seed(0)
     model = LoDa(config, pretrained=False).to(device).train()
-    if args.preset and device == "cpu":
-        model.cnn.to(memory_format=torch.channels_last)  # as the preset trains
+    channels_last = bool(args.preset)  # as the built-in preset trains
+    if channels_last:
+        model.cnn.to(memory_format=torch.channels_last)
     if unfused:
         unfuse_attention(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-2)
     x = torch.randn(args.batch_size, 3, 224, 224, device=device)
-    if args.preset and device == "cpu":
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.rand(args.batch_size, device=device)
 
