@@ -33,8 +33,9 @@ class LoDaConfig:
     # statistics keep adapting to the IQA data and are saved with the checkpoint. False keeps the
     # CNN in eval mode (statistics frozen at their pretrained values).
     update_cnn_bn_stats: bool = True
-    # Which parts train. "adapters" is LoDa as published (frozen backbones); "full" also trains
-    # both backbones, as the built-in model does when no pretrained weights exist.
+    # Which parts train. "adapters" is LoDa as published (frozen backbones); "vit" also trains the
+    # ViT while the pretrained CNN stays frozen (the built-in model: its small ViT starts from
+    # scratch); "full" trains both backbones.
     trainable: str = "adapters"
     # Optional local files holding pretrained backbone weights (instead of the Hugging Face cache).
     vit_weights: str | None = None
@@ -42,8 +43,8 @@ class LoDaConfig:
 
     def __post_init__(self) -> None:
         self.cnn_out_indices = tuple(int(i) for i in self.cnn_out_indices)
-        if self.trainable not in ("adapters", "full"):
-            raise ValueError(f"trainable must be 'adapters' or 'full', not {self.trainable!r}")
+        if self.trainable not in ("adapters", "vit", "full"):
+            raise ValueError(f"trainable must be 'adapters', 'vit' or 'full', not {self.trainable!r}")
         if self.latent_dim % self.cross_attn_heads:
             raise ValueError("latent_dim must be divisible by cross_attn_heads")
 
@@ -71,10 +72,33 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
+    # A second, "detail" view (the built-in model's own design; 0 = off, the paper's protocol):
+    # the photo at a short side of ``detail_short_side`` (never enlarged), where blur, noise and
+    # compression show as a person sees them on a screen, cut into ``detail_crops`` crops. The
+    # image's raw score is (1 - w) * mean(view crops) + w * mean(detail crops), w =
+    # ``detail_weight``. The 384-pixel view averages pixel-level damage away on large photos.
+    detail_short_side: int = 0
+    detail_crops: int = 0
+    detail_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.detail_short_side < 0 or self.detail_crops < 0 or not 0.0 <= self.detail_weight <= 1.0:
+            raise ValueError("detail view: sizes must be >= 0 and the weight within [0, 1]")
+        if bool(self.detail_short_side) != bool(self.detail_crops):
+            raise ValueError("detail view: give both detail_short_side and detail_crops, or neither")
+
+    @property
+    def has_detail_view(self) -> bool:
+        return self.detail_crops > 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if not self.has_detail_view:
+            # Written only when used: a paper model's preprocessing (and so its cache key) is
+            # what it was before the detail view existed.
+            for key in ("detail_short_side", "detail_crops", "detail_weight"):
+                d.pop(key)
         return d
 
     @classmethod

@@ -229,43 +229,58 @@ class LoDa(nn.Module):
         nn.init.trunc_normal_(self.scale, std=0.02)
 
     def set_trainable(self, trainable: str) -> None:
-        """Freeze the backbones ("adapters", the paper) or train everything ("full")."""
+        """Freeze the backbones ("adapters", the paper), train the ViT too but keep the pretrained
+        CNN frozen ("vit": the built-in model, whose ViT starts from scratch), or train
+        everything ("full")."""
         self.config.trainable = trainable
-        full = trainable == "full"
         for p in self.vit.parameters():
-            p.requires_grad_(full)
+            p.requires_grad_(trainable in ("full", "vit"))
         for p in self.cnn.parameters():
-            p.requires_grad_(full)
+            p.requires_grad_(trainable == "full")
 
     @property
     def backbones_frozen(self) -> bool:
         return self.config.trainable == "adapters"
+
+    @property
+    def cnn_frozen(self) -> bool:
+        return self.config.trainable != "full"
 
     def train(self, mode: bool = True) -> LoDa:
         super().train(mode)
         if mode and self.backbones_frozen:
             # A frozen ViT has nothing to adapt; keep its (usually zero) dropouts off.
             self.vit.eval()
-            if not self.config.update_cnn_bn_stats:
-                self.cnn.eval()
+        if mode and self.cnn_frozen and not self.config.update_cnn_bn_stats:
+            self.cnn.eval()
         return self
 
     # -- forward stages (as timm: each can be run and tested alone) --------------------------
 
-    def forward_distortion_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, stages * grid^2, latent_dim) distortion tokens."""
-        if self.backbones_frozen:
+    def forward_cnn(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> the CNN's feature maps, one per stage of ``cnn_out_indices``."""
+        if self.cnn_frozen:
             # No gradient can reach frozen CNN weights; skipping its graph saves memory. BatchNorm
             # running statistics still update in train mode, as in the release.
             with torch.no_grad():
-                features = self.cnn(x)
-        else:
-            features = self.cnn(x)
-        return self.extractor(features)
+                return self.cnn(x)
+        return self.cnn(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_distortion_tokens(
+        self, x: torch.Tensor, cnn_features: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, stages * grid^2, latent_dim) distortion tokens.
+
+        ``cnn_features`` (the output of :meth:`forward_cnn` for ``x``) skips the CNN: a frozen
+        CNN's features can be computed once and reused across epochs.
+        """
+        if cnn_features is None:
+            cnn_features = self.forward_cnn(x)
+        return self.extractor(cnn_features)
+
+    def forward_features(self, x: torch.Tensor, cnn_features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, embed_dim) ViT tokens after the final norm."""
-        distortion_tokens = self.forward_distortion_tokens(x)
+        distortion_tokens = self.forward_distortion_tokens(x, cnn_features)
         vit = self.vit
         tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
         for block, injector, scale in zip(vit.blocks, self.injectors, self.scale):
@@ -277,8 +292,8 @@ class LoDa(nn.Module):
         """(B, N, embed_dim) -> (B, 1) raw score in [-1, 1]."""
         return self.head(self.head_drop(pooled_feature(self.vit, tokens)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, cnn_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, cnn_features))
 
     # -- parameters and state ----------------------------------------------------------------
 

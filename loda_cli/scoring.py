@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from loda_cli.errors import ImageError, UsageError
 from loda_cli.images import FoundFile, SkipNotice, decode_image, iter_image_files
-from loda_cli.transforms import MAX_ASPECT_RATIO, scoring_crops
+from loda_cli.transforms import MAX_ASPECT_RATIO, crop_weights, scoring_crops
 
 DEFAULT_DECODE_TIMEOUT_S = 10.0
 # Test hook (documented in tests/test_reliability.py): seconds to sleep before each decode.
@@ -234,6 +234,17 @@ class ScanSpec:
     decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT_S
 
 
+def decode_target(preprocess) -> int:
+    """The short side to decode towards. With a detail view, the cheap reductions (JPEG draft)
+    may go down to the detail view's own size: the DCT-domain scaling is a clean box filter, and
+    a 12 MP JPEG then decodes at half size instead of in full."""
+    if preprocess.has_detail_view:
+        from loda_cli.images import REDUCING_GAP
+
+        return max(preprocess.short_side, math.ceil(preprocess.detail_short_side / REDUCING_GAP))
+    return preprocess.short_side
+
+
 def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> dict[str, Any]:
     """Cache lookup, else decode and crop one file. Never raises for a bad image."""
     from loda_cli.cache import FileKey
@@ -257,7 +268,7 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
         with _NativeStderr.capture() as native, _time_limit(spec.decode_timeout):
             if _TEST_DECODE_DELAY:
                 time.sleep(_TEST_DECODE_DELAY)  # test hook: makes runs slow enough to interrupt
-            decoded = decode_image(found.path, target_short_side=spec.preprocess.short_side,
+            decoded = decode_image(found.path, target_short_side=decode_target(spec.preprocess),
                                    max_aspect=MAX_ASPECT_RATIO)
             t1 = time.perf_counter()
             crops = scoring_crops(decoded.image, spec.preprocess)
@@ -511,7 +522,7 @@ class Scorer:
 
         prep_id = self.preprocess.digest()
         pending: dict[int, dict[str, Any]] = {}  # index -> item waiting for crop scores
-        sums: dict[int, float] = {}
+        sums: dict[int, float] = {}  # index -> weighted sum of its crops' raw scores so far
         counts: dict[int, int] = {}
         queue: list[tuple[int, Any]] = []  # (index, uint8 crops) not yet run
         queued = 0
@@ -545,12 +556,14 @@ class Scorer:
                 raws = self._forward(np.concatenate(parts) if len(parts) > 1 else parts[0])
                 queued -= len(raws)
                 for index, value in zip(owners, raws):
-                    sums[index] = sums.get(index, 0.0) + value
-                    counts[index] = counts.get(index, 0) + 1
                     item = pending[index]
+                    seen = counts.get(index, 0)
+                    sums[index] = sums.get(index, 0.0) + value * float(item["weights"][seen])
+                    counts[index] = seen + 1
                     if counts[index] == len(item["crops"]):
                         del pending[index]
-                        yield finish(item, sums.pop(index) / counts.pop(index))
+                        counts.pop(index)
+                        yield finish(item, sums.pop(index))
 
         try:
             for item in loader:
@@ -568,6 +581,7 @@ class Scorer:
                 self.times.decoded += 1
                 crops = np.asarray(crops)
                 item["crops"] = crops
+                item["weights"] = crop_weights(self.preprocess, len(crops))
                 pending[item["index"]] = item
                 queue.append((item["index"], crops))
                 queued += len(crops)
@@ -581,7 +595,8 @@ class Scorer:
         """Score one in-memory PIL image (no cache); returns the calibrated score in [0, 1]."""
         crops = scoring_crops(image.convert("RGB"), self.preprocess)
         raws = self._forward(crops)
-        return self.loaded.calibration.to_score(sum(raws) / len(raws))
+        weights = crop_weights(self.preprocess, len(raws))
+        return self.loaded.calibration.to_score(float(sum(r * w for r, w in zip(raws, weights))))
 
 
 def score_paths(

@@ -84,11 +84,42 @@ def cut_crops(array: np.ndarray, positions: Sequence[tuple[int, int]], crop: int
     return out
 
 
+def detail_view(image: Image, preprocess: Preprocess) -> np.ndarray:
+    """The detail view: the image at a short side of ``detail_short_side``, never enlarged (a
+    smaller photo is used as it is). An HxWx3 uint8 array at least one crop in size."""
+    w, h = image.size
+    short = min(w, h)
+    target = max(preprocess.crop_size, min(short, preprocess.detail_short_side))
+    resized = image if target == short else resize_short_side(image, target, preprocess.interpolation)
+    return np.asarray(resized.convert("RGB"), dtype=np.uint8)
+
+
 def scoring_crops(image: Image, preprocess: Preprocess) -> np.ndarray:
-    """The deterministic crops the scorer feeds the model for one image."""
+    """The deterministic crops the scorer feeds the model for one image: ``num_crops`` of the
+    short-side view, then (for a checkpoint with a detail view) ``detail_crops`` of that view."""
     array = prepare_image(image, preprocess)
     h, w = array.shape[:2]
-    return cut_crops(array, grid_positions(h, w, preprocess.crop_size, preprocess.num_crops), preprocess.crop_size)
+    crop = preprocess.crop_size
+    crops = cut_crops(array, grid_positions(h, w, crop, preprocess.num_crops), crop)
+    if not preprocess.has_detail_view:
+        return crops
+    detail = detail_view(image, preprocess)
+    dh, dw = detail.shape[:2]
+    detail_crops = cut_crops(detail, grid_positions(dh, dw, crop, preprocess.detail_crops), crop)
+    return np.concatenate([crops, detail_crops])
+
+
+def crop_weights(preprocess: Preprocess, n_crops: int) -> np.ndarray:
+    """Each crop's weight in the image's raw score (they sum to 1): the plain mean, or for a
+    detail view (1 - w) shared by the view's crops and w by the detail crops."""
+    if not preprocess.has_detail_view:
+        return np.full(n_crops, 1.0 / n_crops)
+    n_detail = preprocess.detail_crops
+    n_view = n_crops - n_detail
+    if n_view < 1:
+        raise ValueError("a detail view needs at least one crop of the short-side view")
+    w = preprocess.detail_weight
+    return np.concatenate([np.full(n_view, (1.0 - w) / n_view), np.full(n_detail, w / n_detail)])
 
 
 def normalize(crops: torch.Tensor, preprocess: Preprocess, dtype=None) -> torch.Tensor:

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from loda_cli.model import LoDa
 
 FORMAT_NAME = "loda-checkpoint"
-FORMAT_VERSION = 1
+# Version 2 added the preprocessing's detail view; a checkpoint without one is still written as
+# version 1, so older loda versions keep reading it.
+FORMAT_VERSION = 2
 CHECKPOINT_SUFFIX = ".safetensors"
 BUILTIN_NAME = "loda-builtin"
 
@@ -171,7 +173,7 @@ def build_metadata(
 ) -> dict[str, Any]:
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if preprocess.has_detail_view else 1,
         "name": name,
         "description": description,
         "kind": kind,
@@ -354,9 +356,16 @@ def load_model(model: str | None = None, device: str = "cpu") -> LoadedModel:
         sha256=file_sha256(resolved.path),
         name=resolved.name,
         calibration=Calibration.from_dict(meta["calibration"]),
-        preprocess=Preprocess.from_dict(meta["preprocess"]),
+        preprocess=_preprocess_from(meta, resolved.path),
         builtin=resolved.builtin,
     )
+
+
+def _preprocess_from(meta: dict[str, Any], path: Path) -> Preprocess:
+    try:
+        return Preprocess.from_dict(meta["preprocess"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid preprocessing in metadata: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
