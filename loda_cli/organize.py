@@ -63,7 +63,7 @@ JOURNAL_VERSION = 1
 ACTION_DELAY_ENV = "LODA_TEST_ACTION_DELAY"
 DEFAULT_EDGES = (0.2, 0.4, 0.6, 0.8)
 STAR_FOLDERS = {5: "5-stars", 4: "4-stars", 3: "3-stars", 2: "2-stars", 1: "1-star"}
-SIDECAR_STYLES = ("darktable", "lightroom", "both")
+SIDECAR_STYLES = ("auto", "darktable", "lightroom", "both")
 # A sidecar is a few KB; anything this large is not one loda should rewrite.
 _MAX_SIDECAR_BYTES = 16 << 20
 # Room kept free beyond the bytes to copy: the journal, folder entries, filesystem slack.
@@ -662,9 +662,21 @@ def plan_sort(
 
 
 def sidecar_names(group: Group, style: str) -> list[str]:
-    """The sidecar file names a group's rating goes to (before matching existing files' case)."""
+    """The sidecar file names a group's rating goes to (before matching existing files' case).
+
+    ``auto`` updates the sidecars the group already has, in whichever naming, and creates
+    ``<photo>.<ext>.xmp`` for each image file only when it has none: that is the name darktable
+    and digiKam read and write by default, and the only one that cannot be confused between a RAW
+    and a JPEG of the same stem. Lightroom reads ``<stem>.xmp``, and only for RAW files; ask for
+    it with ``lightroom`` (or ``both``).
+    """
     if style not in SIDECAR_STYLES:
         raise UsageError(f"--sidecar is one of {', '.join(SIDECAR_STYLES)}, not {style!r}")
+    if style == "auto":
+        existing = [m for m in group.members if m.lower().endswith(".xmp")]
+        if existing:
+            return existing
+        style = "darktable"
     names: list[str] = []
     if style in ("darktable", "both"):
         images = [
@@ -679,16 +691,47 @@ def sidecar_names(group: Group, style: str) -> list[str]:
     return names
 
 
+def _read_sidecar(path: str) -> bytes:
+    """A sidecar's bytes; OSError when unreadable, _Skipped when too large to be XMP."""
+    if os.lstat(path).st_size > _MAX_SIDECAR_BYTES:
+        raise _Skipped("sidecar too large to be XMP")
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _person_rating(group: Group, listing: dict[str, str]) -> Optional[tuple[int, str]]:
+    """(rating, sidecar name) of a rating a person set in any of the group's sidecars.
+
+    darktable and Lightroom each read only their own naming, so a person's rating in one naming
+    must keep loda out of the other too: a loda rating beside it would contradict the person in
+    the other program.
+    """
+    for name in group.members:
+        if not name.lower().endswith(".xmp") or listing.get(name) != "file":
+            continue
+        try:
+            state = xmp.read_state(_read_sidecar(os.path.join(group.folder, name)))
+        except (OSError, _Skipped, xmp.XmpError):
+            continue  # reported when (if) loda would write to it
+        if state.rating_set_by_person and state.rating is not None:
+            return state.rating, name
+    return None
+
+
 def plan_rate(
     roots: Sequence[str],
     groups: Sequence[Group],
     *,
     edges: Sequence[float] = DEFAULT_EDGES,
-    style: str = "both",
+    style: str = "auto",
     label: Optional[str] = None,
     force: bool = False,
 ) -> Plan:
-    """Write xmp:Rating (and xmp:Label for the worst bin) into each group's sidecars."""
+    """Write xmp:Rating (and xmp:Label for the worst bin) into each group's sidecars.
+
+    A rating a person set in any sidecar of a group leaves every sidecar of that group alone
+    (unless ``force``), whatever the naming.
+    """
     plan = Plan("rate", style, list(roots), [], roots[0], edges=tuple(edges), layout="in-place")
     claimed: set[str] = set()
     for group in groups:
@@ -701,12 +744,20 @@ def plan_rate(
             continue
         index = len(plan.groups)
         wrote = False
+        person = None if force else _person_rating(group, listing)
         for wanted in sidecar_names(group, style):
             name = _existing_case(listing, wanted)
             path = os.path.join(group.folder, name)
             if path in claimed:
                 continue
             claimed.add(path)
+            if person is not None:
+                rating, where = person
+                reason = f"rating {rating} set by a person in {where} (use --force)"
+                if name != where:
+                    reason = f"rating {rating} set by a person in {where}, kept in every naming"
+                plan.unchanged.append(Skip(path, reason))
+                continue
             kind = listing.get(name)
             if kind == "link":
                 plan.skipped.append(Skip(path, "sidecar is a symlink (never written through)"))
@@ -717,11 +768,10 @@ def plan_rate(
             old = None
             if kind == "file":
                 try:
-                    if os.lstat(path).st_size > _MAX_SIDECAR_BYTES:
-                        plan.skipped.append(Skip(path, "sidecar too large to be XMP"))
-                        continue
-                    with open(path, "rb") as fh:
-                        old = fh.read()
+                    old = _read_sidecar(path)
+                except _Skipped as why:
+                    plan.skipped.append(Skip(path, str(why)))
+                    continue
                 except OSError as exc:
                     plan.skipped.append(Skip(path, f"unreadable: {exc.strerror}"))
                     continue

@@ -556,16 +556,18 @@ def test_sort_into_a_folder_inside_the_root_skips_what_is_already_sorted(shoot):
 
 
 def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(shoot):
+    """--sidecar both; a person's rating in one naming keeps loda out of the other (issue 16.1)."""
     from loda_cli import xmp
 
     human = xmp.new_sidecar(5).replace(b' loda:Rating="5"', b"").replace(b'\n    loda:Rating="5"', b"")
     write(shoot.root / "IMG_4.xmp", human)
     assert xmp.read_state(human).rating_set_by_person
     before = snapshot(shoot.root)
-    dry = invoke("rate", "wedding", "--scores", shoot.scores)
+    dry = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "both")
     assert dry.exit_code == 0 and "Dry run" in dry.output and snapshot(shoot.root) == before
 
-    result = invoke("rate", "wedding", "--scores", shoot.scores, "--label", "Red", "--apply")
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "both", "--label", "Red",
+                    "--apply")
     assert result.exit_code == 0, result.output
     state = lambda name: xmp.read_state((shoot.root / name).read_bytes())  # noqa: E731
     assert state("IMG_3.jpg.xmp").rating == 5 and state("IMG_3.xmp").rating == 5
@@ -573,7 +575,7 @@ def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(s
     assert state("ceremony/IMG_5.nef.xmp").rating == 2 and state("ceremony/IMG_5.jpg.xmp").rating == 2
     assert state("IMG_2.heic.xmp").rating == 2
     assert state("IMG_4.xmp").rating == 5  # a person's rating is kept
-    assert state("IMG_4.jpg.xmp").rating == 3  # the other sidecar gets loda's
+    assert not (shoot.root / "IMG_4.jpg.xmp").exists()  # the other naming must not contradict it
     assert "set by a person" in result.output
     # existing non-XMP sidecars (IMG_1.CR2.xmp is XMP, IMG_1.xmp is not) are never rewritten
     assert state("IMG_1.CR2.xmp").rating == 1 and state("IMG_1.CR2.xmp").label == "Red"
@@ -588,6 +590,48 @@ def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(s
     assert state("IMG_4.xmp").rating == 3 and not (shoot.root / "IMG_4.jpg.xmp").exists()
     ok("undo")
     assert (shoot.root / "IMG_4.xmp").read_bytes() == human
+
+
+def test_rate_person_rating_in_either_naming_protects_both_and_force_overrides(shoot):
+    """Issue 16.1: a.xmp rated 5 by a person; the default run must not create a.jpg.xmp rated 3."""
+    from loda_cli import xmp
+
+    human = xmp.new_sidecar(5).replace(b'\n    loda:Rating="5"', b"")
+    write(shoot.root / "IMG_4.xmp", human)
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0, result.output
+    assert (shoot.root / "IMG_4.xmp").read_bytes() == human
+    assert not (shoot.root / "IMG_4.jpg.xmp").exists()
+    assert "set by a person in IMG_4.xmp" in result.output.replace("\n", "")
+    # the darktable naming holding the person's rating protects the Lightroom naming too
+    write(shoot.root / "IMG_40.jpg.xmp", human)
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "lightroom", "--apply")
+    assert result.exit_code == 0, result.output
+    assert not (shoot.root / "IMG_40.xmp").exists()
+    forced = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "lightroom", "--force",
+                    "--apply")
+    assert forced.exit_code == 0, forced.output
+    assert xmp.read_state((shoot.root / "IMG_40.xmp").read_bytes()).rating == 4
+
+
+def test_rate_auto_updates_the_existing_naming_and_creates_one_only_where_none_exists(shoot):
+    """Issue 16.2: the default writes one sidecar per photo, not two."""
+    from loda_cli import xmp
+
+    write(shoot.root / "IMG_3.xmp", xmp.new_sidecar(2))  # loda's own, Lightroom naming
+    before = {p.name for p in shoot.root.rglob("*")}
+    dry = invoke("rate", "wedding", "--scores", shoot.scores)
+    assert "sidecar naming" in dry.output and "auto" in dry.output
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0, result.output
+    created = {p.name for p in shoot.root.rglob("*") if not p.name.startswith(".loda-")} - before
+    assert xmp.read_state((shoot.root / "IMG_3.xmp").read_bytes()).rating == 5  # updated in place
+    assert "IMG_3.jpg.xmp" not in created and "IMG_3.xmp" not in created
+    # photos without a sidecar get exactly one per image file, in the darktable naming
+    assert {"IMG_4.jpg.xmp", "IMG_40.jpg.xmp", "IMG_2.heic.xmp", "IMG_5.jpg.xmp", "IMG_5.nef.xmp",
+            "IMG_6.jpg.xmp"} == created
+    ok("undo")
+    assert {p.name for p in shoot.root.rglob("*") if not p.name.startswith(".loda-")} == before
 
 
 def test_rate_darktable_only_and_edges(shoot):
@@ -609,7 +653,7 @@ def test_rate_twice_is_unchanged_and_updates_its_own_rating(shoot):
     assert "Nothing to do" in again.output
     moved = write_scores(shoot.tmp / "new.csv", [("wedding/IMG_3.jpg", 0.1)])
     ok("rate", "wedding", "--scores", moved, "--apply")
-    assert xmp.read_state((shoot.root / "IMG_3.xmp").read_bytes()).rating == 1  # loda's own: updated
+    assert xmp.read_state((shoot.root / "IMG_3.jpg.xmp").read_bytes()).rating == 1  # loda's own: updated
 
 
 # --- library details ---------------------------------------------------------------------------------
@@ -716,7 +760,7 @@ def test_sort_and_rate_score_through_the_library_with_model(shoot, monkeypatch):
     result = invoke("rate", "wedding", "--model", "m2", "--quantiles", "--apply")
     assert result.exit_code == 0, result.output
     assert calls["model"] == "m2"
-    ratings = {n: xmp.read_state((shoot.root / f"{n}.xmp").read_bytes()).rating for n in ("IMG_3", "IMG_4", "IMG_40")}
+    ratings = {n: xmp.read_state((shoot.root / f"{n}.jpg.xmp").read_bytes()).rating for n in ("IMG_3", "IMG_4", "IMG_40")}
     assert ratings == {"IMG_3": 5, "IMG_4": 1, "IMG_40": 3}
 
 

@@ -89,7 +89,10 @@ IntoOpt = Annotated[
 SidecarOpt = Annotated[
     str,
     typer.Option(
-        "--sidecar", help="darktable (IMG_1.CR2.xmp), lightroom (IMG_1.xmp) or both."
+        "--sidecar",
+        help="auto: update the sidecars a photo has, in either naming, and create IMG_1.CR2.xmp "
+        "(darktable, digiKam) only where it has none; darktable (IMG_1.CR2.xmp), lightroom "
+        "(IMG_1.xmp, read by Lightroom for RAW files) or both.",
     ),
 ]
 LabelOpt = Annotated[
@@ -108,6 +111,13 @@ JournalArg = Annotated[
 ]
 
 _EXAMPLES = 5
+_NAMING = {
+    "auto": "update the sidecars a photo has (either naming); create IMG_1.JPG.xmp only where "
+    "none exists (darktable and digiKam read it; for Lightroom, --sidecar lightroom)",
+    "darktable": "IMG_1.JPG.xmp, IMG_1.CR2.xmp (darktable, digiKam)",
+    "lightroom": "IMG_1.xmp (Lightroom, for RAW files)",
+    "both": "IMG_1.JPG.xmp and IMG_1.xmp",
+}
 _DEFAULT_EDGES = "0.2,0.4,0.6,0.8"
 
 
@@ -158,6 +168,7 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     summary.add_row("scores from", Text(source.description))
     if plan.command == "rate":
         summary.add_row("action", Text(f"write xmp:Rating into sidecars ({plan.mode})"))
+        summary.add_row("sidecar naming", Text(_NAMING[plan.mode]))
         summary.add_row("photos", str(len(plan.groups)))
         summary.add_row("sidecars to write", str(len(plan.actions)))
         summary.add_row("sidecars left as they are", str(len(plan.unchanged)))
@@ -334,7 +345,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def rate(
         paths: PathsArg = None,
-        sidecar: SidecarOpt = "both",
+        sidecar: SidecarOpt = "auto",
         label: LabelOpt = None,
         force: Annotated[
             bool, typer.Option("--force", help="Overwrite ratings and labels a person set.")
