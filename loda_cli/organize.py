@@ -193,12 +193,35 @@ def _locate(raw: str, roots: Sequence[str], bases: Sequence[str]) -> tuple[str, 
 
 @dataclass
 class ScoreSource:
-    """(path, score) pairs, and the folders relative paths are resolved against (in order)."""
+    """(path, score) pairs, and the folders relative paths are resolved against (in order).
+
+    ``failed`` holds (path, error) for the files that could not be scored; ``skipped`` counts the
+    rows of a scores file that were unusable for another reason (no score, an invalid value).
+    """
 
     rows: list[tuple[str, float]]
     bases: list[str]
     description: str
     skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    from_file: bool = False
+
+
+# Errors that say the file itself is broken, as opposed to loda lacking a decoder (HEIC without
+# pillow-heif, RAW without rawpy), the file being too large, unreadable by this user, or slow.
+_BROKEN_FILE_ERRORS = ("empty file", "not an image", "corrupt image", "truncated image")
+
+
+def is_broken_file_error(error: str) -> bool:
+    """Whether a scoring error says the file is unreadable as an image whatever the decoder
+    (zero bytes, not an image, corrupt, truncated): only those can be culled (--include-failed)."""
+    return error.strip().lower().startswith(_BROKEN_FILE_ERRORS)
+
+
+def failure_kind(error: str) -> str:
+    """The short kind of a scoring error ("truncated image", "corrupt image"), for grouping."""
+    kind = error.split(":", 1)[0].split(" (", 1)[0].strip()
+    return kind or "error"
 
 
 def load_scores(
@@ -220,7 +243,11 @@ def load_scores(
         parsed = read_scores(scores_file)
         base = os.path.dirname(os.path.abspath(os.fspath(scores_file)))
         rows = [(row.path, row.score) for row in parsed.rows]
-        return ScoreSource(rows, [os.getcwd(), base], display_path(scores_file), parsed.skipped)
+        unusable = parsed.skipped - len(parsed.failed)
+        return ScoreSource(
+            rows, [os.getcwd(), base], display_path(scores_file), unusable, list(parsed.failed),
+            from_file=True,
+        )
     try:
         from loda_cli.scoring import score_paths
     except ModuleNotFoundError as exc:
@@ -236,7 +263,7 @@ def load_scores(
         }
     )
     rows = []
-    skipped = 0
+    failed: list[tuple[str, str]] = []
     found = score_paths(
         [Path(r) for r in roots],
         model=model,
@@ -245,14 +272,15 @@ def load_scores(
         progress=progress,
     )
     for row in found:
-        if row.error or row.score is None:
-            skipped += 1
-            continue
         path = row.path
         if not os.path.isabs(path) and row.root and not os.path.lexists(path):
             path = os.path.join(row.root, path)
+        if row.error or row.score is None:
+            failed.append((path, str(row.error or "no score")))
+            continue
         rows.append((path, float(row.score)))
-    return ScoreSource(rows, [os.getcwd()], "the model" + (f" {model}" if model else ""), skipped)
+    description = "the model" + (f" {model}" if model else "")
+    return ScoreSource(rows, [os.getcwd()], description, 0, failed)
 
 
 def _glob_escape(path: str) -> str:
@@ -281,6 +309,7 @@ class Group:
     decision: str  # file name of the scored photo
     members: list[str]  # file names, decision photo first
     score: float
+    error: Optional[str] = None  # why the decision photo could not be scored (score is 0 then)
 
     @property
     def stem(self) -> str:
@@ -350,11 +379,20 @@ def collect_groups(
     source: ScoreSource,
     *,
     exclude: Sequence[str] = (),
+    include_failed: bool = False,
 ) -> tuple[list[Group], list[Skip]]:
-    """Group the scored photos with their companions. Paths under ``exclude`` are left out."""
+    """Group the scored photos with their companions. Paths under ``exclude`` are left out.
+
+    Files that could not be scored are reported as skips with their error, unless
+    ``include_failed``: then the broken ones (``is_broken_file_error``) come back as groups with
+    ``error`` set and a score of 0, after the scored groups. A failed file with a scored companion
+    (a truncated JPEG beside a good RAW) belongs to that companion's group, whatever is asked.
+    """
     skips: list[Skip] = []
-    located: dict[str, tuple[int, float]] = {}
-    for raw, score in source.rows:
+    located: dict[str, tuple[int, float, Optional[str]]] = {}
+    entries = [(raw, score, None) for raw, score in source.rows]
+    entries += [(raw, 0.0, error) for raw, error in source.failed]
+    for raw, score, error in entries:
         try:
             full, root = _locate(raw, roots, source.bases)
         except _Skipped as why:
@@ -365,7 +403,7 @@ def collect_groups(
             continue
         if any(_is_under(full, folder) for folder in exclude):
             continue
-        located.setdefault(full, (root, score))
+        located.setdefault(full, (root, score, error))
 
     by_stem: dict[tuple[str, str], list[str]] = {}
     for full in located:
@@ -375,6 +413,7 @@ def collect_groups(
     listings: dict[str, dict[str, str]] = {}
     stem_index: dict[str, dict[str, list[str]]] = {}
     groups: list[Group] = []
+    failed_groups: list[Group] = []
     for (folder, _stem), names in sorted(by_stem.items()):
         if folder not in listings:
             try:
@@ -386,13 +425,25 @@ def collect_groups(
                 continue
         listing = listings[folder]
         claimed: set[str] = set()
-        for name in sorted(names, key=lambda n: (_preference(n), n)):
+
+        def order(name: str) -> tuple[bool, int, str]:
+            failed = located[os.path.join(folder, name)][2] is not None
+            return (failed, _preference(name), name)
+
+        for name in sorted(names, key=order):
             if name in claimed:
                 continue
             nearby = stem_index[folder].get(os.path.splitext(name)[0], [])
             companions = sorted(n for n in nearby if n not in claimed and _is_companion(n, name))
             members = [name, *companions]
             claimed.update(members)
+            root, score, error = located[os.path.join(folder, name)]
+            if error is not None and not (include_failed and is_broken_file_error(error)):
+                reason = f"could not be scored ({failure_kind(error)})"
+                if include_failed:
+                    reason += "; not moved: the file itself may be fine"
+                skips.append(Skip(os.path.join(folder, name), reason))
+                continue
             if any(listing.get(m) == "link" for m in members):
                 reason = "a companion file is a symlink (group left alone)"
                 skips.append(Skip(os.path.join(folder, name), reason))
@@ -400,11 +451,12 @@ def collect_groups(
             members = [m for m in members if listing.get(m) == "file"]
             if name not in members:
                 continue
-            root, score = located[os.path.join(folder, name)]
             rel = os.path.relpath(folder, roots[root])
-            groups.append(Group(root, folder, "" if rel == "." else rel, name, members, score))
+            group = Group(root, folder, "" if rel == "." else rel, name, members, score, error)
+            (failed_groups if error is not None else groups).append(group)
     groups.sort(key=lambda g: (g.score, g.path))
-    return groups, skips
+    failed_groups.sort(key=lambda g: g.path)
+    return groups + failed_groups, skips
 
 
 # --- selection and star bins ---------------------------------------------------------------------

@@ -50,6 +50,8 @@ class ScoresFile:
     skipped_errors: int = 0
     skipped_unscored: int = 0
     skipped_invalid: int = 0
+    # (path, error) of the files `loda score` could not score, in the file's order
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -177,10 +179,12 @@ def _integer(value: Any) -> Optional[int]:
 
 def _add_row(result: ScoresFile, row: dict[str, Any]) -> None:
     error = row.get("error")
+    path = row.get("path")
     if error not in (None, "") and str(error).strip():
         result.skipped_errors += 1
+        if isinstance(path, str) and path:
+            result.failed.append((path, str(error).strip()))
         return
-    path = row.get("path")
     if not isinstance(path, str) or not path:
         result.skipped_invalid += 1
         return

@@ -866,3 +866,64 @@ def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(
     monkeypatch.setattr(organize, "_undo_one", real_undo_one)
     ok("undo")
     assert snapshot(shoot.root) == before
+
+
+# --- issue 16: first-hour defects ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["cull", "sort", "rate"])
+def test_dry_run_is_accepted_as_the_explicit_default(shoot, command):
+    """Issue 16.10: --dry-run on cull, sort and rate; it excludes --apply."""
+    extra = {"cull": ["--below", "0.4"], "sort": ["--into", shoot.tmp / "stars"], "rate": []}[command]
+    before = snapshot(shoot.root)
+    result = invoke(command, "wedding", *extra, "--scores", shoot.scores, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "Dry run" in result.output and snapshot(shoot.root) == before
+    both = invoke(command, "wedding", *extra, "--scores", shoot.scores, "--dry-run", "--apply")
+    assert both.exit_code == 2 and "exclude each other" in both.output
+
+
+def _broken_files(shoot) -> Path:
+    write(shoot.root / "empty.jpg", b"")
+    write(shoot.root / "cut.jpg", photo_bytes(9)[:60])
+    write(shoot.root / "cut.xmp", b"<x/>")
+    write(shoot.root / "phone.heic", photo_bytes(10))
+    rows = [("wedding/IMG_3.jpg", 0.9), ("wedding/IMG_4.jpg", 0.1), ("wedding/empty.jpg", None),
+            ("wedding/cut.jpg", None), ("wedding/phone.heic", None)]
+    errors = {"wedding/empty.jpg": "empty file", "wedding/cut.jpg": "truncated image",
+              "wedding/phone.heic": "HEIC support needs pillow-heif: pip install pillow-heif"}
+    return write_scores(shoot.tmp / "failed.csv", rows, errors=errors)
+
+
+def test_cull_plan_names_failed_files_by_their_error_and_include_failed_moves_only_broken_ones(shoot):
+    """Issue 16.11: failed files are labelled by what went wrong, with an example; --include-failed
+    culls the unreadable ones with their companions, never a file loda only lacks a decoder for."""
+    scores = _broken_files(shoot)
+    before = snapshot(shoot.root)
+    dry = invoke("cull", "wedding", "--below", "0.4", "--scores", scores)
+    assert dry.exit_code == 0, dry.output
+    assert "error rows" not in dry.output
+    assert "could not be scored (empty file)" in dry.output and "wedding/empty.jpg" in dry.output
+    assert "could not be scored (truncated image)" in dry.output
+    result = invoke("cull", "wedding", "--below", "0.4", "--scores", scores, "--include-failed", "--apply")
+    assert result.exit_code == 0, result.output
+    culled = shoot.root / "_culled"
+    assert {"IMG_4.jpg", "empty.jpg", "cut.jpg", "cut.xmp"} <= {p.name for p in culled.iterdir()}
+    assert (shoot.root / "phone.heic").exists() and not (culled / "phone.heic").exists()
+    assert "the file itself may be fine" in result.output
+    assert "failed" in result.output and "2 unreadable" in result.output
+    ok("undo")
+    assert snapshot(shoot.root) == before
+
+
+def test_failed_files_scored_through_the_library_are_not_called_scores_file_rows(shoot, monkeypatch):
+    def score_paths(paths, *, model=None, recursive=True, include=(), exclude=(), progress=None):
+        yield types.SimpleNamespace(path=str(shoot.root / "IMG_3.jpg"), root=str(paths[0]), score=0.1, error=None)
+        yield types.SimpleNamespace(path=str(shoot.root / "notes.jpg"), root=str(paths[0]), score=None,
+                                    error="not an image")
+
+    write(shoot.root / "notes.jpg", b"hello")
+    monkeypatch.setitem(sys.modules, "loda_cli.scoring", types.SimpleNamespace(score_paths=score_paths))
+    result = invoke("cull", "wedding", "--below", "0.4", "--model", "m")
+    assert result.exit_code == 0, result.output
+    assert "scores file" not in result.output and "could not be scored (not an image)" in result.output

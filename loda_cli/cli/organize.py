@@ -47,6 +47,20 @@ ModelOpt = Annotated[
 ApplyOpt = Annotated[
     bool, typer.Option("--apply", help="Act. Without it, only show the plan (a dry run).")
 ]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="Only show the plan: the default, spelled out. Excludes --apply."
+    ),
+]
+IncludeFailedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--include-failed",
+        help="Also cull files that are not readable images (empty, not an image, corrupt, "
+        "truncated). Files loda merely lacks a decoder for are never moved.",
+    ),
+]
 EdgesOpt = Annotated[
     str,
     typer.Option(
@@ -175,7 +189,9 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     else:
         for dest in plan.dests:
             summary.add_row(verbs.get(plan.mode, plan.mode), _show(dest))
-        summary.add_row("photos", str(len(plan.groups)))
+        failed = sum(1 for g in plan.groups if g.error)
+        photos = str(len(plan.groups) - failed)
+        summary.add_row("photos", photos + (f" + {failed} unreadable (--include-failed)" if failed else ""))
         summary.add_row("files", f"{len(plan.actions)} ({plan.companion_count} companions)")
         summary.add_row("bytes", _size(plan.total_bytes))
     if plan.score_range:
@@ -194,17 +210,30 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     examples.add_column("file", overflow="fold")
     if plan.command != "rate":
         examples.add_column("to", overflow="fold")
-    for action in [a for a in plan.actions if a.decision][:_EXAMPLES]:
-        cells: list = [f"{action.score:.3f}"]
+    decisions = [a for a in plan.actions if a.decision]
+    failed = [a for a in decisions if plan.groups[a.group].error]
+    shown = [a for a in decisions if not plan.groups[a.group].error][:_EXAMPLES] + failed[:_EXAMPLES]
+    for action in shown:
+        error = plan.groups[action.group].error
+        cells: list = [f"{action.score:.3f}" if not error else "failed"]
         if with_stars:
             cells.append(str(action.stars))
-        cells.append(_show(action.src))
+        name = _show(action.src)
+        if error:
+            name.append(f" ({organize_failure_kind(error)})")
+        cells.append(name)
         if plan.command != "rate":
             cells.append(_show(action.dst))
         examples.add_row(*cells)
     if plan.actions:
         out_console.print(examples)
     _print_not_acted_on(plan, source)
+
+
+def organize_failure_kind(error: str) -> str:
+    from loda_cli.organize import failure_kind
+
+    return failure_kind(error)
 
 
 def _print_not_acted_on(plan: "Plan", source: "ScoreSource") -> None:
@@ -218,7 +247,7 @@ def _print_not_acted_on(plan: "Plan", source: "ScoreSource") -> None:
         reasons[reason] += 1
         example.setdefault(reason, skip.path)
     if source.skipped:
-        reasons["no score in the scores file (error rows)"] += source.skipped
+        reasons["no usable score in the scores file"] += source.skipped
     if not reasons:
         return
     why = Table(title="not acted on")
@@ -273,6 +302,13 @@ def _run(plan: "Plan", source: "ScoreSource", apply: bool) -> None:
         out_console.print(Text("Undo with: loda undo ").append(_show(report.journal)))
 
 
+def _check_dry_run(apply: bool, dry_run: bool) -> None:
+    from loda_cli.errors import UsageError
+
+    if apply and dry_run:
+        raise UsageError("--apply and --dry-run exclude each other")
+
+
 def register(app: typer.Typer) -> None:
     """Add cull, sort, rate, undo and review to the root app."""
 
@@ -288,7 +324,9 @@ def register(app: typer.Typer) -> None:
         to: ToOpt = None,
         copy: Annotated[bool, typer.Option("--copy", help="Copy instead of moving.")] = False,
         link: Annotated[bool, typer.Option("--link", help="Make symlinks, not moves.")] = False,
+        include_failed: IncludeFailedOpt = False,
         apply: ApplyOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Set aside the lowest-scored photos (with their RAW, sidecars, Live Photo video): a dry
         run unless --apply; journalled, so `loda undo` puts everything back."""
@@ -297,16 +335,21 @@ def register(app: typer.Typer) -> None:
 
         if copy and link:
             raise UsageError("--copy and --link exclude each other")
+        _check_dry_run(apply, dry_run)
         # Check the selection before scoring, which can take a while.
         organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)
         roots = organize.resolve_roots(paths or [])
         dests = organize.cull_dests(roots, to)
         excludes = organize.cull_excludes(roots, dests)
         source = _load(roots, scores, model, excludes)
-        groups, skips = organize.collect_groups(roots, source, exclude=excludes)
-        selected = organize.select_worst(
-            groups, below=below, worst=worst, worst_percent=worst_percent
+        groups, skips = organize.collect_groups(
+            roots, source, exclude=excludes, include_failed=include_failed
         )
+        selected = organize.select_worst(
+            [g for g in groups if g.error is None],
+            below=below, worst=worst, worst_percent=worst_percent,
+        )
+        selected += [g for g in groups if g.error is not None]
         mode = "copy" if copy else "link" if link else "move"
         plan = organize.plan_cull(roots, selected, mode=mode, to=to)
         plan.skipped[:0] = skips
@@ -323,11 +366,13 @@ def register(app: typer.Typer) -> None:
         scores: ScoresOpt = None,
         model: ModelOpt = None,
         apply: ApplyOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Copy (or --move) photos into star folders by score, keeping their relative paths: a dry
         run unless --apply; journalled for `loda undo`."""
         from loda_cli import organize
 
+        _check_dry_run(apply, dry_run)
         bin_edges = organize.parse_edges(edges)
         roots = organize.resolve_roots(paths or [])
         dests = organize.cull_dests(roots, into)  # checks the destination before scoring
@@ -355,12 +400,14 @@ def register(app: typer.Typer) -> None:
         scores: ScoresOpt = None,
         model: ModelOpt = None,
         apply: ApplyOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Write star ratings (xmp:Rating 1-5) from scores into XMP sidecars: a dry run unless
         --apply; ratings set by a person are kept unless --force; journalled for `loda undo`."""
         from loda_cli import organize
         from loda_cli.errors import UsageError
 
+        _check_dry_run(apply, dry_run)
         bin_edges = organize.parse_edges(edges)
         if sidecar not in organize.SIDECAR_STYLES:
             styles = ", ".join(organize.SIDECAR_STYLES)
