@@ -46,7 +46,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from loda_cli import __version__, xmp
-from loda_cli.errors import JournalError, LodaError, OutputError, UnsafePathError, UsageError
+from loda_cli.errors import (
+    JournalError,
+    LodaError,
+    NothingToUndoError,
+    OutputError,
+    UnsafePathError,
+    UsageError,
+)
 
 RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"})
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
@@ -570,6 +577,18 @@ class Plan:
         return sum(1 for a in self.actions if not a.decision)
 
 
+def journals_dir() -> str:
+    """The one place every journal goes: ``$LODA_HOME/journals``. Outside the photo folders, so
+    an undo can leave them exactly as they were, and one place to look for what loda did."""
+    return os.path.join(os.path.abspath(os.environ.get("LODA_HOME") or _default_home()), "journals")
+
+
+def _default_home() -> str:
+    from loda_cli.weights import loda_home
+
+    return os.fspath(loda_home())
+
+
 def culled_folder(root: str) -> str:
     return os.path.join(root, CULLED_DIRNAME)
 
@@ -675,7 +694,7 @@ def plan_cull(
         return os.path.join(base, group.rel_folder) if group.rel_folder else base
 
     layout = "dest" if to is not None else "culled"
-    plan = Plan("cull", mode, list(roots), dests, dests[0], layout=layout)
+    plan = Plan("cull", mode, list(roots), dests, journals_dir(), layout=layout)
     _transfer_actions(plan, selected, dest_folder, mode)
     return plan
 
@@ -706,7 +725,7 @@ def plan_sort(
             base = os.path.join(base, subfolders[group.root])
         return os.path.join(base, group.rel_folder) if group.rel_folder else base
 
-    plan = Plan("sort", mode, list(roots), [dest], dest, edges=tuple(edges))
+    plan = Plan("sort", mode, list(roots), [dest], journals_dir(), edges=tuple(edges))
     _transfer_actions(plan, groups, dest_folder, mode)
     for action in plan.actions:
         action.stars = star_rating(action.score, edges)
@@ -784,7 +803,9 @@ def plan_rate(
     A rating a person set in any sidecar of a group leaves every sidecar of that group alone
     (unless ``force``), whatever the naming.
     """
-    plan = Plan("rate", style, list(roots), [], roots[0], edges=tuple(edges), layout="in-place")
+    plan = Plan(
+        "rate", style, list(roots), [], journals_dir(), edges=tuple(edges), layout="in-place"
+    )
     claimed: set[str] = set()
     for group in groups:
         stars = star_rating(group.score, edges)
@@ -1160,13 +1181,17 @@ def apply_plan(
     if not plan.actions:
         return ApplyReport(journal=None)
     preflight(plan)
-    # The destination folders themselves (and the journal's) are made first and never removed:
-    # the journal lives in one, and undo needs it afterwards.
+    os.makedirs(plan.journal_dir, mode=0o700, exist_ok=True)
+    # Destination folders that do not exist yet (and missing folders above them) are journalled
+    # in the header, so undo can remove them again once they are empty.
     used = {d for d in plan.dests if any(_is_under(a.dst, d) for a in plan.actions)}
-    for folder in sorted(used | {plan.journal_dir}):
-        os.makedirs(folder, exist_ok=True)
-        if os.path.islink(folder) or not os.path.isdir(folder):
-            raise UnsafePathError(f"{display_path(folder)} is not a plain folder")
+    created: list[str] = []
+    for folder in sorted(used):
+        missing = []
+        while not os.path.lexists(folder) and folder not in created:
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        created.extend(reversed(missing))
     header = {
         "type": "header",
         "version": JOURNAL_VERSION,
@@ -1179,8 +1204,20 @@ def apply_plan(
         "loda": __version__,
         "roots_text": [display_path(r) for r in plan.roots],
         "dests_text": [display_path(d) for d in plan.dests],
+        "created": [_enc(folder) for folder in created],
     }
     writer = _JournalWriter(plan.journal_dir, header)
+    for folder in sorted(used):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            writer.close()
+            raise OutputError(
+                f"cannot create {display_path(folder)}: {exc.strerror or exc}; nothing was moved"
+            ) from None
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            writer.close()
+            raise UnsafePathError(f"{display_path(folder)} is not a plain folder")
     report = ApplyReport(journal=writer.path)
     if on_journal:
         on_journal(writer.path)
@@ -1370,6 +1407,9 @@ class Journal:
     truncated: bool
     undo_complete: bool
     finished: bool
+    created: list[str] = field(default_factory=list)  # folders the run made, outermost first
+    undone_at: str = ""  # when the last complete undo ended
+
 
     @property
     def command(self) -> str:
@@ -1459,7 +1499,8 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
             f"{display_path(path)} names folders that are not absolute, normalised paths"
         )
     real_journal = os.path.realpath(path)
-    if not any(_is_under(real_journal, os.path.realpath(folder)) for folder in roots + dests):
+    homes = [os.path.realpath(journals_dir())]
+    if not any(_is_under(real_journal, os.path.realpath(folder)) for folder in roots + dests + homes):
         raise UnsafePathError(
             f"{display_path(path)} lies outside the folders it names; refusing to undo"
         )
@@ -1475,6 +1516,18 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
             )
         dests = list(roots)
 
+    try:
+        created = [os.fsdecode(_dec_bytes(c)) for c in header.get("created", [])]
+    except TypeError:
+        raise JournalError(f"{display_path(path)} has a damaged header") from None
+    for folder in created:
+        # Only a destination or a folder above one: undo removes these when empty, nothing else.
+        if not (
+            os.path.isabs(folder)
+            and os.path.normpath(folder) == folder
+            and any(_is_under(d, folder) for d in dests)
+        ):
+            raise UnsafePathError(f"{display_path(path)} names a folder it did not create")
     entries: dict[int, JournalEntry] = {}
     mkdirs: list[str] = []
     finished = False
@@ -1492,9 +1545,10 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
                 finished = True
         except (KeyError, TypeError, ValueError):
             raise JournalError(f"{display_path(path)} has a damaged {kind} record") from None
+    undone_at = _undo_complete(path)
     return Journal(
         path, header, roots, dests, sorted(entries.values(), key=lambda e: e.id), mkdirs, truncated,
-        _undo_complete(path), finished,
+        bool(undone_at), finished, created, undone_at,
     )
 
 
@@ -1530,20 +1584,21 @@ def _undo_log_path(journal: str) -> str:
     return journal + ".undo"
 
 
-def _undo_complete(journal: str) -> bool:
+def _undo_complete(journal: str) -> str:
+    """When the last undo of ``journal`` finished complete ("" when it has not)."""
     try:
         with open(_undo_log_path(journal), "rb") as fh:
             data = fh.read()
     except OSError:
-        return False
-    complete = False
+        return ""
+    complete = ""
     for line in data.split(b"\n"):
         try:
             record = json.loads(line)
         except ValueError:
             continue  # the undo log is a record for people and for this flag only
         if isinstance(record, dict) and record.get("type") == "undo-end":
-            complete = bool(record.get("complete"))
+            complete = str(record.get("time") or "?") if record.get("complete") else ""
     return complete
 
 
@@ -1580,7 +1635,35 @@ def find_journals(start: str | os.PathLike[str] | None = None, depth: int = 3) -
         add(parent)
         add(os.path.join(parent, CULLED_DIRNAME))
         parent = os.path.dirname(parent)
+    add(journals_dir())
     return sorted(found, key=lambda p: (os.path.basename(p), p), reverse=True)
+
+
+def own_folders(roots: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Folders under ``roots`` that loda itself filled and has not undone: the destinations of
+    cull and sort runs in the journals. ``loda score`` leaves them out, as ``cull`` does."""
+    real_roots = [os.path.realpath(os.fspath(r)) for r in roots]
+    found: list[str] = []
+    try:
+        names = sorted(os.listdir(journals_dir()))
+    except OSError:
+        return found
+    for name in names:
+        if not _is_journal_name(name):
+            continue
+        path = os.path.join(journals_dir(), name)
+        try:
+            with open(path, "rb") as fh:
+                header = json.loads(fh.readline())
+            dests = [os.fsdecode(_dec_bytes(d)) for d in header.get("dests", [])]
+        except (OSError, ValueError, AttributeError, JournalError):
+            continue
+        if _undo_complete(path):
+            continue
+        for dest in dests:
+            if dest not in found and any(_is_under(dest, r) and dest != r for r in real_roots):
+                found.append(dest)
+    return found
 
 
 def _is_journal_name(name: str) -> bool:
@@ -1594,16 +1677,20 @@ def _is_journal_name(name: str) -> bool:
 def latest_journal(start: str | os.PathLike[str] | None = None) -> str:
     """The newest journal near ``start`` that is not fully undone; JournalError when none."""
     here = os.path.realpath(os.fspath(start or os.getcwd()))
+    undone: Optional[Journal] = None
     for path in find_journals(here):
         try:
             journal = read_journal(path)
         except LodaError:
             continue
-        if journal.undo_complete:
-            continue
         folders = [os.path.realpath(f) for f in journal.roots + journal.dests]
-        if any(_is_under(here, f) or _is_under(f, here) for f in folders):
+        if not any(_is_under(here, f) or _is_under(f, here) for f in folders):
+            continue
+        if not journal.undo_complete:
             return path
+        undone = undone or journal
+    if undone is not None:
+        raise NothingToUndoError(undone.path, undone.undone_at)
     raise JournalError(f"no journal to undo under {display_path(here)}; pass the journal's path")
 
 
@@ -1736,7 +1823,7 @@ def plan_undo(journal_path: str | os.PathLike[str]) -> UndoPlan:
     """Read a journal and decide, per entry, what undo would do. Changes nothing."""
     journal = read_journal(journal_path)
     if journal.undo_complete:
-        raise JournalError(f"{display_path(journal.path)} was already undone")
+        raise NothingToUndoError(journal.path, journal.undone_at)
     steps = [_decide(entry) for entry in reversed(journal.entries)]
     return UndoPlan(journal, steps)
 
@@ -1807,10 +1894,10 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: "_UndoLog") -> list[Und
         else:
             report.removed += 1
         log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
-    for folder in reversed(journal.mkdirs):
+    for folder in [*reversed(journal.mkdirs), *reversed(journal.created)]:
         try:
             if os.path.isdir(folder) and not os.path.islink(folder):
-                os.rmdir(folder)  # only ever removes an empty folder
+                os.rmdir(folder)  # only ever removes an empty folder, and only one loda made
         except OSError:
             pass
     report.conflicts = remaining_conflicts

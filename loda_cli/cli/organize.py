@@ -442,8 +442,18 @@ def register(app: typer.Typer) -> None:
         changed since, a path now occupied) and then changes nothing, unless --partial."""
         from loda_cli import organize
 
-        path = str(journal) if journal is not None else organize.latest_journal()
-        plan = organize.plan_undo(path)
+        from loda_cli.errors import NothingToUndoError
+
+        try:
+            path = str(journal) if journal is not None else organize.latest_journal()
+            plan = organize.plan_undo(path)
+        except NothingToUndoError as done:
+            out_console.print(
+                Text("Nothing left to undo; the last journal, ")
+                .append(_show(done.journal))
+                .append(f", was undone at {done.undone_at}.")
+            )
+            return
         found = plan.journal
         notice(f"Undoing {organize.display_path(found.path)} ({found.command}, {found.time})")
         if found.truncated:

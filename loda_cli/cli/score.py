@@ -62,6 +62,21 @@ class _Counter(threading.Thread):
         self._stop_event.set()
 
 
+def _own_folder_globs(paths: list[Path]) -> tuple[str, ...]:
+    """Globs for the folders loda fills itself: every `_culled`, and the destinations of cull and
+    sort runs not undone yet. Naming such a folder as a path still scores it (a root is never
+    matched against the globs)."""
+    from loda_cli import organize
+
+    globs = {organize.CULLED_DIRNAME}
+    for dest in organize.own_folders([p for p in paths if os.path.isdir(p)]):
+        for root in paths:
+            real = os.path.realpath(root)
+            if os.path.isdir(root) and organize._is_under(dest, real) and dest != real:
+                globs.add(organize._glob_escape(os.path.relpath(dest, real)))
+    return tuple(sorted(globs))
+
+
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -125,7 +140,10 @@ def score(
 
     stream = JsonlStream(sys.stdout) if out == "-" else None
     rows: list[Any] = []
-    walk_kw = dict(recursive=recursive, include=tuple(include or ()), exclude=tuple(exclude or ()))
+    walk_kw = dict(
+        recursive=recursive, include=tuple(include or ()),
+        exclude=tuple(exclude or ()) + _own_folder_globs(paths),
+    )
     skipped: list[tuple[str, str]] = []
     start = time.monotonic()
     interrupted = False
