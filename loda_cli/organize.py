@@ -255,12 +255,6 @@ def load_scores(
             rows, [os.getcwd(), base], display_path(scores_file), unusable, list(parsed.failed),
             from_file=True,
         )
-    try:
-        from loda_cli.scoring import score_paths
-    except ModuleNotFoundError as exc:
-        if exc.name != "loda_cli.scoring":
-            raise
-        raise LodaError("no scores: pass --scores FILE (written by `loda score`)") from None
     globs = sorted(
         {
             _glob_escape(os.path.relpath(folder, root))
@@ -271,13 +265,28 @@ def load_scores(
     )
     rows = []
     failed: list[tuple[str, str]] = []
-    found = score_paths(
-        [Path(r) for r in roots],
-        model=model,
-        recursive=True,
-        exclude=tuple(globs),
-        progress=progress,
+    from loda_cli.cachelookup import cached_rows
+
+    # The cache first: a folder scored before is planned without importing torch (about 6 s).
+    found: Iterable[Any] | None = cached_rows(
+        roots, model=model, recursive=True, exclude=tuple(globs)
     )
+    description = "the score cache" + (f" (model {model})" if model else "")
+    if found is None:
+        try:
+            from loda_cli.scoring import score_paths
+        except ModuleNotFoundError as exc:
+            if exc.name != "loda_cli.scoring":
+                raise
+            raise LodaError("no scores: pass --scores FILE (written by `loda score`)") from None
+        found = score_paths(
+            [Path(r) for r in roots],
+            model=model,
+            recursive=True,
+            exclude=tuple(globs),
+            progress=progress,
+        )
+        description = "the model" + (f" {model}" if model else "")
     for row in found:
         path = row.path
         if not os.path.isabs(path) and row.root and not os.path.lexists(path):
@@ -286,7 +295,6 @@ def load_scores(
             failed.append((path, str(row.error or "no score")))
             continue
         rows.append((path, float(row.score)))
-    description = "the model" + (f" {model}" if model else "")
     return ScoreSource(rows, [os.getcwd()], description, 0, failed)
 
 
