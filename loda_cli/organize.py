@@ -54,10 +54,10 @@ from loda_cli.errors import (
     UnsafePathError,
     UsageError,
 )
+from loda_cli.images import HEIF_EXTENSIONS as HEIC_EXTENSIONS  # .heic, .heif and Canon's .hif
+from loda_cli.images import RAW_EXTENSIONS
 
-RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"})
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
-HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 IMAGE_COMPANION_EXTENSIONS = RAW_EXTENSIONS | JPEG_EXTENSIONS | HEIC_EXTENSIONS
 COMPANION_EXTENSIONS = IMAGE_COMPANION_EXTENSIONS | {".xmp", ".aae", ".mov"}
 

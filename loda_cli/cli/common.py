@@ -23,7 +23,7 @@ class _Console(Console):
 
     @property
     def size(self) -> ConsoleDimensions:
-        if self._width is None and not self.is_terminal:
+        if not self.is_terminal:  # COLUMNS describes a terminal, not a log file
             return ConsoleDimensions(_UNWRAPPED_WIDTH, self._height or 25)
         return super().size
 
