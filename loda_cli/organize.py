@@ -530,6 +530,29 @@ def quantile_edges(scores: Sequence[float]) -> tuple[float, float, float, float]
     return tuple(edges)  # type: ignore[return-value]
 
 
+def count_bins(groups: Sequence[Group], edges: Sequence[float]) -> dict[int, int]:
+    """Photos per star bin, 5 stars first, empty bins included."""
+    counts = {stars: 0 for stars in (5, 4, 3, 2, 1)}
+    for group in groups:
+        counts[star_rating(group.score, edges)] += 1
+    return counts
+
+
+def lopsided_bins(counts: dict[int, int]) -> Optional[str]:
+    """Why the bins deserve a second look (some empty, or one holding nearly all), else None."""
+    total = sum(counts.values())
+    if total < 5:
+        return None
+    empty = [stars for stars, n in counts.items() if n == 0]
+    full = [stars for stars, n in counts.items() if n >= 0.9 * total]
+    if full:
+        return f"{counts[full[0]]} of {total} photos get {full[0]} star{'s' if full[0] > 1 else ''}"
+    if empty:
+        names = " or ".join(str(s) for s in sorted(empty))
+        return f"no photo gets {names} star{'s' if empty != [1] else ''}"
+    return None
+
+
 def star_rating(score: float, edges: Sequence[float]) -> int:
     """1 star below the first edge, 5 stars at or above the last."""
     return 1 + sum(1 for edge in edges if score >= edge)
@@ -570,6 +593,8 @@ class Plan:
     edges: Optional[tuple[float, ...]] = None
     # "culled": each root's own _culled; "dest": one chosen folder; "in-place": rate
     layout: str = "dest"
+    # sort and rate: photos per star bin (5 down to 1), over every scored photo
+    bin_counts: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -737,6 +762,7 @@ def plan_sort(
     _transfer_actions(plan, groups, dest_folder, mode)
     for action in plan.actions:
         action.stars = star_rating(action.score, edges)
+    plan.bin_counts = count_bins(groups, edges)
     return plan
 
 
@@ -871,6 +897,7 @@ def plan_rate(
             )
         if wrote:
             plan.groups.append(group)
+    plan.bin_counts = count_bins(groups, edges)
     return plan
 
 

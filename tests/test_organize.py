@@ -932,3 +932,18 @@ def test_failed_files_scored_through_the_library_are_not_called_scores_file_rows
     result = invoke("cull", "wedding", "--below", "0.4", "--model", "m")
     assert result.exit_code == 0, result.output
     assert "scores file" not in result.output and "could not be scored (not an image)" in result.output
+
+
+def test_sort_and_rate_plans_count_photos_per_bin_and_suggest_quantiles(shoot):
+    """Issue 16.12: the plan says how many photos land in each star bin, and when the edges leave
+    bins empty (or one bin holds nearly all) it suggests --quantiles."""
+    result = invoke("sort", "wedding", "--into", shoot.tmp / "stars", "--scores", shoot.scores,
+                    "--edges", "0.92,0.94,0.96,0.98")
+    assert result.exit_code == 0, result.output
+    assert "photos per bin" in result.output and "5★ 0  4★ 0  3★ 0  2★ 0  1★ 7" in result.output
+    assert "7 of 7 photos get 1 star" in result.output and "--quantiles" in result.output
+    rated = invoke("rate", "wedding", "--scores", shoot.scores, "--edges", "0.05,0.15,0.5,0.95")
+    assert "5★ 0  4★ 4  3★ 2  2★ 1  1★ 0" in rated.output
+    assert "no photo gets 1 or 5 stars" in rated.output
+    even = invoke("rate", "wedding", "--scores", shoot.scores, "--quantiles")
+    assert "photos per bin" in even.output and "--quantiles puts" not in even.output

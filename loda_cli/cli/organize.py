@@ -199,6 +199,16 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
         summary.add_row("score range", f"{low:.3f} - {high:.3f}")
     if plan.edges:
         summary.add_row("star edges", ", ".join(f"{e:.3f}" for e in plan.edges))
+    if plan.bin_counts:
+        summary.add_row(
+            "photos per bin",
+            "  ".join(f"{stars}\u2605 {n}" for stars, n in plan.bin_counts.items()),
+        )
+        from loda_cli.organize import lopsided_bins
+
+        warning = lopsided_bins(plan.bin_counts)
+        if warning and plan.command in ("sort", "rate"):
+            summary.add_row("note", f"{warning} with these edges; --quantiles puts a fifth in each bin")
     summary.add_row("skipped", str(len(plan.skipped) + source.skipped))
     out_console.print(summary)
 
