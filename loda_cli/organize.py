@@ -247,12 +247,14 @@ def load_scores(
     if scores_file is not None:
         from loda_cli.scoresfile import read_scores
 
+        from loda_cli.scoresfile import scores_bases
+
         parsed = read_scores(scores_file)
-        base = os.path.dirname(os.path.abspath(os.fspath(scores_file)))
         rows = [(row.path, row.score) for row in parsed.rows]
         unusable = parsed.skipped - len(parsed.failed)
+        bases = scores_bases(scores_file, parsed.header)
         return ScoreSource(
-            rows, [os.getcwd(), base], display_path(scores_file), unusable, list(parsed.failed),
+            rows, bases, display_path(scores_file), unusable, list(parsed.failed),
             from_file=True,
         )
     globs = sorted(

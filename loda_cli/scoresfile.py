@@ -87,6 +87,21 @@ def read_scores(path: os.PathLike[str] | str) -> ScoresFile:
     return result
 
 
+def scores_bases(path: os.PathLike[str] | str, header: dict[str, Any]) -> list[str]:
+    """The folders a relative path in a scores file is looked for in, in order: the current
+    folder, the folder `loda score` ran in (a .json header's ``cwd``), each root it was given
+    there, and the scores file's own folder."""
+    bases = [os.getcwd()]
+    ran_in = header.get("cwd") if isinstance(header, dict) else None
+    if isinstance(ran_in, str) and os.path.isabs(ran_in):
+        bases.append(ran_in)
+        for root in header.get("roots") or []:
+            if isinstance(root, str) and os.path.isdir(os.path.join(ran_in, root)):
+                bases.append(os.path.normpath(os.path.join(ran_in, root)))
+    bases.append(os.path.dirname(os.path.abspath(os.fspath(path))))
+    return list(dict.fromkeys(bases))
+
+
 def _detect_format(source: Path, text: str) -> str:
     suffix = source.suffix.lower()
     if suffix == ".csv":

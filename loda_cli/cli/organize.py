@@ -240,6 +240,12 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     _print_not_acted_on(plan, source)
 
 
+def organize_display(path: str) -> str:
+    from loda_cli.organize import display_path
+
+    return display_path(path)
+
+
 def organize_failure_kind(error: str) -> str:
     from loda_cli.organize import failure_kind
 
@@ -525,9 +531,22 @@ def register(app: typer.Typer) -> None:
         details = f": {report.photos} photos, {report.thumbs} previews"
         if report.failed:
             details += f", {report.failed} without preview"
+        if report.unscored:
+            details += f" ({report.unscored} could not be scored, shown marked at the end)"
         if below is not None:
             details += f", {report.below} below {below:g}"
         out_console.print(Text("Wrote ").append(_show(report.page)).append(details + "."))
+        if report.missing:
+            looked = ", ".join(organize_display(b) for b in report.bases)
+            err_console.print(
+                Text(
+                    f"warning: {report.missing} of {report.photos} files were not found; relative "
+                    f"paths were looked for in {looked}. Run review from the folder `loda score` "
+                    "ran in, or score with absolute paths.",
+                    style="yellow",
+                ),
+                soft_wrap=True,
+            )
 
 
 def _print_undo_plan(plan, dry_run: bool) -> None:

@@ -268,6 +268,7 @@ def _header(scorer, paths, elapsed: float, interrupted: bool) -> dict[str, Any]:
         "device": scorer.device,
         "precision": scorer.precision,
         "roots": [os.fsdecode(p) for p in paths],
+        "cwd": os.getcwd(),  # what relative paths in the rows are relative to
         "loda_version": __version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(elapsed, 3),
