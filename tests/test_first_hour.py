@@ -190,3 +190,28 @@ def test_readme_names_only_models_that_exist_or_says_where_they_come_from():
                 continue
             assert "loda train" in line, f"README names model {name!r} without saying where it comes from: {line}"
     assert "CPU-only machines" in readme and "download.pytorch.org/whl/cpu" in readme
+
+
+def test_cull_undo_sort_undo_rate_undo_leaves_the_library_byte_identical(tmp_path, tiny_checkpoint, monkeypatch):
+    """Issue 16 acceptance: the whole cycle leaves every byte, every name and no extra folder."""
+    root = _library(tmp_path / "lib")
+    sorted_dir = tmp_path / "Sorted"
+    monkeypatch.chdir(root)
+    before = snapshot(root, skip_loda=False)
+    _ok("score", ".", "--model", tiny_checkpoint, "--workers", "0")
+
+    _ok("cull", "--worst", "3", "--include-failed", "--model", tiny_checkpoint, "--apply")
+    assert (root / "_culled").is_dir()
+    _ok("undo")
+    assert snapshot(root, skip_loda=False) == before
+
+    _ok("sort", "--into", sorted_dir, "--model", tiny_checkpoint, "--quantiles", "--move", "--apply")
+    assert snapshot(root, skip_loda=False) != before
+    _ok("undo")
+    assert snapshot(root, skip_loda=False) == before and not sorted_dir.exists()
+
+    _ok("rate", "--model", tiny_checkpoint, "--quantiles", "--label", "Red", "--apply")
+    assert (root / "day1" / "IMG_1.JPG.xmp").exists() and (root / "day2" / "IMG_5.xmp").read_bytes() != before[b"day2/IMG_5.xmp"][1]
+    _ok("undo")
+    assert snapshot(root, skip_loda=False) == before
+    assert "Nothing left to undo" in _ok("undo")
