@@ -191,7 +191,9 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
             summary.add_row(verbs.get(plan.mode, plan.mode), _show(dest))
         failed = sum(1 for g in plan.groups if g.error)
         photos = str(len(plan.groups) - failed)
-        summary.add_row("photos", photos + (f" + {failed} unreadable (--include-failed)" if failed else ""))
+        if failed:
+            photos += f" + {failed} unreadable (--include-failed)"
+        summary.add_row("photos", photos)
         summary.add_row("files", f"{len(plan.actions)} ({plan.companion_count} companions)")
         summary.add_row("bytes", _size(plan.total_bytes))
     if plan.score_range:
@@ -208,7 +210,8 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
 
         warning = lopsided_bins(plan.bin_counts)
         if warning and plan.command in ("sort", "rate"):
-            summary.add_row("note", f"{warning} with these edges; --quantiles puts a fifth in each bin")
+            hint = f"{warning} with these edges; --quantiles puts a fifth in each bin"
+            summary.add_row("note", hint)
     summary.add_row("skipped", str(len(plan.skipped) + source.skipped))
     out_console.print(summary)
 
@@ -222,7 +225,8 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
         examples.add_column("to", overflow="fold")
     decisions = [a for a in plan.actions if a.decision]
     failed = [a for a in decisions if plan.groups[a.group].error]
-    shown = [a for a in decisions if not plan.groups[a.group].error][:_EXAMPLES] + failed[:_EXAMPLES]
+    scored = [a for a in decisions if not plan.groups[a.group].error]
+    shown = scored[:_EXAMPLES] + failed[:_EXAMPLES]
     for action in shown:
         error = plan.groups[action.group].error
         cells: list = [f"{action.score:.3f}" if not error else "failed"]
