@@ -67,5 +67,17 @@ class JournalError(LodaError):
     """A move journal is unreadable, or undoing it would be ambiguous or unsafe."""
 
 
+class NothingToUndoError(JournalError):
+    """Every journal that could be meant is already undone. Not a failure: the CLI says so and
+    exits 0."""
+
+    exit_code = 0
+
+    def __init__(self, journal: str, undone_at: str):
+        super().__init__(f"nothing left to undo; the last journal, {journal}, was undone at {undone_at}")
+        self.journal = journal
+        self.undone_at = undone_at
+
+
 class OutputError(LodaError):
     """An output file could not be written (disk full, permissions)."""

@@ -52,15 +52,44 @@ __all__ = [
     "resize_short_side",
 ]
 
+# Camera RAW files LibRaw (rawpy) opens: Canon, Nikon, Sony, Fujifilm, Olympus/OM, Panasonic,
+# Pentax, Samsung, Leica, Hasselblad, Phase One, Sigma, Minolta, Kodak, Epson, and DNG.
 RAW_EXTENSIONS: frozenset[str] = frozenset(
-    {".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"}
-)
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {
-        ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif",
-        ".heic", ".heif", ".avif",
+        ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".raf", ".orf",
+        ".rw2", ".rwl", ".pef", ".srw", ".3fr", ".fff", ".iiq", ".x3f", ".mrw", ".kdc", ".dcr",
+        ".erf", ".mos", ".mef",
     }
-) | RAW_EXTENSIONS
+)
+# HEIF as cameras write it: Canon's EOS R5/R6/R3/R7 family saves HEIF as .HIF; Sony's as .HIF too.
+HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif", ".hif"})
+IMAGE_EXTENSIONS: frozenset[str] = (
+    frozenset(
+        {
+            ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif",
+            ".avif",
+        }
+    )
+    | HEIF_EXTENSIONS
+    | RAW_EXTENSIONS
+)
+# Extensions of image formats loda does not decode; files with them are skipped, and counted in
+# the summary so a folder of JPEG XL or Photoshop files is not passed over in silence.
+UNREAD_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {
+        ".jxl", ".psd", ".psb", ".exr", ".hdr", ".jp2", ".j2k", ".jpf", ".jpx", ".svg", ".xcf",
+        ".ico", ".icns", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".qoi", ".dds", ".raw", ".bay",
+        ".cap", ".gpr", ".ari", ".heics", ".avifs", ".jxr", ".wdp", ".hdp", ".kra", ".afphoto",
+    }
+)
+
+
+def unread_image_extension(name: str) -> str | None:
+    """The lower-case extension of a file that looks like an image loda does not read, else None."""
+    ext = os.path.splitext(name)[1].lower()
+    return ext if ext in UNREAD_IMAGE_EXTENSIONS else None
+
+UNKNOWN_EXTENSION_REASON = "an image format loda does not read:"
 
 # Folders that photo tools, NAS boxes and operating systems leave inside photo collections. Names
 # starting with "." (.thumbnails, .Trash-1000, ._x.jpg AppleDouble files) are skipped separately.
@@ -277,8 +306,11 @@ def _walk(
                 continue
 
             if is_file:
-                if is_image_path(name) and wanted(relative, name):
-                    yield FoundFile(entry_path, root)
+                if is_image_path(name):
+                    if wanted(relative, name):
+                        yield FoundFile(entry_path, root)
+                elif unread_image_extension(name) and wanted(relative, name):
+                    report(entry_path, f"{UNKNOWN_EXTENSION_REASON} {unread_image_extension(name)}")
             elif is_dir and recursive and not excluded.matches(relative, name):
                 pending = _PendingFolder(entry_path, relative, chain)
                 if is_link:
@@ -323,7 +355,7 @@ class DecodedImage:
 _EXIF_ORIENTATION_TAG = 0x0112
 _GREY_BACKGROUND = (128, 128, 128)
 _RESAMPLING_NAMES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
-_HEIF_SUFFIXES = frozenset({".heic", ".heif"})
+_HEIF_SUFFIXES = HEIF_EXTENSIONS
 _HEIF_BRANDS = frozenset(
     {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
 )

@@ -46,11 +46,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from loda_cli import __version__, xmp
-from loda_cli.errors import JournalError, LodaError, OutputError, UnsafePathError, UsageError
+from loda_cli.errors import (
+    JournalError,
+    LodaError,
+    NothingToUndoError,
+    OutputError,
+    UnsafePathError,
+    UsageError,
+)
+from loda_cli.images import HEIF_EXTENSIONS as HEIC_EXTENSIONS  # .heic, .heif and Canon's .hif
+from loda_cli.images import RAW_EXTENSIONS
 
-RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"})
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
-HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 IMAGE_COMPANION_EXTENSIONS = RAW_EXTENSIONS | JPEG_EXTENSIONS | HEIC_EXTENSIONS
 COMPANION_EXTENSIONS = IMAGE_COMPANION_EXTENSIONS | {".xmp", ".aae", ".mov"}
 
@@ -63,7 +70,7 @@ JOURNAL_VERSION = 1
 ACTION_DELAY_ENV = "LODA_TEST_ACTION_DELAY"
 DEFAULT_EDGES = (0.2, 0.4, 0.6, 0.8)
 STAR_FOLDERS = {5: "5-stars", 4: "4-stars", 3: "3-stars", 2: "2-stars", 1: "1-star"}
-SIDECAR_STYLES = ("darktable", "lightroom", "both")
+SIDECAR_STYLES = ("auto", "darktable", "lightroom", "both")
 # A sidecar is a few KB; anything this large is not one loda should rewrite.
 _MAX_SIDECAR_BYTES = 16 << 20
 # Room kept free beyond the bytes to copy: the journal, folder entries, filesystem slack.
@@ -193,12 +200,35 @@ def _locate(raw: str, roots: Sequence[str], bases: Sequence[str]) -> tuple[str, 
 
 @dataclass
 class ScoreSource:
-    """(path, score) pairs, and the folders relative paths are resolved against (in order)."""
+    """(path, score) pairs, and the folders relative paths are resolved against (in order).
+
+    ``failed`` holds (path, error) for the files that could not be scored; ``skipped`` counts the
+    rows of a scores file that were unusable for another reason (no score, an invalid value).
+    """
 
     rows: list[tuple[str, float]]
     bases: list[str]
     description: str
     skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    from_file: bool = False
+
+
+# Errors that say the file itself is broken, as opposed to loda lacking a decoder (HEIC without
+# pillow-heif, RAW without rawpy), the file being too large, unreadable by this user, or slow.
+_BROKEN_FILE_ERRORS = ("empty file", "not an image", "corrupt image", "truncated image")
+
+
+def is_broken_file_error(error: str) -> bool:
+    """Whether a scoring error says the file is unreadable as an image whatever the decoder
+    (zero bytes, not an image, corrupt, truncated): only those can be culled (--include-failed)."""
+    return error.strip().lower().startswith(_BROKEN_FILE_ERRORS)
+
+
+def failure_kind(error: str) -> str:
+    """The short kind of a scoring error ("truncated image", "corrupt image"), for grouping."""
+    kind = error.split(":", 1)[0].split(" (", 1)[0].strip()
+    return kind or "error"
 
 
 def load_scores(
@@ -217,16 +247,16 @@ def load_scores(
     if scores_file is not None:
         from loda_cli.scoresfile import read_scores
 
+        from loda_cli.scoresfile import scores_bases
+
         parsed = read_scores(scores_file)
-        base = os.path.dirname(os.path.abspath(os.fspath(scores_file)))
         rows = [(row.path, row.score) for row in parsed.rows]
-        return ScoreSource(rows, [os.getcwd(), base], display_path(scores_file), parsed.skipped)
-    try:
-        from loda_cli.scoring import score_paths
-    except ModuleNotFoundError as exc:
-        if exc.name != "loda_cli.scoring":
-            raise
-        raise LodaError("no scores: pass --scores FILE (written by `loda score`)") from None
+        unusable = parsed.skipped - len(parsed.failed)
+        bases = scores_bases(scores_file, parsed.header)
+        return ScoreSource(
+            rows, bases, display_path(scores_file), unusable, list(parsed.failed),
+            from_file=True,
+        )
     globs = sorted(
         {
             _glob_escape(os.path.relpath(folder, root))
@@ -236,23 +266,38 @@ def load_scores(
         }
     )
     rows = []
-    skipped = 0
-    found = score_paths(
-        [Path(r) for r in roots],
-        model=model,
-        recursive=True,
-        exclude=tuple(globs),
-        progress=progress,
+    failed: list[tuple[str, str]] = []
+    from loda_cli.cachelookup import cached_rows
+
+    # The cache first: a folder scored before is planned without importing torch (about 6 s).
+    found: Iterable[Any] | None = cached_rows(
+        roots, model=model, recursive=True, exclude=tuple(globs)
     )
+    description = "the score cache" + (f" (model {model})" if model else "")
+    if found is None:
+        try:
+            from loda_cli.scoring import score_paths
+        except ModuleNotFoundError as exc:
+            if exc.name != "loda_cli.scoring":
+                raise
+            raise LodaError("no scores: pass --scores FILE (written by `loda score`)") from None
+        found = score_paths(
+            [Path(r) for r in roots],
+            model=model,
+            recursive=True,
+            exclude=tuple(globs),
+            progress=progress,
+        )
+        description = "the model" + (f" {model}" if model else "")
     for row in found:
-        if row.error or row.score is None:
-            skipped += 1
-            continue
         path = row.path
         if not os.path.isabs(path) and row.root and not os.path.lexists(path):
             path = os.path.join(row.root, path)
+        if row.error or row.score is None:
+            failed.append((path, str(row.error or "no score")))
+            continue
         rows.append((path, float(row.score)))
-    return ScoreSource(rows, [os.getcwd()], "the model" + (f" {model}" if model else ""), skipped)
+    return ScoreSource(rows, [os.getcwd()], description, 0, failed)
 
 
 def _glob_escape(path: str) -> str:
@@ -281,6 +326,7 @@ class Group:
     decision: str  # file name of the scored photo
     members: list[str]  # file names, decision photo first
     score: float
+    error: Optional[str] = None  # why the decision photo could not be scored (score is 0 then)
 
     @property
     def stem(self) -> str:
@@ -350,11 +396,20 @@ def collect_groups(
     source: ScoreSource,
     *,
     exclude: Sequence[str] = (),
+    include_failed: bool = False,
 ) -> tuple[list[Group], list[Skip]]:
-    """Group the scored photos with their companions. Paths under ``exclude`` are left out."""
+    """Group the scored photos with their companions. Paths under ``exclude`` are left out.
+
+    Files that could not be scored are reported as skips with their error, unless
+    ``include_failed``: then the broken ones (``is_broken_file_error``) come back as groups with
+    ``error`` set and a score of 0, after the scored groups. A failed file with a scored companion
+    (a truncated JPEG beside a good RAW) belongs to that companion's group, whatever is asked.
+    """
     skips: list[Skip] = []
-    located: dict[str, tuple[int, float]] = {}
-    for raw, score in source.rows:
+    located: dict[str, tuple[int, float, Optional[str]]] = {}
+    entries = [(raw, score, None) for raw, score in source.rows]
+    entries += [(raw, 0.0, error) for raw, error in source.failed]
+    for raw, score, error in entries:
         try:
             full, root = _locate(raw, roots, source.bases)
         except _Skipped as why:
@@ -365,7 +420,7 @@ def collect_groups(
             continue
         if any(_is_under(full, folder) for folder in exclude):
             continue
-        located.setdefault(full, (root, score))
+        located.setdefault(full, (root, score, error))
 
     by_stem: dict[tuple[str, str], list[str]] = {}
     for full in located:
@@ -375,6 +430,7 @@ def collect_groups(
     listings: dict[str, dict[str, str]] = {}
     stem_index: dict[str, dict[str, list[str]]] = {}
     groups: list[Group] = []
+    failed_groups: list[Group] = []
     for (folder, _stem), names in sorted(by_stem.items()):
         if folder not in listings:
             try:
@@ -386,13 +442,25 @@ def collect_groups(
                 continue
         listing = listings[folder]
         claimed: set[str] = set()
-        for name in sorted(names, key=lambda n: (_preference(n), n)):
+
+        def order(name: str) -> tuple[bool, int, str]:
+            failed = located[os.path.join(folder, name)][2] is not None
+            return (failed, _preference(name), name)
+
+        for name in sorted(names, key=order):
             if name in claimed:
                 continue
             nearby = stem_index[folder].get(os.path.splitext(name)[0], [])
             companions = sorted(n for n in nearby if n not in claimed and _is_companion(n, name))
             members = [name, *companions]
             claimed.update(members)
+            root, score, error = located[os.path.join(folder, name)]
+            if error is not None and not (include_failed and is_broken_file_error(error)):
+                reason = f"could not be scored ({failure_kind(error)})"
+                if include_failed:
+                    reason += "; not moved: the file itself may be fine"
+                skips.append(Skip(os.path.join(folder, name), reason))
+                continue
             if any(listing.get(m) == "link" for m in members):
                 reason = "a companion file is a symlink (group left alone)"
                 skips.append(Skip(os.path.join(folder, name), reason))
@@ -400,11 +468,12 @@ def collect_groups(
             members = [m for m in members if listing.get(m) == "file"]
             if name not in members:
                 continue
-            root, score = located[os.path.join(folder, name)]
             rel = os.path.relpath(folder, roots[root])
-            groups.append(Group(root, folder, "" if rel == "." else rel, name, members, score))
+            group = Group(root, folder, "" if rel == "." else rel, name, members, score, error)
+            (failed_groups if error is not None else groups).append(group)
     groups.sort(key=lambda g: (g.score, g.path))
-    return groups, skips
+    failed_groups.sort(key=lambda g: g.path)
+    return groups + failed_groups, skips
 
 
 # --- selection and star bins ---------------------------------------------------------------------
@@ -463,6 +532,29 @@ def quantile_edges(scores: Sequence[float]) -> tuple[float, float, float, float]
     return tuple(edges)  # type: ignore[return-value]
 
 
+def count_bins(groups: Sequence[Group], edges: Sequence[float]) -> dict[int, int]:
+    """Photos per star bin, 5 stars first, empty bins included."""
+    counts = {stars: 0 for stars in (5, 4, 3, 2, 1)}
+    for group in groups:
+        counts[star_rating(group.score, edges)] += 1
+    return counts
+
+
+def lopsided_bins(counts: dict[int, int]) -> Optional[str]:
+    """Why the bins deserve a second look (some empty, or one holding nearly all), else None."""
+    total = sum(counts.values())
+    if total < 5:
+        return None
+    empty = [stars for stars, n in counts.items() if n == 0]
+    full = [stars for stars, n in counts.items() if n >= 0.9 * total]
+    if full:
+        return f"{counts[full[0]]} of {total} photos get {full[0]} star{'s' if full[0] > 1 else ''}"
+    if empty:
+        names = " or ".join(str(s) for s in sorted(empty))
+        return f"no photo gets {names} star{'s' if empty != [1] else ''}"
+    return None
+
+
 def star_rating(score: float, edges: Sequence[float]) -> int:
     """1 star below the first edge, 5 stars at or above the last."""
     return 1 + sum(1 for edge in edges if score >= edge)
@@ -503,6 +595,8 @@ class Plan:
     edges: Optional[tuple[float, ...]] = None
     # "culled": each root's own _culled; "dest": one chosen folder; "in-place": rate
     layout: str = "dest"
+    # sort and rate: photos per star bin (5 down to 1), over every scored photo
+    bin_counts: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -516,6 +610,18 @@ class Plan:
     @property
     def companion_count(self) -> int:
         return sum(1 for a in self.actions if not a.decision)
+
+
+def journals_dir() -> str:
+    """The one place every journal goes: ``$LODA_HOME/journals``. Outside the photo folders, so
+    an undo can leave them exactly as they were, and one place to look for what loda did."""
+    return os.path.join(os.path.abspath(os.environ.get("LODA_HOME") or _default_home()), "journals")
+
+
+def _default_home() -> str:
+    from loda_cli.weights import loda_home
+
+    return os.fspath(loda_home())
 
 
 def culled_folder(root: str) -> str:
@@ -623,7 +729,7 @@ def plan_cull(
         return os.path.join(base, group.rel_folder) if group.rel_folder else base
 
     layout = "dest" if to is not None else "culled"
-    plan = Plan("cull", mode, list(roots), dests, dests[0], layout=layout)
+    plan = Plan("cull", mode, list(roots), dests, journals_dir(), layout=layout)
     _transfer_actions(plan, selected, dest_folder, mode)
     return plan
 
@@ -654,17 +760,30 @@ def plan_sort(
             base = os.path.join(base, subfolders[group.root])
         return os.path.join(base, group.rel_folder) if group.rel_folder else base
 
-    plan = Plan("sort", mode, list(roots), [dest], dest, edges=tuple(edges))
+    plan = Plan("sort", mode, list(roots), [dest], journals_dir(), edges=tuple(edges))
     _transfer_actions(plan, groups, dest_folder, mode)
     for action in plan.actions:
         action.stars = star_rating(action.score, edges)
+    plan.bin_counts = count_bins(groups, edges)
     return plan
 
 
 def sidecar_names(group: Group, style: str) -> list[str]:
-    """The sidecar file names a group's rating goes to (before matching existing files' case)."""
+    """The sidecar file names a group's rating goes to (before matching existing files' case).
+
+    ``auto`` updates the sidecars the group already has, in whichever naming, and creates
+    ``<photo>.<ext>.xmp`` for each image file only when it has none: that is the name darktable
+    and digiKam read and write by default, and the only one that cannot be confused between a RAW
+    and a JPEG of the same stem. Lightroom reads ``<stem>.xmp``, and only for RAW files; ask for
+    it with ``lightroom`` (or ``both``).
+    """
     if style not in SIDECAR_STYLES:
         raise UsageError(f"--sidecar is one of {', '.join(SIDECAR_STYLES)}, not {style!r}")
+    if style == "auto":
+        existing = [m for m in group.members if m.lower().endswith(".xmp")]
+        if existing:
+            return existing
+        style = "darktable"
     names: list[str] = []
     if style in ("darktable", "both"):
         images = [
@@ -679,17 +798,50 @@ def sidecar_names(group: Group, style: str) -> list[str]:
     return names
 
 
+def _read_sidecar(path: str) -> bytes:
+    """A sidecar's bytes; OSError when unreadable, _Skipped when too large to be XMP."""
+    if os.lstat(path).st_size > _MAX_SIDECAR_BYTES:
+        raise _Skipped("sidecar too large to be XMP")
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _person_rating(group: Group, listing: dict[str, str]) -> Optional[tuple[int, str]]:
+    """(rating, sidecar name) of a rating a person set in any of the group's sidecars.
+
+    darktable and Lightroom each read only their own naming, so a person's rating in one naming
+    must keep loda out of the other too: a loda rating beside it would contradict the person in
+    the other program.
+    """
+    for name in group.members:
+        if not name.lower().endswith(".xmp") or listing.get(name) != "file":
+            continue
+        try:
+            state = xmp.read_state(_read_sidecar(os.path.join(group.folder, name)))
+        except (OSError, _Skipped, xmp.XmpError):
+            continue  # reported when (if) loda would write to it
+        if state.rating_set_by_person and state.rating is not None:
+            return state.rating, name
+    return None
+
+
 def plan_rate(
     roots: Sequence[str],
     groups: Sequence[Group],
     *,
     edges: Sequence[float] = DEFAULT_EDGES,
-    style: str = "both",
+    style: str = "auto",
     label: Optional[str] = None,
     force: bool = False,
 ) -> Plan:
-    """Write xmp:Rating (and xmp:Label for the worst bin) into each group's sidecars."""
-    plan = Plan("rate", style, list(roots), [], roots[0], edges=tuple(edges), layout="in-place")
+    """Write xmp:Rating (and xmp:Label for the worst bin) into each group's sidecars.
+
+    A rating a person set in any sidecar of a group leaves every sidecar of that group alone
+    (unless ``force``), whatever the naming.
+    """
+    plan = Plan(
+        "rate", style, list(roots), [], journals_dir(), edges=tuple(edges), layout="in-place"
+    )
     claimed: set[str] = set()
     for group in groups:
         stars = star_rating(group.score, edges)
@@ -701,12 +853,20 @@ def plan_rate(
             continue
         index = len(plan.groups)
         wrote = False
+        person = None if force else _person_rating(group, listing)
         for wanted in sidecar_names(group, style):
             name = _existing_case(listing, wanted)
             path = os.path.join(group.folder, name)
             if path in claimed:
                 continue
             claimed.add(path)
+            if person is not None:
+                rating, where = person
+                reason = f"rating {rating} set by a person in {where} (use --force)"
+                if name != where:
+                    reason = f"rating {rating} set by a person in {where}, kept in every naming"
+                plan.unchanged.append(Skip(path, reason))
+                continue
             kind = listing.get(name)
             if kind == "link":
                 plan.skipped.append(Skip(path, "sidecar is a symlink (never written through)"))
@@ -717,11 +877,10 @@ def plan_rate(
             old = None
             if kind == "file":
                 try:
-                    if os.lstat(path).st_size > _MAX_SIDECAR_BYTES:
-                        plan.skipped.append(Skip(path, "sidecar too large to be XMP"))
-                        continue
-                    with open(path, "rb") as fh:
-                        old = fh.read()
+                    old = _read_sidecar(path)
+                except _Skipped as why:
+                    plan.skipped.append(Skip(path, str(why)))
+                    continue
                 except OSError as exc:
                     plan.skipped.append(Skip(path, f"unreadable: {exc.strerror}"))
                     continue
@@ -740,6 +899,7 @@ def plan_rate(
             )
         if wrote:
             plan.groups.append(group)
+    plan.bin_counts = count_bins(groups, edges)
     return plan
 
 
@@ -1058,13 +1218,17 @@ def apply_plan(
     if not plan.actions:
         return ApplyReport(journal=None)
     preflight(plan)
-    # The destination folders themselves (and the journal's) are made first and never removed:
-    # the journal lives in one, and undo needs it afterwards.
+    os.makedirs(plan.journal_dir, mode=0o700, exist_ok=True)
+    # Destination folders that do not exist yet (and missing folders above them) are journalled
+    # in the header, so undo can remove them again once they are empty.
     used = {d for d in plan.dests if any(_is_under(a.dst, d) for a in plan.actions)}
-    for folder in sorted(used | {plan.journal_dir}):
-        os.makedirs(folder, exist_ok=True)
-        if os.path.islink(folder) or not os.path.isdir(folder):
-            raise UnsafePathError(f"{display_path(folder)} is not a plain folder")
+    created: list[str] = []
+    for folder in sorted(used):
+        missing = []
+        while not os.path.lexists(folder) and folder not in created:
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        created.extend(reversed(missing))
     header = {
         "type": "header",
         "version": JOURNAL_VERSION,
@@ -1077,8 +1241,20 @@ def apply_plan(
         "loda": __version__,
         "roots_text": [display_path(r) for r in plan.roots],
         "dests_text": [display_path(d) for d in plan.dests],
+        "created": [_enc(folder) for folder in created],
     }
     writer = _JournalWriter(plan.journal_dir, header)
+    for folder in sorted(used):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            writer.close()
+            raise OutputError(
+                f"cannot create {display_path(folder)}: {exc.strerror or exc}; nothing was moved"
+            ) from None
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            writer.close()
+            raise UnsafePathError(f"{display_path(folder)} is not a plain folder")
     report = ApplyReport(journal=writer.path)
     if on_journal:
         on_journal(writer.path)
@@ -1268,6 +1444,9 @@ class Journal:
     truncated: bool
     undo_complete: bool
     finished: bool
+    created: list[str] = field(default_factory=list)  # folders the run made, outermost first
+    undone_at: str = ""  # when the last complete undo ended
+
 
     @property
     def command(self) -> str:
@@ -1357,7 +1536,8 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
             f"{display_path(path)} names folders that are not absolute, normalised paths"
         )
     real_journal = os.path.realpath(path)
-    if not any(_is_under(real_journal, os.path.realpath(folder)) for folder in roots + dests):
+    homes = [os.path.realpath(journals_dir())]
+    if not any(_is_under(real_journal, os.path.realpath(folder)) for folder in roots + dests + homes):
         raise UnsafePathError(
             f"{display_path(path)} lies outside the folders it names; refusing to undo"
         )
@@ -1373,6 +1553,18 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
             )
         dests = list(roots)
 
+    try:
+        created = [os.fsdecode(_dec_bytes(c)) for c in header.get("created", [])]
+    except TypeError:
+        raise JournalError(f"{display_path(path)} has a damaged header") from None
+    for folder in created:
+        # Only a destination or a folder above one: undo removes these when empty, nothing else.
+        if not (
+            os.path.isabs(folder)
+            and os.path.normpath(folder) == folder
+            and any(_is_under(d, folder) for d in dests)
+        ):
+            raise UnsafePathError(f"{display_path(path)} names a folder it did not create")
     entries: dict[int, JournalEntry] = {}
     mkdirs: list[str] = []
     finished = False
@@ -1390,9 +1582,10 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
                 finished = True
         except (KeyError, TypeError, ValueError):
             raise JournalError(f"{display_path(path)} has a damaged {kind} record") from None
+    undone_at = _undo_complete(path)
     return Journal(
         path, header, roots, dests, sorted(entries.values(), key=lambda e: e.id), mkdirs, truncated,
-        _undo_complete(path), finished,
+        bool(undone_at), finished, created, undone_at,
     )
 
 
@@ -1428,20 +1621,21 @@ def _undo_log_path(journal: str) -> str:
     return journal + ".undo"
 
 
-def _undo_complete(journal: str) -> bool:
+def _undo_complete(journal: str) -> str:
+    """When the last undo of ``journal`` finished complete ("" when it has not)."""
     try:
         with open(_undo_log_path(journal), "rb") as fh:
             data = fh.read()
     except OSError:
-        return False
-    complete = False
+        return ""
+    complete = ""
     for line in data.split(b"\n"):
         try:
             record = json.loads(line)
         except ValueError:
             continue  # the undo log is a record for people and for this flag only
         if isinstance(record, dict) and record.get("type") == "undo-end":
-            complete = bool(record.get("complete"))
+            complete = str(record.get("time") or "?") if record.get("complete") else ""
     return complete
 
 
@@ -1478,7 +1672,35 @@ def find_journals(start: str | os.PathLike[str] | None = None, depth: int = 3) -
         add(parent)
         add(os.path.join(parent, CULLED_DIRNAME))
         parent = os.path.dirname(parent)
+    add(journals_dir())
     return sorted(found, key=lambda p: (os.path.basename(p), p), reverse=True)
+
+
+def own_folders(roots: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Folders under ``roots`` that loda itself filled and has not undone: the destinations of
+    cull and sort runs in the journals. ``loda score`` leaves them out, as ``cull`` does."""
+    real_roots = [os.path.realpath(os.fspath(r)) for r in roots]
+    found: list[str] = []
+    try:
+        names = sorted(os.listdir(journals_dir()))
+    except OSError:
+        return found
+    for name in names:
+        if not _is_journal_name(name):
+            continue
+        path = os.path.join(journals_dir(), name)
+        try:
+            with open(path, "rb") as fh:
+                header = json.loads(fh.readline())
+            dests = [os.fsdecode(_dec_bytes(d)) for d in header.get("dests", [])]
+        except (OSError, ValueError, AttributeError, JournalError):
+            continue
+        if _undo_complete(path):
+            continue
+        for dest in dests:
+            if dest not in found and any(_is_under(dest, r) and dest != r for r in real_roots):
+                found.append(dest)
+    return found
 
 
 def _is_journal_name(name: str) -> bool:
@@ -1492,16 +1714,20 @@ def _is_journal_name(name: str) -> bool:
 def latest_journal(start: str | os.PathLike[str] | None = None) -> str:
     """The newest journal near ``start`` that is not fully undone; JournalError when none."""
     here = os.path.realpath(os.fspath(start or os.getcwd()))
+    undone: Optional[Journal] = None
     for path in find_journals(here):
         try:
             journal = read_journal(path)
         except LodaError:
             continue
-        if journal.undo_complete:
-            continue
         folders = [os.path.realpath(f) for f in journal.roots + journal.dests]
-        if any(_is_under(here, f) or _is_under(f, here) for f in folders):
+        if not any(_is_under(here, f) or _is_under(f, here) for f in folders):
+            continue
+        if not journal.undo_complete:
             return path
+        undone = undone or journal
+    if undone is not None:
+        raise NothingToUndoError(undone.path, undone.undone_at)
     raise JournalError(f"no journal to undo under {display_path(here)}; pass the journal's path")
 
 
@@ -1634,7 +1860,7 @@ def plan_undo(journal_path: str | os.PathLike[str]) -> UndoPlan:
     """Read a journal and decide, per entry, what undo would do. Changes nothing."""
     journal = read_journal(journal_path)
     if journal.undo_complete:
-        raise JournalError(f"{display_path(journal.path)} was already undone")
+        raise NothingToUndoError(journal.path, journal.undone_at)
     steps = [_decide(entry) for entry in reversed(journal.entries)]
     return UndoPlan(journal, steps)
 
@@ -1705,10 +1931,10 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: "_UndoLog") -> list[Und
         else:
             report.removed += 1
         log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
-    for folder in reversed(journal.mkdirs):
+    for folder in [*reversed(journal.mkdirs), *reversed(journal.created)]:
         try:
             if os.path.isdir(folder) and not os.path.islink(folder):
-                os.rmdir(folder)  # only ever removes an empty folder
+                os.rmdir(folder)  # only ever removes an empty folder, and only one loda made
         except OSError:
             pass
     report.conflicts = remaining_conflicts

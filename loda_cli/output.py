@@ -31,6 +31,30 @@ def output_format(path: str) -> str:
     return suffix
 
 
+def check_writable_output(path: str) -> None:
+    """UsageError unless ``path`` could be written: its folder exists and takes new files, and it
+    is not a folder itself. Checked before scoring, so a typo does not cost the whole run."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: no permission to write in {folder}")
+
+
+def mos_is_meaningful(calibration: Any, metadata: dict[str, Any]) -> bool:
+    """Whether ``mos`` says more than ``score``: only for a checkpoint whose training labels have a
+    native scale other than [0, 1] higher-is-better (KonIQ 1-5, LIVE DMOS...). The built-in model
+    and checkpoints imported without ``--dataset`` have none, and their ``mos`` is left empty."""
+    dataset = metadata.get("dataset") if isinstance(metadata, dict) else None
+    if not isinstance(dataset, dict) or not dataset.get("scale"):
+        return False
+    unit = (calibration.label_min, calibration.label_max) == (0.0, 1.0)
+    return not (unit and not calibration.lower_better)
+
+
 def rank_rows(rows: Iterable[Any]) -> list[Any]:
     """Highest score first (ties broken by raw output, then path); failures last, by path."""
     scored = [r for r in rows if r.error is None and r.score is not None]
@@ -118,5 +142,8 @@ class JsonlStream:
         self.stream = stream
 
     def write(self, row: Any) -> None:
-        self.stream.write(json.dumps(row_record(row, None)) + "\n")
+        # Rows stream in completion order, before any ranking exists: no "rank" key at all.
+        record = row_record(row, None)
+        del record["rank"]
+        self.stream.write(json.dumps(record) + "\n")
         self.stream.flush()

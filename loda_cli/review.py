@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from loda_cli import __version__
 from loda_cli.errors import OutputError, UsageError
-from loda_cli.scoresfile import read_scores
+from loda_cli.scoresfile import read_scores, scores_bases
 
 GENERATOR = f"loda review {__version__}"
 _MARKER = ".loda-review"
@@ -38,6 +38,8 @@ class ReviewItem:
     score: float
     thumb: Optional[str] = None  # file name inside the thumbnails folder
     thumb_size: tuple[int, int] = (0, 0)
+    error: Optional[str] = None  # why `loda score` could not score it (score is then 0)
+    found: bool = True  # whether the file is where the path leads
 
 
 @dataclass
@@ -48,6 +50,9 @@ class ReviewReport:
     thumbs: int
     failed: int
     below: int
+    unscored: int = 0  # the scores file's failed rows, shown marked after the scored photos
+    missing: int = 0  # paths that lead to no file (relative paths resolved elsewhere?)
+    bases: tuple[str, ...] = ()  # where relative paths were looked for, in order
 
 
 def _printable(path: str) -> str:
@@ -57,31 +62,31 @@ def _printable(path: str) -> str:
     )
 
 
-def _resolve(raw: str, bases: Sequence[str]) -> str:
+def _resolve(raw: str, bases: Sequence[str]) -> tuple[str, bool]:
+    """Where a path from the scores file leads, and whether a file is there."""
     if os.path.isabs(raw):
-        return raw
+        return raw, os.path.lexists(raw)
     for base in bases:
         candidate = os.path.join(base, raw)
         if os.path.lexists(candidate):
-            return candidate
-    return os.path.join(bases[0], raw)
+            return candidate, True
+    return os.path.join(bases[0], raw), False
 
 
 def _make_thumb(source: str, target: str, size: int) -> tuple[int, int]:
-    """Write a JPEG thumbnail (EXIF orientation applied); returns its size. Raises on failure."""
-    from PIL import Image, ImageOps
+    """Write a JPEG thumbnail; returns its size. Raises on failure.
 
-    with Image.open(source) as img:
-        if img.format == "JPEG":
-            img.draft("RGB", (size * 2, size * 2))
-        img = ImageOps.exif_transpose(img)
-        img.thumbnail((size, size))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        tmp = target + ".part"
-        img.save(tmp, "JPEG", quality=82)
-        os.replace(tmp, target)
-        return img.size
+    Decoded by the scorer's own decoder (``images.decode_image``), so every photo `loda score`
+    read gets a preview: HEIC/HEIF, camera RAW previews, EXIF orientation, 16-bit and CMYK files.
+    """
+    from loda_cli.images import decode_image
+
+    img = decode_image(source, target_short_side=size).image
+    img.thumbnail((size, size))
+    tmp = target + ".part"
+    img.save(tmp, "JPEG", quality=82)
+    os.replace(tmp, target)
+    return img.size
 
 
 def _thumb_name(path: str, size: int) -> str:
@@ -120,14 +125,21 @@ def build_review(
         with open(marker, "w", encoding="utf-8") as fh:
             fh.write(f"Thumbnails for {os.path.basename(page)}, written by {GENERATOR}.\n")
 
-    bases = [os.getcwd(), os.path.dirname(os.path.abspath(os.fspath(scores_file)))]
+    bases = scores_bases(scores_file, parsed.header)
     items = []
     for row in sorted(parsed.rows, key=lambda r: (r.score, r.path)):
         shown = _printable(row.path)
         folder = os.path.dirname(shown) or "."
-        items.append(ReviewItem(_resolve(row.path, bases), shown, folder, row.score))
+        path, found = _resolve(row.path, bases)
+        items.append(ReviewItem(path, shown, folder, row.score, found=found))
+    for raw, error in parsed.failed:  # after the scored photos, as the scores file ranks them
+        shown = _printable(raw)
+        path, found = _resolve(raw, bases)
+        items.append(ReviewItem(path, shown, os.path.dirname(shown) or ".", 0.0, error=error, found=found))
 
     def work(item: ReviewItem) -> None:
+        if not item.found:
+            return
         name = _thumb_name(item.path, thumb_size)
         target = os.path.join(thumbs_dir, name)
         try:
@@ -164,8 +176,13 @@ def build_review(
     except OSError as exc:
         raise OutputError(f"cannot write {_printable(page)}: {exc.strerror}") from None
     thumbs = sum(1 for i in items if i.thumb)
-    cull = sum(1 for i in items if below is not None and i.score < below)
-    return ReviewReport(page, thumbs_dir, len(items), thumbs, len(items) - thumbs, cull)
+    cull = sum(1 for i in items if below is not None and i.error is None and i.score < below)
+    unscored = sum(1 for i in items if i.error is not None)
+    missing = sum(1 for i in items if not i.found)
+    return ReviewReport(
+        page, thumbs_dir, len(items), thumbs, len(items) - thumbs, cull, unscored, missing,
+        tuple(bases),
+    )
 
 
 def _check_outputs(page: str, thumbs_dir: str, force: bool) -> None:
@@ -256,6 +273,7 @@ _SCRIPT = """
     items.sort(function (a, b) {
       var sa = parseFloat(a.getAttribute('data-score'));
       var sb = parseFloat(b.getAttribute('data-score'));
+      if (isNaN(sa) || isNaN(sb)) { return (isNaN(sa) ? 1 : 0) - (isNaN(sb) ? 1 : 0); }
       return sign * (sa - sb);
     });
     items.forEach(function (el) { grid.appendChild(el); });
@@ -298,6 +316,9 @@ figure .missing { height: 80px; line-height: 80px; text-align: center; color: #9
 figcaption { font-size: 12px; margin-top: 4px; overflow-wrap: anywhere; }
 figcaption .score { font-weight: 700; margin-right: 6px; }
 figure.cull .score::after { content: " cull"; color: #d9534f; }
+figure.failed { border-color: #555; border-style: dashed; background: #f2f2f2; }
+figure.failed .score { color: #555; }
+figcaption .error { display: block; color: #a00; }
 """
 
 
@@ -311,7 +332,8 @@ def render_page(
 ) -> str:
     """The HTML of the review page. Every piece of text from a file name is escaped here."""
     esc = html.escape
-    scores = [i.score for i in items]
+    scores = [i.score for i in items if i.error is None]
+    unscored = sum(1 for i in items if i.error is not None)
     width = max([i.thumb_size[0] for i in items] + [128])
     folders: dict[str, int] = {}
     for item in items:
@@ -322,6 +344,9 @@ def render_page(
         f"script-src 'sha256-{script_hash}'"
     )
     cull_count = sum(1 for s in scores if below is not None and s < below)
+    failed_note = (
+        f" {unscored} could not be scored (marked, shown last)." if unscored else ""
+    )
     thumb_count = sum(1 for i in items if i.thumb)
     disabled = "" if below is not None else " disabled"
     out = [
@@ -339,7 +364,7 @@ def render_page(
         "<header>",
         "<div>",
         f"<h1>loda review: {esc(title)}</h1>",
-        f"<p>{len(items)} photos, worst first. Score in [0, 1], higher is better."
+        f"<p>{len(scores)} photos, worst first. Score in [0, 1], higher is better.{failed_note}"
         + (
             f" <strong>{cull_count}</strong> below {below:g} (outlined red) would be culled."
             if below is not None
@@ -365,7 +390,8 @@ def render_page(
         '<main id="grid">',
     ]
     for item in items:
-        classes = "photo cull" if below is not None and item.score < below else "photo"
+        culled = below is not None and item.error is None and item.score < below
+        classes = "photo failed" if item.error else "photo cull" if culled else "photo"
         name = os.path.basename(item.shown) or item.shown
         link = _file_link(item.path, page_dir)
         if item.thumb:
@@ -375,13 +401,17 @@ def render_page(
                 f'alt="{esc(name)}">'
             )
         else:
-            picture = '<div class="missing">no preview</div>'
+            why = "no preview" if item.found else "file not found"
+            picture = f'<div class="missing">{why}</div>'
+        score_text = "failed" if item.error else f"{item.score:.3f}"
+        data_score = "" if item.error else f"{item.score:.6f}"
+        error_text = f'<span class="error">{esc(item.error)}</span>' if item.error else ""
         out.append(
             f'<figure class="{classes}" data-folder="{esc(item.folder)}" '
-            f'data-score="{item.score:.6f}">'
+            f'data-score="{data_score}">'
             f'<a href="{esc(link)}">{picture}</a>'
-            f'<figcaption><span class="score">{item.score:.3f}</span>'
-            f'<span class="name" title="{esc(item.shown)}">{esc(name)}</span>'
+            f'<figcaption><span class="score">{score_text}</span>'
+            f'<span class="name" title="{esc(item.shown)}">{esc(name)}</span>{error_text}'
             "</figcaption></figure>"
         )
     out += ["</main>", f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]

@@ -50,6 +50,8 @@ class ScoresFile:
     skipped_errors: int = 0
     skipped_unscored: int = 0
     skipped_invalid: int = 0
+    # (path, error) of the files `loda score` could not score, in the file's order
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -83,6 +85,21 @@ def read_scores(path: os.PathLike[str] | str) -> ScoresFile:
     for raw_row in raw_rows:
         _add_row(result, raw_row)
     return result
+
+
+def scores_bases(path: os.PathLike[str] | str, header: dict[str, Any]) -> list[str]:
+    """The folders a relative path in a scores file is looked for in, in order: the current
+    folder, the folder `loda score` ran in (a .json header's ``cwd``), each root it was given
+    there, and the scores file's own folder."""
+    bases = [os.getcwd()]
+    ran_in = header.get("cwd") if isinstance(header, dict) else None
+    if isinstance(ran_in, str) and os.path.isabs(ran_in):
+        bases.append(ran_in)
+        for root in header.get("roots") or []:
+            if isinstance(root, str) and os.path.isdir(os.path.join(ran_in, root)):
+                bases.append(os.path.normpath(os.path.join(ran_in, root)))
+    bases.append(os.path.dirname(os.path.abspath(os.fspath(path))))
+    return list(dict.fromkeys(bases))
 
 
 def _detect_format(source: Path, text: str) -> str:
@@ -177,10 +194,12 @@ def _integer(value: Any) -> Optional[int]:
 
 def _add_row(result: ScoresFile, row: dict[str, Any]) -> None:
     error = row.get("error")
+    path = row.get("path")
     if error not in (None, "") and str(error).strip():
         result.skipped_errors += 1
+        if isinstance(path, str) and path:
+            result.failed.append((path, str(error).strip()))
         return
-    path = row.get("path")
     if not isinstance(path, str) or not path:
         result.skipped_invalid += 1
         return

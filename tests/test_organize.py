@@ -156,19 +156,21 @@ def test_cull_apply_moves_photos_with_every_companion_and_undo_restores(shoot):
         assert (culled / rel).read_bytes() == shoot.files[rel]
     for rel in set(shoot.files) - moved:
         assert (shoot.root / rel).read_bytes() == shoot.files[rel]
-    journals = list(culled.glob(".loda-journal-*.jsonl"))
-    assert len(journals) == 1
+    assert not list(culled.glob(".loda-journal-*.jsonl"))  # journals live in $LODA_HOME/journals
+    journals = [_journal()]
 
     result = invoke("undo")
     assert result.exit_code == 0, result.output
     assert "Undoing" in result.output and journals[0].name in result.output.replace("\n", "")
     assert snapshot(shoot.root) == before
-    assert not (culled / "ceremony").exists()  # folders undo created are removed when empty
+    assert not culled.exists()  # the folders the cull created are removed once empty (16.13)
+    assert snapshot(shoot.root, skip_loda=False) == before
 
-    again = invoke("undo")
-    assert again.exit_code == 1 and "no journal to undo" in again.output
+    again = invoke("undo")  # a second undo is not an error: it says what was undone when
+    assert again.exit_code == 0 and "Nothing left to undo" in again.output
+    assert journals[0].name in again.output.replace("\n", "") and "was undone at" in again.output
     explicit = invoke("undo", journals[0])
-    assert explicit.exit_code == 1 and "already undone" in explicit.output
+    assert explicit.exit_code == 0 and "Nothing left to undo" in explicit.output
 
 
 def test_cull_copy_and_link_leave_originals_and_undo_removes_only_what_it_made(shoot):
@@ -197,8 +199,8 @@ def test_cull_to_another_folder_worst_percent_and_flags_that_exclude_each_other(
     assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == sorted(
         ["IMG_1.JPG", "IMG_1.CR2", "IMG_1.CR2.xmp", "IMG_1.xmp", "IMG_1.JPG.xmp", "IMG_2.heic", "IMG_2.MOV", "IMG_2.AAE"]
     )
-    assert list(dest.glob(".loda-journal-*.jsonl"))
-    ok("undo", next(dest.glob(".loda-journal-*.jsonl")))
+    ok("undo", _journal())
+    assert not dest.exists()  # --to made it, undo removes it once empty
     assert snapshot(shoot.root) == before
 
     assert invoke("cull", "wedding", "--scores", shoot.scores).exit_code == 2
@@ -317,8 +319,11 @@ def test_a_culled_folder_that_is_a_symlink_is_refused(shoot):
     assert (shoot.root / "IMG_1.JPG").exists()
 
 
-def _journal(folder: Path) -> Path:
-    return sorted(folder.glob(".loda-journal-*.jsonl"))[-1]
+def _journal(folder: Path | None = None) -> Path:
+    """The newest journal; they all live in $LODA_HOME/journals (issue 16.13), whatever the folder."""
+    from loda_cli import organize
+
+    return sorted(Path(organize.journals_dir()).glob(".loda-journal-*.jsonl"))[-1]
 
 
 def _edit_journal(path: Path, edit) -> None:
@@ -518,7 +523,7 @@ def test_sort_copies_into_star_folders_and_undo_removes_the_copies(shoot):
     ok("undo", _journal(sorted_dir))
     after = snapshot(shoot.tmp, skip_loda=False)
     leftovers = {k for k in after if k not in before}
-    assert all(k.startswith(b"sorted") and (b".loda-journal" in k or k == b"sorted") for k in leftovers), leftovers
+    assert not leftovers, leftovers  # the star folders and --into itself are gone
 
 
 def test_sort_move_edges_and_quantiles(shoot):
@@ -556,16 +561,18 @@ def test_sort_into_a_folder_inside_the_root_skips_what_is_already_sorted(shoot):
 
 
 def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(shoot):
+    """--sidecar both; a person's rating in one naming keeps loda out of the other (issue 16.1)."""
     from loda_cli import xmp
 
     human = xmp.new_sidecar(5).replace(b' loda:Rating="5"', b"").replace(b'\n    loda:Rating="5"', b"")
     write(shoot.root / "IMG_4.xmp", human)
     assert xmp.read_state(human).rating_set_by_person
     before = snapshot(shoot.root)
-    dry = invoke("rate", "wedding", "--scores", shoot.scores)
+    dry = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "both")
     assert dry.exit_code == 0 and "Dry run" in dry.output and snapshot(shoot.root) == before
 
-    result = invoke("rate", "wedding", "--scores", shoot.scores, "--label", "Red", "--apply")
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "both", "--label", "Red",
+                    "--apply")
     assert result.exit_code == 0, result.output
     state = lambda name: xmp.read_state((shoot.root / name).read_bytes())  # noqa: E731
     assert state("IMG_3.jpg.xmp").rating == 5 and state("IMG_3.xmp").rating == 5
@@ -573,7 +580,7 @@ def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(s
     assert state("ceremony/IMG_5.nef.xmp").rating == 2 and state("ceremony/IMG_5.jpg.xmp").rating == 2
     assert state("IMG_2.heic.xmp").rating == 2
     assert state("IMG_4.xmp").rating == 5  # a person's rating is kept
-    assert state("IMG_4.jpg.xmp").rating == 3  # the other sidecar gets loda's
+    assert not (shoot.root / "IMG_4.jpg.xmp").exists()  # the other naming must not contradict it
     assert "set by a person" in result.output
     # existing non-XMP sidecars (IMG_1.CR2.xmp is XMP, IMG_1.xmp is not) are never rewritten
     assert state("IMG_1.CR2.xmp").rating == 1 and state("IMG_1.CR2.xmp").label == "Red"
@@ -588,6 +595,48 @@ def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(s
     assert state("IMG_4.xmp").rating == 3 and not (shoot.root / "IMG_4.jpg.xmp").exists()
     ok("undo")
     assert (shoot.root / "IMG_4.xmp").read_bytes() == human
+
+
+def test_rate_person_rating_in_either_naming_protects_both_and_force_overrides(shoot):
+    """Issue 16.1: a.xmp rated 5 by a person; the default run must not create a.jpg.xmp rated 3."""
+    from loda_cli import xmp
+
+    human = xmp.new_sidecar(5).replace(b'\n    loda:Rating="5"', b"")
+    write(shoot.root / "IMG_4.xmp", human)
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0, result.output
+    assert (shoot.root / "IMG_4.xmp").read_bytes() == human
+    assert not (shoot.root / "IMG_4.jpg.xmp").exists()
+    assert "set by a person in IMG_4.xmp" in result.output.replace("\n", "")
+    # the darktable naming holding the person's rating protects the Lightroom naming too
+    write(shoot.root / "IMG_40.jpg.xmp", human)
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "lightroom", "--apply")
+    assert result.exit_code == 0, result.output
+    assert not (shoot.root / "IMG_40.xmp").exists()
+    forced = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "lightroom", "--force",
+                    "--apply")
+    assert forced.exit_code == 0, forced.output
+    assert xmp.read_state((shoot.root / "IMG_40.xmp").read_bytes()).rating == 4
+
+
+def test_rate_auto_updates_the_existing_naming_and_creates_one_only_where_none_exists(shoot):
+    """Issue 16.2: the default writes one sidecar per photo, not two."""
+    from loda_cli import xmp
+
+    write(shoot.root / "IMG_3.xmp", xmp.new_sidecar(2))  # loda's own, Lightroom naming
+    before = {p.name for p in shoot.root.rglob("*")}
+    dry = invoke("rate", "wedding", "--scores", shoot.scores)
+    assert "sidecar naming" in dry.output and "auto" in dry.output
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0, result.output
+    created = {p.name for p in shoot.root.rglob("*") if not p.name.startswith(".loda-")} - before
+    assert xmp.read_state((shoot.root / "IMG_3.xmp").read_bytes()).rating == 5  # updated in place
+    assert "IMG_3.jpg.xmp" not in created and "IMG_3.xmp" not in created
+    # photos without a sidecar get exactly one per image file, in the darktable naming
+    assert {"IMG_4.jpg.xmp", "IMG_40.jpg.xmp", "IMG_2.heic.xmp", "IMG_5.jpg.xmp", "IMG_5.nef.xmp",
+            "IMG_6.jpg.xmp"} == created
+    ok("undo")
+    assert {p.name for p in shoot.root.rglob("*") if not p.name.startswith(".loda-")} == before
 
 
 def test_rate_darktable_only_and_edges(shoot):
@@ -609,7 +658,7 @@ def test_rate_twice_is_unchanged_and_updates_its_own_rating(shoot):
     assert "Nothing to do" in again.output
     moved = write_scores(shoot.tmp / "new.csv", [("wedding/IMG_3.jpg", 0.1)])
     ok("rate", "wedding", "--scores", moved, "--apply")
-    assert xmp.read_state((shoot.root / "IMG_3.xmp").read_bytes()).rating == 1  # loda's own: updated
+    assert xmp.read_state((shoot.root / "IMG_3.jpg.xmp").read_bytes()).rating == 1  # loda's own: updated
 
 
 # --- library details ---------------------------------------------------------------------------------
@@ -716,7 +765,7 @@ def test_sort_and_rate_score_through_the_library_with_model(shoot, monkeypatch):
     result = invoke("rate", "wedding", "--model", "m2", "--quantiles", "--apply")
     assert result.exit_code == 0, result.output
     assert calls["model"] == "m2"
-    ratings = {n: xmp.read_state((shoot.root / f"{n}.xmp").read_bytes()).rating for n in ("IMG_3", "IMG_4", "IMG_40")}
+    ratings = {n: xmp.read_state((shoot.root / f"{n}.jpg.xmp").read_bytes()).rating for n in ("IMG_3", "IMG_4", "IMG_40")}
     assert ratings == {"IMG_3": 5, "IMG_4": 1, "IMG_40": 3}
 
 
@@ -822,3 +871,79 @@ def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(
     monkeypatch.setattr(organize, "_undo_one", real_undo_one)
     ok("undo")
     assert snapshot(shoot.root) == before
+
+
+# --- issue 16: first-hour defects ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["cull", "sort", "rate"])
+def test_dry_run_is_accepted_as_the_explicit_default(shoot, command):
+    """Issue 16.10: --dry-run on cull, sort and rate; it excludes --apply."""
+    extra = {"cull": ["--below", "0.4"], "sort": ["--into", shoot.tmp / "stars"], "rate": []}[command]
+    before = snapshot(shoot.root)
+    result = invoke(command, "wedding", *extra, "--scores", shoot.scores, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "Dry run" in result.output and snapshot(shoot.root) == before
+    both = invoke(command, "wedding", *extra, "--scores", shoot.scores, "--dry-run", "--apply")
+    assert both.exit_code == 2 and "exclude each other" in both.output
+
+
+def _broken_files(shoot) -> Path:
+    write(shoot.root / "empty.jpg", b"")
+    write(shoot.root / "cut.jpg", photo_bytes(9)[:60])
+    write(shoot.root / "cut.xmp", b"<x/>")
+    write(shoot.root / "phone.heic", photo_bytes(10))
+    rows = [("wedding/IMG_3.jpg", 0.9), ("wedding/IMG_4.jpg", 0.1), ("wedding/empty.jpg", None),
+            ("wedding/cut.jpg", None), ("wedding/phone.heic", None)]
+    errors = {"wedding/empty.jpg": "empty file", "wedding/cut.jpg": "truncated image",
+              "wedding/phone.heic": "HEIC support needs pillow-heif: pip install pillow-heif"}
+    return write_scores(shoot.tmp / "failed.csv", rows, errors=errors)
+
+
+def test_cull_plan_names_failed_files_by_their_error_and_include_failed_moves_only_broken_ones(shoot):
+    """Issue 16.11: failed files are labelled by what went wrong, with an example; --include-failed
+    culls the unreadable ones with their companions, never a file loda only lacks a decoder for."""
+    scores = _broken_files(shoot)
+    before = snapshot(shoot.root)
+    dry = invoke("cull", "wedding", "--below", "0.4", "--scores", scores)
+    assert dry.exit_code == 0, dry.output
+    assert "error rows" not in dry.output
+    assert "could not be scored (empty file)" in dry.output and "wedding/empty.jpg" in dry.output
+    assert "could not be scored (truncated image)" in dry.output
+    result = invoke("cull", "wedding", "--below", "0.4", "--scores", scores, "--include-failed", "--apply")
+    assert result.exit_code == 0, result.output
+    culled = shoot.root / "_culled"
+    assert {"IMG_4.jpg", "empty.jpg", "cut.jpg", "cut.xmp"} <= {p.name for p in culled.iterdir()}
+    assert (shoot.root / "phone.heic").exists() and not (culled / "phone.heic").exists()
+    assert "the file itself may be fine" in result.output
+    assert "failed" in result.output and "2 unreadable" in result.output
+    ok("undo")
+    assert snapshot(shoot.root) == before
+
+
+def test_failed_files_scored_through_the_library_are_not_called_scores_file_rows(shoot, monkeypatch):
+    def score_paths(paths, *, model=None, recursive=True, include=(), exclude=(), progress=None):
+        yield types.SimpleNamespace(path=str(shoot.root / "IMG_3.jpg"), root=str(paths[0]), score=0.1, error=None)
+        yield types.SimpleNamespace(path=str(shoot.root / "notes.jpg"), root=str(paths[0]), score=None,
+                                    error="not an image")
+
+    write(shoot.root / "notes.jpg", b"hello")
+    monkeypatch.setitem(sys.modules, "loda_cli.scoring", types.SimpleNamespace(score_paths=score_paths))
+    result = invoke("cull", "wedding", "--below", "0.4", "--model", "m")
+    assert result.exit_code == 0, result.output
+    assert "scores file" not in result.output and "could not be scored (not an image)" in result.output
+
+
+def test_sort_and_rate_plans_count_photos_per_bin_and_suggest_quantiles(shoot):
+    """Issue 16.12: the plan says how many photos land in each star bin, and when the edges leave
+    bins empty (or one bin holds nearly all) it suggests --quantiles."""
+    result = invoke("sort", "wedding", "--into", shoot.tmp / "stars", "--scores", shoot.scores,
+                    "--edges", "0.92,0.94,0.96,0.98")
+    assert result.exit_code == 0, result.output
+    assert "photos per bin" in result.output and "5★ 0  4★ 0  3★ 0  2★ 0  1★ 7" in result.output
+    assert "7 of 7 photos get 1 star" in result.output and "--quantiles" in result.output
+    rated = invoke("rate", "wedding", "--scores", shoot.scores, "--edges", "0.05,0.15,0.5,0.95")
+    assert "5★ 0  4★ 4  3★ 2  2★ 1  1★ 0" in rated.output
+    assert "no photo gets 1 or 5 stars" in rated.output
+    even = invoke("rate", "wedding", "--scores", shoot.scores, "--quantiles")
+    assert "photos per bin" in even.output and "--quantiles puts" not in even.output

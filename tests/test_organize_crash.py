@@ -43,6 +43,9 @@ def _tree(tmp: Path, count: int = 200) -> tuple[Path, Path]:
 
 
 def _done_count(journal_dir: Path) -> int:
+    from loda_cli import organize
+
+    journal_dir = Path(organize.journals_dir())  # every journal lives there (issue 16.13)
     journals = list(journal_dir.glob(".loda-journal-*.jsonl")) if journal_dir.exists() else []
     if not journals:
         return 0
@@ -74,8 +77,11 @@ def _cut_last_line(journal: Path) -> None:
     journal.write_bytes(data[: start + (len(data) - start) // 2])
 
 
-def _journal(folder: Path) -> Path:
-    return sorted(folder.glob(".loda-journal-*.jsonl"))[-1]
+def _journal(folder: Path | None = None) -> Path:
+    """The newest journal; they all live in $LODA_HOME/journals (issue 16.13), whatever the folder."""
+    from loda_cli import organize
+
+    return sorted(Path(organize.journals_dir()).glob(".loda-journal-*.jsonl"))[-1]
 
 
 @pytest.mark.parametrize("cut", [False, True], ids=["whole-journal", "last-line-cut"])
@@ -215,10 +221,12 @@ def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatc
         monkeypatch.setattr(organize.os, "unlink", dying_unlink)
     else:
         monkeypatch.setattr(organize.os, "fsync", dying_fsync)
+    home = os.environ["LODA_HOME"]
     with pytest.raises(_Killed):
         organize.apply_plan(plan)
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LODA_HOME", home)  # undo() also dropped the isolated home, journals live there
 
     base = root if point == "sidecar-tmp" else root / "_culled"
     journal = _journal(base)

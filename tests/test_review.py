@@ -87,7 +87,9 @@ def html_escaped(text: str) -> str:
 def test_thumbnails_sorted_by_score_with_histogram_threshold_and_folder_filter(scored):
     tmp, scores = scored
     report = build_review(scores, tmp / "out" / "review.html", below=0.4, thumb_size=128)
-    assert (report.photos, report.thumbs, report.failed, report.below) == (6, 5, 1, 3)
+    # the failed row is shown too, marked, after the scored photos (issue 16.5)
+    assert (report.photos, report.thumbs, report.failed, report.below) == (7, 5, 2, 3)
+    assert (report.unscored, report.missing) == (1, 1)
     thumbs = sorted(Path(report.thumbs_dir).glob("*.jpg"))
     assert len(thumbs) == 5 and Path(report.thumbs_dir) == tmp / "out" / "review_files"
     sizes = {Image.open(t).size for t in thumbs}
@@ -125,7 +127,8 @@ def test_review_cli(scored):
     tmp, scores = scored
     result = runner.invoke(app, ["review", str(scores), "--out", "r.html", "--below", "0.3", "--thumb-size", "64"])
     assert result.exit_code == 0, result.output
-    assert "6 photos" in result.output and "2 below 0.3" in result.output
+    assert "7 photos" in result.output and "2 below 0.3" in result.output
+    assert "1 could not be scored" in result.output and "1 of 7 files were not found" in result.output
     assert (tmp / "r.html").exists() and len(list((tmp / "r_files").glob("*.jpg"))) == 5
     bad = runner.invoke(app, ["review", str(scores), "--below", "2"])
     assert bad.exit_code == 2
@@ -158,3 +161,50 @@ def test_page_renders_in_headless_chromium_and_every_thumbnail_loads(scored):
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is not None and len(colours) > 50  # not a blank page
     assert os.path.getsize(shot) > 5000
+
+
+def test_failed_rows_are_shown_marked_after_the_scored_ones(scored):
+    """Issue 16.5: the review page shows the files `loda score` could not score, marked, last."""
+    tmp, scores = scored
+    report = build_review(scores, tmp / "r.html")
+    text = Path(report.page).read_text(encoding="utf-8")
+    figures = re.findall(r'<figure class="([^"]+)"[^>]*data-score="([^"]*)"', text)
+    assert figures[-1] == ("photo failed", "")
+    assert all(score for _, score in figures[:-1])
+    assert "decode failed" in text and "1 could not be scored" in text
+
+
+def test_heic_photos_get_previews_through_the_scoring_decoder(tmp_path, monkeypatch):
+    """Issue 16.3: thumbnails go through the decoder `loda score` uses, so HEIC/HEIF (and .HIF)
+    photos get a preview."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    for name in ("a.heic", "b.HIF"):
+        Image.new("RGB", (120, 80), (200, 40, 40)).save(tmp_path / name, format="HEIF")
+    scores = tmp_path / "s.csv"
+    scores.write_text("rank,path,score,error\n1,a.heic,0.8,\n2,b.HIF,0.7,\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    report = build_review(scores, tmp_path / "r.html")
+    assert (report.photos, report.thumbs, report.failed) == (2, 2, 0)
+
+
+def test_relative_paths_resolve_where_loda_score_ran_and_missing_files_are_counted(tmp_path, monkeypatch):
+    """Issue 16.4: `loda score . --out ../x.json` reviewed from elsewhere finds the photos through
+    the header's record of where scoring ran; what cannot be found is counted and said."""
+    import json
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    Image.new("RGB", (60, 40)).save(lib / "a.jpg")
+    doc = {"header": {"cwd": str(lib), "roots": ["."]},
+           "rows": [{"rank": 1, "path": "a.jpg", "score": 0.5, "error": None},
+                    {"rank": 2, "path": "gone.jpg", "score": 0.4, "error": None}]}
+    scores = tmp_path / "x.json"
+    scores.write_text(json.dumps(doc), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["review", str(scores), "--out", "r.html"])
+    assert result.exit_code == 0, result.output
+    assert "1 previews" in result.output
+    assert "1 of 2 files were not found" in result.output and str(lib) in result.output

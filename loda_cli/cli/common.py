@@ -7,15 +7,44 @@ import sys
 from typing import Any, Callable, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from loda_cli.errors import LodaError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Wide enough that no message or table row is ever broken, yet small enough for rich to lay out.
+_UNWRAPPED_WIDTH = 10_000
+
+
+class _Console(Console):
+    """A console that wraps to the terminal's width, and not at all when it writes to a log, a
+    pipe or a file: rich's 80-column default would break every long line and cut long paths."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if not self.is_terminal:  # COLUMNS describes a terminal, not a log file
+            return ConsoleDimensions(_UNWRAPPED_WIDTH, self._height or 25)
+        return super().size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
 # Progress, notices and summaries go to stderr so stdout stays clean for data (`--out -`).
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+err_console = _Console(stderr=True, highlight=False)
+out_console = _Console(highlight=False)
+
+
+def middle_ellipsis(text: str, width: int) -> str:
+    """``text`` cut in the middle to ``width`` characters: a path keeps its start and its file
+    name, which are what tell photos apart."""
+    if width < 5 or len(text) <= width:
+        return text
+    tail = (width - 1) // 2 + (width - 1) % 2
+    head = width - 1 - tail
+    return text[:head] + "\u2026" + text[-tail:]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

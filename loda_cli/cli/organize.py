@@ -47,6 +47,20 @@ ModelOpt = Annotated[
 ApplyOpt = Annotated[
     bool, typer.Option("--apply", help="Act. Without it, only show the plan (a dry run).")
 ]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="Only show the plan: the default, spelled out. Excludes --apply."
+    ),
+]
+IncludeFailedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--include-failed",
+        help="Also cull files that are not readable images (empty, not an image, corrupt, "
+        "truncated). Files loda merely lacks a decoder for are never moved.",
+    ),
+]
 EdgesOpt = Annotated[
     str,
     typer.Option(
@@ -89,7 +103,10 @@ IntoOpt = Annotated[
 SidecarOpt = Annotated[
     str,
     typer.Option(
-        "--sidecar", help="darktable (IMG_1.CR2.xmp), lightroom (IMG_1.xmp) or both."
+        "--sidecar",
+        help="auto: update the sidecars a photo has, in either naming, and create IMG_1.CR2.xmp "
+        "(darktable, digiKam) only where it has none; darktable (IMG_1.CR2.xmp), lightroom "
+        "(IMG_1.xmp, read by Lightroom for RAW files) or both.",
     ),
 ]
 LabelOpt = Annotated[
@@ -108,6 +125,13 @@ JournalArg = Annotated[
 ]
 
 _EXAMPLES = 5
+_NAMING = {
+    "auto": "update the sidecars a photo has (either naming); create IMG_1.JPG.xmp only where "
+    "none exists (darktable and digiKam read it; for Lightroom, --sidecar lightroom)",
+    "darktable": "IMG_1.JPG.xmp, IMG_1.CR2.xmp (darktable, digiKam)",
+    "lightroom": "IMG_1.xmp (Lightroom, for RAW files)",
+    "both": "IMG_1.JPG.xmp and IMG_1.xmp",
+}
 _DEFAULT_EDGES = "0.2,0.4,0.6,0.8"
 
 
@@ -158,13 +182,18 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     summary.add_row("scores from", Text(source.description))
     if plan.command == "rate":
         summary.add_row("action", Text(f"write xmp:Rating into sidecars ({plan.mode})"))
+        summary.add_row("sidecar naming", Text(_NAMING[plan.mode]))
         summary.add_row("photos", str(len(plan.groups)))
         summary.add_row("sidecars to write", str(len(plan.actions)))
         summary.add_row("sidecars left as they are", str(len(plan.unchanged)))
     else:
         for dest in plan.dests:
             summary.add_row(verbs.get(plan.mode, plan.mode), _show(dest))
-        summary.add_row("photos", str(len(plan.groups)))
+        failed = sum(1 for g in plan.groups if g.error)
+        photos = str(len(plan.groups) - failed)
+        if failed:
+            photos += f" + {failed} unreadable (--include-failed)"
+        summary.add_row("photos", photos)
         summary.add_row("files", f"{len(plan.actions)} ({plan.companion_count} companions)")
         summary.add_row("bytes", _size(plan.total_bytes))
     if plan.score_range:
@@ -172,6 +201,17 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
         summary.add_row("score range", f"{low:.3f} - {high:.3f}")
     if plan.edges:
         summary.add_row("star edges", ", ".join(f"{e:.3f}" for e in plan.edges))
+    if plan.bin_counts:
+        summary.add_row(
+            "photos per bin",
+            "  ".join(f"{stars}\u2605 {n}" for stars, n in plan.bin_counts.items()),
+        )
+        from loda_cli.organize import lopsided_bins
+
+        warning = lopsided_bins(plan.bin_counts)
+        if warning and plan.command in ("sort", "rate"):
+            hint = f"{warning} with these edges; --quantiles puts a fifth in each bin"
+            summary.add_row("note", hint)
     summary.add_row("skipped", str(len(plan.skipped) + source.skipped))
     out_console.print(summary)
 
@@ -183,17 +223,37 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     examples.add_column("file", overflow="fold")
     if plan.command != "rate":
         examples.add_column("to", overflow="fold")
-    for action in [a for a in plan.actions if a.decision][:_EXAMPLES]:
-        cells: list = [f"{action.score:.3f}"]
+    decisions = [a for a in plan.actions if a.decision]
+    failed = [a for a in decisions if plan.groups[a.group].error]
+    scored = [a for a in decisions if not plan.groups[a.group].error]
+    shown = scored[:_EXAMPLES] + failed[:_EXAMPLES]
+    for action in shown:
+        error = plan.groups[action.group].error
+        cells: list = [f"{action.score:.3f}" if not error else "failed"]
         if with_stars:
             cells.append(str(action.stars))
-        cells.append(_show(action.src))
+        name = _show(action.src)
+        if error:
+            name.append(f" ({organize_failure_kind(error)})")
+        cells.append(name)
         if plan.command != "rate":
             cells.append(_show(action.dst))
         examples.add_row(*cells)
     if plan.actions:
         out_console.print(examples)
     _print_not_acted_on(plan, source)
+
+
+def organize_display(path: str) -> str:
+    from loda_cli.organize import display_path
+
+    return display_path(path)
+
+
+def organize_failure_kind(error: str) -> str:
+    from loda_cli.organize import failure_kind
+
+    return failure_kind(error)
 
 
 def _print_not_acted_on(plan: "Plan", source: "ScoreSource") -> None:
@@ -207,7 +267,7 @@ def _print_not_acted_on(plan: "Plan", source: "ScoreSource") -> None:
         reasons[reason] += 1
         example.setdefault(reason, skip.path)
     if source.skipped:
-        reasons["no score in the scores file (error rows)"] += source.skipped
+        reasons["no usable score in the scores file"] += source.skipped
     if not reasons:
         return
     why = Table(title="not acted on")
@@ -262,6 +322,13 @@ def _run(plan: "Plan", source: "ScoreSource", apply: bool) -> None:
         out_console.print(Text("Undo with: loda undo ").append(_show(report.journal)))
 
 
+def _check_dry_run(apply: bool, dry_run: bool) -> None:
+    from loda_cli.errors import UsageError
+
+    if apply and dry_run:
+        raise UsageError("--apply and --dry-run exclude each other")
+
+
 def register(app: typer.Typer) -> None:
     """Add cull, sort, rate, undo and review to the root app."""
 
@@ -277,7 +344,9 @@ def register(app: typer.Typer) -> None:
         to: ToOpt = None,
         copy: Annotated[bool, typer.Option("--copy", help="Copy instead of moving.")] = False,
         link: Annotated[bool, typer.Option("--link", help="Make symlinks, not moves.")] = False,
+        include_failed: IncludeFailedOpt = False,
         apply: ApplyOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Set aside the lowest-scored photos (with their RAW, sidecars, Live Photo video): a dry
         run unless --apply; journalled, so `loda undo` puts everything back."""
@@ -286,16 +355,21 @@ def register(app: typer.Typer) -> None:
 
         if copy and link:
             raise UsageError("--copy and --link exclude each other")
+        _check_dry_run(apply, dry_run)
         # Check the selection before scoring, which can take a while.
         organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)
         roots = organize.resolve_roots(paths or [])
         dests = organize.cull_dests(roots, to)
         excludes = organize.cull_excludes(roots, dests)
         source = _load(roots, scores, model, excludes)
-        groups, skips = organize.collect_groups(roots, source, exclude=excludes)
-        selected = organize.select_worst(
-            groups, below=below, worst=worst, worst_percent=worst_percent
+        groups, skips = organize.collect_groups(
+            roots, source, exclude=excludes, include_failed=include_failed
         )
+        selected = organize.select_worst(
+            [g for g in groups if g.error is None],
+            below=below, worst=worst, worst_percent=worst_percent,
+        )
+        selected += [g for g in groups if g.error is not None]
         mode = "copy" if copy else "link" if link else "move"
         plan = organize.plan_cull(roots, selected, mode=mode, to=to)
         plan.skipped[:0] = skips
@@ -312,11 +386,13 @@ def register(app: typer.Typer) -> None:
         scores: ScoresOpt = None,
         model: ModelOpt = None,
         apply: ApplyOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Copy (or --move) photos into star folders by score, keeping their relative paths: a dry
         run unless --apply; journalled for `loda undo`."""
         from loda_cli import organize
 
+        _check_dry_run(apply, dry_run)
         bin_edges = organize.parse_edges(edges)
         roots = organize.resolve_roots(paths or [])
         dests = organize.cull_dests(roots, into)  # checks the destination before scoring
@@ -334,7 +410,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def rate(
         paths: PathsArg = None,
-        sidecar: SidecarOpt = "both",
+        sidecar: SidecarOpt = "auto",
         label: LabelOpt = None,
         force: Annotated[
             bool, typer.Option("--force", help="Overwrite ratings and labels a person set.")
@@ -344,12 +420,14 @@ def register(app: typer.Typer) -> None:
         scores: ScoresOpt = None,
         model: ModelOpt = None,
         apply: ApplyOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Write star ratings (xmp:Rating 1-5) from scores into XMP sidecars: a dry run unless
         --apply; ratings set by a person are kept unless --force; journalled for `loda undo`."""
         from loda_cli import organize
         from loda_cli.errors import UsageError
 
+        _check_dry_run(apply, dry_run)
         bin_edges = organize.parse_edges(edges)
         if sidecar not in organize.SIDECAR_STYLES:
             styles = ", ".join(organize.SIDECAR_STYLES)
@@ -384,8 +462,18 @@ def register(app: typer.Typer) -> None:
         changed since, a path now occupied) and then changes nothing, unless --partial."""
         from loda_cli import organize
 
-        path = str(journal) if journal is not None else organize.latest_journal()
-        plan = organize.plan_undo(path)
+        from loda_cli.errors import NothingToUndoError
+
+        try:
+            path = str(journal) if journal is not None else organize.latest_journal()
+            plan = organize.plan_undo(path)
+        except NothingToUndoError as done:
+            out_console.print(
+                Text("Nothing left to undo; the last journal, ")
+                .append(_show(done.journal))
+                .append(f", was undone at {done.undone_at}.")
+            )
+            return
         found = plan.journal
         notice(f"Undoing {organize.display_path(found.path)} ({found.command}, {found.time})")
         if found.truncated:
@@ -447,9 +535,22 @@ def register(app: typer.Typer) -> None:
         details = f": {report.photos} photos, {report.thumbs} previews"
         if report.failed:
             details += f", {report.failed} without preview"
+        if report.unscored:
+            details += f" ({report.unscored} could not be scored, shown marked at the end)"
         if below is not None:
             details += f", {report.below} below {below:g}"
         out_console.print(Text("Wrote ").append(_show(report.page)).append(details + "."))
+        if report.missing:
+            looked = ", ".join(organize_display(b) for b in report.bases)
+            err_console.print(
+                Text(
+                    f"warning: {report.missing} of {report.photos} files were not found; relative "
+                    f"paths were looked for in {looked}. Run review from the folder `loda score` "
+                    "ran in, or score with absolute paths.",
+                    style="yellow",
+                ),
+                soft_wrap=True,
+            )
 
 
 def _print_undo_plan(plan, dry_run: bool) -> None:

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -14,6 +15,7 @@ import typer
 
 from loda_cli.cli.common import err_console, handle_errors, shown, write_stdout_line
 from loda_cli.errors import NoImagesError, UsageError
+from loda_cli.output import check_writable_output, mos_is_meaningful
 
 
 def register(app: typer.Typer) -> None:
@@ -62,6 +64,21 @@ class _Counter(threading.Thread):
         self._stop_event.set()
 
 
+def _own_folder_globs(paths: list[Path]) -> tuple[str, ...]:
+    """Globs for the folders loda fills itself: every `_culled`, and the destinations of cull and
+    sort runs not undone yet. Naming such a folder as a path still scores it (a root is never
+    matched against the globs)."""
+    from loda_cli import organize
+
+    globs = {organize.CULLED_DIRNAME}
+    for dest in organize.own_folders([p for p in paths if os.path.isdir(p)]):
+        for root in paths:
+            real = os.path.realpath(root)
+            if os.path.isdir(root) and organize._is_under(dest, real) and dest != real:
+                globs.add(organize._glob_escape(os.path.relpath(dest, real)))
+    return tuple(sorted(globs))
+
+
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -69,7 +86,7 @@ def _sigterm_as_interrupt(signum, frame):
 @handle_errors
 def score(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Photo files or folders (default: the current folder).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write ranked scores to a .csv, .json or .jsonl file, or - for JSONL on stdout.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write ranked scores to a .csv, .json or .jsonl file, or - for JSONL on stdout (streamed in completion order, so those rows carry no rank).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint: a file, a name in $LODA_HOME, or a manifest name. Default: the best available.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into subfolders.")] = True,
     include: Annotated[Optional[list[str]], typer.Option(help="Only files matching this glob (repeatable).")] = None,
@@ -94,6 +111,8 @@ def score(
     paths = paths or [Path(".")]
     if out is not None:
         output_format(out)  # reject a bad suffix before any work
+        if out != "-":
+            check_writable_output(out)  # and a folder that cannot take it, before any scoring
     shard_k, shard_n = parse_shard(shard)
     dist = _distributed()
     if dist is not None:
@@ -124,8 +143,12 @@ def score(
         )
 
     stream = JsonlStream(sys.stdout) if out == "-" else None
+    keep_mos = mos_is_meaningful(scorer.loaded.calibration, scorer.loaded.metadata)
     rows: list[Any] = []
-    walk_kw = dict(recursive=recursive, include=tuple(include or ()), exclude=tuple(exclude or ()))
+    walk_kw = dict(
+        recursive=recursive, include=tuple(include or ()),
+        exclude=tuple(exclude or ()) + _own_folder_globs(paths),
+    )
     skipped: list[tuple[str, str]] = []
     start = time.monotonic()
     interrupted = False
@@ -142,6 +165,8 @@ def score(
         )
         try:
             for row in generator:
+                if not keep_mos:
+                    row.mos = None  # it would only repeat score (see "What a score means")
                 rows.append(row)
                 if stream is not None:
                     stream.write(row)
@@ -184,9 +209,16 @@ def score(
     if not quiet:
         _summary(scorer, rows, skipped, elapsed, out)
     if interrupted:
+        partial = ""
+        if out is not None and out != "-":
+            partial = (
+                f" {out} holds only those rows (a .json says \"complete\": false; a .csv has no "
+                "marker, so trust this line)."
+            )
         err_console.print(
-            f"interrupted: {len(rows)} images done and cached; run the same command again to finish.",
-            style="yellow",
+            f"interrupted: {plural(len(rows), 'image')} done and cached; run the same command again "
+            f"to finish.{partial}",
+            style="yellow", soft_wrap=True,
         )
         raise typer.Exit(130)
 
@@ -236,6 +268,7 @@ def _header(scorer, paths, elapsed: float, interrupted: bool) -> dict[str, Any]:
         "device": scorer.device,
         "precision": scorer.precision,
         "roots": [os.fsdecode(p) for p in paths],
+        "cwd": os.getcwd(),  # what relative paths in the rows are relative to
         "loda_version": __version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(elapsed, 3),
@@ -244,43 +277,77 @@ def _header(scorer, paths, elapsed: float, interrupted: bool) -> dict[str, Any]:
     }
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 file', '2 files'."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def summary_counts(rows, elapsed: float) -> str:
+    """The first summary line's counts: scored now + from cache + failed = files found, and a rate
+    only for the work done in this run (cached rows cost nothing)."""
+    scored = [r for r in rows if r.error is None and r.score is not None]
+    cached = sum(1 for r in scored if r.cached)
+    failed = len(rows) - len(scored)
+    worked = sum(1 for r in rows if not r.cached)
+    parts = [f"{len(scored) - cached} scored now"]
+    if cached:
+        parts.append(f"{cached} from cache")
+    parts.append(f"{failed} failed")
+    text = f"{plural(len(rows), 'file')}: " + ", ".join(parts) + f" in {elapsed:.1f} s"
+    if worked and elapsed > 0:
+        text += f" ({worked / elapsed:.2f} img/s for the {plural(worked, 'file')} read now)"
+    return text
+
+
 def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from loda_cli.cli.common import middle_ellipsis
+    from loda_cli.images import UNKNOWN_EXTENSION_REASON
     from loda_cli.output import rank_rows
 
     ranked = rank_rows(rows)
     good = [r for r in ranked if r.error is None and r.score is not None]
     failed = ranked[len(good):]  # rank_rows puts every failure after the scored rows
-    times = scorer.times
-    rate = len(rows) / elapsed if elapsed > 0 else 0.0
-    err_console.print(
-        f"{len(rows)} files: {len(good)} scored ({times.cached} from cache), {len(failed)} failed"
-        + (f", {len(skipped)} paths skipped" if skipped else "")
-        + f" in {elapsed:.1f} s ({rate:.2f} img/s, {scorer.device} {scorer.precision}, model {scorer.name})",
-        markup=False,
+    unknown = Counter(
+        reason.rsplit(" ", 1)[-1] for _, reason in skipped if reason.startswith(UNKNOWN_EXTENSION_REASON)
     )
+    other_skips = [(p, r) for p, r in skipped if not r.startswith(UNKNOWN_EXTENSION_REASON)]
+    err_console.print(
+        summary_counts(rows, elapsed)
+        + (f", {plural(len(other_skips), 'path')} skipped" if other_skips else "")
+        + f"; {scorer.device} {scorer.precision}, model {scorer.name}",
+        markup=False, soft_wrap=True,
+    )
+    if unknown:
+        kinds = ", ".join(f"{ext} ({n})" for ext, n in unknown.most_common())
+        err_console.print(
+            f"{plural(sum(unknown.values()), 'file')} skipped: image formats loda does not read: {kinds}",
+            markup=False, soft_wrap=True,
+        )
     if good:
         table = Table(show_header=True, header_style="bold", box=None)
         table.add_column("", style="dim")
         table.add_column("score", justify="right")
-        table.add_column("path")
+        table.add_column("path", overflow="fold")
+        # In a terminal a long path loses its middle, never its file name; in a log it stays whole.
+        room = max(20, err_console.width - 16) if err_console.is_terminal else 10**6
         for label, subset in (("best", good[:5]), ("worst", good[5:][-5:][::-1])):
             for r in subset:
-                table.add_row(label, f"{r.score:.3f}", escape(shown(r.path)))
+                table.add_row(label, f"{r.score:.3f}", escape(middle_ellipsis(shown(r.path), room)))
         err_console.print(table)
     for r in failed[:5]:
-        err_console.print(f"[red]failed[/] {escape(shown(r.path))}: {escape(r.error or '')}")
+        err_console.print(f"[red]failed[/] {escape(shown(r.path))}: {escape(r.error or '')}", soft_wrap=True)
     if len(failed) > 5:
         err_console.print(f"... and {len(failed) - 5} more failures" + (f" (see {out})" if out and out != "-" else ""))
-    for path, reason in skipped[:3]:
-        err_console.print(f"[dim]skipped {escape(shown(path))}: {escape(reason)}[/]")
+    for path, reason in other_skips[:3]:
+        err_console.print(f"[dim]skipped {escape(shown(path))}: {escape(reason)}[/]", soft_wrap=True)
     warned = sum(1 for r in rows if r.warnings)
     if warned:
-        err_console.print(f"[dim]{warned} files raised decoder warnings (decoded anyway)[/]")
+        err_console.print(f"[dim]{plural(warned, 'file')} raised decoder warnings (decoded anyway)[/]")
     if out and out != "-":
-        err_console.print(f"wrote {out}", markup=False)
+        err_console.print(f"wrote {out}", markup=False, soft_wrap=True)
 
 
 def _gather_rows(rows: list[Any]) -> list[Any]:
