@@ -124,8 +124,7 @@ def run_naive(loaded, files: list[Path], device: str) -> SpeedResult:
     import torch
     from PIL import Image, ImageOps
 
-    from loda_cli.transforms import grid_positions, cut_crops, normalize
-    from loda_cli.images import resize_short_side
+    from loda_cli.transforms import crop_weights, normalize, scoring_crops
 
     model = loaded.model.to(device).eval()
     model.cnn.to(memory_format=torch.contiguous_format)
@@ -139,13 +138,13 @@ def run_naive(loaded, files: list[Path], device: str) -> SpeedResult:
             im.load()
             image = ImageOps.exif_transpose(im).convert("RGB")
         b = time.perf_counter()
-        array = np.asarray(resize_short_side(image, prep.short_side, prep.interpolation))
-        crops = cut_crops(array, grid_positions(*array.shape[:2], prep.crop_size, prep.num_crops), prep.crop_size)
+        crops = scoring_crops(image, prep)  # the same views and crops as the pipeline
         c = time.perf_counter()
         x = normalize(torch.from_numpy(crops).to(device), prep)
         d = time.perf_counter()
         with torch.inference_mode():
-            model(x).float().mean().item()
+            raws = model(x).float().flatten().cpu().numpy()
+            float(np.dot(raws, crop_weights(prep, len(raws))))
         e = time.perf_counter()
         stages["decode"] += b - a
         stages["crop"] += c - b
@@ -167,7 +166,7 @@ def run_model_only(scorer, seconds: float = 5.0) -> SpeedResult:
         scorer._forward(crops)
         count += n
     elapsed = time.perf_counter() - t0
-    per_image = scorer.preprocess.num_crops
+    per_image = scorer.preprocess.num_crops + scorer.preprocess.detail_crops
     return SpeedResult("model-only", int(count / per_image), elapsed, count)
 
 
@@ -179,7 +178,8 @@ def warm_up(loaded, scorer) -> None:
     model = loaded.model
     with torch.inference_mode():
         model.cnn.to(memory_format=torch.contiguous_format)
-        model(torch.randn(loaded.preprocess.num_crops, 3, 224, 224, device=scorer.device))
+        model(torch.randn(loaded.preprocess.num_crops + loaded.preprocess.detail_crops, 3, 224, 224,
+                          device=scorer.device))
         model.cnn.to(memory_format=torch.channels_last)
     scorer._forward(torch.randint(0, 255, (scorer.batch_size, 3, 224, 224), dtype=torch.uint8))
 

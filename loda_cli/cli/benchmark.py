@@ -44,7 +44,7 @@ def benchmark(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Speed: checkpoint to time (default: the paper's architecture, random weights).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
-    crops: Annotated[int, typer.Option(help="Crops per image.")] = 15,
+    crops: Annotated[Optional[int], typer.Option(help="Crops of the 384 view per image (default: the checkpoint's own; 15 for the random-weight paper model).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decoding workers.")] = None,
     compare_naive: Annotated[bool, typer.Option(help="Speed: also time the naive pipeline on the same files and print the ratio.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
@@ -93,19 +93,25 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
         err_console.print(f"preparing {synthetic} synthetic 24 MP JPEGs in {folder} ...")
         files = bs.make_synthetic_jpegs(folder, synthetic)
         source = f"{synthetic} synthetic 6000x4000 JPEGs"
-    loaded = load_model(model) if model else bs.random_weights_model(crops=crops)
+    loaded = load_model(model) if model else bs.random_weights_model(crops=crops or 15)
     scorer = Scorer(loaded, device=device, precision=precision, crops=crops, batch_size=batch_size,
                     workers=workers, cache=False)
-    err_console.print(f"timing {scorer.name} on {scorer.device} ({scorer.precision}), {crops} crops, "
+    crops = scorer.preprocess.num_crops
+    label = f"{crops}+{scorer.preprocess.detail_crops} detail" if scorer.preprocess.has_detail_view else str(crops)
+    err_console.print(f"timing {scorer.name} on {scorer.device} ({scorer.precision}), {label} crops, "
                       f"batch {scorer.batch_size}, {scorer.workers} workers, {len(files)} images")
     bs.warm_up(loaded, scorer)
     results = {"loda": bs.run_pipeline(scorer, files)}
     results["model-only"] = bs.run_model_only(scorer)
     if compare_naive:
-        results["naive"] = bs.run_naive(loaded, files, scorer.device)
+        from dataclasses import replace
+
+        # The naive loop gets the scorer's crops (a --crops override included), not the checkpoint's.
+        results["naive"] = bs.run_naive(replace(loaded, preprocess=scorer.preprocess), files, scorer.device)
     report: dict[str, Any] = {
         "source": source, "model": scorer.name, "device": scorer.device, "precision": scorer.precision,
-        "crops": crops, "batch_size": scorer.batch_size, "workers": scorer.workers,
+        "crops": crops, "detail_crops": scorer.preprocess.detail_crops, "batch_size": scorer.batch_size,
+        "workers": scorer.workers,
         "results": {k: v.as_dict() for k, v in results.items()}, "peak_rss": bs.peak_rss_mb(),
         "cuda_peak_mb": bs.cuda_peak_mb(scorer.device),
     }
@@ -131,9 +137,9 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
                           + (f"; CUDA peak {report['cuda_peak_mb']:.0f} MB" if report["cuda_peak_mb"] else ""))
         out_console.print(f"pipeline reaches {100 * report['pipeline_share_of_model_only']:.0f}% of the model-only "
                           f"throughput ({ceiling.images_per_s:.3f} img/s)")
-    summary = (f"loda {loda.images_per_s:.2f} img/s, {scorer.device} {scorer.precision}, {crops} crops")
+    summary = (f"loda {loda.images_per_s:.2f} img/s, {scorer.device} {scorer.precision}, {label} crops")
     if compare_naive:
         naive = results["naive"]
         summary = (f"speedup {report['speedup_vs_naive']:.1f}x vs naive (loda {loda.images_per_s:.2f} img/s, "
-                   f"naive {naive.images_per_s:.2f} img/s, {scorer.device} {scorer.precision}, {crops} crops)")
+                   f"naive {naive.images_per_s:.2f} img/s, {scorer.device} {scorer.precision}, {label} crops)")
     sys.stdout.write(summary + "\n") if not as_json else err_console.print(summary, markup=False)
