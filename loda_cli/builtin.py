@@ -577,7 +577,8 @@ def train_builtin(
     meta = build_metadata(
         final, name=BUILTIN_NAME, kind="full", calibration=calibration, preprocess=BUILTIN_PREPROCESS,
         dataset={"name": "livec", "split": 0, "part": "train", "photos": len(photos), "source": source,
-                 "unreadable": problems, "seed": recipe.seed, "label": "MOS 0-100"},
+                 "unreadable": problems, "seed": recipe.seed, "label": "MOS", "scale": [0.0, 100.0],
+                 "lower_better": False},
         metrics=metrics, description=describe(len(photos)),
         extra={"recipe": recipe.to_dict(), "cnn_weights": provenance, "reproduce": BUILTIN_COMMAND},
     )

@@ -46,8 +46,9 @@ def check_writable_output(path: str) -> None:
 
 def mos_is_meaningful(calibration: Any, metadata: dict[str, Any]) -> bool:
     """Whether ``mos`` says more than ``score``: only for a checkpoint whose training labels have a
-    native scale other than [0, 1] higher-is-better (KonIQ 1-5, LIVE DMOS...). The built-in model
-    and checkpoints imported without ``--dataset`` have none, and their ``mos`` is left empty."""
+    native scale other than [0, 1] higher-is-better (KonIQ 1-5, LIVE DMOS, the built-in model's
+    LIVE Challenge 0-100...). Checkpoints imported without ``--dataset`` have none, and their
+    ``mos`` is left empty."""
     dataset = metadata.get("dataset") if isinstance(metadata, dict) else None
     if not isinstance(dataset, dict) or not dataset.get("scale"):
         return False

@@ -152,12 +152,14 @@ def test_streamed_rows_carry_no_rank_and_mos_is_empty_without_a_dataset_scale(tm
                                  {"dataset": {"name": "synthetic", "scale": [0.0, 1.0]}})
     assert not mos_is_meaningful(Calibration(), {"dataset": {}})
     assert mos_is_meaningful(Calibration("none", [], 1.0, 5.0, False), {"dataset": {"scale": [1, 5]}})
-    # the built-in model: mos empty in every output
+    # the built-in model predicts LIVE Challenge's 0-100 opinion scores: mos is that, score / 100
     out = tmp_path / "b.csv"
     _ok("score", root / "day1", "--workers", "0", "--out", out)
     import csv
 
-    assert all(r["mos"] == "" for r in csv.DictReader(out.open()))
+    rows = [r for r in csv.DictReader(out.open()) if r["score"]]
+    assert rows and all(min(100.0, max(0.0, float(r["mos"]))) == pytest.approx(100 * float(r["score"]), abs=0.01)
+                        for r in rows)
 
 
 def test_canon_hif_is_scored_and_unknown_image_extensions_are_counted(tmp_path, tiny_checkpoint):
