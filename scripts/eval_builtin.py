@@ -1,22 +1,23 @@
-"""Measure the built-in model against issue 7's quality targets and print a small table.
+"""Measure the built-in model against what its users need, and print a small table.
 
-    python scripts/eval_builtin.py [--model weights/loda-builtin.safetensors] [--json out.json]
-    python scripts/eval_builtin.py --model FILE --crops-sweep 5,8,9,12
+    python scripts/eval_builtin.py [--model weights/loda-builtin.safetensors] [--fullsize DIR]
+                                   [--crops-compare] [--json out.json] [--manifest weights/manifest.json]
 
-1. Held-out synthetic set: procedural references drawn with a seed training never used, plus
-   the held-out real photos, each with every distortion type at all 5 levels and the pristine
-   image (``synthetic.generate_samples``, its own seed). SRCC of the score against the label,
-   and of the variance-of-the-Laplacian sharpness statistic as a baseline.
-2. Held-out real photos (photos shipped inside scikit-learn and matplotlib, never training
-   material) against their strongly distorted versions (levels 3-5 of blur, noise and JPEG,
-   applied at the photo's own size): the share of pairs in which the original scores higher
-   (a tie counts as a miss). The variance-of-the-Laplacian sharpness statistic is measured on
-   the same pairs as a baseline.
-3. Optionally (``--crops-compare``) the rank agreement (SRCC) of the scores with the
-   checkpoint's default crops against 15 crops, on every 8th image of the held-out synthetic set.
+1. Agreement with people (``--cv DIR``): 5-fold cross-validation of the built-in recipe inside
+   LIVE Challenge split 0's 930 training photos, by photo (median SRCC and PLCC over the folds);
+   without ``--cv``, what the checkpoint recorded (`loda train ... --cv`), if anything.
+2. Real-photo pairs: photos that ship inside PyPI packages (scikit-image, scikit-learn,
+   matplotlib; never training material) against their level 3-5 blur, noise and JPEG versions,
+   made at the photo's own size. The share of pairs in which the original scores higher (a tie is
+   a miss), beside the variance-of-the-Laplacian sharpness statistic on the same pairs.
+3. Full-size pairs (``--fullsize DIR``): photos of 3 MP or more at their own resolution against
+   Gaussian blur with sigma = long side / 1000, Gaussian noise sigma 20 and JPEG quality 10, made
+   at full size and scored from files through `loda score`'s own path (decode, views, crops).
+4. ``--crops-compare``: the rank agreement (SRCC) of the default crops with 15 crops of the
+   384-pixel view, over every image of 2 and 3.
 
-Scores go through the scorer's own path (``Scorer.preprocess``: resize to the short side, the
-fixed grid of crops, the checkpoint's calibration).
+Scores go through the scorer (``Scorer.preprocess``: both views, the fixed grids of crops, the
+checkpoint's crop weights and calibration).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,17 +33,30 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-HOLDOUT_SEED = 2024  # never used by training (its references and samples use 3407)
+HOLDOUT_SEED = 2024
 PAIR_TYPES = ("gaussian_blur", "lens_blur", "motion_blur", "white_noise", "color_noise",
               "camera_noise", "jpeg")  # fmt: skip
 PAIR_LEVELS = (3, 4, 5)
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
+FULLSIZE_MIN_PIXELS = 3_000_000
 
 
 def heldout_photos() -> list[tuple[str, np.ndarray]]:
-    """Real photos that ship inside PyPI packages and are not training material: scikit-learn's
-    china.jpg and flower.jpg (CC BY 2.0) and matplotlib's grace_hopper.jpg (public domain). Those
-    whose package is not installed are left out; nothing is downloaded."""
+    """Colour photographs shipped inside PyPI packages: scikit-image's astronaut, chelsea, coffee,
+    rocket and motorcycle_left; scikit-learn's china and flower (CC BY 2.0); matplotlib's
+    grace_hopper (public domain). Those whose package is missing are left out; nothing is
+    downloaded. None of them is LIVE Challenge material."""
     photos = []
+    try:
+        from skimage import data
+
+        for name in SKIMAGE_PHOTOS:
+            try:
+                photos.append((name, np.ascontiguousarray(getattr(data, name)()[..., :3], dtype=np.uint8)))
+            except Exception:  # a data file scikit-image would have to download
+                pass
+    except ImportError:
+        pass
     try:
         from sklearn.datasets import load_sample_images
 
@@ -60,86 +75,6 @@ def heldout_photos() -> list[tuple[str, np.ndarray]]:
     return photos
 
 
-def _fit_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    if min(h, w) <= short_side:
-        return image
-    scale = short_side / min(h, w)
-    size = (round(w * scale), round(h * scale))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
-
-
-def heldout_synthetic_set(procedural: int = 8, seed: int = HOLDOUT_SEED):
-    """(images, labels, groups, samples) of the held-out synthetic set described in the module
-    doc; ``samples`` holds each image's (reference, distortion, level)."""
-    from loda_cli import synthetic
-
-    references = synthetic.procedural_references(procedural, 384, 512, seed)
-    references += [(f"photo_{name}", _fit_short_side(image, 384)) for name, image in heldout_photos()]
-    images, labels, groups, samples = [], [], [], []
-    for sample in synthetic.generate_samples(references, seed):
-        images.append(sample.image)
-        labels.append(sample.label)
-        groups.append("photo" if sample.ref_id.startswith("photo_") else "procedural")
-        samples.append((sample.ref_id, sample.distortion, sample.level))
-    return images, labels, groups, samples
-
-
-def drop_by_type(scores, samples) -> dict[str, list[float]]:
-    """Per distortion type, the mean score change from the pristine image at each level 1..5
-    (negative: the model sees the damage). Shows which distortions a model is blind to."""
-    pristine = {ref: score for score, (ref, kind, _) in zip(scores, samples) if kind == "pristine"}
-    sums: dict[str, list[list[float]]] = {}
-    for score, (ref, kind, level) in zip(scores, samples):
-        if kind != "pristine":
-            sums.setdefault(kind, [[] for _ in range(5)])[level - 1].append(score - pristine[ref])
-    return {kind: [float(np.mean(v)) if v else float("nan") for v in levels]
-            for kind, levels in sorted(sums.items())}
-
-
-def breakdown(scores, labels, samples) -> dict:
-    """Where a held-out SRCC comes from: per distortion type, the SRCC of that type's images and
-    the pristine ones pooled over references (can the model order it at all, across contents?);
-    the mean SRCC within one reference (ordering one content's versions); and the range of the
-    pristine images' scores (a model that ranks contents against each other well keeps it small:
-    every pristine image has label 1)."""
-    from loda_cli.metrics import srcc
-
-    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=float)
-    refs = np.array([ref for ref, _, _ in samples])
-    kinds = np.array([kind for _, kind, _ in samples])
-    by_type = {}
-    for kind in sorted(set(kinds) - {"pristine"}):
-        keep = (kinds == kind) | (kinds == "pristine")
-        by_type[kind] = srcc(scores[keep], labels[keep])
-    within = [srcc(scores[refs == ref], labels[refs == ref]) for ref in sorted(set(refs))]
-    pristine = scores[kinds == "pristine"]
-    return {
-        "srcc_by_type": by_type,
-        "srcc_within_reference_mean": float(np.nanmean(within)),
-        "pristine_score_range": [float(pristine.min()), float(pristine.max())] if pristine.size else None,
-    }
-
-
-#: Types that leave the luminance untouched (SSIM of the grey images 1.00 at every level): a
-#: model sees them only through colour statistics, which vary between scenes anyway.
-LUMINANCE_FREE_TYPES = ("desaturate", "color_diffusion")
-
-
-def level_reader_ceilings(labels, samples) -> dict[str, float]:
-    """What the held-out label lets a no-reference model reach at best: the SRCC of an oracle
-    that reads every image's nominal level exactly (pristine 0), and of the same oracle when it
-    cannot see the :data:`LUMINANCE_FREE_TYPES` (it takes them for pristine). Puts a model's
-    SRCC in proportion: the label gives every level the same weight whatever the type."""
-    from loda_cli.metrics import srcc
-
-    levels = np.array([float(level) for _, _, level in samples])
-    kinds = np.array([kind for _, kind, _ in samples])
-    blind = levels.copy()
-    blind[np.isin(kinds, LUMINANCE_FREE_TYPES)] = 0.0
-    return {"level_reader": srcc(-levels, labels), "level_reader_blind_to_colour_only_types": srcc(-blind, labels)}
-
-
 def real_photo_pairs(seed: int = HOLDOUT_SEED):
     """(photo name, original, [(distortion, level, distorted image), ...]) per held-out photo."""
     from loda_cli import synthetic
@@ -155,6 +90,32 @@ def real_photo_pairs(seed: int = HOLDOUT_SEED):
     return out
 
 
+def fullsize_damage(image: np.ndarray, seed: int) -> list[tuple[str, np.ndarray | bytes]]:
+    """The three full-size damages: blur (sigma = long side / 1000), noise (sigma 20), JPEG 10.
+    The JPEG version is returned as the encoded file's bytes."""
+    import io
+
+    sigma = max(image.shape[:2]) / 1000.0
+    blurred = np.empty_like(image)
+    for c in range(3):
+        blurred[..., c] = np.clip(ndimage.gaussian_filter(image[..., c].astype(np.float32), sigma), 0, 255).round()
+    rng = np.random.default_rng(seed)
+    noisy = np.clip(image.astype(np.float32) + rng.normal(0.0, 20.0, image.shape), 0, 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=10)
+    return [("blur", blurred), ("noise", noisy), ("jpeg10", buffer.getvalue())]
+
+
+def fullsize_photos(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff"))
+    keep = []
+    for path in files:
+        with Image.open(path) as im:
+            if im.size[0] * im.size[1] >= FULLSIZE_MIN_PIXELS:
+                keep.append(path)
+    return keep
+
+
 def laplacian_variance(image: np.ndarray) -> float:
     """The classic sharpness statistic: variance of the Laplacian of the grey image."""
     grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
@@ -167,31 +128,28 @@ def make_scorer(model: str | None = None, crops: int | None = None, device: str 
     return Scorer(model, device=device, crops=crops, cache=False, workers=0)
 
 
-def score_arrays(scorer, images: list[np.ndarray], batch_crops: int = 60) -> list[float]:
-    """Calibrated scores of in-memory RGB images through the scorer's preprocessing, with crops
-    of many images batched together."""
-    from loda_cli.transforms import scoring_crops
+def score_arrays(scorer, images: list[np.ndarray], batch_crops: int = 64) -> list[float]:
+    """Calibrated scores of in-memory RGB images through the scorer's preprocessing (both views
+    and the checkpoint's crop weights), with crops of many images batched together."""
+    from loda_cli.transforms import crop_weights, scoring_crops
 
     raws: list[float] = []
     pending: list[np.ndarray] = []
-    counts: list[int] = []
 
     def flush() -> None:
         if not pending:
             return
         flat = scorer._forward(np.concatenate(pending))
         start = 0
-        for n in counts:
-            raws.append(sum(flat[start : start + n]) / n)
-            start += n
+        for crops in pending:
+            weights = crop_weights(scorer.preprocess, len(crops))
+            raws.append(float(np.dot(flat[start : start + len(crops)], weights)))
+            start += len(crops)
         pending.clear()
-        counts.clear()
 
     for image in images:
-        crops = scoring_crops(Image.fromarray(image), scorer.preprocess)
-        pending.append(crops)
-        counts.append(len(crops))
-        if sum(counts) >= batch_crops:
+        pending.append(scoring_crops(Image.fromarray(image), scorer.preprocess))
+        if sum(len(c) for c in pending) >= batch_crops:
             flush()
     flush()
     return [scorer.loaded.calibration.to_score(r) for r in raws]
@@ -211,150 +169,204 @@ def pair_accuracy(pairs, scores_of) -> tuple[float, int, list[str]]:
     return (wins / total if total else float("nan")), total, misses
 
 
-def evaluate(model: str | None = None, crops_compare: bool = False, device: str = "cpu") -> dict:
-    from loda_cli.metrics import srcc
+def score_fullsize(scorer, photos: list[Path]) -> dict:
+    """Write each photo's original (as PNG, so every version shares one decoder path apart from
+    the JPEG) and its damaged versions to files, score them with the scorer, and count wins."""
+    from loda_cli.images import decode_image
 
-    scorer = make_scorer(model, device=device)
-    result: dict = {"model": str(scorer.loaded.path), "crops": scorer.preprocess.num_crops,
-                    "parameters": sum(p.numel() for p in scorer.model.parameters())}
-    t0 = time.perf_counter()
-    images, labels, groups, samples = heldout_synthetic_set()
-    scores = score_arrays(scorer, images)
-    result["score_change_by_type"] = drop_by_type(scores, samples)
-    result["synthetic"] = {
-        "images": len(images),
-        "srcc": srcc(scores, labels),
-        "srcc_procedural": srcc(*_subset(scores, labels, groups, "procedural")),
-        "laplacian_variance_srcc": srcc([laplacian_variance(im) for im in images], labels),
-    }
-    if "photo" in groups:
-        result["synthetic"]["srcc_photos"] = srcc(*_subset(scores, labels, groups, "photo"))
-    result["synthetic"].update(breakdown(scores, labels, samples))
-    result["synthetic"]["ceilings"] = level_reader_ceilings(labels, samples)
-    if crops_compare:
-        # Every 8th image keeps the 15-crop pass affordable on a CPU.
-        many = make_scorer(model, crops=15, device=device)
-        subset = slice(0, None, 8)
-        result["synthetic"]["srcc_vs_15_crops"] = srcc(scores[subset], score_arrays(many, images[subset]))
-        result["synthetic"]["crops_compare_images"] = len(images[subset])
-    pairs = real_photo_pairs()
-    model_acc, total, misses = pair_accuracy(pairs, lambda ims: score_arrays(scorer, ims))
-    lap_acc, _, _ = pair_accuracy(pairs, lambda ims: [laplacian_variance(im) for im in ims])
-    result["real_pairs"] = {
-        "photos": [name for name, _, _ in pairs],
+    wins, total, misses, per_type = 0, 0, [], {}
+    lap_wins = 0
+    scores: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        names = []
+        for i, path in enumerate(photos):
+            image = np.asarray(decode_image(path, target_short_side=None).image)
+            stem = f"{i:02d}_{path.stem}"
+            Image.fromarray(image).save(folder / f"{stem}.png", compress_level=1)
+            lap = {"original": laplacian_variance(image)}
+            for kind, damaged in fullsize_damage(image, seed=i):
+                if isinstance(damaged, bytes):
+                    (folder / f"{stem}__{kind}.jpg").write_bytes(damaged)
+                    lap[kind] = laplacian_variance(np.asarray(Image.open(folder / f"{stem}__{kind}.jpg").convert("RGB")))
+                else:
+                    Image.fromarray(damaged).save(folder / f"{stem}__{kind}.png", compress_level=1)
+                    lap[kind] = laplacian_variance(damaged)
+            names.append((stem, image.shape[1], image.shape[0], lap))
+        for row in scorer.score_files([folder]):
+            scores[Path(row.path).stem] = row.score
+        for stem, w, h, lap in names:
+            for kind in ("blur", "noise", "jpeg10"):
+                total += 1
+                won = scores[stem] > scores[f"{stem}__{kind}"]
+                wins += won
+                lap_wins += lap["original"] > lap[kind]
+                per_type.setdefault(kind, []).append(bool(won))
+                if not won:
+                    misses.append(f"{stem} {kind} ({scores[stem]:.3f} vs {scores[f'{stem}__{kind}']:.3f})")
+    return {
+        "photos": [f"{s} ({w}x{h})" for s, w, h, _ in names],
         "pairs": total,
-        "model": model_acc,
-        "laplacian_variance": lap_acc,
-        "model_misses": misses,
+        "model": wins / total if total else float("nan"),
+        "laplacian_variance": lap_wins / total if total else float("nan"),
+        "by_type": {k: float(np.mean(v)) for k, v in per_type.items()},
+        "misses": misses,
+        "scores": scores,
     }
+
+
+def livec_agreement(scorer, folder: Path) -> dict:
+    """SRCC and PLCC with people's scores on a LIVE Challenge folder (labels.csv or the official
+    layout), for a model that never trained on it (the previous built-in model, a baseline)."""
+    from loda_cli.builtin import read_training_photos
+    from loda_cli.images import decode_image
+    from loda_cli.metrics import evaluate as metrics
+
+    photos, source = read_training_photos(folder)
+    rows = {Path(row.path).resolve(): row for row in scorer.score_files([p.path for p in photos])}
+    pred = [rows[p.path.resolve()].score for p in photos]
+    lap = [laplacian_variance(np.asarray(decode_image(p.path, target_short_side=None).image)) for p in photos]
+    mos = [p.mos for p in photos]
+    m, ml = metrics(pred, mos), metrics(lap, mos)
+    return {"source": source, "photos": len(photos), "srcc": m["srcc"], "plcc": m["plcc"],
+            "laplacian_variance_srcc": ml["srcc"], "share_below_0.4": float(np.mean(np.array(pred) < 0.4))}
+
+
+def cross_validation(folder: Path, folds: int | None = None) -> dict:
+    """K-fold cross-validation of the built-in recipe inside LIVE Challenge split 0's training
+    photos (by photo): each fold trains a fresh model on the other folds, exactly as `loda train
+    livec --preset builtin` trains the shipped one, and predicts its held-out photos."""
+    from dataclasses import replace
+
+    from loda_cli import builtin
+
+    recipe = builtin.BuiltinRecipe()
+    if folds:
+        recipe = replace(recipe, folds=folds)
+    t0 = time.perf_counter()
+    photos, source = builtin.read_training_photos(folder)
+    photos, images, problems = builtin.load_photos(photos)
+    mos = np.array([p.mos for p in photos])
+    model, _ = builtin.new_model(recipe.seed)
+    bank = builtin.build_bank(images, model, recipe, builtin.BUILTIN_PREPROCESS)
+    del images
+    result = builtin.cross_validate(
+        bank, mos, recipe, builtin.BUILTIN_PREPROCESS,
+        on_fold=lambda f: print(f"  fold {f['fold'] + 1}: SRCC {f['srcc']:.4f}, PLCC {f['plcc']:.4f}", flush=True),
+    )
+    result.update(source=source, photos=len(photos), minutes=round((time.perf_counter() - t0) / 60, 1))
+    return result
+
+
+def evaluate(model: str | None, fullsize: Path | None, crops_compare: bool, device: str = "cpu",
+             livec: Path | None = None, cv: Path | None = None) -> dict:
+    from loda_cli.metrics import srcc
+    from loda_cli.weights import read_metadata
+
+    t0 = time.perf_counter()
+    scorer = make_scorer(model, device=device)
+    meta = read_metadata(scorer.loaded.path)
+    result: dict = {
+        "model": str(scorer.loaded.path),
+        "parameters": sum(p.numel() for p in scorer.model.parameters()),
+        "cross_validation": meta.get("metrics", {}).get("cross_validation", {}),
+    }
+    if cv is not None:
+        result["cross_validation"] = cross_validation(cv)
+    pairs = real_photo_pairs()
+    accuracy, total, misses = pair_accuracy(pairs, lambda images: score_arrays(scorer, images))
+    lap, _, _ = pair_accuracy(pairs, lambda images: [laplacian_variance(im) for im in images])
+    result["real_pairs"] = {"model": accuracy, "laplacian_variance": lap, "pairs": total, "misses": misses,
+                            "photos": [name for name, _, _ in pairs]}
+    if fullsize is not None:
+        photos = fullsize_photos(fullsize)
+        if not photos:
+            raise SystemExit(f"no photos of {FULLSIZE_MIN_PIXELS / 1e6:.0f} MP or more under {fullsize}")
+        result["fullsize_pairs"] = score_fullsize(scorer, photos)
+    if livec is not None:
+        result["livec_agreement"] = livec_agreement(scorer, livec)
+    if crops_compare:
+        images = [im for _, original, versions in pairs for im in [original] + [v for _, _, v in versions]]
+        default = score_arrays(scorer, images)
+        fifteen = score_arrays(make_scorer(model, crops=15, device=device), images)
+        result["srcc_default_crops_vs_15"] = srcc(default, fifteen)
+        result["crops_compared_images"] = len(images)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
 
-def crops_sweep(model: str | None, counts: list[int], device: str = "cpu") -> dict[int, tuple[float, float]]:
-    """Per crop count: (SRCC with 15 crops, max |score difference|), printed as it goes."""
-    from loda_cli.metrics import srcc
-
-    images = heldout_synthetic_set()[0][::4]
-    images += [im for _, original, versions in real_photo_pairs() for im in [original] + [v[2] for v in versions]]
-    reference = score_arrays(make_scorer(model, crops=15, device=device), images)
-    print(f"{len(images)} images; agreement with 15 crops")
-    out = {}
-    for n in counts:
-        scores = score_arrays(make_scorer(model, crops=n, device=device), images)
-        out[n] = (srcc(scores, reference), float(np.max(np.abs(np.subtract(scores, reference)))))
-        print(f"  {n:>2} crops: SRCC {out[n][0]:.4f}, max |d score| {out[n][1]:.4f}", flush=True)
-    return out
-
-
-def _subset(scores, labels, groups, group):
-    keep = [i for i, g in enumerate(groups) if g == group]
-    return [scores[i] for i in keep], [labels[i] for i in keep]
-
-
 def print_table(result: dict) -> None:
-    syn, real = result["synthetic"], result["real_pairs"]
-    rows = [
-        ("held-out synthetic SRCC (all)", f"{syn['srcc']:.4f}", f"{syn['images']} images", ">= 0.85"),
-        ("  procedural references", f"{syn['srcc_procedural']:.4f}", "", ""),
-    ]
-    if "srcc_photos" in syn:
-        rows.append(("  held-out photos", f"{syn['srcc_photos']:.4f}", "", ""))
-    if "laplacian_variance_srcc" in syn:
-        rows.append(("  Laplacian variance baseline", f"{syn['laplacian_variance_srcc']:.4f}", "", ""))
-    if "srcc_within_reference_mean" in syn:
-        rows.append(("  mean SRCC within one reference", f"{syn['srcc_within_reference_mean']:.4f}", "", ""))
-    if syn.get("pristine_score_range"):
-        low, high = syn["pristine_score_range"]
-        rows.append(("  pristine images' scores", f"{low:.2f}-{high:.2f}", "", "(all label 1)"))
-    if "ceilings" in syn:
-        rows.append(("  oracle reading every level", f"{syn['ceilings']['level_reader']:.4f}", "", "(ceiling)"))
-        rows.append(("  same, blind to " + " and ".join(LUMINANCE_FREE_TYPES),
-                     f"{syn['ceilings']['level_reader_blind_to_colour_only_types']:.4f}", "", ""))
-    if "srcc_vs_15_crops" in syn:
-        rows.append((f"SRCC {result['crops']} crops vs 15", f"{syn['srcc_vs_15_crops']:.4f}", "", ""))
-    rows += [
-        ("real photos: original ranked above", f"{real['model']:.1%}", f"{real['pairs']} pairs", ">= 90%"),
-        ("  Laplacian variance baseline", f"{real['laplacian_variance']:.1%}", "", ""),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'value':>8}  {'n':<12}  target")
-    for name, value, n, target in rows:
-        print(f"{name:<{width}}  {value:>8}  {n:<12}  {target}")
-    if real["model_misses"]:
-        print("model misses:", ", ".join(real["model_misses"]))
-    if result.get("score_change_by_type"):
-        by_type = syn.get("srcc_by_type", {})
-        print("mean score change from the pristine image, held-out synthetic, levels 1..5"
-              + (", and the type's SRCC with pristine images across references:" if by_type else ":"))
-        for kind, changes in result["score_change_by_type"].items():
-            tail = f"   SRCC {by_type[kind]:+.3f}" if kind in by_type else ""
-            print(f"  {kind:<22}" + " ".join(f"{c:+.3f}" for c in changes) + tail)
-    print(f"photos: {', '.join(real['photos'])}; model {result['model']}; {result['seconds']} s")
+    cv = result.get("cross_validation") or {}
+    if cv:
+        folds = ", ".join(f"{f['srcc']:.3f}" for f in cv.get("folds", []))
+        print(f"5-fold cross-validation (LIVE Challenge, 930 photos): median SRCC {cv['median_srcc']:.4f}, "
+              f"median PLCC {cv['median_plcc']:.4f} (folds: {folds})")
+    real = result["real_pairs"]
+    print(f"real-photo pairs: original wins {100 * real['model']:.1f}% of {real['pairs']} "
+          f"(Laplacian variance {100 * real['laplacian_variance']:.1f}%); misses: {', '.join(real['misses']) or 'none'}")
+    full = result.get("fullsize_pairs")
+    if full:
+        by_type = ", ".join(f"{k} {100 * v:.0f}%" for k, v in full["by_type"].items())
+        print(f"full-size pairs: original wins {100 * full['model']:.1f}% of {full['pairs']} ({by_type}; "
+              f"Laplacian variance {100 * full['laplacian_variance']:.1f}%); misses: {', '.join(full['misses']) or 'none'}")
+    agreement = result.get("livec_agreement")
+    if agreement:
+        print(f"LIVE Challenge ({agreement['source']}): SRCC {agreement['srcc']:.4f}, PLCC {agreement['plcc']:.4f} "
+              f"(Laplacian variance SRCC {agreement['laplacian_variance_srcc']:.4f}); "
+              f"{100 * agreement['share_below_0.4']:.0f}% score below 0.4")
+    if "srcc_default_crops_vs_15" in result:
+        print(f"default crops vs 15: SRCC {result['srcc_default_crops_vs_15']:.4f} "
+              f"({result['crops_compared_images']} images)")
+    print(f"model {result['model']}; {result['parameters']:,} parameters; {result['seconds']} s")
 
 
-def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | None = None) -> dict:
-    """Add or replace the checkpoint's entry in ``weights/manifest.json`` (the built-in entry when
-    the checkpoint says it is synthetic-only), with its checksum and the metrics just measured."""
+def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | None = None,
+                   previous: dict | None = None) -> dict:
+    """Add or replace the built-in entry of ``weights/manifest.json`` with the checkpoint's
+    checksum and the figures just measured."""
     from loda_cli.weights import file_sha256, read_metadata
 
     meta = read_metadata(checkpoint)
-    train = meta.get("train", {})
-    description = meta.get("description", "")
-    reproduce = description.split("Reproduce (seed", 1)[-1].split("): ", 1)[-1] if "Reproduce" in description else ""
-    if reproduce and train.get("max_steps"):
-        reproduce += f" --max-steps {train['max_steps']}"
+    metrics = {
+        "cross_validation_median_srcc": round(result["cross_validation"].get("median_srcc", float("nan")), 4),
+        "cross_validation_median_plcc": round(result["cross_validation"].get("median_plcc", float("nan")), 4),
+        "cross_validation_folds": result["cross_validation"].get("folds", []),
+        "real_photo_pairs_original_wins": round(result["real_pairs"]["model"], 4),
+        "real_photo_pairs_laplacian_baseline": round(result["real_pairs"]["laplacian_variance"], 4),
+        "real_photo_pairs": result["real_pairs"]["pairs"],
+        "real_photos": result["real_pairs"]["photos"],
+        "training_photos_score_shares": meta.get("metrics", {}).get("training_photos_score_shares"),
+        "measured_by": "python scripts/eval_builtin.py --cv LIVEC_DIR --fullsize DIR --crops-compare --manifest weights/manifest.json",
+    }
+    if "fullsize_pairs" in result:
+        full = result["fullsize_pairs"]
+        metrics["fullsize_pairs_original_wins"] = round(full["model"], 4)
+        metrics["fullsize_pairs_laplacian_baseline"] = round(full["laplacian_variance"], 4)
+        metrics["fullsize_pairs"] = full["pairs"]
+        metrics["fullsize_pairs_by_type"] = {k: round(v, 4) for k, v in full["by_type"].items()}
+        metrics["fullsize_photos"] = full["photos"]
+    if "srcc_default_crops_vs_15" in result:
+        metrics["srcc_default_crops_vs_15"] = round(result["srcc_default_crops_vs_15"], 4)
+    if speed:
+        metrics["speed"] = speed
     entry = {
         "name": meta["name"],
         "file": checkpoint.name,
-        "builtin": bool(meta.get("synthetic_only")),
+        "builtin": True,
         "sha256": file_sha256(checkpoint),
         "size_bytes": checkpoint.stat().st_size,
         "dataset": meta.get("dataset", {}).get("name"),
-        "seed": train.get("seed"),
+        "seed": meta.get("dataset", {}).get("seed"),
         "backbones": meta.get("backbones", {}) | {"vit_kwargs": meta["config"].get("vit_kwargs"),
-                                                  "cnn_kwargs": meta["config"].get("cnn_kwargs")},
+                                                  "cnn_weights": meta.get("cnn_weights")},
         "parameters": result.get("parameters"),
         "preprocess": meta.get("preprocess"),
-        "description": description.split(" Reproduce", 1)[0],
-        "reproduce": reproduce,
-        "metrics": {
-            "test_split": meta.get("metrics", {}),
-            "heldout_synthetic_srcc": round(result["synthetic"]["srcc"], 4),
-            "heldout_synthetic_images": result["synthetic"]["images"],
-            "heldout_synthetic_laplacian_baseline_srcc": round(
-                result["synthetic"]["laplacian_variance_srcc"], 4),
-            "real_photo_pairs_original_wins": round(result["real_pairs"]["model"], 4),
-            "real_photo_pairs_laplacian_baseline": round(result["real_pairs"]["laplacian_variance"], 4),
-            "real_photo_pairs": result["real_pairs"]["pairs"],
-            "real_photos": result["real_pairs"]["photos"],
-            "measured_by": "python scripts/eval_builtin.py --manifest weights/manifest.json",
-        },
+        "description": meta.get("description", ""),
+        "reproduce": meta.get("reproduce", ""),
+        "metrics": metrics,
     }
-    if "srcc_vs_15_crops" in result["synthetic"]:
-        entry["metrics"]["srcc_default_crops_vs_15"] = round(result["synthetic"]["srcc_vs_15_crops"], 4)
-    if speed:
-        entry["metrics"]["speed"] = speed
+    if previous:
+        entry["previous_builtin"] = previous
     models = []
     if path.is_file():
         models = [m for m in json.loads(path.read_text())["models"] if m.get("name") != entry["name"]]
@@ -363,39 +375,36 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
     return entry
 
 
-def _crop_counts(text: str) -> list[int]:
-    try:
-        counts = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected crop counts such as 5,8,9, got {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"crop counts must be positive, got {text!r}")
-    return counts
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint (default: what `loda score` resolves)")
+    parser.add_argument("--fullsize", type=Path, help="a folder of photos of 3 MP or more (not LIVE Challenge)")
+    parser.add_argument("--crops-compare", action="store_true", help="SRCC of the default crops against 15")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--crops-compare", action="store_true",
-                        help="also score with 15 crops and report the rank agreement")
-    parser.add_argument("--crops-sweep", metavar="N,N,...", type=_crop_counts,
-                        help="only report, for each crop count, the rank agreement (SRCC) and the "
-                             "largest score difference with 15 crops, on every 4th held-out synthetic "
-                             "image and the real-photo pair sets (how a preset's crop count is chosen)")
     parser.add_argument("--manifest", help="write the results into this manifest.json entry")
     parser.add_argument("--speed-json", help="a JSON file of speed measurements to add to the entry")
+    parser.add_argument("--previous-json", help="a JSON file of the previous built-in model's figures to keep beside")
+    parser.add_argument("--cv", type=Path, metavar="DIR",
+                        help="LIVE Challenge split 0's training photos (labels.csv folder or the official "
+                             "release): run the built-in recipe's 5-fold cross-validation (~45 min, 2 cores)")
+    parser.add_argument("--cv-json", type=Path, metavar="FILE",
+                        help="take the cross-validation from this --json output of an earlier --cv run")
+    parser.add_argument("--livec", type=Path,
+                        help="LIVE Challenge photos the model never trained on: SRCC with people's scores")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    if args.crops_sweep:
-        crops_sweep(args.model, args.crops_sweep)
-        return 0
-    result = evaluate(args.model, crops_compare=args.crops_compare or bool(args.manifest))
+    if args.fullsize is not None and not args.fullsize.is_dir():
+        parser.error(f"--fullsize: no such folder: {args.fullsize}")
+    result = evaluate(args.model, args.fullsize, args.crops_compare, args.device, args.livec, args.cv)
+    if args.cv_json is not None and args.cv is None:
+        result["cross_validation"] = json.loads(args.cv_json.read_text())["cross_validation"]
     print_table(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     if args.manifest:
         speed = json.loads(Path(args.speed_json).read_text()) if args.speed_json else None
-        write_manifest(Path(args.manifest), Path(result["model"]), result, speed)
+        previous = json.loads(Path(args.previous_json).read_text()) if args.previous_json else None
+        write_manifest(Path(args.manifest), Path(result["model"]), result, speed, previous)
     return 0
 
 

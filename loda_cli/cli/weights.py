@@ -31,10 +31,14 @@ def _format_size(n: int) -> str:
 def _format_metrics(metrics: dict) -> str:
     parts = [f"{k.upper()} {metrics[k]:.3f}" for k in ("srcc", "plcc") if isinstance(metrics.get(k), (int, float))]
     # The built-in model's held-out measurements (weights/manifest.json, scripts/eval_builtin.py).
+    if isinstance(metrics.get("cross_validation_median_srcc"), (int, float)):
+        parts.append(f"cross-validated SRCC {metrics['cross_validation_median_srcc']:.3f}")
     if isinstance(metrics.get("heldout_synthetic_srcc"), (int, float)):
         parts.append(f"held-out SRCC {metrics['heldout_synthetic_srcc']:.3f}")
     if isinstance(metrics.get("real_photo_pairs_original_wins"), (int, float)):
         parts.append(f"photo pairs {100 * metrics['real_photo_pairs_original_wins']:.1f}%")
+    if isinstance(metrics.get("fullsize_pairs_original_wins"), (int, float)):
+        parts.append(f"full-size pairs {100 * metrics['fullsize_pairs_original_wins']:.1f}%")
     return ", ".join(parts) or "-"
 
 
