@@ -33,11 +33,11 @@ import numpy as np
 
 from loda_cli.config import LoDaConfig, Preprocess
 from loda_cli.errors import DatasetError
+from loda_cli.weights import BUILTIN_NAME
 
 if TYPE_CHECKING:
     import torch
 
-BUILTIN_NAME = "loda-builtin"
 BUILTIN_COMMAND = "loda train livec --preset builtin --data DIR --out weights/loda-builtin.safetensors"
 
 BUILTIN_MODEL = LoDaConfig(
@@ -434,23 +434,28 @@ def kfold(n: int, folds: int, seed: int) -> list[np.ndarray]:
 
 def cross_validate(
     bank: CropBank, mos: np.ndarray, recipe: BuiltinRecipe, preprocess: Preprocess,
-    on_fold: Callable[[dict[str, Any]], None] | None = None,
+    on_fold: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    done: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """K-fold cross-validation by photo: SRCC and PLCC (VQEG logistic) of each fold's held-out
-    photos, and their medians."""
+    photos, and their medians. ``done`` holds folds already measured (a resumed run);
+    ``on_fold`` gets each new fold's result and all results so far."""
     from loda_cli.metrics import evaluate
 
     n = len(mos)
-    results = []
+    results = list(done)
     for k, test in enumerate(kfold(n, recipe.folds, recipe.seed)):
+        if k < len(done):
+            continue
         train = np.setdiff1d(np.arange(n), test)
-        model = fit(bank, mos, train, recipe, preprocess, on_epoch=on_epoch)
-        pred = predict_photos(model, bank, test, preprocess)
-        m = evaluate(pred.tolist(), mos[test].tolist())
-        results.append({"fold": k, "n": len(test), "srcc": float(m["srcc"]), "plcc": float(m["plcc"])})
+        model = fit(bank, mos, train, recipe, preprocess,
+                    on_epoch=None if on_epoch is None else lambda e, k=k: on_epoch({**e, "fold": k + 1,
+                                                                                    "folds": recipe.folds}))
+        m = evaluate(predict_photos(model, bank, test, preprocess).tolist(), mos[test].tolist())
+        results.append({"fold": k, "n": int(len(test)), "srcc": float(m["srcc"]), "plcc": float(m["plcc"])})
         if on_fold is not None:
-            on_fold(results[-1])
+            on_fold(results[-1], results)
     return {
         "folds": results,
         "median_srcc": float(np.median([r["srcc"] for r in results])),
@@ -543,24 +548,13 @@ def train_builtin(
             saved = json.loads(_cv_path(out).read_text())
             if saved.get("recipe") == recipe.to_dict():
                 done = saved["folds"]
-        results = list(done)
-        for k, test in enumerate(kfold(len(mos), recipe.folds, recipe.seed)):
-            if k < len(done):
-                continue
-            train = np.setdiff1d(np.arange(len(mos)), test)
-            fold_model = fit(bank, mos, train, recipe, BUILTIN_PREPROCESS,
-                             on_epoch=lambda e, k=k: emit("epoch", {**e, "fold": k + 1, "folds": recipe.folds}))
-            from loda_cli.metrics import evaluate
 
-            m = evaluate(predict_photos(fold_model, bank, test, BUILTIN_PREPROCESS).tolist(), mos[test].tolist())
-            results.append({"fold": k, "n": int(len(test)), "srcc": float(m["srcc"]), "plcc": float(m["plcc"])})
+        def fold_done(result: dict[str, Any], results: list[dict[str, Any]]) -> None:
             _atomic_json(_cv_path(out), {"recipe": recipe.to_dict(), "folds": results})
-            emit("fold", results[-1])
-        cv = {
-            "folds": results,
-            "median_srcc": float(np.median([r["srcc"] for r in results])),
-            "median_plcc": float(np.median([r["plcc"] for r in results])),
-        }
+            emit("fold", result)
+
+        cv = cross_validate(bank, mos, recipe, BUILTIN_PREPROCESS, on_fold=fold_done,
+                            on_epoch=lambda e: emit("epoch", e), done=done)
         emit("cv", cv)
 
     final = fit_resumable(bank, mos, recipe, out, model, resume=resume,

@@ -15,7 +15,6 @@ weights into the wrong layers.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,14 +134,6 @@ def package_weights_file(spec: PackagedWeights) -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_packaged_state_dict(timm_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read, check and convert a packaged ImageNet state dict for ``timm_name``.
 
@@ -150,6 +141,8 @@ def load_packaged_state_dict(timm_name: str) -> tuple[dict[str, torch.Tensor], d
     for the checkpoint's metadata. Loading never unpickles code (``weights_only=True``).
     """
     import torch
+
+    from loda_cli.weights import file_sha256
 
     spec = PACKAGED.get(timm_name)
     if spec is None:

@@ -407,26 +407,23 @@ class Scorer:
         self.input_dtype = torch.float32
         self.cnn_autocast = False
         if self.device == "cpu" and self.precision == "bf16":
-            # On the CPU the model runs with bf16 weights rather than under autocast: autocast
-            # re-casts every weight on every batch (no cast cache in inference mode), which
-            # measured 67 ms a crop against 53 ms for bf16 weights (ViT-B + ResNet-50, 2 cores),
-            # with the same agreement with fp32 (scripts/agreement.py). A model the caller passed
-            # in is copied first, so their fp32 weights stay as they were.
+            # On the CPU the transformer runs with bf16 weights rather than under autocast:
+            # autocast re-casts every weight on every batch (no cast cache in inference mode),
+            # which measured 67 ms a crop against 53 ms for bf16 weights (ViT-B + ResNet-50, 2
+            # cores). LoDa's CNN is the exception: it keeps fp32 weights and runs under autocast,
+            # because its features with bf16 weights moved the built-in model's scores by up to
+            # 0.02 from fp32, under autocast by 0.0145 (60 images, scripts/agreement.py). A model
+            # the caller passed in is copied first, so their fp32 weights stay as they were.
             import copy
 
             self.model = self.model if model is not loaded else copy.deepcopy(self.model)
-            if hasattr(self.model, "forward_cnn"):
-                # LoDa's CNN keeps fp32 weights and runs under autocast: with bf16 weights its
-                # features moved the built-in model's scores by up to 0.018 from fp32, under
-                # autocast by 0.009, at the same speed (24 photos, 13 crops each). The rest runs
-                # with bf16 weights (0.0004 more).
-                cnn = self.model.cnn
-                self.model.cnn = None
-                self.model.to(torch.bfloat16)
+            self.cnn_autocast = hasattr(self.model, "forward_cnn")
+            cnn = self.model.cnn if self.cnn_autocast else None
+            if cnn is not None:
+                self.model.cnn = None  # detached while the rest is cast, so it stays fp32
+            self.model.to(torch.bfloat16)
+            if cnn is not None:
                 self.model.cnn = cnn
-                self.cnn_autocast = True
-            else:
-                self.model.to(torch.bfloat16)
             self.input_dtype = torch.bfloat16
         if self.device != "mps":
             # oneDNN (CPU) and cuDNN run the CNN's convolutions fastest in channels-last layout.

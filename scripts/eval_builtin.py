@@ -252,7 +252,7 @@ def cross_validation(folder: Path, folds: int | None = None) -> dict:
     del images
     result = builtin.cross_validate(
         bank, mos, recipe, builtin.BUILTIN_PREPROCESS,
-        on_fold=lambda f: print(f"  fold {f['fold'] + 1}: SRCC {f['srcc']:.4f}, PLCC {f['plcc']:.4f}", flush=True),
+        on_fold=lambda f, _: print(f"  fold {f['fold'] + 1}: SRCC {f['srcc']:.4f}, PLCC {f['plcc']:.4f}", flush=True),
     )
     result.update(source=source, photos=len(photos), minutes=round((time.perf_counter() - t0) / 60, 1))
     return result
