@@ -109,28 +109,20 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matrix work runs in hardware (much faster than fp32)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(precision: str, device: str) -> str:
-    import torch
+    """Training's and the accuracy benchmark's precision: an explicit value, or for ``auto``
+    half precision on accelerators and on CPUs with AMX, fp32 elsewhere (bf16 autocast measured
+    slower than fp32 on an avx512_bf16 CPU without AMX). Scoring measures instead
+    (:mod:`loda_cli.precision`)."""
+    from loda_cli.precision import check_precision, cpu_description, static_precision
 
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UsageError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if check_precision(precision) == "int8":
+        raise UsageError("--precision int8 is for scoring only")
     if precision != "auto":
         return precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "mps":
-        return "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    if device == "cpu":
+        return "bf16" if "amx_bf16" in cpu_description()[1] else "fp32"
+    return static_precision(device)
 
 
 def autocast_context(device: str, precision: str):
@@ -368,6 +360,11 @@ def _worker_init(worker_id: int) -> None:
 # The scorer
 
 
+def _architecture(model) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else {"class": type(model).__name__}
+
+
 class Scorer:
     """Scores image files with one LoDa checkpoint.
 
@@ -387,13 +384,13 @@ class Scorer:
         workers: int | None = None,
         cache: bool | str | os.PathLike[str] = True,
         decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT_S,
+        on_measure_precision: Callable[[], None] | None = None,
     ):
-        import torch
-
+        from loda_cli.precision import Runner, check_precision, choose
         from loda_cli.weights import LoadedModel, load_model
 
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        check_precision(precision)
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
         self.loaded = loaded
         self.preprocess = loaded.preprocess
@@ -404,30 +401,14 @@ class Scorer:
 
             self.preprocess = replace(self.preprocess, num_crops=crops)
         self.model = loaded.model.to(self.device).eval()
-        self.input_dtype = torch.float32
-        self.cnn_autocast = False
-        if self.device == "cpu" and self.precision == "bf16":
-            # On the CPU the transformer runs with bf16 weights rather than under autocast:
-            # autocast re-casts every weight on every batch (no cast cache in inference mode),
-            # which measured 67 ms a crop against 53 ms for bf16 weights (ViT-B + ResNet-50, 2
-            # cores). LoDa's CNN is the exception: it keeps fp32 weights and runs under autocast,
-            # because its features with bf16 weights moved the built-in model's scores by up to
-            # 0.02 from fp32, under autocast by 0.0145 (60 images, scripts/agreement.py). A model
-            # the caller passed in is copied first, so their fp32 weights stay as they were.
-            import copy
-
-            self.model = self.model if model is not loaded else copy.deepcopy(self.model)
-            self.cnn_autocast = hasattr(self.model, "forward_cnn")
-            cnn = self.model.cnn if self.cnn_autocast else None
-            if cnn is not None:
-                self.model.cnn = None  # detached while the rest is cast, so it stays fp32
-            self.model.to(torch.bfloat16)
-            if cnn is not None:
-                self.model.cnn = cnn
-            self.input_dtype = torch.bfloat16
-        if self.device != "mps":
-            # oneDNN (CPU) and cuDNN run the CNN's convolutions fastest in channels-last layout.
-            self.model.cnn.to(memory_format=torch.channels_last)
+        self.precision_choice = choose(
+            precision, self.device, model=self.model, preprocess=self.preprocess, to_score=self._scores_of,
+            model_id=loaded.sha256, architecture=_architecture(self.model), on_measure=on_measure_precision,
+        )
+        self.precision = self.precision_choice.precision
+        # A model the caller passed in is copied before its weights change, so theirs stay fp32.
+        self.runner = Runner(self.model, self.precision, self.device, own=model is not loaded)
+        self.model = self.runner.model
         self.batch_size = batch_size or (64 if self.device.startswith("cuda") else 16)
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
@@ -466,22 +447,18 @@ class Scorer:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        weights_cast = self.input_dtype != torch.float32
-        with torch.inference_mode():
-            if self.cnn_autocast:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    features = self.model.forward_cnn(batch)
-                features = [f.to(self.input_dtype) for f in features]
-                raw = self.model(batch.to(self.input_dtype), cnn_features=features)
-            else:
-                with autocast_context(self.device, "fp32" if weights_cast else self.precision):
-                    raw = self.model(batch.to(self.input_dtype))
-            raw = raw.float().flatten().cpu().tolist()
+        raw = self.runner(batch).cpu().tolist()
         t2 = time.perf_counter()
         self.times.h2d += t1 - t0
         self.times.forward += t2 - t1
         self.times.crops += len(raw)
         return raw
+
+    def _scores_of(self, raw):
+        """Calibrated scores of a tensor of raw scores (for the precision measurement)."""
+        import torch
+
+        return torch.tensor([self.loaded.calibration.to_score(float(r)) for r in raw.float().cpu()])
 
     def _row_from_raw(self, item: dict[str, Any], raw: float | None) -> ScoreRow:
         row = ScoreRow(

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loda_cli.cli.common import err_console, handle_errors, out_console
+from loda_cli.cli.common import err_console, handle_errors, measuring_precision_notice, out_console
 
 
 def register(app: typer.Typer) -> None:
@@ -43,7 +43,8 @@ def benchmark(
     synthetic: Annotated[int, typer.Option(help="Speed: generate this many 24 MP JPEGs (when no --images).")] = 6,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Speed: checkpoint to time (default: the paper's architecture, random weights).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto, fp32, bf16, fp16 or int8 (speed: auto measures on the CPU; int8 is for scoring only).")] = "auto",
     crops: Annotated[Optional[int], typer.Option(help="Crops per image: for speed, of the 384 view (default: the checkpoint's own; 15 for the random-weight paper model); for accuracy, the test crops (default 15, the paper's).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decoding workers.")] = None,
     compare_naive: Annotated[bool, typer.Option(help="Speed: also time the naive pipeline on the same files and print the ratio.")] = False,
@@ -95,11 +96,13 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
         source = f"{synthetic} synthetic 6000x4000 JPEGs"
     loaded = load_model(model) if model else bs.random_weights_model(crops=crops or 15)
     scorer = Scorer(loaded, device=device, precision=precision, crops=crops, batch_size=batch_size,
-                    workers=workers, cache=False)
+                    workers=workers, cache=False, on_measure_precision=measuring_precision_notice)
     crops = scorer.preprocess.num_crops
     label = f"{crops}+{scorer.preprocess.detail_crops} detail" if scorer.preprocess.has_detail_view else str(crops)
     err_console.print(f"timing {scorer.name} on {scorer.device} ({scorer.precision}), {label} crops, "
                       f"batch {scorer.batch_size}, {scorer.workers} workers, {len(files)} images")
+    if scorer.precision_choice.how in ("measured", "cached"):
+        err_console.print(f"precision: {scorer.precision_choice.describe()}", markup=False, soft_wrap=True)
     bs.warm_up(loaded, scorer)
     results = {"loda": bs.run_pipeline(scorer, files)}
     results["model-only"] = bs.run_model_only(scorer)
@@ -110,7 +113,8 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
         results["naive"] = bs.run_naive(replace(loaded, preprocess=scorer.preprocess), files, scorer.device)
     report: dict[str, Any] = {
         "source": source, "model": scorer.name, "device": scorer.device, "precision": scorer.precision,
-        "crops": crops, "detail_crops": scorer.preprocess.detail_crops, "batch_size": scorer.batch_size,
+        "precision_choice": scorer.precision_choice.as_dict(), "crops": crops,
+        "detail_crops": scorer.preprocess.detail_crops, "batch_size": scorer.batch_size,
         "workers": scorer.workers,
         "results": {k: v.as_dict() for k, v in results.items()}, "peak_rss": bs.peak_rss_mb(),
         "cuda_peak_mb": bs.cuda_peak_mb(scorer.device),

@@ -76,6 +76,11 @@ def notice(message: str, quiet: bool = False) -> None:
         err_console.print(message, soft_wrap=True)
 
 
+def measuring_precision_notice() -> None:
+    err_console.print("choosing a precision: timing this model in fp32, bf16, fp16 and int8 on a few crops "
+                      "(once per model and machine) ...", markup=False, soft_wrap=True)
+
+
 def handle_errors(fn: F) -> F:
     """Turn the library's typed errors into a one-line message and the error's exit code."""
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loda_cli.cli.common import err_console, handle_errors, shown, write_stdout_line
+from loda_cli.cli.common import err_console, handle_errors, measuring_precision_notice, shown, write_stdout_line
 from loda_cli.errors import NoImagesError, UsageError
 from loda_cli.output import check_writable_output, mos_is_meaningful
 
@@ -95,7 +95,8 @@ def score(
     batch_size: Annotated[Optional[int], typer.Option(help="Crops per forward pass.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (0 decodes in the main process).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 where the hardware runs it natively).")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16 or int8 (auto: on the CPU the fastest that agrees with fp32 "
+                                          "within 0.005, measured once per model and machine; bf16/fp16 on GPUs).")] = "auto",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse and store scores in $LODA_HOME/cache.sqlite.")] = True,
     shard: Annotated[Optional[str], typer.Option(help="Score only shard K of N (K/N), for job arrays.")] = None,
     decode_timeout: Annotated[float, typer.Option(help="Seconds one image may take to decode before it becomes an error row.")] = 10.0,
@@ -134,6 +135,7 @@ def score(
     scorer = Scorer(
         model, device=device, precision=precision, crops=crops, batch_size=batch_size,
         workers=workers, cache=cache, decode_timeout=decode_timeout,
+        on_measure_precision=None if quiet else measuring_precision_notice,
     )
     if scorer.loaded.builtin and not quiet:
         trained_on = str(scorer.loaded.metadata.get("description") or "not a paper model").split(". ")[0]
@@ -268,6 +270,7 @@ def _header(scorer, paths, elapsed: float, interrupted: bool) -> dict[str, Any]:
         "preprocess": scorer.preprocess.to_dict(),
         "device": scorer.device,
         "precision": scorer.precision,
+        "precision_choice": scorer.precision_choice.as_dict(),
         "roots": [os.fsdecode(p) for p in paths],
         "cwd": os.getcwd(),  # what relative paths in the rows are relative to
         "loda_version": __version__,
@@ -321,6 +324,8 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
         + f"; {scorer.device} {scorer.precision}, model {scorer.name}",
         markup=False, soft_wrap=True,
     )
+    if scorer.precision_choice.how in ("measured", "cached"):
+        err_console.print(f"precision: {scorer.precision_choice.describe()}", markup=False, soft_wrap=True)
     if unknown:
         kinds = ", ".join(f"{ext} ({n})" for ext, n in unknown.most_common())
         err_console.print(

@@ -43,7 +43,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last saved epoch.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 where native), fp32, bf16 or fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16/fp16 on GPUs and AMX CPUs, else fp32), fp32, bf16 or fp16.")] = "auto",
     grad_accum: Annotated[int, typer.Option(help="Split each batch into this many micro-batches (each standardised on its own by the PLCC loss).")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimiser steps (smoke tests).")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="Synthetic data: batch groups of this many images of one reference, cut at one place, with a per-group PLCC term (0: off, the paper).")] = None,

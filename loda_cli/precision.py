@@ -1,0 +1,404 @@
+"""The scorer's numeric precision, chosen by measurement where the hardware leaves it open.
+
+Which precision is fastest depends on the CPU more than on its flags: ``avx512_bf16`` without
+AMX runs bf16 matrix work *slower* than fp32 on some CPUs and faster on others, and int8 Linear
+layers pay off only where the transformer dominates. So on the CPU, ``--precision auto`` times a
+few crops of the loaded model in each candidate precision once, keeps the candidates whose
+scores agree with fp32 (max |Δscore| ≤ :data:`AGREEMENT`), and takes the fastest. The choice is
+cached in ``$LODA_HOME/precision.json``, keyed by the CPU, torch, the thread count, the model and
+the crop size, so later runs pay nothing. On CUDA and MPS a fixed rule stays (bf16 where
+supported, else fp16): there the half-precision paths are the hardware's own.
+
+A :class:`Runner` is the model prepared for one precision; the scorer calls it on normalized
+fp32 batches and gets raw scores back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from loda_cli.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+CPU_CANDIDATES = ("fp32", "bf16", "fp16", "int8")
+AGREEMENT = 0.005  # the largest |Δscore| against fp32 a candidate may show on the probe crops
+MIN_GAIN = 1.05  # a lossy candidate must beat fp32 by 5% to be worth its error
+BUDGET_S = 3.0  # the measurement's target length on the first run
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine facts
+
+
+def cpu_description() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and flags from /proc/cpuinfo (empty where there is none)."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and value.strip():
+                    name = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = frozenset(value.split())
+    except OSError:
+        pass
+    return name, flags
+
+
+def cpu_flag_note(precision: str, flags: frozenset[str]) -> str | None:
+    """Why ``precision`` is not worth trying on a CPU with ``flags`` (None: try it)."""
+    import torch
+
+    if precision == "bf16" and not flags & {"avx512_bf16", "amx_bf16"}:
+        return "no native bf16 (avx512_bf16/amx_bf16)"
+    if precision == "fp16" and not flags & {"avx512_fp16", "amx_fp16"}:
+        return "no native fp16 (avx512_fp16/amx_fp16)"
+    if precision == "int8" and "x86" not in torch.backends.quantized.supported_engines \
+            and "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "no x86/fbgemm quantized engine in this torch"
+    return None
+
+
+def static_precision(device: str) -> str:
+    """The rule where nothing is measured: half precision on accelerators, fp32 on the CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "mps":
+        return "fp16"
+    return "fp32"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    return precision
+
+
+# ---------------------------------------------------------------------------------------------
+# The model prepared for one precision
+
+
+class Runner:
+    """A model ready to score in one precision: ``runner(batch)`` takes a normalized fp32
+    Nx3xHxW batch on the device and returns raw scores as a float tensor of N."""
+
+    def __init__(self, model, precision: str, device: str, *, own: bool = False):
+        """``own``: the model may be changed in place (else it is copied where a precision
+        changes weights, so the caller's fp32 model stays as it was)."""
+        import torch
+
+        self.precision, self.device = precision, device
+        self.input_dtype = torch.float32
+        self.autocast_dtype = None
+        self.cnn_dtype = None  # LoDa's CNN under autocast while the rest has half weights
+        self.model = model
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if device == "cpu" and half is not None:
+            # On the CPU the transformer runs with half-precision weights rather than under
+            # autocast: autocast re-casts every weight on every batch (no cast cache in inference
+            # mode), which measured 67 ms a crop against 53 ms for bf16 weights (ViT-B +
+            # ResNet-50, 2 cores). LoDa's CNN is the exception: it keeps fp32 weights and runs
+            # under autocast, because its features with bf16 weights moved the built-in model's
+            # scores by up to 0.02 from fp32, under autocast by 0.0145 (60 images).
+            self.model = model if own else copy.deepcopy(model)
+            cnn = self.model.cnn if hasattr(self.model, "forward_cnn") else None
+            if cnn is not None:
+                self.model.cnn = None  # detached while the rest is cast, so it stays fp32
+            self.model.to(half)
+            if cnn is not None:
+                self.model.cnn = cnn
+                self.cnn_dtype = half
+            self.input_dtype = half
+        elif precision == "int8":
+            if device != "cpu":
+                raise UsageError("--precision int8 runs on the CPU only")
+            from torch.ao.quantization import quantize_dynamic
+
+            with warnings.catch_warnings():
+                # torch points eager-mode users at torchao; this is the maintained path that
+                # installs with torch itself.
+                warnings.simplefilter("ignore")
+                self.model = quantize_dynamic(model if own else copy.deepcopy(model), {torch.nn.Linear},
+                                              dtype=torch.qint8)
+        elif half is not None:
+            self.autocast_dtype = half
+        if device != "mps" and hasattr(self.model, "cnn"):
+            # oneDNN (CPU) and cuDNN run the CNN's convolutions fastest in channels-last layout.
+            self.model.cnn.to(memory_format=torch.channels_last)
+        self.model.eval()
+
+    def __call__(self, batch):
+        import torch
+
+        with torch.inference_mode():
+            if self.cnn_dtype is not None:
+                with torch.autocast("cpu", dtype=self.cnn_dtype):
+                    features = self.model.forward_cnn(batch)
+                features = [f.to(self.input_dtype) for f in features]
+                return self.model(batch.to(self.input_dtype), cnn_features=features).float().flatten()
+            context = (torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast_dtype)
+                       if self.autocast_dtype is not None else contextlib.nullcontext())
+            with context:
+                return self.model(batch.to(self.input_dtype)).float().flatten()
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class Trial:
+    """One candidate's measurement: ms per crop, and the largest score difference from fp32."""
+
+    precision: str
+    ms_per_crop: float | None = None
+    max_delta: float | None = None
+    skipped: str | None = None  # why it was not measured or not eligible
+
+    @property
+    def agrees(self) -> bool:
+        return self.skipped is None and self.max_delta is not None and self.max_delta <= AGREEMENT
+
+    def describe(self) -> str:
+        if self.ms_per_crop is None:
+            return f"{self.precision} skipped ({self.skipped})"
+        text = f"{self.precision} {self.ms_per_crop:.0f} ms/crop"
+        if self.precision != "fp32" and self.max_delta is not None:
+            text += f", max |Δscore| {self.max_delta:.4f}"
+            if self.max_delta > AGREEMENT:
+                text += f" > {AGREEMENT} (disagrees)"
+        return text
+
+
+@dataclass
+class PrecisionChoice:
+    """What the scorer runs in, and why: ``how`` is "forced", "rule", "measured" or "cached"."""
+
+    precision: str
+    how: str
+    trials: list[Trial] = field(default_factory=list)
+    seconds: float = 0.0  # the measurement's length (0 when cached)
+
+    def describe(self) -> str:
+        if self.how == "forced":
+            return f"{self.precision} (asked for)"
+        if self.how == "rule":
+            return f"{self.precision} (auto: the device's native half precision)" if self.precision != "fp32" \
+                else f"{self.precision} (auto)"
+        table = "; ".join(t.describe() for t in self.trials)
+        when = "measured now" if self.how == "measured" else "measured earlier on this machine"
+        return f"{self.precision} (auto, {when}: {table})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "how": self.how, "seconds": round(self.seconds, 3),
+                "trials": [asdict(t) for t in self.trials]}
+
+
+def pick(trials: Sequence[Trial]) -> str:
+    """The fastest candidate that agrees with fp32; fp32 unless one is clearly faster."""
+    base = next((t for t in trials if t.precision == "fp32" and t.ms_per_crop), None)
+    if base is None:
+        return "fp32"
+    best = min((t for t in trials if t.precision != "fp32" and t.agrees and t.ms_per_crop),
+               key=lambda t: t.ms_per_crop, default=None)
+    if best is not None and best.ms_per_crop * MIN_GAIN <= base.ms_per_crop:
+        return best.precision
+    return "fp32"
+
+
+def probe_crops(n: int, size: int, seed: int = 0):
+    """``n`` deterministic photo-like uint8 crops (smooth shading, edges, grain), 3 x size x size."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.uniform(30, 225, (6, 6, 3)).astype(np.uint8)
+        image = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y, r = (int(v) for v in rng.integers(0, size, 3))
+            draw.ellipse((x - r // 2, y - r // 2, x + r // 2, y + r // 2),
+                         fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        arr = np.asarray(image, dtype=np.int16) + rng.normal(0, 6, (size, size, 3)).astype(np.int16)
+        out.append(np.clip(arr, 0, 255).astype(np.uint8).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def _time(runner: Runner, batch) -> tuple[float, Any]:
+    runner(batch[:1])  # kernel selection and allocator warm-up, untimed
+    t0 = time.perf_counter()
+    raw = runner(batch)
+    return (time.perf_counter() - t0) * 1000 / len(batch), raw
+
+
+def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = "cpu",
+            candidates: Sequence[str] = CPU_CANDIDATES, budget_s: float = BUDGET_S,
+            flags: frozenset[str] | None = None, prepare: Callable[..., Runner] = Runner) -> list[Trial]:
+    """Time ``model`` on a few probe crops in each candidate precision and compare its scores
+    (``to_score`` maps a raw tensor to scores) with fp32's. A candidate that fails is skipped."""
+    import torch
+
+    from loda_cli.transforms import normalize
+
+    flags = cpu_description()[1] if flags is None else flags
+    size = preprocess.crop_size
+    prepared = lambda x: normalize(torch.from_numpy(x).to(device), preprocess).contiguous(  # noqa: E731
+        memory_format=torch.channels_last)
+    base = prepare(model, "fp32", device)
+    one = prepared(probe_crops(1, size))
+    t0 = time.perf_counter()
+    base(one)
+    single = time.perf_counter() - t0
+    # As many crops as fit the budget over every candidate (two runs each), 2 to 8.
+    n = int(max(2, min(8, budget_s / max(1e-6, 2 * single * len(candidates)))))
+    batch = prepared(probe_crops(n, size))
+    ms, raw32 = _time(base, batch)
+    reference = to_score(raw32)
+    trials = [Trial("fp32", ms, 0.0)]
+    for precision in candidates:
+        if precision == "fp32":
+            continue
+        note = cpu_flag_note(precision, flags) if device == "cpu" else None
+        if note is not None:
+            trials.append(Trial(precision, skipped=note))
+            continue
+        try:
+            runner = prepare(model, precision, device)
+            ms, raw = _time(runner, batch)
+            delta = float((to_score(raw) - reference).abs().max())
+        except Exception as exc:  # a candidate this torch or CPU cannot run is not fatal
+            trials.append(Trial(precision, skipped=f"failed: {type(exc).__name__}: {exc}"[:160]))
+            continue
+        finally:
+            runner = None  # noqa: F841 (free the copy before the next candidate)
+        trials.append(Trial(precision, ms, delta))
+    return trials
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def cache_path() -> Path:
+    from loda_cli.weights import loda_home
+
+    return loda_home() / "precision.json"
+
+
+def cache_key(*, model_id: str, architecture: dict[str, Any], crop_size: int, device: str) -> tuple[str, dict]:
+    """The measurement's key (a hash) and what it hashes: CPU model and flags, torch version,
+    thread count, device, the model and its architecture, and the crop size."""
+    import torch
+
+    name, flags = cpu_description()
+    facts = {
+        "cpu": name, "flags": sorted(flags), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": device, "model": model_id, "architecture": architecture, "crop_size": crop_size,
+        "version": CACHE_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return digest, facts
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: measured again and rewritten
+    return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) else {}
+
+
+def cached_choice(key: str, path: Path | None = None) -> PrecisionChoice | None:
+    entry = _read(path or cache_path()).get("entries", {}).get(key)
+    try:
+        trials = [Trial(**t) for t in entry["trials"]]
+        precision = entry["precision"]
+    except (TypeError, KeyError):
+        return None
+    if precision not in CPU_CANDIDATES:
+        return None
+    return PrecisionChoice(precision, "cached", trials)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock for a read-modify-write of ``path`` (a no-op where fcntl is missing:
+    the atomic rename still keeps the file whole)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def store_choice(key: str, facts: dict[str, Any], choice: PrecisionChoice, path: Path | None = None) -> None:
+    """Add one entry, keeping the others; the file is replaced atomically under a lock, so two
+    processes storing at once both land."""
+    import tempfile
+
+    path = path or cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        data = _read(path) or {"version": CACHE_VERSION, "entries": {}}
+        data["entries"][key] = {**choice.as_dict(), "facts": facts,
+                                "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".precision-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def choose(precision: str, device: str, *, model=None, preprocess=None, to_score=None, model_id: str = "",
+           architecture: dict[str, Any] | None = None, on_measure: Callable[[], None] | None = None,
+           path: Path | None = None, measurer: Callable[..., list[Trial]] | None = None) -> PrecisionChoice:
+    """Resolve ``precision`` for ``device``: an explicit value is kept; ``auto`` follows the rule
+    on accelerators and, on the CPU, the cached or a new measurement of ``model``."""
+    check_precision(precision)
+    if precision != "auto":
+        if precision == "int8" and device != "cpu":
+            raise UsageError("--precision int8 runs on the CPU only")
+        return PrecisionChoice(precision, "forced")
+    if device != "cpu" or model is None:
+        return PrecisionChoice(static_precision(device), "rule")
+    key, facts = cache_key(model_id=model_id, architecture=architecture or {}, crop_size=preprocess.crop_size,
+                           device=device)
+    found = cached_choice(key, path)
+    if found is not None:
+        return found
+    if on_measure is not None:
+        on_measure()
+    t0 = time.perf_counter()
+    trials = (measurer or measure)(model, preprocess, to_score, device=device)
+    choice = PrecisionChoice(pick(trials), "measured", trials, time.perf_counter() - t0)
+    with contextlib.suppress(OSError):  # an unwritable home only costs a re-measure next time
+        store_choice(key, facts, choice, path)
+    return choice

@@ -1,0 +1,187 @@
+"""--precision auto: measured once per model and machine, only agreeing candidates, cached safely."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+
+import pytest
+
+from loda_cli import precision as P
+from loda_cli.config import Preprocess
+
+
+def trials(**ms_delta):
+    return [P.Trial(name, ms, delta) for name, (ms, delta) in ms_delta.items()]
+
+
+def test_pick_takes_the_fastest_candidate_that_agrees():
+    assert P.pick(trials(fp32=(100, 0.0), bf16=(50, 0.004), int8=(70, 0.001))) == "bf16"
+
+
+def test_a_candidate_that_disagrees_is_never_chosen_however_fast():
+    for delta in (0.0051, 0.02, 1.0):
+        assert P.pick(trials(fp32=(100, 0.0), bf16=(1, delta))) == "fp32"
+        assert P.pick(trials(fp32=(100, 0.0), bf16=(1, delta), int8=(80, 0.001))) == "int8"
+    assert P.pick(trials(fp32=(100, 0.0), bf16=(1, float("nan")))) == "fp32"
+
+
+def test_a_marginal_gain_keeps_fp32_and_skipped_candidates_do_not_count():
+    assert P.pick(trials(fp32=(100, 0.0), int8=(97, 0.0))) == "fp32"
+    assert P.pick([P.Trial("fp32", 100, 0.0), P.Trial("bf16", skipped="no native bf16")]) == "fp32"
+
+
+def to_score(raw):
+    import torch
+
+    return torch.sigmoid(raw)
+
+
+def test_measure_flags_disagreement_and_survives_a_failing_candidate(tiny_model):
+    """A candidate whose scores move by more than 0.005 is measured but marked as disagreeing; one
+    that raises is skipped with its reason."""
+    import torch
+
+    class Off(P.Runner):
+        def __call__(self, batch):
+            return super().__call__(batch) + 1.0  # sigmoid moves by far more than 0.005
+
+    def prepare(model, precision, device):
+        if precision == "fp16":
+            raise RuntimeError("no kernel for this")
+        return (Off if precision == "int8" else P.Runner)(model, "fp32" if precision == "int8" else precision, device)
+
+    flags = frozenset({"avx512_bf16", "avx512_fp16"})
+    got = {t.precision: t for t in P.measure(tiny_model, Preprocess(), to_score, flags=flags, prepare=prepare)}
+    assert got["fp32"].agrees and got["fp32"].ms_per_crop > 0
+    assert got["bf16"].max_delta is not None and got["bf16"].ms_per_crop > 0
+    assert not got["int8"].agrees and got["int8"].max_delta > 0.005
+    assert got["fp16"].skipped.startswith("failed: RuntimeError")
+    assert P.pick(list(got.values())) != "int8"
+    # The model the caller passed is still fp32 afterwards.
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
+
+
+def test_candidates_without_hardware_support_are_skipped(tiny_model):
+    got = {t.precision: t for t in P.measure(tiny_model, Preprocess(), to_score, flags=frozenset())}
+    assert "bf16" in got["bf16"].skipped and "fp16" in got["fp16"].skipped
+    assert got["int8"].ms_per_crop is not None  # int8 needs only the quantized engine
+
+
+def test_int8_runner_quantizes_linear_layers_and_stays_close(tiny_model):
+    import torch
+
+    x = torch.randn(2, 3, 224, 224)
+    ref = P.Runner(tiny_model, "fp32", "cpu")(x)
+    runner = P.Runner(tiny_model, "int8", "cpu")
+    quantized = lambda model: [m for m in model.modules() if "quantized" in type(m).__module__]  # noqa: E731
+    assert len(quantized(runner.model)) > 4 and not quantized(tiny_model)
+    assert torch.allclose(runner(x), ref, atol=0.1)
+
+
+def choose(tiny_model, path, calls):
+    def fake_measure(*args, **kwargs):
+        calls.append(1)
+        return trials(fp32=(100, 0.0), bf16=(40, 0.001))
+
+    return P.choose("auto", "cpu", model=tiny_model, preprocess=Preprocess(), to_score=to_score,
+                    model_id="m", architecture={"vit": "test_vit"}, path=path, measurer=fake_measure)
+
+
+def test_the_choice_is_cached_and_a_new_torch_version_measures_again(tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    path, calls = tmp_path / "precision.json", []
+    first = choose(tiny_model, path, calls)
+    assert (first.precision, first.how, len(calls)) == ("bf16", "measured", 1)
+    again = choose(tiny_model, path, calls)
+    assert (again.precision, again.how, len(calls)) == ("bf16", "cached", 1)
+    assert "bf16 40 ms/crop" in again.describe()
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert choose(tiny_model, path, calls).how == "measured" and len(calls) == 2
+    assert len(json.loads(path.read_text())["entries"]) == 2
+
+
+@pytest.mark.parametrize("junk", ["{not json", "", "[1, 2]", '{"entries": {"x": 3}}'])
+def test_a_corrupt_cache_is_ignored_and_rewritten(tiny_model, tmp_path, junk):
+    path, calls = tmp_path / "precision.json", []
+    path.write_text(junk)
+    assert choose(tiny_model, path, calls).how == "measured"
+    data = json.loads(path.read_text())
+    assert len(calls) == 1 and any(e.get("precision") == "bf16" for e in data["entries"].values())
+    assert choose(tiny_model, path, calls).how == "cached"
+
+
+def test_an_entry_naming_an_unknown_precision_is_measured_again(tiny_model, tmp_path):
+    path, calls = tmp_path / "precision.json", []
+    choose(tiny_model, path, calls)
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        entry["precision"] = "fp8"
+    path.write_text(json.dumps(data))
+    assert choose(tiny_model, path, calls).how == "measured"
+
+
+def _store_many(path: str, who: int, n: int) -> None:
+    from pathlib import Path
+
+    for i in range(n):
+        choice = P.PrecisionChoice("fp32", "measured", [P.Trial("fp32", 1.0, 0.0)])
+        P.store_choice(f"{who}-{i}", {"who": who}, choice, Path(path))
+
+
+def test_two_processes_writing_at_once_both_succeed(tmp_path):
+    path = tmp_path / "precision.json"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_store_many, args=(str(path), who, 25)) for who in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 50
+    assert not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
+
+
+def test_explicit_precision_is_forced_and_accelerators_follow_the_rule(tiny_model, tmp_path):
+    assert P.choose("fp32", "cpu", model=tiny_model).how == "forced"
+    assert P.choose("int8", "cpu").describe() == "int8 (asked for)"
+    from loda_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="CPU only"):
+        P.choose("int8", "cuda")
+    with pytest.raises(UsageError, match="unknown precision"):
+        P.choose("fp64", "cpu")
+    assert P.choose("auto", "mps").precision == "fp16"
+
+
+def test_training_refuses_int8_and_keeps_fp32_on_a_cpu_without_amx(monkeypatch):
+    from loda_cli.errors import UsageError
+    from loda_cli.scoring import resolve_precision
+
+    with pytest.raises(UsageError, match="scoring only"):
+        resolve_precision("int8", "cpu")
+    monkeypatch.setattr(P, "cpu_description", lambda: ("test cpu", frozenset({"avx512_bf16"})))
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(P, "cpu_description", lambda: ("test cpu", frozenset({"amx_bf16"})))
+    assert resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_scorer_measures_once_then_reads_the_cache(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from loda_cli.scoring import Scorer
+
+    Image.new("RGB", (320, 240), (120, 80, 40)).save(tmp_path / "a.jpg")
+    first = Scorer(str(tiny_checkpoint), device="cpu", cache=False, workers=0)
+    assert first.precision_choice.how == "measured" and first.precision in P.CPU_CANDIDATES
+    assert [t.precision for t in first.precision_choice.trials] == list(P.CPU_CANDIDATES)
+    second = Scorer(str(tiny_checkpoint), device="cpu", cache=False, workers=0)
+    assert second.precision_choice.how == "cached" and second.precision == first.precision
+    rows = list(second.score_files([str(tmp_path / "a.jpg")]))
+    assert rows[0].error is None and 0 <= rows[0].score <= 1
+    forced = Scorer(str(tiny_checkpoint), device="cpu", precision="int8", cache=False, workers=0)
+    assert forced.precision_choice.how == "forced"
+    int8_rows = list(forced.score_files([str(tmp_path / "a.jpg")]))
+    assert abs(int8_rows[0].score - rows[0].score) < 0.05
