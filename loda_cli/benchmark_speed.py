@@ -184,6 +184,21 @@ def warm_up(loaded, scorer) -> None:
     scorer._forward(torch.randint(0, 255, (scorer.batch_size, 3, 224, 224), dtype=torch.uint8))
 
 
+def flops_per_crop(model, crop_size: int = 224) -> float:
+    """Floating-point operations of one crop through ``model`` (a multiply-add counts 2), counted
+    by torch's FLOP counter on a copy on the meta device (shapes only, no arithmetic)."""
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).to("meta").eval()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        probe(torch.zeros(1, 3, crop_size, crop_size, device="meta"))
+    return float(counter.get_total_flops())
+
+
 def cuda_peak_mb(device: str) -> float | None:
     import torch
 

@@ -120,6 +120,9 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
         "cuda_peak_mb": bs.cuda_peak_mb(scorer.device),
     }
     loda, ceiling = results["loda"], results["model-only"]
+    flops = bs.flops_per_crop(loaded.model, scorer.preprocess.crop_size)
+    report["gflop_per_crop"] = round(flops / 1e9, 3)
+    report["model_only_gflop_per_s"] = round(flops * ceiling.crops_per_s / 1e9, 1)
     report["pipeline_share_of_model_only"] = round(loda.images_per_s / ceiling.images_per_s, 3)
     if compare_naive:
         report["speedup_vs_naive"] = round(loda.images_per_s / results["naive"].images_per_s, 2)
@@ -141,6 +144,8 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
                           + (f"; CUDA peak {report['cuda_peak_mb']:.0f} MB" if report["cuda_peak_mb"] else ""))
         out_console.print(f"pipeline reaches {100 * report['pipeline_share_of_model_only']:.0f}% of the model-only "
                           f"throughput ({ceiling.images_per_s:.3f} img/s)")
+        out_console.print(f"compute: {report['gflop_per_crop']:.2f} GFLOP a crop; the model alone runs "
+                          f"{report['model_only_gflop_per_s']:.0f} GFLOP/s ({scorer.precision})")
     summary = (f"loda {loda.images_per_s:.2f} img/s, {scorer.device} {scorer.precision}, {label} crops")
     if compare_naive:
         naive = results["naive"]
