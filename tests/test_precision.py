@@ -185,3 +185,24 @@ def test_scorer_measures_once_then_reads_the_cache(tiny_checkpoint, tmp_path):
     assert forced.precision_choice.how == "forced"
     int8_rows = list(forced.score_files([str(tmp_path / "a.jpg")]))
     assert abs(int8_rows[0].score - rows[0].score) < 0.05
+
+
+def test_benchmark_speed_reports_the_choice_the_compute_and_the_naive_ratio(tiny_checkpoint, tmp_path):
+    """`loda benchmark speed --compare-naive` on real files: the measured table, FLOPs a crop, the
+    GFLOP/s reached and the speedup over the naive loop, all in one report."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from loda_cli.cli.main import app
+
+    for i in range(3):
+        Image.new("RGB", (640, 480), (40 * i, 90, 160)).save(tmp_path / f"{i}.jpg")
+    out = CliRunner().invoke(app, ["benchmark", "speed", "--images", str(tmp_path), "--model", str(tiny_checkpoint),
+                                   "--compare-naive", "--workers", "0", "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["precision_choice"]["how"] == "measured"
+    assert {t["precision"] for t in report["precision_choice"]["trials"]} == set(P.CPU_CANDIDATES)
+    assert report["gflop_per_crop"] > 0 and report["model_only_gflop_per_s"] > 0
+    assert report["speedup_vs_naive"] > 0 and report["results"]["naive"]["images"] == 3
+    assert "speedup" in out.stderr and "precision: " in out.stderr
