@@ -5,7 +5,7 @@ raw scores through the ViT's final norm, the CLS token, dropout and the same cos
 carries ``config`` (a LoDaConfig: the ViT, CNN and dropout are read from it), ``pretrained`` and
 ``backbones_frozen``, and the state methods ``train``/``weights`` use (``adapter_state_keys``,
 ``cnn_bn_buffers``, ``load_loda_state_dict``), so ``loda train --method X`` trains and saves them
-like LoDa and :func:`load_checkpoint` reads them back.
+like LoDa and :func:`loda_cli.weights.load_checkpoint` reads them back.
 
 Methods (``TrainConfig.method``):
 
@@ -36,7 +36,6 @@ benchmark result and table footer.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -339,7 +338,7 @@ _CLASSES: dict[str, type[ViTMethod]] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Factories and checkpoints
+# Factories
 
 
 def build_method(method: str, config: LoDaConfig | None = None, pretrained: bool = False) -> nn.Module:
@@ -360,11 +359,3 @@ def build_baseline(cfg) -> nn.Module:
     if cfg.method == "loda":
         raise UsageError("build_baseline builds comparison methods; LoDa itself is loda_cli.model.LoDa")
     return build_method(cfg.method, cfg.model, pretrained=cfg.pretrained)
-
-
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint of any method (its metadata's ``method``; LoDa when absent)."""
-    from loda_cli import weights
-
-    return weights.load_checkpoint(path, device=device)
-

@@ -355,7 +355,7 @@ class BenchmarkSettings:
     def checkpoint_dir(self) -> Path:
         if self.checkpoints is not None:
             return Path(self.checkpoints).expanduser()
-        from loda_cli.weights import checkpoints_dir
+        from loda_cli.home import checkpoints_dir
 
         return checkpoints_dir()
 
@@ -836,7 +836,7 @@ class _Context:
 
     def load(self, path: Path, device: str):
         if self.model_path != path:
-            from loda_cli.baselines import load_checkpoint
+            from loda_cli.weights import load_checkpoint
 
             self.model = None  # free the previous one first
             self.model, self.meta = load_checkpoint(path, device=device)

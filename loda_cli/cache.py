@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS scores (
 
 
 def default_cache_path() -> Path:
-    from loda_cli.weights import loda_home
+    from loda_cli.home import loda_home
 
     return loda_home() / "cache.sqlite"
 

@@ -200,7 +200,7 @@ def dataset_root(spec: DatasetSpec, data: Optional[Path] = None) -> Path:
     if not root.exists() and data is None and spec.name == "synthetic":
         # The synthetic set needs no download: an empty folder stands for the built-in
         # references, and the generated images are cached inside it.
-        from loda_cli.weights import loda_home
+        from loda_cli.home import loda_home
 
         root = loda_home() / "synthetic"
         root.mkdir(parents=True, exist_ok=True)

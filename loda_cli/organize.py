@@ -619,7 +619,7 @@ def journals_dir() -> str:
 
 
 def _default_home() -> str:
-    from loda_cli.weights import loda_home
+    from loda_cli.home import loda_home
 
     return os.fspath(loda_home())
 

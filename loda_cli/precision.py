@@ -298,7 +298,7 @@ def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = 
 
 
 def cache_path() -> Path:
-    from loda_cli.weights import loda_home
+    from loda_cli.home import loda_home
 
     return loda_home() / "precision.json"
 

@@ -117,7 +117,7 @@ class Distributed:
 
 
 def default_out(cfg: TrainConfig, dataset: str) -> Path:
-    from loda_cli.weights import checkpoints_dir
+    from loda_cli.home import checkpoints_dir
 
     name = cfg.name or f"loda-{dataset}-split{cfg.split}"
     return checkpoints_dir() / f"{name}.safetensors"

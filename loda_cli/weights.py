@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from loda_cli import __version__
 from loda_cli.config import LoDaConfig, Preprocess
 from loda_cli.errors import CheckpointError, ModelNotFoundError, StateDictMismatchError, UsageError
+from loda_cli.home import checkpoints_dir
 
 if TYPE_CHECKING:
     from loda_cli.model import LoDa
@@ -42,15 +43,6 @@ BUILTIN_NAME = "loda-builtin"
 
 # ---------------------------------------------------------------------------------------------
 # Locations
-
-
-def loda_home() -> Path:
-    """User state: checkpoints, the score cache. ``$LODA_HOME``, default ``~/.cache/loda``."""
-    return Path(os.environ.get("LODA_HOME") or Path.home() / ".cache" / "loda").expanduser()
-
-
-def checkpoints_dir() -> Path:
-    return loda_home() / "checkpoints"
 
 
 def weights_dir() -> Path:

@@ -66,7 +66,8 @@ def scores(scorer, paths, decode_full: bool = False) -> np.ndarray:
 def main() -> None:
     from loda_cli.metrics import srcc
     from loda_cli.scoring import Scorer
-    from loda_cli.weights import load_model, loda_home
+    from loda_cli.home import loda_home
+    from loda_cli.weights import load_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)

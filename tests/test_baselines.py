@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from loda_cli import baselines
-from loda_cli.baselines import build_baseline, build_method, load_checkpoint
+from loda_cli.baselines import build_baseline, build_method
 from loda_cli.config import LoDaConfig, TrainConfig
 from loda_cli.errors import UsageError
 from loda_cli.model import LoDa
-from loda_cli.weights import read_metadata, save_checkpoint
+from loda_cli.weights import load_checkpoint, read_metadata, save_checkpoint
 
 from .conftest import TINY_KW
 

@@ -551,7 +551,7 @@ def test_default_references_mix_photos_and_procedural_images():
 
 def test_synthetic_dataset_defaults_to_a_folder_in_loda_home(tmp_path, monkeypatch):
     from loda_cli import datasets
-    from loda_cli.weights import loda_home
+    from loda_cli.home import loda_home
 
     monkeypatch.setenv("LODA_DATA", str(tmp_path / "nothing-here"))
     root = datasets.dataset_root(datasets.resolve_dataset("synthetic"))

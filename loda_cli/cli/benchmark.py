@@ -88,7 +88,7 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
     else:
         if synthetic < 1:
             raise UsageError("--synthetic must be at least 1")
-        from loda_cli.weights import loda_home
+        from loda_cli.home import loda_home
 
         folder = loda_home() / "bench-images"
         err_console.print(f"preparing {synthetic} synthetic 24 MP JPEGs in {folder} ...")
