@@ -1,0 +1,131 @@
+"""The package's shape: no import circle, the library never imports the CLI, no function too long
+to hold in mind. Read from the source with ``ast``; nothing is imported."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "loda_cli"
+ROOT = "loda_cli"
+# What the package's __init__ hands out lazily (PEP 562), and where it comes from.
+FACADE = {"Scorer": "loda_cli.scoring", "score_paths": "loda_cli.scoring", "load_model": "loda_cli.weights"}
+MAX_BODY_LINES = 100
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    """Every loda_cli module this tree imports, at the top or inside a function.
+
+    ``loda_cli`` itself is the facade: it defines ``__version__`` before importing anything, so
+    ``from loda_cli import __version__`` is no edge, and a facade name is an edge to the module
+    that defines it. The facade's own lazy imports are left out for the same reason.
+    """
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith(ROOT + "."))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module != ROOT and not node.module.startswith(ROOT + "."):
+                continue
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in MODULES:
+                    found.add(full)
+                elif node.module == ROOT:
+                    if alias.name in FACADE:
+                        found.add(FACADE[alias.name])
+                else:
+                    found.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError("loda_cli uses absolute imports only")
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for name, path in MODULES.items():
+        edges = set() if name == ROOT else _imports(ast.parse(path.read_text(encoding="utf-8")))
+        graph[name] = {edge for edge in edges if edge != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_is_read():
+    graph = _graph()
+    assert "loda_cli.errors" in graph["loda_cli.weights"]
+    assert "loda_cli.home" in graph["loda_cli.precision"]  # a function-level import counts
+    assert "loda_cli.scoring" in graph["loda_cli.cli.score"]
+
+
+def test_no_import_circle():
+    assert _cycles(_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_library_never_imports_the_cli():
+    cli = ROOT + ".cli"
+    for name, targets in _graph().items():
+        if name == cli or name.startswith(cli + ".") or name == ROOT + ".__main__":
+            continue
+        assert not [t for t in targets if t == cli or t.startswith(cli + ".")], name
+
+
+def test_home_and_weights_depend_downward():
+    graph = _graph()
+    assert graph["loda_cli.home"] <= {"loda_cli.errors"}
+    below_weights = {"loda_cli.errors", "loda_cli.home", "loda_cli.config", "loda_cli.metrics"}
+    below_weights |= {"loda_cli.model", "loda_cli.baselines"}
+    datasets = {name for name in MODULES if name.split(".")[:2] == ["loda_cli", "datasets"]}
+    assert graph["loda_cli.weights"] <= below_weights | datasets
+    for name in datasets | {"loda_cli.baselines", "loda_cli.model"}:
+        assert "loda_cli.weights" not in graph[name], name
