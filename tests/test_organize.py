@@ -19,6 +19,9 @@ from typer.testing import CliRunner
 
 from loda_cli import organize
 from loda_cli.cli.main import app
+from loda_cli.organize import apply as apply_module
+from loda_cli.organize import fileops
+from loda_cli.organize import undo as undo_module
 from loda_cli.errors import JournalError, UnsafePathError
 
 runner = CliRunner()
@@ -437,8 +440,8 @@ def test_preflight_read_only_destination_moves_nothing(shoot, monkeypatch):
     dest.mkdir()
     dest.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere; make the check see what a user would
-        real = organize._writable
-        monkeypatch.setattr(organize, "_writable", lambda folder: False if Path(folder) == dest else real(folder))
+        real = apply_module._writable
+        monkeypatch.setattr(apply_module, "_writable", lambda folder: False if Path(folder) == dest else real(folder))
     before = snapshot(shoot.tmp, skip_loda=False)
     result = invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--to", dest, "--apply")
     dest.chmod(0o755)
@@ -447,7 +450,7 @@ def test_preflight_read_only_destination_moves_nothing(shoot, monkeypatch):
 
 
 def test_preflight_not_enough_space_moves_nothing(shoot, monkeypatch):
-    monkeypatch.setattr(organize.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1, used=1, free=1000))
+    monkeypatch.setattr(apply_module.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1, used=1, free=1000))
     before = snapshot(shoot.tmp, skip_loda=False)
     result = invoke("sort", "wedding", "--into", shoot.tmp / "sorted", "--scores", shoot.scores, "--apply")
     assert result.exit_code == 1 and "not enough free space" in result.output
@@ -715,7 +718,7 @@ def test_cull_scores_real_photos_with_a_checkpoint_end_to_end(tmp_path, monkeypa
 
 def test_ctrl_c_halfway_names_the_journal_and_undo_restores(shoot, monkeypatch):
     before = snapshot(shoot.root)
-    real = organize._perform
+    real = apply_module._perform
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -724,12 +727,12 @@ def test_ctrl_c_halfway_names_the_journal_and_undo_restores(shoot, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(organize, "_perform", interrupted)
+    monkeypatch.setattr(apply_module, "_perform", interrupted)
     result = invoke("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
     assert result.exit_code == 130
     assert "undo it with: loda undo" in result.output.replace("\n", "")
     assert snapshot(shoot.root) != before
-    monkeypatch.setattr(organize, "_perform", real)
+    monkeypatch.setattr(apply_module, "_perform", real)
     ok("undo")
     assert snapshot(shoot.root) == before
 
@@ -843,20 +846,20 @@ def test_several_roots_each_get_their_culled_folder_or_a_subfolder_of_to(shoot):
 
 def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(shoot, monkeypatch):
     before = snapshot(shoot.root)
-    real_hash = organize._sha256_file
+    real_hash = fileops.sha256_file
 
     def failing_hash(path):
         if path.endswith("IMG_2.heic"):
             raise PermissionError(13, "Permission denied")
         return real_hash(path)
 
-    monkeypatch.setattr(organize, "_sha256_file", failing_hash)
+    monkeypatch.setattr(fileops, "sha256_file", failing_hash)
     result = ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
     assert "Permission denied" in result.output.replace("\n", " ")
     assert (shoot.root / "IMG_2.heic").exists() and not (shoot.root / "IMG_1.JPG").exists()
-    monkeypatch.setattr(organize, "_sha256_file", real_hash)
+    monkeypatch.setattr(fileops, "sha256_file", real_hash)
 
-    real_undo_one = organize._undo_one
+    real_undo_one = undo_module._undo_one
     calls = []
 
     def failing_undo_one(step):
@@ -865,10 +868,10 @@ def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(
             raise OSError(5, "Input/output error")
         return real_undo_one(step)
 
-    monkeypatch.setattr(organize, "_undo_one", failing_undo_one)
+    monkeypatch.setattr(undo_module, "_undo_one", failing_undo_one)
     result = invoke("undo")
     assert result.exit_code == 1 and "Input/output error" in result.output and "again" in result.output
-    monkeypatch.setattr(organize, "_undo_one", real_undo_one)
+    monkeypatch.setattr(undo_module, "_undo_one", real_undo_one)
     ok("undo")
     assert snapshot(shoot.root) == before
 

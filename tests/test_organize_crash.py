@@ -1,7 +1,7 @@
 """SIGKILL in the middle of `cull --apply`, `sort --apply --move` and `undo`: undo still restores
 every file byte-identical, even when the journal's last line is cut in half.
 
-The runs are slowed with the test hook ``LODA_TEST_ACTION_DELAY`` (organize.py) so the kill lands
+The runs are slowed with the test hook ``LODA_TEST_ACTION_DELAY`` (organize/fileops.py) so the kill lands
 halfway; the kill comes once the journal shows about half the actions done.
 """
 
@@ -187,6 +187,7 @@ def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatc
     import base64
 
     from loda_cli import organize
+    from loda_cli.organize import fileops
 
     root, scores = _tree(tmp_path, count=30)
     before = snapshot(root)
@@ -216,11 +217,11 @@ def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatc
     if point == "sidecar-tmp":
         plan = organize.plan_rate(organize.resolve_roots([root]), plan.groups)
     if point in ("after-verified-copy", "partial-tmp"):
-        monkeypatch.setattr(organize.os, "link", no_cross_link)
+        monkeypatch.setattr(fileops.os, "link", no_cross_link)
     if point in ("after-link", "after-verified-copy"):
-        monkeypatch.setattr(organize.os, "unlink", dying_unlink)
+        monkeypatch.setattr(fileops.os, "unlink", dying_unlink)
     else:
-        monkeypatch.setattr(organize.os, "fsync", dying_fsync)
+        monkeypatch.setattr(fileops.os, "fsync", dying_fsync)
     home = os.environ["LODA_HOME"]
     with pytest.raises(_Killed):
         organize.apply_plan(plan)

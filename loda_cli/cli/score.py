@@ -74,8 +74,8 @@ def _own_folder_globs(paths: list[Path]) -> tuple[str, ...]:
     for dest in organize.own_folders([p for p in paths if os.path.isdir(p)]):
         for root in paths:
             real = os.path.realpath(root)
-            if os.path.isdir(root) and organize._is_under(dest, real) and dest != real:
-                globs.add(organize._glob_escape(os.path.relpath(dest, real)))
+            if os.path.isdir(root) and organize.is_under(dest, real) and dest != real:
+                globs.add(organize.glob_escape(os.path.relpath(dest, real)))
     return tuple(sorted(globs))
 
 

@@ -1,0 +1,248 @@
+"""File operations: the only place in loda_cli.organize that moves, links, copies or removes a file.
+
+A destination name is never replaced. A move is a hard link then an unlink on one filesystem,
+or, across filesystems, a copy that is fsynced and checked by size and SHA-256 before the source
+is removed: the only place a source file is removed. New content is written to a temporary file
+(``.loda-tmp-*``), fsynced, then named. The other removals are loda's own temporary files and
+what undo found to be loda's own copy, link or sidecar. An operation that cannot be done safely
+raises :class:`~loda_cli.organize.paths.Skipped`; the run records it and goes on.
+
+Test hook: the environment variable ``LODA_TEST_ACTION_DELAY`` (seconds, a float) makes
+:func:`pause_before_action` sleep, so tests can kill a run or an undo halfway. It has no other
+effect.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import time
+from typing import Callable, Optional
+
+from loda_cli.errors import OutputError
+from loda_cli.organize.paths import Skipped, display_path
+
+_CHUNK = 1 << 20
+ACTION_DELAY_ENV = "LODA_TEST_ACTION_DELAY"
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and Windows shares) cannot fsync a folder; the data is synced
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: str) -> Optional[bytes]:
+    """The bytes of a regular file, None when absent; Skipped for links and other things."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise Skipped("no longer a regular file")
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def same_file_state(path: str, size: int, mtime_ns: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns == mtime_ns
+
+
+def file_state(path: str, size: int, sha256: str) -> str:
+    """'absent', 'match' (a regular file with that size and hash), or 'other'."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "absent"
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        return "other"
+    return "match" if sha256_file(path) == sha256 else "other"
+
+
+# --- writing, never over an existing name --------------------------------------------------------
+
+_NO_HARDLINKS = {
+    errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EACCES
+}
+
+
+def place(tmp: str, dst: str) -> None:
+    """Give the finished file ``tmp`` the name ``dst``, never replacing an existing ``dst``."""
+    try:
+        os.link(tmp, dst)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise Skipped("the destination name was taken meanwhile") from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARDLINKS:
+            raise
+        # Filesystems without hard links (FAT, exFAT, some shares): check, then rename.
+        if os.path.lexists(dst):
+            os.unlink(tmp)
+            raise Skipped("the destination name was taken meanwhile") from None
+        os.rename(tmp, dst)
+        return
+    os.unlink(tmp)
+
+
+def copy_verified(src: str, dst: str, size: int, sha256: str, tmp: str) -> None:
+    """Copy to ``tmp``, fsync, check size and hash (of the bytes read and of the bytes on disk),
+    then name it ``dst``. The source is untouched."""
+    digest = hashlib.sha256()
+    written = 0
+    mode = stat.S_IMODE(os.stat(src).st_mode)
+    with open(src, "rb") as fin:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            while chunk := fin.read(_CHUNK):
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                written += len(chunk)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+    if written != size or digest.hexdigest() != sha256:
+        os.unlink(tmp)
+        raise Skipped("the file changed after it was journalled")
+    if os.path.getsize(tmp) != size or sha256_file(tmp) != sha256:
+        os.unlink(tmp)
+        raise OutputError(
+            f"the copy of {display_path(src)} does not read back identical; the source is untouched"
+        )
+    try:
+        shutil.copystat(src, tmp)
+    except OSError:
+        os.chmod(tmp, mode)
+    place(tmp, dst)
+    fsync_dir(os.path.dirname(dst))
+
+
+def move(
+    src: str, dst: str, size: int, sha256: str, tmp: str, verified: Callable[[], None]
+) -> None:
+    """Give ``src`` the name ``dst`` and drop the old name. Across filesystems: a verified copy
+    (through ``tmp``), ``verified()`` (the caller journals it), then the source's removal."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise Skipped("the destination name was taken meanwhile") from None
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            copy_verified(src, dst, size, sha256, tmp)
+            verified()
+            os.unlink(src)
+            fsync_dir(os.path.dirname(src))
+            return
+        if exc.errno not in _NO_HARDLINKS:
+            raise
+        if os.path.lexists(dst):
+            raise Skipped("the destination name was taken meanwhile") from None
+        os.rename(src, dst)
+        fsync_dir(os.path.dirname(dst))
+        fsync_dir(os.path.dirname(src))
+        return
+    # Both names now point at the same file; dropping the old name loses nothing.
+    fsync_dir(os.path.dirname(dst))
+    os.unlink(src)
+    fsync_dir(os.path.dirname(src))
+
+
+def write_file(
+    path: str, data: bytes, tmp: str, *, replace: bool, mode: Optional[int] = None
+) -> None:
+    """Write ``data`` to ``tmp``, fsync, then name it ``path`` (replacing only if ``replace``)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, 0o644 if mode is None else mode)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    if replace:
+        os.replace(tmp, path)
+    else:
+        place(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def symlink(target: str, dst: str) -> None:
+    """Make ``dst`` a symlink to ``target``; Skipped when the name is taken."""
+    try:
+        os.symlink(target, dst)
+    except FileExistsError:
+        raise Skipped("the destination name was taken meanwhile") from None
+    fsync_dir(os.path.dirname(dst))
+
+
+# --- removing ------------------------------------------------------------------------------------
+
+
+def remove(path: str) -> None:
+    """Remove a name undo found to be loda's own and redundant: a copy or duplicate whose
+    original is in place, a symlink loda made, a sidecar loda created."""
+    os.unlink(path)
+    fsync_dir(os.path.dirname(path))
+
+
+def remove_tmp(path: str) -> None:
+    """Remove one of loda's temporary files (``.loda-tmp-*``) that a killed run left behind."""
+    os.unlink(path)
+
+
+def remove_empty_folder(folder: str) -> None:
+    """Remove ``folder`` if it is an empty plain folder; anything else stays, silently."""
+    try:
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            os.rmdir(folder)  # only ever removes an empty folder
+    except OSError:
+        pass
+
+
+# --- the test hook -------------------------------------------------------------------------------
+
+
+def pause_before_action() -> None:
+    """Sleep ``$LODA_TEST_ACTION_DELAY`` seconds, when set (tests kill runs halfway)."""
+    try:
+        delay = max(0.0, float(os.environ.get(ACTION_DELAY_ENV, "0") or 0))
+    except ValueError:
+        delay = 0.0
+    if delay:
+        time.sleep(delay)

@@ -1,0 +1,58 @@
+"""Paths in the organize commands: printing them safely, the roots, and what is left alone.
+
+Every path loda acts on lies under a root the user named or a destination they chose;
+:func:`is_under` is the one test for that. Paths are printed through :func:`display_path` only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from loda_cli.errors import UsageError
+
+# The folder inside each root that cull moves photos into (unless --to).
+CULLED_DIRNAME = "_culled"
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as text that is safe to print: undecodable bytes and control characters escaped."""
+    text = os.fsencode(path).decode("utf-8", errors="backslashreplace")
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
+def is_under(path: str, folder: str) -> bool:
+    """Whether absolute ``path`` is ``folder`` or inside it (both already normalised)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:
+        return False
+
+
+def resolve_roots(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The real paths of the root folders; a root inside another root is dropped."""
+    if not paths:
+        paths = [os.getcwd()]
+    real: list[str] = []
+    for given in paths:
+        path = os.path.realpath(os.fspath(given))
+        if not os.path.isdir(path):
+            raise UsageError(f"not a folder: {display_path(given)}")
+        if path not in real:
+            real.append(path)
+    return [r for r in real if not any(o != r and is_under(r, o) for o in real)]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Something left alone, and why."""
+
+    path: str
+    reason: str
+
+
+class Skipped(Exception):
+    """One action cannot be taken safely; it is recorded and the run goes on."""

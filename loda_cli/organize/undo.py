@@ -1,0 +1,268 @@
+"""Undo: read a journal, look at what is on disk now, and reverse each action whose state is
+unambiguous.
+
+Undo decides from what it finds on disk (a half-written last journal line is tolerated), so a
+run killed at any point, or an undo killed at any point, is undone by running undo (again). It
+removes a copy or duplicate only while an identical original exists. With any conflict it
+changes nothing, unless asked for a partial undo.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+
+from loda_cli.errors import JournalError, NothingToUndoError, UnsafePathError
+from loda_cli.organize import fileops
+from loda_cli.organize.journal import (
+    TMP_PREFIX,
+    Journal,
+    JournalEntry,
+    UndoLog,
+    read_journal,
+    undo_log_path,
+    utc_now,
+)
+from loda_cli.organize.paths import Skipped, display_path
+
+@dataclass
+class UndoStep:
+    entry: JournalEntry
+    # restore, remove-duplicate, remove-copy, remove-link, restore-sidecar, remove-sidecar,
+    # none (nothing to do) or conflict (left alone)
+    action: str
+    message: str
+
+
+@dataclass
+class UndoPlan:
+    journal: Journal
+    steps: list[UndoStep]
+
+    @property
+    def conflicts(self) -> list[UndoStep]:
+        return [s for s in self.steps if s.action == "conflict"]
+
+    @property
+    def changes(self) -> list[UndoStep]:
+        return [s for s in self.steps if s.action not in ("none", "conflict")]
+
+
+@dataclass
+class UndoReport:
+    journal: str
+    restored: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    conflicts: list[UndoStep] = field(default_factory=list)
+    complete: bool = False
+
+
+def _check_no_symlinks(entry: JournalEntry) -> None:
+    for base, path in entry.bases:
+        rel_folder = os.path.relpath(os.path.dirname(path), base)
+        expected = os.path.normpath(os.path.join(os.path.realpath(base), rel_folder))
+        if os.path.realpath(os.path.dirname(path)) != expected:
+            raise UnsafePathError(
+                f"a folder on the way to {display_path(path)} is now a symlink; refusing to undo"
+            )
+
+
+def _decide(entry: JournalEntry) -> UndoStep:
+    """What undoing ``entry`` means given what is on disk now. Reads only."""
+    _check_no_symlinks(entry)
+    src, dst = display_path(entry.src), display_path(entry.dst)
+    if entry.kind == "write":
+        return _decide_write(entry)
+    if entry.kind == "link":
+        if os.path.islink(entry.dst) and os.readlink(entry.dst) == entry.src:
+            return UndoStep(entry, "remove-link", f"remove the link {dst}")
+        if os.path.lexists(entry.dst) and entry.done:
+            return UndoStep(entry, "conflict", f"{dst} is no longer the link loda made")
+        return UndoStep(entry, "none", f"no link at {dst}")
+    s = fileops.file_state(entry.src, entry.size, entry.sha256)
+    d = fileops.file_state(entry.dst, entry.size, entry.sha256)
+    if entry.kind == "copy":
+        if d == "absent":
+            return UndoStep(entry, "none", f"no copy at {dst}")
+        if d == "match":
+            if s == "match":
+                return UndoStep(entry, "remove-copy", f"remove the copy {dst}")
+            why = f"the original {src} is missing or changed; keeping the copy {dst}"
+            return UndoStep(entry, "conflict", why)
+        if entry.done:
+            return UndoStep(entry, "conflict", f"the copy {dst} was changed after it was made")
+        return UndoStep(entry, "none", f"{dst} is not loda's copy")
+    # move
+    if s == "match":
+        if d == "absent":
+            return UndoStep(entry, "none", f"{src} is in place")
+        if d == "match":
+            why = f"{src} is in place; remove the identical {dst}"
+            return UndoStep(entry, "remove-duplicate", why)
+        return UndoStep(entry, "none", f"{src} is in place; {dst} is another file, left alone")
+    if s == "absent":
+        if d == "match":
+            return UndoStep(entry, "restore", f"move {dst} back to {src}")
+        if d == "absent":
+            why = f"{src} is in neither place (moved or renamed after the cull?)"
+            return UndoStep(entry, "conflict", why)
+        return UndoStep(entry, "conflict", f"{dst} was changed after the move")
+    if d == "match":
+        why = f"{src} is now occupied by a different file; {dst} stays"
+        return UndoStep(entry, "conflict", why)
+    if entry.done:
+        why = f"{src} is a different file and {dst} is not the moved file"
+        return UndoStep(entry, "conflict", why)
+    return UndoStep(entry, "none", f"{src} was not moved")
+
+
+def _decide_write(entry: JournalEntry) -> UndoStep:
+    path = display_path(entry.src)
+    try:
+        current = fileops.read_regular(entry.src)
+    except Skipped:
+        return UndoStep(entry, "conflict", f"{path} is no longer a regular file")
+    if current is not None and hashlib.sha256(current).hexdigest() == entry.new_sha256:
+        if entry.old_bytes is None:
+            return UndoStep(entry, "remove-sidecar", f"remove {path}, which loda created")
+        return UndoStep(entry, "restore-sidecar", f"restore the previous {path}")
+    if current == entry.old_bytes:
+        return UndoStep(entry, "none", f"{path} already holds its previous content")
+    if current is None:
+        return UndoStep(entry, "restore-sidecar", f"recreate the previous {path}")
+    if entry.done:
+        return UndoStep(entry, "conflict", f"{path} was changed after loda wrote it")
+    return UndoStep(entry, "none", f"{path} was not written by this run")
+
+
+def plan_undo(journal_path: str | os.PathLike[str]) -> UndoPlan:
+    """Read a journal and decide, per entry, what undo would do. Changes nothing."""
+    journal = read_journal(journal_path)
+    if journal.undo_complete:
+        raise NothingToUndoError(journal.path, journal.undone_at)
+    steps = [_decide(entry) for entry in reversed(journal.entries)]
+    return UndoPlan(journal, steps)
+
+
+def apply_undo(plan: UndoPlan, *, partial: bool = False) -> UndoReport:
+    """Reverse what the journal did. With conflicts, nothing changes unless ``partial``."""
+    journal = plan.journal
+    report = UndoReport(journal.path, conflicts=plan.conflicts)
+    if plan.conflicts and not partial:
+        raise JournalError(
+            f"{len(plan.conflicts)} entr{'y' if len(plan.conflicts) == 1 else 'ies'} cannot be "
+            f"undone safely (first: {plan.conflicts[0].message}); nothing was changed. "
+            "Resolve them, or pass --partial"
+        )
+    lock_fd = os.open(journal.path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JournalError(
+                f"{display_path(journal.path)} is in use by a running loda"
+            ) from None
+        log = UndoLog(undo_log_path(journal.path))
+        try:
+            remaining_conflicts = _undo_steps(plan, report, log)
+        finally:
+            log.close()
+    finally:
+        os.close(lock_fd)
+    if remaining_conflicts and not partial:
+        raise JournalError(
+            f"{len(remaining_conflicts)} entries changed during undo and were left alone; "
+            "run undo again"
+        )
+    return report
+
+
+def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoStep]:
+    """Carry out the undo plan, logging each step; returns the conflicts left."""
+    journal = plan.journal
+    log.write({"type": "undo-start", "time": utc_now(), "journal": os.path.basename(journal.path)})
+    remaining_conflicts: list[UndoStep] = []
+    for step in plan.steps:
+        if step.action == "conflict":
+            remaining_conflicts.append(step)
+            continue
+        # Look again right before acting: the disk may have changed since planning.
+        fresh = _decide(step.entry)
+        if fresh.action == "conflict":
+            remaining_conflicts.append(fresh)
+            continue
+        _cleanup_tmp(step.entry)
+        if fresh.action == "none":
+            report.unchanged += 1
+            continue
+        fileops.pause_before_action()
+        try:
+            _undo_one(fresh)
+        except OSError as exc:
+            raise JournalError(
+                f"{display_path(fresh.entry.dst)}: {exc.strerror or exc}; undo stopped. "
+                "What was undone is recorded; run `loda undo` again once this is fixed"
+            ) from None
+        if fresh.action in ("restore", "restore-sidecar"):
+            report.restored += 1
+        else:
+            report.removed += 1
+        log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
+    for folder in [*reversed(journal.mkdirs), *reversed(journal.created)]:
+        fileops.remove_empty_folder(folder)  # only folders this run made
+    report.conflicts = remaining_conflicts
+    report.complete = not remaining_conflicts
+    log.write({"type": "undo-end", "time": utc_now(), "complete": report.complete}, sync=True)
+    return remaining_conflicts
+
+
+def _cleanup_tmp(entry: JournalEntry) -> None:
+    """Remove temporary files a killed run (or a killed undo) left behind: partial or duplicate
+    copies, removed only while an intact copy of the same bytes exists elsewhere."""
+    candidates = []
+    if entry.tmp:
+        candidates.append(os.path.join(os.path.dirname(entry.dst), entry.tmp))
+    candidates.append(os.path.join(os.path.dirname(entry.src), f"{TMP_PREFIX}undo-{entry.id}"))
+    for tmp in candidates:
+        try:
+            if not stat.S_ISREG(os.lstat(tmp).st_mode):
+                continue
+        except FileNotFoundError:
+            continue
+        if entry.kind in ("move", "copy"):
+            intact = fileops.file_state(entry.src, entry.size, entry.sha256) == "match" or (
+                fileops.file_state(entry.dst, entry.size, entry.sha256) == "match"
+            )
+            if not intact:
+                continue
+        fileops.remove_tmp(tmp)
+
+
+def _undo_one(step: UndoStep) -> None:
+    entry = step.entry
+    if step.action == "restore":
+        folder = os.path.dirname(entry.src)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{TMP_PREFIX}undo-{entry.id}")
+        if os.path.lexists(tmp) and not os.path.islink(tmp):
+            fileops.remove_tmp(tmp)
+        try:
+            fileops.move(entry.dst, entry.src, entry.size, entry.sha256, tmp, lambda: None)
+        except Skipped:
+            raise JournalError(
+                f"{display_path(entry.src)} was taken while undoing; "
+                f"{display_path(entry.dst)} stays"
+            ) from None
+    elif step.action in ("remove-duplicate", "remove-copy", "remove-link", "remove-sidecar"):
+        fileops.remove(entry.dst)
+    elif step.action == "restore-sidecar":
+        tmp = os.path.join(os.path.dirname(entry.src), f"{TMP_PREFIX}undo-{entry.id}")
+        if os.path.lexists(tmp) and not os.path.islink(tmp):
+            fileops.remove_tmp(tmp)
+        exists = os.path.lexists(entry.src)
+        mode = stat.S_IMODE(os.lstat(entry.src).st_mode) if exists else None
+        fileops.write_file(entry.src, entry.old_bytes or b"", tmp, replace=exists, mode=mode)
