@@ -331,226 +331,224 @@ def _check_dry_run(apply: bool, dry_run: bool) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add cull, sort, rate, undo and review to the root app."""
+    for command in (cull, sort, rate, undo, review):
+        app.command()(command)
 
-    @app.command()
-    @handle_errors
-    def cull(
-        paths: PathsArg = None,
-        below: BelowOpt = None,
-        worst: WorstOpt = None,
-        worst_percent: WorstPercentOpt = None,
-        scores: ScoresOpt = None,
-        model: ModelOpt = None,
-        to: ToOpt = None,
-        copy: Annotated[bool, typer.Option("--copy", help="Copy instead of moving.")] = False,
-        link: Annotated[bool, typer.Option("--link", help="Make symlinks, not moves.")] = False,
-        include_failed: IncludeFailedOpt = False,
-        apply: ApplyOpt = False,
-        dry_run: DryRunOpt = False,
-    ) -> None:
-        """Set aside the lowest-scored photos (with their RAW, sidecars, Live Photo video): a dry
-        run unless --apply; journalled, so `loda undo` puts everything back."""
-        from loda_cli import organize
-        from loda_cli.errors import UsageError
 
-        if copy and link:
-            raise UsageError("--copy and --link exclude each other")
-        _check_dry_run(apply, dry_run)
-        # Check the selection before scoring, which can take a while.
-        organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)
-        roots = organize.resolve_roots(paths or [])
-        dests = organize.cull_dests(roots, to)
-        excludes = organize.cull_excludes(roots, dests)
-        source = _load(roots, scores, model, excludes)
-        groups, skips = organize.collect_groups(
-            roots, source, exclude=excludes, include_failed=include_failed
-        )
-        selected = organize.select_worst(
-            [g for g in groups if g.error is None],
-            below=below, worst=worst, worst_percent=worst_percent,
-        )
-        selected += [g for g in groups if g.error is not None]
-        mode = "copy" if copy else "link" if link else "move"
-        plan = organize.plan_cull(roots, selected, mode=mode, to=to)
-        plan.skipped[:0] = skips
-        _run(plan, source, apply)
+@handle_errors
+def cull(
+    paths: PathsArg = None,
+    below: BelowOpt = None,
+    worst: WorstOpt = None,
+    worst_percent: WorstPercentOpt = None,
+    scores: ScoresOpt = None,
+    model: ModelOpt = None,
+    to: ToOpt = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy instead of moving.")] = False,
+    link: Annotated[bool, typer.Option("--link", help="Make symlinks, not moves.")] = False,
+    include_failed: IncludeFailedOpt = False,
+    apply: ApplyOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Set aside the lowest-scored photos (with their RAW, sidecars, Live Photo video): a dry
+    run unless --apply; journalled, so `loda undo` puts everything back."""
+    from loda_cli import organize
+    from loda_cli.errors import UsageError
 
-    @app.command()
-    @handle_errors
-    def sort(
-        into: IntoOpt,
-        paths: PathsArg = None,
-        move: Annotated[bool, typer.Option("--move", help="Move instead of copying.")] = False,
-        edges: EdgesOpt = _DEFAULT_EDGES,
-        quantiles: QuantilesOpt = False,
-        scores: ScoresOpt = None,
-        model: ModelOpt = None,
-        apply: ApplyOpt = False,
-        dry_run: DryRunOpt = False,
-    ) -> None:
-        """Copy (or --move) photos into star folders by score, keeping their relative paths: a dry
-        run unless --apply; journalled for `loda undo`."""
-        from loda_cli import organize
+    if copy and link:
+        raise UsageError("--copy and --link exclude each other")
+    _check_dry_run(apply, dry_run)
+    # Check the selection before scoring, which can take a while.
+    organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)
+    roots = organize.resolve_roots(paths or [])
+    dests = organize.cull_dests(roots, to)
+    excludes = organize.cull_excludes(roots, dests)
+    source = _load(roots, scores, model, excludes)
+    groups, skips = organize.collect_groups(
+        roots, source, exclude=excludes, include_failed=include_failed
+    )
+    selected = organize.select_worst(
+        [g for g in groups if g.error is None],
+        below=below, worst=worst, worst_percent=worst_percent,
+    )
+    selected += [g for g in groups if g.error is not None]
+    mode = "copy" if copy else "link" if link else "move"
+    plan = organize.plan_cull(roots, selected, mode=mode, to=to)
+    plan.skipped[:0] = skips
+    _run(plan, source, apply)
 
-        _check_dry_run(apply, dry_run)
-        bin_edges = organize.parse_edges(edges)
-        roots = organize.resolve_roots(paths or [])
-        dests = organize.cull_dests(roots, into)  # checks the destination before scoring
-        excludes = organize.cull_excludes(roots, dests)
-        source = _load(roots, scores, model, excludes)
-        groups, skips = organize.collect_groups(roots, source, exclude=excludes)
-        if quantiles:
-            bin_edges = organize.quantile_edges([g.score for g in groups])
-        mode = "move" if move else "copy"
-        plan = organize.plan_sort(roots, groups, into=into, mode=mode, edges=bin_edges)
-        plan.skipped[:0] = skips
-        _run(plan, source, apply)
+@handle_errors
+def sort(
+    into: IntoOpt,
+    paths: PathsArg = None,
+    move: Annotated[bool, typer.Option("--move", help="Move instead of copying.")] = False,
+    edges: EdgesOpt = _DEFAULT_EDGES,
+    quantiles: QuantilesOpt = False,
+    scores: ScoresOpt = None,
+    model: ModelOpt = None,
+    apply: ApplyOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Copy (or --move) photos into star folders by score, keeping their relative paths: a dry
+    run unless --apply; journalled for `loda undo`."""
+    from loda_cli import organize
 
-    @app.command()
-    @handle_errors
-    def rate(
-        paths: PathsArg = None,
-        sidecar: SidecarOpt = "auto",
-        label: LabelOpt = None,
-        force: Annotated[
-            bool, typer.Option("--force", help="Overwrite ratings and labels a person set.")
-        ] = False,
-        edges: EdgesOpt = _DEFAULT_EDGES,
-        quantiles: QuantilesOpt = False,
-        scores: ScoresOpt = None,
-        model: ModelOpt = None,
-        apply: ApplyOpt = False,
-        dry_run: DryRunOpt = False,
-    ) -> None:
-        """Write star ratings (xmp:Rating 1-5) from scores into XMP sidecars: a dry run unless
-        --apply; ratings set by a person are kept unless --force; journalled for `loda undo`."""
-        from loda_cli import organize
-        from loda_cli.errors import UsageError
+    _check_dry_run(apply, dry_run)
+    bin_edges = organize.parse_edges(edges)
+    roots = organize.resolve_roots(paths or [])
+    dests = organize.cull_dests(roots, into)  # checks the destination before scoring
+    excludes = organize.cull_excludes(roots, dests)
+    source = _load(roots, scores, model, excludes)
+    groups, skips = organize.collect_groups(roots, source, exclude=excludes)
+    if quantiles:
+        bin_edges = organize.quantile_edges([g.score for g in groups])
+    mode = "move" if move else "copy"
+    plan = organize.plan_sort(roots, groups, into=into, mode=mode, edges=bin_edges)
+    plan.skipped[:0] = skips
+    _run(plan, source, apply)
 
-        _check_dry_run(apply, dry_run)
-        bin_edges = organize.parse_edges(edges)
-        if sidecar not in organize.SIDECAR_STYLES:
-            styles = ", ".join(organize.SIDECAR_STYLES)
-            raise UsageError(f"--sidecar is one of {styles}, not {sidecar!r}")
-        roots = organize.resolve_roots(paths or [])
-        excludes = organize.cull_excludes(roots, [])
-        source = _load(roots, scores, model, excludes)
-        groups, skips = organize.collect_groups(roots, source, exclude=excludes)
-        if quantiles:
-            bin_edges = organize.quantile_edges([g.score for g in groups])
-        plan = organize.plan_rate(
-            roots, groups, edges=bin_edges, style=sidecar, label=label, force=force
-        )
-        plan.skipped[:0] = skips
-        _run(plan, source, apply)
+@handle_errors
+def rate(
+    paths: PathsArg = None,
+    sidecar: SidecarOpt = "auto",
+    label: LabelOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite ratings and labels a person set.")
+    ] = False,
+    edges: EdgesOpt = _DEFAULT_EDGES,
+    quantiles: QuantilesOpt = False,
+    scores: ScoresOpt = None,
+    model: ModelOpt = None,
+    apply: ApplyOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Write star ratings (xmp:Rating 1-5) from scores into XMP sidecars: a dry run unless
+    --apply; ratings set by a person are kept unless --force; journalled for `loda undo`."""
+    from loda_cli import organize
+    from loda_cli.errors import UsageError
 
-    @app.command()
-    @handle_errors
-    def undo(
-        journal: JournalArg = None,
-        partial: Annotated[
-            bool,
-            typer.Option(
-                "--partial", help="Undo what can be undone even if some entries conflict."
-            ),
-        ] = False,
-        dry_run: Annotated[
-            bool, typer.Option("--dry-run", help="Only show what undo would do.")
-        ] = False,
-    ) -> None:
-        """Reverse a cull, sort or rate run from its journal. Refuses anything ambiguous (a file
-        changed since, a path now occupied) and then changes nothing, unless --partial."""
-        from loda_cli import organize
+    _check_dry_run(apply, dry_run)
+    bin_edges = organize.parse_edges(edges)
+    if sidecar not in organize.SIDECAR_STYLES:
+        styles = ", ".join(organize.SIDECAR_STYLES)
+        raise UsageError(f"--sidecar is one of {styles}, not {sidecar!r}")
+    roots = organize.resolve_roots(paths or [])
+    excludes = organize.cull_excludes(roots, [])
+    source = _load(roots, scores, model, excludes)
+    groups, skips = organize.collect_groups(roots, source, exclude=excludes)
+    if quantiles:
+        bin_edges = organize.quantile_edges([g.score for g in groups])
+    plan = organize.plan_rate(
+        roots, groups, edges=bin_edges, style=sidecar, label=label, force=force
+    )
+    plan.skipped[:0] = skips
+    _run(plan, source, apply)
 
-        from loda_cli.errors import NothingToUndoError
+@handle_errors
+def undo(
+    journal: JournalArg = None,
+    partial: Annotated[
+        bool,
+        typer.Option(
+            "--partial", help="Undo what can be undone even if some entries conflict."
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only show what undo would do.")
+    ] = False,
+) -> None:
+    """Reverse a cull, sort or rate run from its journal. Refuses anything ambiguous (a file
+    changed since, a path now occupied) and then changes nothing, unless --partial."""
+    from loda_cli import organize
 
-        try:
-            path = str(journal) if journal is not None else organize.latest_journal()
-            plan = organize.plan_undo(path)
-        except NothingToUndoError as done:
-            out_console.print(
-                Text("Nothing left to undo; the last journal, ")
-                .append(_show(done.journal))
-                .append(f", was undone at {done.undone_at}.")
-            )
-            return
-        found = plan.journal
-        notice(f"Undoing {organize.display_path(found.path)} ({found.command}, {found.time})")
-        if found.truncated:
-            notice("Its last line was cut short (the run was killed); undo works from the disk.")
-        _print_undo_plan(plan, dry_run)
-        if dry_run:
-            out_console.print("Dry run: nothing was changed.")
-            return
-        report = organize.apply_undo(plan, partial=partial)
+    from loda_cli.errors import NothingToUndoError
+
+    try:
+        path = str(journal) if journal is not None else organize.latest_journal()
+        plan = organize.plan_undo(path)
+    except NothingToUndoError as done:
         out_console.print(
-            f"Restored {report.restored}, removed {report.removed} copies/links/created sidecars, "
-            f"{report.unchanged} already as before, {len(report.conflicts)} left alone."
+            Text("Nothing left to undo; the last journal, ")
+            .append(_show(done.journal))
+            .append(f", was undone at {done.undone_at}.")
         )
-        if not report.complete:
-            out_console.print(
-                "Undo is partial; run `loda undo` on this journal again after resolving the "
-                "conflicts."
-            )
+        return
+    found = plan.journal
+    notice(f"Undoing {organize.display_path(found.path)} ({found.command}, {found.time})")
+    if found.truncated:
+        notice("Its last line was cut short (the run was killed); undo works from the disk.")
+    _print_undo_plan(plan, dry_run)
+    if dry_run:
+        out_console.print("Dry run: nothing was changed.")
+        return
+    report = organize.apply_undo(plan, partial=partial)
+    out_console.print(
+        f"Restored {report.restored}, removed {report.removed} copies/links/created sidecars, "
+        f"{report.unchanged} already as before, {len(report.conflicts)} left alone."
+    )
+    if not report.complete:
+        out_console.print(
+            "Undo is partial; run `loda undo` on this journal again after resolving the "
+            "conflicts."
+        )
 
-    @app.command()
-    @handle_errors
-    def review(
-        scores: Annotated[
-            Path, typer.Argument(help="Scores file written by `loda score`.", show_default=False)
-        ],
-        out: Annotated[
-            Path,
-            typer.Option(
-                "--out", help="The page to write; thumbnails go to <name>_files/ beside it."
+@handle_errors
+def review(
+    scores: Annotated[
+        Path, typer.Argument(help="Scores file written by `loda score`.", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="The page to write; thumbnails go to <name>_files/ beside it."
+        ),
+    ] = Path("review.html"),
+    below: Annotated[
+        Optional[float],
+        typer.Option(
+            "--below", help="Highlight the photos `loda cull --below` would cull.",
+            show_default=False,
+        ),
+    ] = None,
+    thumb_size: Annotated[
+        int, typer.Option("--thumb-size", help="Longest side of the thumbnails, in pixels.")
+    ] = 256,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing page that loda did not write.")
+    ] = False,
+) -> None:
+    """Write an HTML contact sheet (thumbnails sorted by score, a histogram, a folder filter)
+    that opens from disk with no server or network."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from loda_cli.review import build_review
+
+    columns = (TextColumn("thumbnails"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("thumbnails", total=None)
+        report = build_review(
+            scores, out, below=below, thumb_size=thumb_size, force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    details = f": {report.photos} photos, {report.thumbs} previews"
+    if report.failed:
+        details += f", {report.failed} without preview"
+    if report.unscored:
+        details += f" ({report.unscored} could not be scored, shown marked at the end)"
+    if below is not None:
+        details += f", {report.below} below {below:g}"
+    out_console.print(Text("Wrote ").append(_show(report.page)).append(details + "."))
+    if report.missing:
+        looked = ", ".join(organize_display(b) for b in report.bases)
+        err_console.print(
+            Text(
+                f"warning: {report.missing} of {report.photos} files were not found; relative "
+                f"paths were looked for in {looked}. Run review from the folder `loda score` "
+                "ran in, or score with absolute paths.",
+                style="yellow",
             ),
-        ] = Path("review.html"),
-        below: Annotated[
-            Optional[float],
-            typer.Option(
-                "--below", help="Highlight the photos `loda cull --below` would cull.",
-                show_default=False,
-            ),
-        ] = None,
-        thumb_size: Annotated[
-            int, typer.Option("--thumb-size", help="Longest side of the thumbnails, in pixels.")
-        ] = 256,
-        force: Annotated[
-            bool, typer.Option("--force", help="Replace an existing page that loda did not write.")
-        ] = False,
-    ) -> None:
-        """Write an HTML contact sheet (thumbnails sorted by score, a histogram, a folder filter)
-        that opens from disk with no server or network."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        from loda_cli.review import build_review
-
-        columns = (TextColumn("thumbnails"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, console=err_console, transient=True) as bar:
-            task = bar.add_task("thumbnails", total=None)
-            report = build_review(
-                scores, out, below=below, thumb_size=thumb_size, force=force,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
-        details = f": {report.photos} photos, {report.thumbs} previews"
-        if report.failed:
-            details += f", {report.failed} without preview"
-        if report.unscored:
-            details += f" ({report.unscored} could not be scored, shown marked at the end)"
-        if below is not None:
-            details += f", {report.below} below {below:g}"
-        out_console.print(Text("Wrote ").append(_show(report.page)).append(details + "."))
-        if report.missing:
-            looked = ", ".join(organize_display(b) for b in report.bases)
-            err_console.print(
-                Text(
-                    f"warning: {report.missing} of {report.photos} files were not found; relative "
-                    f"paths were looked for in {looked}. Run review from the folder `loda score` "
-                    "ran in, or score with absolute paths.",
-                    style="yellow",
-                ),
-                soft_wrap=True,
-            )
+            soft_wrap=True,
+        )
 
 
 def _print_undo_plan(plan, dry_run: bool) -> None:
