@@ -14,6 +14,8 @@ from PIL import Image
 
 from loda_cli import synthetic
 from loda_cli.errors import DatasetError, UsageError
+from loda_cli.synthetic import dataset as synthetic_dataset
+from loda_cli.synthetic import distortions, references
 from loda_cli.synthetic import (
     DISTORTIONS,
     LEVEL_PARAMETERS,
@@ -74,14 +76,14 @@ def test_jpeg2000_is_registered_exactly_when_pillow_supports_it():
 
 
 def test_jpeg2000_is_excluded_with_a_logged_reason_without_codec(monkeypatch, caplog):
-    monkeypatch.setattr(synthetic.features, "check", lambda name: False)
+    monkeypatch.setattr(distortions.features, "check", lambda name: False)
     with caplog.at_level("INFO", logger="loda_cli.synthetic"):
-        usable, unavailable = synthetic._available(synthetic._CANDIDATES)
+        usable, unavailable = distortions._available(distortions._CANDIDATES)
     assert "jpeg2000" not in usable and "jpeg" in usable
     assert "JPEG 2000" in unavailable["jpeg2000"]
     assert "jpeg2000" in caplog.text
-    monkeypatch.setattr(synthetic, "UNAVAILABLE", unavailable)
-    monkeypatch.setattr(synthetic, "DISTORTIONS", usable)
+    monkeypatch.setattr(distortions, "UNAVAILABLE", unavailable)
+    monkeypatch.setattr(distortions, "DISTORTIONS", usable)
     with pytest.raises(UsageError, match="unavailable"):
         apply_distortion(np.zeros((4, 4, 3), np.uint8), "jpeg2000", 1, np.random.default_rng())
 
@@ -254,7 +256,7 @@ def test_bundled_photos_are_colour_images():
 
 
 def test_bundled_photos_without_scikit_image(monkeypatch):
-    monkeypatch.setattr(synthetic.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(references.importlib.util, "find_spec", lambda name: None)
     assert bundled_photos() == []
 
 
@@ -534,7 +536,7 @@ def test_synthetic_dataset_from_an_empty_folder_uses_built_in_references(tmp_pat
         calls.append((short_side, seed))
         return [("builtin", gradient(16, 16, np.random.default_rng(seed)))]
 
-    monkeypatch.setattr(synthetic, "default_references", tiny_defaults)
+    monkeypatch.setattr(synthetic_dataset, "default_references", tiny_defaults)
     (tmp_path / "empty").mkdir()
     labels = datasets.read_labels(datasets.resolve_dataset("synthetic"), tmp_path / "empty")
     assert calls == [(384, 3407)]
