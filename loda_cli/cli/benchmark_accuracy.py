@@ -72,13 +72,13 @@ def run_accuracy(
     else:
         if target is None:
             raise UsageError("name a dataset (kadid, koniq, ...) or a --table")
-        canonical = bm._canonical(target)
+        canonical = bm.canonical_name(target)
         if data is not None:
             settings.data[canonical] = data
         if test_data is not None:
             if not test_on:
                 raise UsageError("--test-data needs --test-on DATASET")
-            settings.data[bm._canonical(test_on)] = test_data
+            settings.data[bm.canonical_name(test_on)] = test_data
         plan = bm.plan_dataset(target, split_list, settings, test_on=test_on)
     if not plan.runs:
         raise UsageError(f"{plan.name}: nothing to run for {target!r}")
