@@ -357,6 +357,59 @@ def _worker_init(worker_id: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Batching crops across images
+
+
+class _CropBatcher:
+    """Packs the crops of many images into full batches for ``forward`` and sums each image's
+    weighted crop scores; an image is done when all its crops are scored."""
+
+    def __init__(self, batch_size: int, forward: Callable[[Any], list[float]]):
+        self.batch_size = batch_size
+        self.forward = forward
+        self.pending: dict[int, dict[str, Any]] = {}  # index -> item waiting for crop scores
+        self.sums: dict[int, float] = {}  # index -> weighted sum of its crops' raw scores so far
+        self.counts: dict[int, int] = {}
+        self.queue: list[tuple[int, Any]] = []  # (index, uint8 crops) not yet run
+        self.queued = 0
+
+    def add(self, item: dict[str, Any]) -> None:
+        """Queue an item's ``crops`` (uint8, with their ``weights``)."""
+        self.pending[item["index"]] = item
+        self.queue.append((item["index"], item["crops"]))
+        self.queued += len(item["crops"])
+
+    def run(self, final: bool = False) -> Iterator[tuple[dict[str, Any], float]]:
+        """Run every full batch (and, when ``final``, the last partial one); yields (item, raw
+        score) for each image whose last crop was scored."""
+        import numpy as np
+
+        while self.queued >= self.batch_size or (final and self.queued):
+            take, parts, owners = self.batch_size, [], []
+            while take and self.queue:
+                index, crops = self.queue[0]
+                n = min(take, len(crops))
+                parts.append(crops[:n])
+                owners += [index] * n
+                if n == len(crops):
+                    self.queue.pop(0)
+                else:
+                    self.queue[0] = (index, crops[n:])
+                take -= n
+            raws = self.forward(np.concatenate(parts) if len(parts) > 1 else parts[0])
+            self.queued -= len(raws)
+            for index, value in zip(owners, raws):
+                item = self.pending[index]
+                seen = self.counts.get(index, 0)
+                self.sums[index] = self.sums.get(index, 0.0) + value * float(item["weights"][seen])
+                self.counts[index] = seen + 1
+                if self.counts[index] == len(item["crops"]):
+                    del self.pending[index]
+                    self.counts.pop(index)
+                    yield item, self.sums.pop(index)
+
+
+# ---------------------------------------------------------------------------------------------
 # The scorer
 
 
@@ -492,9 +545,8 @@ class Scorer:
         cache.
         """
         import numpy as np
-        from torch.utils.data import DataLoader
 
-        from loda_cli.cache import CachedResult, ScoreCache
+        from loda_cli.cache import ScoreCache
 
         shard_k, shard_n = shard
         if not (0 <= shard_k < shard_n):
@@ -506,60 +558,9 @@ class Scorer:
             decode_timeout=self.decode_timeout,
         )
         writer = ScoreCache(self.cache_path) if self.cache_path else None  # creates the schema
-        if self.workers > 0:
-            loader: Iterable[dict[str, Any]] = DataLoader(
-                _make_dataset(spec), batch_size=None, num_workers=self.workers,
-                collate_fn=_passthrough, pin_memory=self.device.startswith("cuda"), worker_init_fn=_worker_init,
-                prefetch_factor=4, persistent_workers=False,
-            )
-        else:
-            loader = iter_prepared(spec)
-
+        loader = self._prepared_items(spec)
         prep_id = self.preprocess.digest()
-        pending: dict[int, dict[str, Any]] = {}  # index -> item waiting for crop scores
-        sums: dict[int, float] = {}  # index -> weighted sum of its crops' raw scores so far
-        counts: dict[int, int] = {}
-        queue: list[tuple[int, Any]] = []  # (index, uint8 crops) not yet run
-        queued = 0
-
-        def finish(item: dict[str, Any], raw: float | None) -> ScoreRow:
-            row = self._row_from_raw(item, raw)
-            self.times.images += 1
-            self.times.cached += row.cached
-            self.times.failed += row.error is not None
-            if writer is not None and not row.cached and "key" in item and not item.get("transient"):
-                writer.put(
-                    item["key"], self.model_id, prep_id,
-                    CachedResult(row.raw, row.width, row.height, row.format, row.error),
-                )
-            return row
-
-        def run_batch(final: bool = False) -> Iterator[ScoreRow]:
-            nonlocal queued
-            while queued >= self.batch_size or (final and queued):
-                take, parts, owners = self.batch_size, [], []
-                while take and queue:
-                    index, crops = queue[0]
-                    n = min(take, len(crops))
-                    parts.append(crops[:n])
-                    owners += [index] * n
-                    if n == len(crops):
-                        queue.pop(0)
-                    else:
-                        queue[0] = (index, crops[n:])
-                    take -= n
-                raws = self._forward(np.concatenate(parts) if len(parts) > 1 else parts[0])
-                queued -= len(raws)
-                for index, value in zip(owners, raws):
-                    item = pending[index]
-                    seen = counts.get(index, 0)
-                    sums[index] = sums.get(index, 0.0) + value * float(item["weights"][seen])
-                    counts[index] = seen + 1
-                    if counts[index] == len(item["crops"]):
-                        del pending[index]
-                        counts.pop(index)
-                        yield finish(item, sums.pop(index))
-
+        batcher = _CropBatcher(self.batch_size, self._forward)
         try:
             for item in loader:
                 if "skip" in item:
@@ -571,20 +572,47 @@ class Scorer:
                 self.times.crop += item.get("t_crop", 0.0)
                 crops = item.get("crops")
                 if crops is None:
-                    yield finish(item, item.get("raw"))
+                    yield self._finish(item, item.get("raw"), writer, prep_id)
                     continue
                 self.times.decoded += 1
                 crops = np.asarray(crops)
                 item["crops"] = crops
                 item["weights"] = crop_weights(self.preprocess, len(crops))
-                pending[item["index"]] = item
-                queue.append((item["index"], crops))
-                queued += len(crops)
-                yield from run_batch()
-            yield from run_batch(final=True)
+                batcher.add(item)
+                for done, raw in batcher.run():
+                    yield self._finish(done, raw, writer, prep_id)
+            for done, raw in batcher.run(final=True):
+                yield self._finish(done, raw, writer, prep_id)
         finally:
             if writer is not None:
                 writer.close()
+
+    def _prepared_items(self, spec: ScanSpec) -> Iterable[dict[str, Any]]:
+        """Decoded, cropped (or cached) items: from worker processes, or this one with 0 workers."""
+        if self.workers <= 0:
+            return iter_prepared(spec)
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            _make_dataset(spec), batch_size=None, num_workers=self.workers,
+            collate_fn=_passthrough, pin_memory=self.device.startswith("cuda"), worker_init_fn=_worker_init,
+            prefetch_factor=4, persistent_workers=False,
+        )
+
+    def _finish(self, item: dict[str, Any], raw: float | None, writer, prep_id: str) -> ScoreRow:
+        """The row of a finished item, counted and stored in the cache."""
+        from loda_cli.cache import CachedResult
+
+        row = self._row_from_raw(item, raw)
+        self.times.images += 1
+        self.times.cached += row.cached
+        self.times.failed += row.error is not None
+        if writer is not None and not row.cached and "key" in item and not item.get("transient"):
+            writer.put(
+                item["key"], self.model_id, prep_id,
+                CachedResult(row.raw, row.width, row.height, row.format, row.error),
+            )
+        return row
 
     def score_image(self, image) -> float:
         """Score one in-memory PIL image (no cache); returns the calibrated score in [0, 1]."""

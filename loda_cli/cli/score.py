@@ -106,37 +106,72 @@ def score(
 
     Example: loda score ~/Photos --out scores.csv
     """
-    from loda_cli.output import JsonlStream, output_format, write_scores
-    from loda_cli.scoring import Scorer
-
     paths = paths or [Path(".")]
-    if out is not None:
-        output_format(out)  # reject a bad suffix before any work
-        if out != "-":
-            check_writable_output(out)  # and a folder that cannot take it, before any scoring
+    _check_out(out)
     shard_k, shard_n = parse_shard(shard)
     dist = _distributed()
     if dist is not None:
-        if shard:
-            raise UsageError("--shard cannot be combined with torchrun; each rank takes its own shard")
-        shard_k, shard_n = dist
+        shard_k, shard_n, device, quiet = _under_torchrun(dist, shard, device, quiet)
+    for p in paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"no such file or directory: {p}")
+    scorer = _open_scorer(
+        model, device=device, precision=precision, crops=crops, batch_size=batch_size,
+        workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet,
+    )
+    walk_kw = dict(
+        recursive=recursive, include=tuple(include or ()),
+        exclude=tuple(exclude or ()) + _own_folder_globs(paths),
+    )
+    start = time.monotonic()
+    rows, skipped, interrupted = _score_all(scorer, paths, walk_kw, (shard_k, shard_n), out, quiet)
+    if dist is not None:
+        rows = _gather_rows(rows)
         if dist[0] != 0:
-            quiet = True
-    if dist is not None and device == "auto":
+            return
+    elapsed = time.monotonic() - start
+    if not rows and not interrupted:
+        for path, reason in skipped[:5]:
+            err_console.print(f"skipped {shown(path)}: {reason}", markup=False)
+        raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
+    _write_rows(out, rows, scorer, paths, elapsed, interrupted)
+    if not quiet:
+        _summary(scorer, rows, skipped, elapsed, out)
+    if interrupted:
+        _report_interrupted(rows, out)
+        raise typer.Exit(130)
+
+
+def _check_out(out: str | None) -> None:
+    """Refuse a bad --out before any work: an unknown suffix, or a folder that cannot take it."""
+    from loda_cli.output import output_format
+
+    if out is not None:
+        output_format(out)
+        if out != "-":
+            check_writable_output(out)
+
+
+def _under_torchrun(dist: tuple[int, int], shard: str | None, device: str, quiet: bool) -> tuple[int, int, str, bool]:
+    """Under torchrun each rank scores its own shard, on its own GPU; only rank 0 talks."""
+    if shard:
+        raise UsageError("--shard cannot be combined with torchrun; each rank takes its own shard")
+    shard_k, shard_n = dist
+    if dist[0] != 0:
+        quiet = True
+    if device == "auto":
         import torch
 
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return shard_k, shard_n, device, quiet
 
-    for p in paths:
-        if not os.path.lexists(p):
-            raise UsageError(f"no such file or directory: {p}")
 
-    scorer = Scorer(
-        model, device=device, precision=precision, crops=crops, batch_size=batch_size,
-        workers=workers, cache=cache, decode_timeout=decode_timeout,
-        on_measure_precision=None if quiet else measuring_precision_notice,
-    )
+def _open_scorer(model: str | None, *, quiet: bool, **scorer_kw: Any):
+    """The Scorer, and a note when the built-in model (not a paper model) does the scoring."""
+    from loda_cli.scoring import Scorer
+
+    scorer = Scorer(model, **scorer_kw, on_measure_precision=None if quiet else measuring_precision_notice)
     if scorer.loaded.builtin and not quiet:
         trained_on = str(scorer.loaded.metadata.get("description") or "not a paper model").split(". ")[0]
         err_console.print(
@@ -144,16 +179,18 @@ def score(
             "checkpoint for research-grade scores: see `loda weights`.",
             style="yellow", soft_wrap=True,
         )
+    return scorer
+
+
+def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], out: str | None, quiet: bool):
+    """Every row (JSONL streamed to stdout with --out -), the skipped paths, and whether Ctrl-C
+    or SIGTERM stopped the run (what was scored by then is kept, and cached)."""
+    from loda_cli.output import JsonlStream
 
     stream = JsonlStream(sys.stdout) if out == "-" else None
     keep_mos = mos_is_meaningful(scorer.loaded.calibration, scorer.loaded.metadata)
     rows: list[Any] = []
-    walk_kw = dict(
-        recursive=recursive, include=tuple(include or ()),
-        exclude=tuple(exclude or ()) + _own_folder_globs(paths),
-    )
     skipped: list[tuple[str, str]] = []
-    start = time.monotonic()
     interrupted = False
     previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     counter = _Counter(paths, **walk_kw)
@@ -164,7 +201,7 @@ def score(
             progress.start()
             task = progress.add_task("scoring", total=None, errors=0)
         generator = scorer.score_files(
-            paths, **walk_kw, shard=(shard_k, shard_n), on_skip=lambda p, r: skipped.append((p, r))
+            paths, **walk_kw, shard=shard, on_skip=lambda p, r: skipped.append((p, r))
         )
         try:
             for row in generator:
@@ -177,7 +214,7 @@ def score(
                     total = counter.total
                     progress.update(
                         task, completed=len(rows), errors=scorer.times.failed,
-                        total=(total + shard_n - 1) // shard_n if total is not None else None,
+                        total=(total + shard[1] - 1) // shard[1] if total is not None else None,
                     )
         finally:
             generator.close()  # flushes the cache, also on Ctrl-C
@@ -188,42 +225,36 @@ def score(
         counter.stop()
         if progress is not None:
             progress.stop()
+    return rows, skipped, interrupted
 
-    if dist is not None:
-        rows = _gather_rows(rows)
-        if dist[0] != 0:
-            return
-    elapsed = time.monotonic() - start
-    if not rows and not interrupted:
-        for path, reason in skipped[:5]:
-            err_console.print(f"skipped {shown(path)}: {reason}", markup=False)
-        raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
+
+def _write_rows(out: str | None, rows, scorer, paths, elapsed: float, interrupted: bool) -> None:
+    """The ranked rows to the --out file, or as lines on stdout without --out (--out - streamed
+    them already)."""
+    from loda_cli.output import ranked_records, write_scores
 
     if out is not None and out != "-":
         header = _header(scorer, paths, elapsed, interrupted)
         write_scores(out, rows, header)
     elif out is None:
-        from loda_cli.output import ranked_records
-
         for rec in ranked_records(rows):
             score_text = f"{rec['score']:.4f}" if rec["score"] is not None else "error"
             line = f"{score_text}\t{rec['path']}" + (f"\t{rec['error']}" if rec["error"] else "")
             write_stdout_line(line)
-    if not quiet:
-        _summary(scorer, rows, skipped, elapsed, out)
-    if interrupted:
-        partial = ""
-        if out is not None and out != "-":
-            partial = (
-                f" {out} holds only those rows (a .json says \"complete\": false; a .csv has no "
-                "marker, so trust this line)."
-            )
-        err_console.print(
-            f"interrupted: {plural(len(rows), 'image')} done and cached; run the same command again "
-            f"to finish.{partial}",
-            style="yellow", soft_wrap=True,
+
+
+def _report_interrupted(rows, out: str | None) -> None:
+    partial = ""
+    if out is not None and out != "-":
+        partial = (
+            f" {out} holds only those rows (a .json says \"complete\": false; a .csv has no "
+            "marker, so trust this line)."
         )
-        raise typer.Exit(130)
+    err_console.print(
+        f"interrupted: {plural(len(rows), 'image')} done and cached; run the same command again "
+        f"to finish.{partial}",
+        style="yellow", soft_wrap=True,
+    )
 
 
 def _progress():
