@@ -129,3 +129,106 @@ def test_home_and_weights_depend_downward():
     assert graph["loda_cli.weights"] <= below_weights | datasets
     for name in datasets | {"loda_cli.baselines", "loda_cli.model"}:
         assert "loda_cli.weights" not in graph[name], name
+
+
+
+def _body_lengths() -> dict[str, int]:
+    """Lines from a function's first statement (its docstring included) to its end, so a Typer
+    command's long signature does not count; a nested function counts inside its parent too."""
+    lengths = {}
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lengths[f"{name}.{node.name}:{node.lineno}"] = node.end_lineno - node.body[0].lineno + 1
+    return lengths
+
+
+def test_no_function_is_too_long_to_hold_in_mind():
+    lengths = _body_lengths()
+    assert lengths["loda_cli.train.train:" + str(_line_of("loda_cli.train", "train"))] < 30
+    assert {name: n for name, n in lengths.items() if n > MAX_BODY_LINES} == {}
+
+
+def _line_of(module: str, function: str) -> int:
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    return next(n.lineno for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+
+# --- where files are moved, linked, renamed or removed ------------------------------------------
+
+_OS_CALLS = {"unlink", "remove", "rename", "renames", "replace", "link", "symlink", "rmdir", "removedirs"}
+_SHUTIL_CALLS = {"move", "rmtree", "copy", "copy2", "copyfile", "copytree"}
+_PATH_METHODS = {"unlink", "rename", "rmdir", "symlink_to", "hardlink_to"}  # no str method has these
+
+# Every such call in the package, by (file, function). The photos themselves are only ever touched
+# in organize/fileops.py (README, "Guarantees": nothing is deleted, every move is journalled);
+# everywhere else loda renames its own temporary file into place, or removes its own file.
+PHOTO_SITES = {
+    ("organize/fileops.py", "place"): {"os.link", "os.unlink", "os.rename"},
+    ("organize/fileops.py", "copy_verified"): {"os.unlink"},
+    ("organize/fileops.py", "move"): {"os.link", "os.unlink", "os.rename"},
+    ("organize/fileops.py", "write_file"): {"os.unlink", "os.replace"},
+    ("organize/fileops.py", "symlink"): {"os.symlink"},
+    ("organize/fileops.py", "remove"): {"os.unlink"},
+    ("organize/fileops.py", "remove_tmp"): {"os.unlink"},
+    ("organize/fileops.py", "remove_empty_folder"): {"os.rmdir"},
+}
+OWN_FILE_SITES = {  # a temporary file renamed into place (and removed when writing it failed)
+    ("output.py", "atomic_write_text"): {"os.replace", ".unlink"},
+    ("weights.py", "_atomic_write_bytes"): {"os.replace", ".unlink"},
+    ("train.py", "_save_state"): {"os.replace"},
+    ("builtin.py", "train_builtin"): {".unlink"},  # the finished run's resume state
+    ("precision.py", "store_choice"): {"os.replace", "os.unlink"},
+    ("review.py", "_make_thumb"): {"os.replace"},
+    ("review.py", "build_review"): {"os.replace"},
+    ("benchmark/report.py", "write_json"): {"os.replace", ".unlink"},
+    ("benchmark_speed.py", "make_synthetic_jpegs"): {"os.replace", "shutil.copyfile"},
+    ("datasets/prepare.py", "_prepare_one"): {"os.replace", "os.unlink"},
+    ("synthetic/dataset.py", "write_dataset"): {"os.replace"},
+}
+
+
+class _FileOperations(ast.NodeVisitor):
+    """Collects the calls above, each under the innermost function that makes it."""
+
+    def __init__(self, relative: str, found: dict[tuple[str, str], set[str]]):
+        self.relative, self.found, self.functions = relative, found, ["<module>"]
+
+    def visit_FunctionDef(self, node: ast.AST) -> None:
+        self.functions.append(node.name)
+        self.generic_visit(node)
+        self.functions.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Attribute):
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            attr = node.func.attr
+            call = None
+            if owner == "os" and attr in _OS_CALLS:
+                call = f"os.{attr}"
+            elif owner == "shutil" and attr in _SHUTIL_CALLS:
+                call = f"shutil.{attr}"
+            elif owner not in ("os", "shutil") and attr in _PATH_METHODS:
+                call = f".{attr}"
+            if call:
+                self.found.setdefault((self.relative, self.functions[-1]), set()).add(call)
+        self.generic_visit(node)
+
+
+def _file_operation_sites() -> dict[tuple[str, str], set[str]]:
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        _FileOperations(relative, found).visit(ast.parse(path.read_text(encoding="utf-8")))
+    return found
+
+
+def test_files_are_moved_linked_and_removed_only_at_the_known_sites():
+    assert _file_operation_sites() == {**PHOTO_SITES, **OWN_FILE_SITES}
+
+
+def test_the_organize_commands_touch_files_only_through_fileops():
+    sites = _file_operation_sites()
+    organize = {site for site in sites if site[0].startswith("organize/")}
+    assert organize and all(file == "organize/fileops.py" for file, _ in organize)
