@@ -329,6 +329,17 @@ def _check_dry_run(apply: bool, dry_run: bool) -> None:
         raise UsageError("--apply and --dry-run exclude each other")
 
 
+def _scored_groups(roots: list[str], dests: list[str], scores, model, **group_kw):
+    """The scores (a file, the cache or the model) and the groups they make; every root's
+    _culled and the destinations are left out."""
+    from loda_cli import organize
+
+    excludes = organize.cull_excludes(roots, dests)
+    source = _load(roots, scores, model, excludes)
+    groups, skips = organize.collect_groups(roots, source, exclude=excludes, **group_kw)
+    return source, groups, skips
+
+
 def register(app: typer.Typer) -> None:
     """Add cull, sort, rate, undo and review to the root app."""
     for command in (cull, sort, rate, undo, review):
@@ -362,11 +373,7 @@ def cull(
     organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)
     roots = organize.resolve_roots(paths or [])
     dests = organize.cull_dests(roots, to)
-    excludes = organize.cull_excludes(roots, dests)
-    source = _load(roots, scores, model, excludes)
-    groups, skips = organize.collect_groups(
-        roots, source, exclude=excludes, include_failed=include_failed
-    )
+    source, groups, skips = _scored_groups(roots, dests, scores, model, include_failed=include_failed)
     selected = organize.select_worst(
         [g for g in groups if g.error is None],
         below=below, worst=worst, worst_percent=worst_percent,
@@ -376,6 +383,7 @@ def cull(
     plan = organize.plan_cull(roots, selected, mode=mode, to=to)
     plan.skipped[:0] = skips
     _run(plan, source, apply)
+
 
 @handle_errors
 def sort(
@@ -397,15 +405,14 @@ def sort(
     bin_edges = organize.parse_edges(edges)
     roots = organize.resolve_roots(paths or [])
     dests = organize.cull_dests(roots, into)  # checks the destination before scoring
-    excludes = organize.cull_excludes(roots, dests)
-    source = _load(roots, scores, model, excludes)
-    groups, skips = organize.collect_groups(roots, source, exclude=excludes)
+    source, groups, skips = _scored_groups(roots, dests, scores, model)
     if quantiles:
         bin_edges = organize.quantile_edges([g.score for g in groups])
     mode = "move" if move else "copy"
     plan = organize.plan_sort(roots, groups, into=into, mode=mode, edges=bin_edges)
     plan.skipped[:0] = skips
     _run(plan, source, apply)
+
 
 @handle_errors
 def rate(
@@ -433,9 +440,7 @@ def rate(
         styles = ", ".join(organize.SIDECAR_STYLES)
         raise UsageError(f"--sidecar is one of {styles}, not {sidecar!r}")
     roots = organize.resolve_roots(paths or [])
-    excludes = organize.cull_excludes(roots, [])
-    source = _load(roots, scores, model, excludes)
-    groups, skips = organize.collect_groups(roots, source, exclude=excludes)
+    source, groups, skips = _scored_groups(roots, [], scores, model)
     if quantiles:
         bin_edges = organize.quantile_edges([g.score for g in groups])
     plan = organize.plan_rate(
@@ -443,6 +448,7 @@ def rate(
     )
     plan.skipped[:0] = skips
     _run(plan, source, apply)
+
 
 @handle_errors
 def undo(
@@ -491,6 +497,7 @@ def undo(
             "Undo is partial; run `loda undo` on this journal again after resolving the "
             "conflicts."
         )
+
 
 @handle_errors
 def review(

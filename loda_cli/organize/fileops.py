@@ -20,7 +20,8 @@ import os
 import shutil
 import stat
 import time
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 from loda_cli.errors import OutputError
 from loda_cli.organize.paths import Skipped, display_path
@@ -86,6 +87,28 @@ def file_state(path: str, size: int, sha256: str) -> str:
 
 # --- writing, never over an existing name --------------------------------------------------------
 
+@contextmanager
+def _new_file(tmp: str, mode: int) -> Iterator[int]:
+    """A new file ``tmp`` (never an existing name, never through a link) to write to: fsynced and
+    closed when the block ends, closed and removed when it fails."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        yield fd
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 _NO_HARDLINKS = {
     errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EACCES
 }
@@ -116,22 +139,11 @@ def copy_verified(src: str, dst: str, size: int, sha256: str, tmp: str) -> None:
     digest = hashlib.sha256()
     written = 0
     mode = stat.S_IMODE(os.stat(src).st_mode)
-    with open(src, "rb") as fin:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            while chunk := fin.read(_CHUNK):
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                written += len(chunk)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
+    with open(src, "rb") as fin, _new_file(tmp, 0o600) as fd:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
+            _write_all(fd, chunk)
+            written += len(chunk)
     if written != size or digest.hexdigest() != sha256:
         os.unlink(tmp)
         raise Skipped("the file changed after it was journalled")
@@ -182,19 +194,8 @@ def write_file(
     path: str, data: bytes, tmp: str, *, replace: bool, mode: Optional[int] = None
 ) -> None:
     """Write ``data`` to ``tmp``, fsync, then name it ``path`` (replacing only if ``replace``)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    fd = os.open(tmp, flags, 0o644 if mode is None else mode)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
+    with _new_file(tmp, 0o644 if mode is None else mode) as fd:
+        _write_all(fd, data)
     if replace:
         os.replace(tmp, path)
     else:
