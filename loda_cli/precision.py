@@ -281,14 +281,11 @@ def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = 
             trials.append(Trial(precision, skipped=note))
             continue
         try:
-            runner = prepare(model, precision, device)
-            ms, raw = _time(runner, batch)
+            ms, raw = _time(prepare(model, precision, device), batch)
             delta = float((to_score(raw) - reference).abs().max())
         except Exception as exc:  # a candidate this torch or CPU cannot run is not fatal
             trials.append(Trial(precision, skipped=f"failed: {type(exc).__name__}: {exc}"[:160]))
             continue
-        finally:
-            runner = None  # noqa: F841 (free the copy before the next candidate)
         trials.append(Trial(precision, ms, delta))
     return trials
 
