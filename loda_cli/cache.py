@@ -2,7 +2,14 @@
 
 A row is keyed by (resolved path, model checkpoint hash, preprocessing id) and is valid while the
 file's size and mtime_ns are unchanged. Only the raw model output is stored: score and mos are
-derived from it by the checkpoint's calibration, which the checkpoint hash already pins.
+derived from it by the checkpoint's calibration, which the checkpoint hash already pins. So are
+each crop's raw output where it lies (``crops``, JSON), and what burst grouping needs: the look
+(``look``, hashes), the capture time (``taken``) and the camera.
+
+Schema 2 added those four columns. A cache of schema 1 is migrated in place on first use (ALTER
+TABLE ADD COLUMN: existing rows keep their scores, with NULL in the new columns), and such a row
+stays a hit: the scorer decodes that file once more for its look and EXIF only and fills them in,
+while its crop scores stay unknown (NULL) until it is scored again.
 
 WAL mode lets one writer and many readers (DataLoader workers, a second `loda score`) work at once;
 a busy timeout turns "database is locked" into a short wait.
@@ -10,13 +17,14 @@ a busy timeout turns "database is locked" into a short wait.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
@@ -32,9 +40,15 @@ CREATE TABLE IF NOT EXISTS scores (
     format    TEXT,
     error     TEXT,
     created   REAL    NOT NULL,
+    look      TEXT,
+    taken     REAL,
+    camera    TEXT,
+    crops     TEXT,
     PRIMARY KEY (path, model, prep)
 );
 """
+# Columns added after schema 1, in order, for the migration of an older cache.
+_ADDED_COLUMNS = (("look", "TEXT"), ("taken", "REAL"), ("camera", "TEXT"), ("crops", "TEXT"))
 
 
 def default_cache_path() -> Path:
@@ -66,6 +80,28 @@ class CachedResult:
     height: int | None
     format: str | None
     error: str | None
+    look: str | None = None  # None: not known (a row from before schema 2)
+    taken: float | None = None
+    camera: str | None = None
+    crops: list[list[float]] | None = None  # [[x, y, w, h, raw], ...] in displayed pixels
+
+
+def _crops_text(crops: list[list[float]] | None) -> str | None:
+    if not crops:
+        return None
+    return json.dumps([[int(x), int(y), int(w), int(h), round(float(raw), 6)] for x, y, w, h, raw in crops])
+
+
+def _crops_of(text: str | None) -> list[list[float]] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None  # a damaged cell is unknown crop scores, not a failed run
+    if not isinstance(value, list):
+        return None
+    return [box for box in value if isinstance(box, list) and len(box) == 5]
 
 
 def _db_text(text: str) -> str:
@@ -109,6 +145,7 @@ class ScoreCache:
                     self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn.executescript(_SCHEMA)
+                self._migrate()
                 self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._conn.commit()
                 return
@@ -120,20 +157,29 @@ class ScoreCache:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    def _migrate(self) -> None:
+        """Add the columns a cache of an older schema lacks; its rows keep their scores."""
+        present = {row[1] for row in self._conn.execute("PRAGMA table_info(scores)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in present:
+                self._conn.execute(f"ALTER TABLE scores ADD COLUMN {name} {kind}")
+
     def get(self, key: FileKey, model: str, prep: str) -> CachedResult | None:
         if self._conn is None:
             return None
         try:
             row = self._conn.execute(
-                "SELECT size, mtime_ns, raw, width, height, format, error FROM scores "
-                "WHERE path=? AND model=? AND prep=?",
+                "SELECT size, mtime_ns, raw, width, height, format, error, look, taken, camera, crops "
+                "FROM scores WHERE path=? AND model=? AND prep=?",
                 (_db_text(key.path), model, prep),
             ).fetchone()
         except sqlite3.OperationalError:
-            return None  # a cache we cannot read is a cache miss, never a failed run
+            # a cache we cannot read is a cache miss, never a failed run; so is an old schema
+            # read by a read-only connection before any writer migrated it
+            return None
         if row is None or row[0] != key.size or row[1] != key.mtime_ns:
             return None
-        return CachedResult(*row[2:])
+        return CachedResult(*row[2:10], _crops_of(row[10]))
 
     def put(self, key: FileKey, model: str, prep: str, result: CachedResult) -> None:
         """Queue a row; rows are committed in batches (at most ~1 s old) and on :meth:`flush`."""
@@ -141,6 +187,7 @@ class ScoreCache:
             (
                 _db_text(key.path), model, prep, key.size, key.mtime_ns,
                 result.raw, result.width, result.height, result.format, result.error, time.time(),
+                result.look, result.taken, result.camera, _crops_text(result.crops),
             )
         )
         if len(self._pending) >= 256 or time.monotonic() - self._last_commit > 1.0:
@@ -151,9 +198,8 @@ class ScoreCache:
             return
         with self._conn:
             self._conn.executemany(
-                "INSERT OR REPLACE INTO scores "
-                "(path, model, prep, size, mtime_ns, raw, width, height, format, error, created) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO scores (path, model, prep, size, mtime_ns, raw, width, height, "
+                "format, error, created, look, taken, camera, crops) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 self._pending,
             )
         self._pending.clear()

@@ -5,7 +5,9 @@ Importing torch and timm and building the model take seconds; a plan over a fold
 photo is in the cache needs none of it. ``cached_rows`` walks the folder, asks the cache, and maps
 each cached raw output through the checkpoint's calibration, read from its metadata header. When
 any file is missing from the cache it returns None, and the caller scores the normal way (the
-scorer still takes every cached file from the cache). Reads only; never raises for a file.
+scorer still takes every cached file from the cache). With ``looks``, a row from before burst
+grouping (no look stored) counts as missing too, so the scorer fills the look in. Reads only;
+never raises for a file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class CachedRow:
     error: Optional[str]
     raw: Optional[float] = None
     cached: bool = True
+    taken: Optional[float] = None  # what burst grouping needs (loda_cli.bursts)
+    camera: Optional[str] = None
+    look: Optional[str] = None
 
 
 def cached_rows(
@@ -35,9 +40,11 @@ def cached_rows(
     model: Optional[str] = None,
     recursive: bool = True,
     exclude: Iterable[str] = (),
+    looks: bool = False,
 ) -> Optional[list[CachedRow]]:
     """A row for every image file under ``paths`` from the cache, or None when a file is not
-    there (or there is no cache). Raises only what resolving ``model`` raises."""
+    there (or there is no cache; or, with ``looks``, a scored file has no look stored yet).
+    Raises only what resolving ``model`` raises."""
     from loda_cli.cache import FileKey, ScoreCache, default_cache_path
     from loda_cli.config import Preprocess
     from loda_cli.images import iter_image_files
@@ -62,7 +69,7 @@ def cached_rows(
             except OSError:
                 return None  # the scorer reports it as it always does
             hit = cache.get(key, model_id, prep_id)
-            if hit is None:
+            if hit is None or (looks and hit.error is None and hit.look is None):
                 return None
             path, root = os.fsdecode(item.path), os.fsdecode(item.root)
             if hit.error is not None or hit.raw is None:
@@ -70,5 +77,6 @@ def cached_rows(
             elif not math.isfinite(hit.raw):
                 rows.append(CachedRow(path, root, None, "model produced a non-finite score"))
             else:
-                rows.append(CachedRow(path, root, calibration.to_score(hit.raw), None, hit.raw))
+                rows.append(CachedRow(path, root, calibration.to_score(hit.raw), None, hit.raw,
+                                      taken=hit.taken, camera=hit.camera, look=hit.look))
     return rows

@@ -350,9 +350,12 @@ class DecodedImage:
     height: int
     format: str
     warnings: list[str] = field(default_factory=list)
+    #: The EXIF the decoder read anyway (for orientation): a Pillow ``Exif``, None when unreadable.
+    exif: object = None
 
 
 _EXIF_ORIENTATION_TAG = 0x0112
+_EXIF_IFD_TAG = 0x8769
 _GREY_BACKGROUND = (128, 128, 128)
 _RESAMPLING_NAMES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 _HEIF_SUFFIXES = HEIF_EXTENSIONS
@@ -376,12 +379,29 @@ def _register_heif_opener() -> bool:
     return True
 
 
-def _orientation(im: PILImage.Image) -> int:
-    """The EXIF (or XMP) orientation, 1 when absent or unreadable."""
+def _exif(im: PILImage.Image):
+    """The image's EXIF (a Pillow ``Exif``), None when it cannot be read. Its Exif sub-IFD (capture
+    time, serial number) is read now, while the file is open: a TIFF's is read from the file."""
     try:
-        value = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        exif = im.getexif()
     except Exception:  # malformed EXIF must not cost the image: show it as stored
         warnings.warn("unreadable EXIF; orientation ignored", stacklevel=2)
+        return None
+    try:
+        exif.get_ifd(_EXIF_IFD_TAG)
+    except Exception:  # a broken sub-IFD leaves the rest of the EXIF usable
+        pass
+    return exif
+
+
+def _orientation(im: PILImage.Image, exif=False) -> int:
+    """The EXIF (or XMP) orientation, 1 when absent or unreadable. ``exif``: the image's EXIF
+    when already read (None: unreadable)."""
+    if exif is False:
+        exif = _exif(im)
+    try:
+        value = exif.get(_EXIF_ORIENTATION_TAG, 1) if exif is not None else 1
+    except Exception:
         return 1
     if isinstance(value, (tuple, list)) and value:
         value = value[0]
@@ -524,17 +544,18 @@ def _reduce_for(im: PILImage.Image, target_short_side: int | None) -> PILImage.I
 
 def _decode_opened(
     im: PILImage.Image, target_short_side: int | None
-) -> tuple[PILImage.Image, int, int]:
-    """Header to pixels: draft, load, orient, convert, reduce. Returns (rgb, width, height)."""
+) -> tuple[PILImage.Image, int, int, object]:
+    """Header to pixels: draft, load, orient, convert, reduce. Returns (rgb, width, height, exif)."""
     stored_size = im.size
     _draft_for(im, target_short_side)
     im.load()
     # Read orientation only now: PNG keeps EXIF after the pixels, and Pillow's getexif would
     # load them itself and swallow a decoding error on the way.
-    orientation = _orientation(im)
+    exif = _exif(im)
+    orientation = _orientation(im, exif)
     width, height = _displayed_size(stored_size, orientation)
     oriented = _apply_orientation(im, orientation)
-    return _reduce_for(_to_rgb(oriented), target_short_side), width, height
+    return _reduce_for(_to_rgb(oriented), target_short_side), width, height, exif
 
 
 def _short_text(text: str) -> str:
@@ -673,7 +694,7 @@ def decode_image(
                 if max_aspect is not None and max(im.size) / max(1, min(im.size)) > max_aspect:
                     # Refused before decoding: a 16-bit 100000x8 strip costs a gigabyte to convert.
                     raise ImageError(f"aspect ratio too extreme to score ({im.size[0]}x{im.size[1]})")
-                rgb, width, height = _decode_opened(im, target_short_side)
+                rgb, width, height, exif = _decode_opened(im, target_short_side)
                 image_format = im.format or "UNKNOWN"
         except ImageError:
             raise
@@ -682,7 +703,7 @@ def decode_image(
                 message = "HEIC support needs pillow-heif: pip install pillow-heif"
                 raise ImageError(message) from error
             raise _as_image_error(error, im, _read_signature(path)) from error
-    return DecodedImage(rgb, width, height, image_format, _summarise_warnings(caught))
+    return DecodedImage(rgb, width, height, image_format, _summarise_warnings(caught), exif)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -805,7 +826,25 @@ def _decode_raw(path: Path, target_short_side: int | None, max_pixels: int) -> D
         except Exception as error:  # the preview JPEG itself may be damaged
             raise _as_image_error(error, None) from error
     notes = _summarise_warnings(caught) + [_short_text(line) for line in stderr_lines]
-    return DecodedImage(rgb, width, height, "RAW", notes[:_WARNING_LIMIT])
+    return DecodedImage(rgb, width, height, "RAW", notes[:_WARNING_LIMIT], _raw_exif(path))
+
+
+def _raw_exif(path: Path):
+    """A RAW file's EXIF, from its TIFF header where it has one (CR2, NEF, ARW, DNG, PEF...):
+    the header only, no pixel is decoded. None for the others (CR3, RAF) and on any failure."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with _open_clamped(path) as fp:
+                if fp.read(4) not in (b"II*\x00", b"MM\x00*"):
+                    return None
+                fp.seek(0)
+                with Image.open(fp) as im:
+                    return _exif(im)
+        except Exception:  # a RAW Pillow cannot parse keeps its score, without a time
+            return None
 
 
 def _raw_preview(raw, rawpy, target_short_side: int | None, orientation: int):

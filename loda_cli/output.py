@@ -18,7 +18,8 @@ from typing import IO, Any
 
 from loda_cli.errors import OutputError, UsageError
 
-COLUMNS = ("rank", "path", "score", "mos", "raw", "width", "height", "format", "error")
+# New columns go at the end, so that readers keyed by column name (or position) keep working.
+COLUMNS = ("rank", "path", "score", "mos", "raw", "width", "height", "format", "error", "group", "rank_in_group")
 FORMATS = ("csv", "json", "jsonl")
 
 
@@ -81,6 +82,9 @@ def row_record(row: Any, rank: int | None) -> dict[str, Any]:
         "height": d["height"],
         "format": d["format"],
         "error": d["error"],
+        "group": d.get("group"),
+        "rank_in_group": d.get("rank_in_group"),
+        "crops": d.get("crops"),  # JSON and JSONL only: too bulky for a CSV cell
     }
 
 
@@ -143,8 +147,10 @@ class JsonlStream:
         self.stream = stream
 
     def write(self, row: Any) -> None:
-        # Rows stream in completion order, before any ranking exists: no "rank" key at all.
+        # Rows stream in completion order, before any ranking or grouping exists: no "rank",
+        # "group" or "rank_in_group" key at all.
         record = row_record(row, None)
-        del record["rank"]
+        for key in ("rank", "group", "rank_in_group"):
+            del record[key]
         self.stream.write(json.dumps(record) + "\n")
         self.stream.flush()

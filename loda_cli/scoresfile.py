@@ -1,6 +1,8 @@
 """Reading a scores file written by `loda score` (CSV, JSON or JSONL).
 
-The columns (keys) are ``rank, path, score, mos, raw, width, height, format, error``. JSON is
+The columns (keys) are ``rank, path, score, mos, raw, width, height, format, error, group,
+rank_in_group``; JSON and JSONL rows also hold ``crops`` (``[[x, y, w, h, score], ...]``). Files
+from before burst grouping lack the last ones, and read as before. JSON is
 ``{"header": {...}, "rows": [...]}``; JSONL is one row object per line (a line holding only a
 ``header`` object is allowed). Rows that carry an error, or no usable score, are skipped and
 counted, never guessed at.
@@ -38,6 +40,9 @@ class ScoreRecord:
     width: Optional[int] = None
     height: Optional[int] = None
     format: Optional[str] = None
+    group: Optional[int] = None  # the burst or near-duplicate set (loda_cli.bursts)
+    rank_in_group: Optional[int] = None
+    crops: Optional[tuple[tuple[float, ...], ...]] = None  # (x, y, w, h, score) per crop
 
 
 @dataclass
@@ -52,6 +57,12 @@ class ScoresFile:
     skipped_invalid: int = 0
     # (path, error) of the files `loda score` could not score, in the file's order
     failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether the scored rows carry groups (a file from before grouping, or written with
+        ``--no-groups``, does not)."""
+        return bool(self.rows) and all(row.group is not None for row in self.rows)
 
     @property
     def skipped(self) -> int:
@@ -222,5 +233,21 @@ def _add_row(result: ScoresFile, row: dict[str, Any]) -> None:
             width=_integer(row.get("width")),
             height=_integer(row.get("height")),
             format=str(fmt) if fmt not in (None, "") else None,
+            group=_integer(row.get("group")),
+            rank_in_group=_integer(row.get("rank_in_group")),
+            crops=_crops(row.get("crops")),
         )
     )
+
+
+def _crops(value: Any) -> Optional[tuple[tuple[float, ...], ...]]:
+    """``crops`` as `loda score` writes them; anything else (a CSV has none) is None."""
+    if not isinstance(value, list):
+        return None
+    boxes = []
+    for box in value:
+        if isinstance(box, list) and len(box) == 5:
+            numbers = tuple(_number(v) for v in box)
+            if all(n is not None for n in numbers):
+                boxes.append(numbers)
+    return tuple(boxes) or None

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from loda_cli.errors import ImageError, UsageError
 from loda_cli.images import FoundFile, SkipNotice, decode_image, iter_image_files
-from loda_cli.transforms import MAX_ASPECT_RATIO, crop_weights, scoring_crops
+from loda_cli.transforms import MAX_ASPECT_RATIO, crop_weights, scoring_crops, scoring_views
 
 DEFAULT_DECODE_TIMEOUT_S = 10.0
 # Test hook (documented in tests/test_reliability.py): seconds to sleep before each decode.
@@ -50,6 +50,14 @@ class ScoreRow:
     warnings: list[str] = field(default_factory=list)
     cached: bool = False
     index: int = -1
+    # Burst grouping (loda_cli.bursts): capture time and camera from EXIF, the look (hashes).
+    taken: float | None = None
+    camera: str | None = None
+    look: str | None = None
+    group: int | None = None  # set by bursts.assign_groups once every row is in
+    rank_in_group: int | None = None
+    # Each crop's score where it lies: [[x, y, w, h, score], ...] in displayed-image pixels.
+    crops: list[list[float]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -65,6 +73,9 @@ class ScoreRow:
             "height": self.height,
             "format": self.format,
             "error": self.error,
+            "group": self.group,
+            "rank_in_group": self.rank_in_group,
+            "crops": self.crops,
         }
 
 
@@ -75,6 +86,7 @@ class StageTimes:
 
     decode: float = 0.0
     crop: float = 0.0
+    look: float = 0.0  # burst grouping's share of the workers' time: hashes and EXIF
     h2d: float = 0.0
     forward: float = 0.0
     images: int = 0
@@ -224,6 +236,7 @@ class ScanSpec:
     model_id: str = ""
     cache_path: str | None = None
     decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT_S
+    groups: bool = True  # compute what burst grouping needs (look, capture time, camera)
 
 
 def decode_target(preprocess) -> int:
@@ -252,8 +265,13 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
     if cache is not None:
         hit = cache.get(key, spec.model_id, prep_id)
         if hit is not None:
-            item.update(cached=True, raw=hit.raw, width=hit.width, height=hit.height, format=hit.format, error=hit.error)
-            return item
+            item.update(cached=True, raw=hit.raw, width=hit.width, height=hit.height, format=hit.format,
+                        error=hit.error, look=hit.look, taken=hit.taken, camera=hit.camera, crop_raws=hit.crops)
+            if not (spec.groups and hit.error is None and hit.look is None):
+                return item
+            # A row from before burst grouping: decode for the look and EXIF only; the score
+            # stays the cached one, and its crop scores stay unknown.
+            item["refresh"] = True
     t0 = time.perf_counter()
     native: list[str] = []
     try:
@@ -263,16 +281,23 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
             decoded = decode_image(found.path, target_short_side=decode_target(spec.preprocess),
                                    max_aspect=MAX_ASPECT_RATIO)
             t1 = time.perf_counter()
-            crops = scoring_crops(decoded.image, spec.preprocess)
-        item.update(
-            crops=crops, width=decoded.width, height=decoded.height, format=decoded.format,
-            warnings=decoded.warnings, t_decode=t1 - t0, t_crop=time.perf_counter() - t1,
-        )
+            crops, boxes, view = scoring_views(decoded.image, spec.preprocess)
+            t2 = time.perf_counter()
+            if spec.groups:
+                item.update(_look_and_capture(view, decoded.exif), t_look=time.perf_counter() - t2)
+        if not item.get("refresh"):
+            item.update(crops=crops, boxes=boxes, width=decoded.width, height=decoded.height,
+                        format=decoded.format, warnings=decoded.warnings)
+        item.update(t_decode=t1 - t0, t_crop=t2 - t1)
     except ImageError as exc:
+        if item.pop("refresh", False):  # the cached score stands; the file changed meanwhile?
+            return item
         item["error"] = str(exc)
         item["transient"] = exc.transient
         item["t_decode"] = time.perf_counter() - t0
     except MemoryError:
+        if item.pop("refresh", False):
+            return item
         item["error"] = "out of memory while decoding"
         item["transient"] = True
     if native:
@@ -280,6 +305,15 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
         if item.get("error") and not item.get("transient"):
             item["error"] += f" ({native[0][:120]})"  # the decoder's own words say what broke
     return item
+
+
+def _look_and_capture(view, exif) -> dict[str, Any]:
+    """What burst grouping needs, from the view the crops were cut from and the EXIF the decoder
+    read: no second decode."""
+    from loda_cli.bursts import capture_of, look_of
+
+    taken, camera = capture_of(exif)
+    return {"look": look_of(view), "taken": taken, "camera": camera}
 
 
 def iter_prepared(spec: ScanSpec, worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
@@ -368,8 +402,7 @@ class _CropBatcher:
         self.batch_size = batch_size
         self.forward = forward
         self.pending: dict[int, dict[str, Any]] = {}  # index -> item waiting for crop scores
-        self.sums: dict[int, float] = {}  # index -> weighted sum of its crops' raw scores so far
-        self.counts: dict[int, int] = {}
+        self.raws: dict[int, list[float]] = {}  # index -> its crops' raw scores so far
         self.queue: list[tuple[int, Any]] = []  # (index, uint8 crops) not yet run
         self.queued = 0
 
@@ -379,9 +412,9 @@ class _CropBatcher:
         self.queue.append((item["index"], item["crops"]))
         self.queued += len(item["crops"])
 
-    def run(self, final: bool = False) -> Iterator[tuple[dict[str, Any], float]]:
+    def run(self, final: bool = False) -> Iterator[tuple[dict[str, Any], float, list[float]]]:
         """Run every full batch (and, when ``final``, the last partial one); yields (item, raw
-        score) for each image whose last crop was scored."""
+        score, each crop's raw score) for each image whose last crop was scored."""
         import numpy as np
 
         while self.queued >= self.batch_size or (final and self.queued):
@@ -400,13 +433,13 @@ class _CropBatcher:
             self.queued -= len(raws)
             for index, value in zip(owners, raws):
                 item = self.pending[index]
-                seen = self.counts.get(index, 0)
-                self.sums[index] = self.sums.get(index, 0.0) + value * float(item["weights"][seen])
-                self.counts[index] = seen + 1
-                if self.counts[index] == len(item["crops"]):
+                seen = self.raws.setdefault(index, [])
+                seen.append(value)
+                if len(seen) == len(item["crops"]):
                     del self.pending[index]
-                    self.counts.pop(index)
-                    yield item, self.sums.pop(index)
+                    del self.raws[index]
+                    weighted = sum(r * float(w) for r, w in zip(seen, item["weights"]))
+                    yield item, weighted, seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +471,10 @@ class Scorer:
         cache: bool | str | os.PathLike[str] = True,
         decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT_S,
         on_measure_precision: Callable[[], None] | None = None,
+        groups: bool = True,
     ):
+        """``groups``: also compute what burst grouping needs (:mod:`loda_cli.bursts`) from each
+        decoded image: its look (hashes), capture time and camera."""
         from loda_cli.precision import Runner, check_precision, choose
         from loda_cli.weights import LoadedModel, load_model
 
@@ -477,6 +513,7 @@ class Scorer:
         else:
             self.cache_path = None
         self.decode_timeout = decode_timeout
+        self.groups = groups
         self.model_id = loaded.sha256
         self.times = StageTimes()
         self.skipped: list[tuple[str, str]] = []
@@ -555,7 +592,7 @@ class Scorer:
             paths=[os.fspath(Path(p).expanduser()) for p in paths],
             recursive=recursive, include=tuple(include), exclude=tuple(exclude), shard=shard,
             preprocess=self.preprocess, model_id=self.model_id, cache_path=self.cache_path,
-            decode_timeout=self.decode_timeout,
+            decode_timeout=self.decode_timeout, groups=self.groups,
         )
         writer = ScoreCache(self.cache_path) if self.cache_path else None  # creates the schema
         loader = self._prepared_items(spec)
@@ -570,19 +607,20 @@ class Scorer:
                     continue
                 self.times.decode += item.get("t_decode", 0.0)
                 self.times.crop += item.get("t_crop", 0.0)
+                self.times.look += item.get("t_look", 0.0)
                 crops = item.get("crops")
                 if crops is None:
-                    yield self._finish(item, item.get("raw"), writer, prep_id)
+                    yield self._finish(item, item.get("raw"), writer, prep_id, item.get("crop_raws"))
                     continue
                 self.times.decoded += 1
                 crops = np.asarray(crops)
                 item["crops"] = crops
                 item["weights"] = crop_weights(self.preprocess, len(crops))
                 batcher.add(item)
-                for done, raw in batcher.run():
-                    yield self._finish(done, raw, writer, prep_id)
-            for done, raw in batcher.run(final=True):
-                yield self._finish(done, raw, writer, prep_id)
+                for done, raw, crop_raws in batcher.run():
+                    yield self._finish(done, raw, writer, prep_id, crop_raws)
+            for done, raw, crop_raws in batcher.run(final=True):
+                yield self._finish(done, raw, writer, prep_id, crop_raws)
         finally:
             if writer is not None:
                 writer.close()
@@ -599,18 +637,27 @@ class Scorer:
             prefetch_factor=4, persistent_workers=False,
         )
 
-    def _finish(self, item: dict[str, Any], raw: float | None, writer, prep_id: str) -> ScoreRow:
-        """The row of a finished item, counted and stored in the cache."""
+    def _finish(self, item: dict[str, Any], raw: float | None, writer, prep_id: str, crop_raws=None) -> ScoreRow:
+        """The row of a finished item, counted and stored in the cache. ``crop_raws``: each
+        crop's raw score, [[x, y, w, h, raw], ...] from the cache, or plain raws, in the order of
+        the item's ``boxes``, when just scored."""
         from loda_cli.cache import CachedResult
 
         row = self._row_from_raw(item, raw)
+        row.taken, row.camera, row.look = item.get("taken"), item.get("camera"), item.get("look")
+        placed = crop_boxes(item.get("boxes"), crop_raws, row.width, row.height)
+        if placed is not None and row.ok:
+            to_score = self.loaded.calibration.to_score
+            row.crops = [[*box[:4], round(to_score(box[4]), 4)] for box in placed if math.isfinite(box[4])]
         self.times.images += 1
         self.times.cached += row.cached
         self.times.failed += row.error is not None
-        if writer is not None and not row.cached and "key" in item and not item.get("transient"):
+        stale = not row.cached or item.get("refresh")
+        if writer is not None and stale and "key" in item and not item.get("transient"):
             writer.put(
                 item["key"], self.model_id, prep_id,
-                CachedResult(row.raw, row.width, row.height, row.format, row.error),
+                CachedResult(row.raw, row.width, row.height, row.format, row.error,
+                             row.look, row.taken, row.camera, placed),
             )
         return row
 
@@ -620,6 +667,22 @@ class Scorer:
         raws = self._forward(crops)
         weights = crop_weights(self.preprocess, len(raws))
         return self.loaded.calibration.to_score(float(sum(r * w for r, w in zip(raws, weights))))
+
+
+def crop_boxes(boxes, crop_raws, width: int | None, height: int | None) -> list[list[float]] | None:
+    """Each crop's raw score where it lies, ``[[x, y, w, h, raw], ...]`` in displayed-image pixels:
+    from fractional ``boxes`` and plain raws (just scored), or as the cache kept them (boxes
+    None). None when unknown."""
+    if not crop_raws:
+        return None
+    if boxes is None:
+        return [list(box) for box in crop_raws if isinstance(box, (list, tuple)) and len(box) == 5]
+    if not width or not height or len(boxes) != len(crop_raws):
+        return None
+    return [
+        [round(x * width), round(y * height), round(w * width), round(h * height), float(raw)]
+        for (x, y, w, h), raw in zip(boxes, crop_raws)
+    ]
 
 
 def score_paths(

@@ -97,16 +97,27 @@ def detail_view(image: Image, preprocess: Preprocess) -> np.ndarray:
 def scoring_crops(image: Image, preprocess: Preprocess) -> np.ndarray:
     """The deterministic crops the scorer feeds the model for one image: ``num_crops`` of the
     short-side view, then (for a checkpoint with a detail view) ``detail_crops`` of that view."""
+    return scoring_views(image, preprocess)[0]
+
+
+def scoring_views(image: Image, preprocess: Preprocess) -> tuple[np.ndarray, list[tuple[float, ...]], np.ndarray]:
+    """The crops of :func:`scoring_crops`, where each lies as a fraction of the picture
+    ``(x, y, w, h)`` (the same in every view, so in displayed pixels too once multiplied by the
+    displayed size), and the short-side view they were cut from (an HxWx3 uint8 array)."""
     array = prepare_image(image, preprocess)
     h, w = array.shape[:2]
     crop = preprocess.crop_size
-    crops = cut_crops(array, grid_positions(h, w, crop, preprocess.num_crops), crop)
+    positions = grid_positions(h, w, crop, preprocess.num_crops)
+    crops = cut_crops(array, positions, crop)
+    boxes = [(left / w, top / h, crop / w, crop / h) for top, left in positions]
     if not preprocess.has_detail_view:
-        return crops
+        return crops, boxes, array
     detail = detail_view(image, preprocess)
     dh, dw = detail.shape[:2]
-    detail_crops = cut_crops(detail, grid_positions(dh, dw, crop, preprocess.detail_crops), crop)
-    return np.concatenate([crops, detail_crops])
+    detail_positions = grid_positions(dh, dw, crop, preprocess.detail_crops)
+    detail_crops = cut_crops(detail, detail_positions, crop)
+    boxes += [(left / dw, top / dh, crop / dw, crop / dh) for top, left in detail_positions]
+    return np.concatenate([crops, detail_crops]), boxes, array
 
 
 def crop_weights(preprocess: Preprocess, n_crops: int) -> np.ndarray:

@@ -50,7 +50,9 @@ def test_score_cli_accounts_for_every_file(tree, tiny_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     with open(out, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["rank", "path", "score", "mos", "raw", "width", "height", "format", "error"]
+    # the first nine columns as before; the group columns were added at the end (issue 19)
+    assert list(rows[0]) == ["rank", "path", "score", "mos", "raw", "width", "height", "format", "error",
+                             "group", "rank_in_group"]
     paths = [r["path"] for r in rows]
     assert len(paths) == len(set(paths))
     expected = {str(p) for p in tree["good"]} | {str(p) for p in tree["bad"]}

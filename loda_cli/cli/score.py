@@ -100,14 +100,19 @@ def score(
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse and store scores in $LODA_HOME/cache.sqlite.")] = True,
     shard: Annotated[Optional[str], typer.Option(help="Score only shard K of N (K/N), for job arrays.")] = None,
     decode_timeout: Annotated[float, typer.Option(help="Seconds one image may take to decode before it becomes an error row.")] = 10.0,
+    groups: Annotated[bool, typer.Option("--groups/--no-groups", help="Group bursts and near-duplicates (columns group, rank_in_group).")] = True,
+    burst_gap: Annotated[float, typer.Option(help="Seconds between frames of one camera that can still be one burst (EXIF capture time).")] = 2.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, notices or summary.")] = False,
 ) -> None:
     """Score the technical quality of every photo; rows are ranked best first, failures last.
 
     Example: loda score ~/Photos --out scores.csv
     """
+    from loda_cli.bursts import check_burst_gap
+
     paths = paths or [Path(".")]
     _check_out(out)
+    check_burst_gap(burst_gap)
     shard_k, shard_n = parse_shard(shard)
     dist = _distributed()
     if dist is not None:
@@ -117,7 +122,7 @@ def score(
             raise UsageError(f"no such file or directory: {p}")
     scorer = _open_scorer(
         model, device=device, precision=precision, crops=crops, batch_size=batch_size,
-        workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet,
+        workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups,
     )
     walk_kw = dict(
         recursive=recursive, include=tuple(include or ()),
@@ -129,12 +134,16 @@ def score(
         rows = _gather_rows(rows)
         if dist[0] != 0:
             return
+    if groups:
+        from loda_cli.bursts import assign_groups
+
+        assign_groups(rows, burst_gap=burst_gap)
     elapsed = time.monotonic() - start
     if not rows and not interrupted:
         for path, reason in skipped[:5]:
             err_console.print(f"skipped {shown(path)}: {reason}", markup=False)
         raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
-    _write_rows(out, rows, scorer, paths, elapsed, interrupted)
+    _write_rows(out, rows, scorer, paths, elapsed, interrupted, burst_gap if groups else None)
     if not quiet:
         _summary(scorer, rows, skipped, elapsed, out)
     if interrupted:
@@ -228,13 +237,14 @@ def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], o
     return rows, skipped, interrupted
 
 
-def _write_rows(out: str | None, rows, scorer, paths, elapsed: float, interrupted: bool) -> None:
+def _write_rows(out: str | None, rows, scorer, paths, elapsed: float, interrupted: bool, burst_gap=None) -> None:
     """The ranked rows to the --out file, or as lines on stdout without --out (--out - streamed
     them already)."""
     from loda_cli.output import ranked_records, write_scores
 
     if out is not None and out != "-":
         header = _header(scorer, paths, elapsed, interrupted)
+        header["burst_gap"] = burst_gap  # None: grouping was off (--no-groups)
         write_scores(out, rows, header)
     elif out is None:
         for rec in ranked_records(rows):
@@ -380,11 +390,25 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
         err_console.print(f"... and {len(failed) - 5} more failures" + (f" (see {out})" if out and out != "-" else ""))
     for path, reason in other_skips[:3]:
         err_console.print(f"[dim]skipped {escape(shown(path))}: {escape(reason)}[/]", soft_wrap=True)
+    _groups_summary(rows)
     warned = sum(1 for r in rows if r.warnings)
     if warned:
         err_console.print(f"[dim]{plural(warned, 'file')} raised decoder warnings (decoded anyway)[/]")
     if out and out != "-":
         err_console.print(f"wrote {out}", markup=False, soft_wrap=True)
+
+
+def _groups_summary(rows) -> None:
+    """One line on the bursts found: how many groups of two or more, holding how many photos."""
+    sizes = Counter(r.group for r in rows if r.group is not None)
+    bursts = [n for n in sizes.values() if n > 1]
+    if bursts:
+        err_console.print(
+            f"groups: {plural(len(bursts), 'burst')} or near-duplicate sets of 2 or more "
+            f"({plural(sum(bursts), 'photo')}; `loda cull --bursts` keeps the best of each), "
+            f"{plural(len(sizes) - len(bursts), 'single photo')}",
+            markup=False, soft_wrap=True,
+        )
 
 
 def _gather_rows(rows: list[Any]) -> list[Any]:
