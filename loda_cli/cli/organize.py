@@ -157,19 +157,21 @@ def _show(path: str) -> Text:
 
 
 def _load(
-    roots: list[str], scores: Optional[Path], model: Optional[str], exclude: list[str]
+    roots: list[str], scores: Optional[Path], model: Optional[str], exclude: list[str],
+    burst_gap: Optional[float] = None,
 ) -> "ScoreSource":
     from loda_cli.organize import load_scores
 
     if scores is not None:
-        return load_scores(roots, scores)
+        return load_scores(roots, scores, burst_gap=burst_gap)
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     columns = (SpinnerColumn(), TextColumn("scoring: {task.completed} photos"))
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("scoring", total=None)
         return load_scores(
-            roots, None, model=model, exclude=exclude, progress=lambda row: bar.advance(task)
+            roots, None, model=model, exclude=exclude, progress=lambda row: bar.advance(task),
+            burst_gap=burst_gap,
         )
 
 
@@ -196,6 +198,9 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
         summary.add_row("photos", photos)
         summary.add_row("files", f"{len(plan.actions)} ({plan.companion_count} companions)")
         summary.add_row("bytes", _size(plan.total_bytes))
+        rules = _rule_counts(plan)
+        if rules:
+            summary.add_row("culled by", Text(rules))
     if plan.score_range:
         low, high = plan.score_range
         summary.add_row("score range", f"{low:.3f} - {high:.3f}")
@@ -221,6 +226,9 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     if with_stars:
         examples.add_column("stars", justify="right")
     examples.add_column("file", overflow="fold")
+    with_rules = any(g.rule for g in plan.groups)
+    if with_rules:
+        examples.add_column("why", overflow="fold")
     if plan.command != "rate":
         examples.add_column("to", overflow="fold")
     decisions = [a for a in plan.actions if a.decision]
@@ -236,12 +244,25 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
         if error:
             name.append(f" ({organize_failure_kind(error)})")
         cells.append(name)
+        if with_rules:
+            cells.append(Text(plan.groups[action.group].rule))
         if plan.command != "rate":
             cells.append(_show(action.dst))
         examples.add_row(*cells)
     if plan.actions:
         out_console.print(examples)
     _print_not_acted_on(plan, source)
+
+
+def _rule_counts(plan: "Plan") -> str:
+    """How many photos each cull rule set aside ("burst 12, below 0.4 3, both 2"), or ""."""
+    counts: Counter[str] = Counter()
+    for group in plan.groups:
+        if not group.rule:
+            continue
+        kinds = sorted({"burst" if part.startswith("burst") else part for part in group.rule.split("; ")})
+        counts[" and ".join(kinds)] += 1
+    return ", ".join(f"{rule} {n}" for rule, n in counts.most_common())
 
 
 def organize_display(path: str) -> str:
@@ -329,13 +350,13 @@ def _check_dry_run(apply: bool, dry_run: bool) -> None:
         raise UsageError("--apply and --dry-run exclude each other")
 
 
-def _scored_groups(roots: list[str], dests: list[str], scores, model, **group_kw):
+def _scored_groups(roots: list[str], dests: list[str], scores, model, burst_gap=None, **group_kw):
     """The scores (a file, the cache or the model) and the groups they make; every root's
-    _culled and the destinations are left out."""
+    _culled and the destinations are left out. With ``burst_gap``, each group knows its burst."""
     from loda_cli import organize
 
     excludes = organize.cull_excludes(roots, dests)
-    source = _load(roots, scores, model, excludes)
+    source = _load(roots, scores, model, excludes, burst_gap)
     groups, skips = organize.collect_groups(roots, source, exclude=excludes, **group_kw)
     return source, groups, skips
 
@@ -358,27 +379,36 @@ def cull(
     copy: Annotated[bool, typer.Option("--copy", help="Copy instead of moving.")] = False,
     link: Annotated[bool, typer.Option("--link", help="Make symlinks, not moves.")] = False,
     include_failed: IncludeFailedOpt = False,
+    bursts: Annotated[bool, typer.Option("--bursts", help="In each burst or near-duplicate set, keep the --keep best by score and cull the rest (combines with --below, --worst, --worst-percent: culled if either rule says so).")] = False,
+    keep: Annotated[Optional[int], typer.Option("--keep", help="Frames --bursts keeps of each burst. [default: 1]", show_default=False)] = None,
+    burst_gap: Annotated[float, typer.Option("--burst-gap", help="Seconds between frames of one camera that can still be one burst (ignored with --scores: the file's groups count).")] = 2.0,
     apply: ApplyOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
-    """Set aside the lowest-scored photos (with their RAW, sidecars, Live Photo video): a dry
-    run unless --apply; journalled, so `loda undo` puts everything back."""
+    """Set aside the lowest-scored photos, or all but the best frame of each burst (with their
+    RAW, sidecars, Live Photo video): a dry run unless --apply; journalled, so `loda undo` puts
+    everything back."""
     from loda_cli import organize
+    from loda_cli.bursts import check_burst_gap
     from loda_cli.errors import UsageError
 
     if copy and link:
         raise UsageError("--copy and --link exclude each other")
+    if keep is not None and not bursts:
+        raise UsageError("--keep goes with --bursts")
     _check_dry_run(apply, dry_run)
     # Check the selection before scoring, which can take a while.
-    organize.select_worst([], below=below, worst=worst, worst_percent=worst_percent)
+    selection = dict(below=below, worst=worst, worst_percent=worst_percent, bursts=bursts, keep=keep or 1)
+    organize.select_cull([], **selection)
     roots = organize.resolve_roots(paths or [])
     dests = organize.cull_dests(roots, to)
-    source, groups, skips = _scored_groups(roots, dests, scores, model, include_failed=include_failed)
-    selected = organize.select_worst(
-        [g for g in groups if g.error is None],
-        below=below, worst=worst, worst_percent=worst_percent,
-    )
-    selected += [g for g in groups if g.error is not None]
+    gap = check_burst_gap(burst_gap) if bursts else None
+    source, groups, skips = _scored_groups(roots, dests, scores, model, gap, include_failed=include_failed)
+    selected = organize.select_cull([g for g in groups if g.error is None], **selection)
+    failed = [g for g in groups if g.error is not None]
+    for group in failed:
+        group.rule = "unreadable (--include-failed)"
+    selected += failed
     mode = "copy" if copy else "link" if link else "move"
     plan = organize.plan_cull(roots, selected, mode=mode, to=to)
     plan.skipped[:0] = skips

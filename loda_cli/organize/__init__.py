@@ -11,8 +11,9 @@ How the pieces fit (each module imports only those above it):
 4. ``scores``: (path, score) pairs from a scores file or from the scoring library.
 5. ``groups``: each scored photo with its companions (RAW, JPEG/HEIC, ``.xmp``, ``.aae``, a Live
    Photo ``.mov``), every path checked to lie under a root; symlinks are never followed.
-6. ``plan``: ``plan_cull`` / ``plan_sort`` / ``plan_rate`` build a ``Plan``; planning reads,
-   never writes.
+6. ``plan``: ``select_cull`` picks what to cull, by score and by burst (the groups
+   ``loda_cli.bursts`` made: all but the best of each); ``plan_cull`` / ``plan_sort`` /
+   ``plan_rate`` build a ``Plan``; planning reads, never writes.
 7. ``apply``: ``apply_plan`` checks the plan (``preflight``: permissions, free space), writes the
    journal (a header and one ``intent`` record per action, fsynced, file and folder) before the
    first action, then acts, appending a ``done`` record after each.
@@ -63,6 +64,8 @@ from loda_cli.organize.plan import (
     plan_rate,
     plan_sort,
     quantile_edges,
+    select_bursts,
+    select_cull,
     select_worst,
     sidecar_names,
     star_rating,
@@ -128,6 +131,8 @@ __all__ = [
     "quantile_edges",
     "read_journal",
     "resolve_roots",
+    "select_bursts",
+    "select_cull",
     "select_worst",
     "sidecar_names",
     "star_rating",

@@ -36,6 +36,8 @@ class Group:
     members: list[str]  # file names, decision photo first
     score: float
     error: Optional[str] = None  # why the decision photo could not be scored (score is 0 then)
+    burst: Optional[int] = None  # its burst or near-duplicate set (loda_cli.bursts), when asked
+    rule: str = ""  # why a plan acts on it ("below 0.4", "burst: 2nd of 3"), set by selection
 
     @property
     def stem(self) -> str:
@@ -151,6 +153,7 @@ def collect_groups(
     """
     skips: list[Skip] = []
     located: dict[str, tuple[int, float, Optional[str]]] = {}
+    bursts: dict[str, Optional[int]] = {}
     entries = [(raw, score, None) for raw, score in source.rows]
     entries += [(raw, 0.0, error) for raw, error in source.failed]
     for raw, score, error in entries:
@@ -165,6 +168,8 @@ def collect_groups(
         if any(is_under(full, folder) for folder in exclude):
             continue
         located.setdefault(full, (root, score, error))
+        if source.bursts is not None and error is None:
+            bursts.setdefault(full, source.bursts.get(raw))
 
     by_stem: dict[tuple[str, str], list[str]] = {}
     for full in located:
@@ -213,7 +218,8 @@ def collect_groups(
             if name not in members:
                 continue
             rel = os.path.relpath(folder, roots[root])
-            group = Group(root, folder, "" if rel == "." else rel, name, members, score, error)
+            burst = bursts.get(os.path.join(folder, name))
+            group = Group(root, folder, "" if rel == "." else rel, name, members, score, error, burst)
             (failed_groups if error is not None else groups).append(group)
     groups.sort(key=lambda g: (g.score, g.path))
     failed_groups.sort(key=lambda g: g.path)

@@ -54,6 +54,60 @@ def select_worst(
     return ranked[: int(math.floor(len(ranked) * worst_percent / 100.0 + 1e-9))]
 
 
+def select_bursts(groups: Sequence[Group], keep: int = 1) -> list[Group]:
+    """In each burst or near-duplicate set of two or more photos (``Group.burst``), the frames
+    past the ``keep`` best by score; each one's ``rule`` says its place ("burst: #2 of 3")."""
+    if keep < 1:
+        raise UsageError("--keep must be 1 or more (a burst always keeps its best frame)")
+    frames_of: dict[int, list[Group]] = {}
+    for group in groups:
+        if group.burst is not None and group.error is None:
+            frames_of.setdefault(group.burst, []).append(group)
+    culled: list[Group] = []
+    for frames in frames_of.values():
+        if len(frames) < 2:
+            continue
+        frames.sort(key=lambda g: (-g.score, g.path))
+        for place, group in enumerate(frames[keep:], start=keep + 1):
+            group.rule = f"burst: #{place} of {len(frames)}"
+            culled.append(group)
+    return culled
+
+
+def select_cull(
+    groups: Sequence[Group],
+    *,
+    below: Optional[float] = None,
+    worst: Optional[int] = None,
+    worst_percent: Optional[float] = None,
+    bursts: bool = False,
+    keep: int = 1,
+) -> list[Group]:
+    """The groups ``loda cull`` sets aside: by score (one of ``below``, ``worst``,
+    ``worst_percent``), by burst (``bursts``: all but the ``keep`` best of each), or by both,
+    when either rule says so. Each group's ``rule`` names the rule (or both) that culled it.
+    Worst first."""
+    by_score = any(v is not None for v in (below, worst, worst_percent))
+    if not by_score and not bursts:
+        raise UsageError("give one of --below, --worst, --worst-percent, or --bursts")
+    for group in groups:
+        group.rule = ""
+    chosen: dict[int, Group] = {}
+    if bursts:
+        chosen.update((id(g), g) for g in select_bursts(groups, keep))
+    if by_score:
+        if below is not None:
+            label = f"below {below:g}"
+        elif worst is not None:
+            label = f"among the {worst} worst"
+        else:
+            label = f"in the worst {worst_percent:g}%"
+        for group in select_worst(groups, below=below, worst=worst, worst_percent=worst_percent):
+            group.rule = f"{label}; {group.rule}" if group.rule else label
+            chosen[id(group)] = group
+    return sorted(chosen.values(), key=lambda g: (g.score, g.path))
+
+
 def parse_edges(text: str) -> tuple[float, float, float, float]:
     """Four increasing star-bin edges in [0, 1], from ``"0.2,0.4,0.6,0.8"``."""
     try:

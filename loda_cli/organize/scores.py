@@ -27,6 +27,8 @@ class ScoreSource:
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     from_file: bool = False
+    # path (as in ``rows``) -> its burst or near-duplicate set, when bursts were asked for
+    bursts: Optional[dict[str, int]] = None
 
 
 # Errors that say the file itself is broken, as opposed to loda lacking a decoder (HEIC without
@@ -53,25 +55,17 @@ def load_scores(
     model: Optional[str] = None,
     progress: Optional[Callable[[Any], None]] = None,
     exclude: Sequence[str] = (),
+    burst_gap: Optional[float] = None,
 ) -> ScoreSource:
     """Scores from ``scores_file``, else from the scoring library (through its cache).
 
     ``progress`` is called with each scored row. Folders in ``exclude`` (absolute) are not scored:
     the scorer is asked to skip them, and ``collect_groups`` leaves them out whatever it returns.
+    With ``burst_gap`` (seconds), ``bursts`` says which burst each photo belongs to: the groups a
+    scores file has, or those :func:`loda_cli.bursts.assign_groups` makes.
     """
     if scores_file is not None:
-        from loda_cli.scoresfile import read_scores
-
-        from loda_cli.scoresfile import scores_bases
-
-        parsed = read_scores(scores_file)
-        rows = [(row.path, row.score) for row in parsed.rows]
-        unusable = parsed.skipped - len(parsed.failed)
-        bases = scores_bases(scores_file, parsed.header)
-        return ScoreSource(
-            rows, bases, display_path(scores_file), unusable, list(parsed.failed),
-            from_file=True,
-        )
+        return _from_file(scores_file, bursts=burst_gap is not None)
     globs = sorted(
         {
             glob_escape(os.path.relpath(folder, root))
@@ -86,7 +80,7 @@ def load_scores(
 
     # The cache first: a folder scored before is planned without importing torch (about 6 s).
     found: Iterable[Any] | None = cached_rows(
-        roots, model=model, recursive=True, exclude=tuple(globs)
+        roots, model=model, recursive=True, exclude=tuple(globs), looks=burst_gap is not None
     )
     description = "the score cache" + (f" (model {model})" if model else "")
     if found is None:
@@ -104,6 +98,13 @@ def load_scores(
             progress=progress,
         )
         description = "the model" + (f" {model}" if model else "")
+    found = list(found)
+    bursts: Optional[dict[str, int]] = None
+    if burst_gap is not None:
+        from loda_cli.bursts import assign_groups
+
+        assign_groups(found, burst_gap=burst_gap)
+        bursts = {}
     for row in found:
         path = row.path
         if not os.path.isabs(path) and row.root and not os.path.lexists(path):
@@ -112,7 +113,33 @@ def load_scores(
             failed.append((path, str(row.error or "no score")))
             continue
         rows.append((path, float(row.score)))
-    return ScoreSource(rows, [os.getcwd()], description, 0, failed)
+        if bursts is not None and row.group is not None:
+            bursts[path] = row.group
+    return ScoreSource(rows, [os.getcwd()], description, 0, failed, bursts=bursts)
+
+
+def _from_file(scores_file: str | os.PathLike[str], *, bursts: bool) -> ScoreSource:
+    """The rows of a scores file; with ``bursts``, its groups too (a file without them is a
+    usage error: it was written before grouping, or with --no-groups)."""
+    from loda_cli.errors import UsageError
+    from loda_cli.scoresfile import read_scores, scores_bases
+
+    parsed = read_scores(scores_file)
+    rows = [(row.path, row.score) for row in parsed.rows]
+    unusable = parsed.skipped - len(parsed.failed)
+    bases = scores_bases(scores_file, parsed.header)
+    groups = None
+    if bursts:
+        if parsed.rows and not parsed.has_groups:
+            raise UsageError(
+                f"{display_path(scores_file)} has no group column: score again with this loda "
+                "(without --no-groups), or leave out --scores"
+            )
+        groups = {row.path: row.group for row in parsed.rows if row.group is not None}
+    return ScoreSource(
+        rows, bases, display_path(scores_file), unusable, list(parsed.failed), from_file=True,
+        bursts=groups,
+    )
 
 
 def glob_escape(path: str) -> str:
