@@ -2,9 +2,15 @@
 
 ``build_review`` writes one page and a folder of JPEG thumbnails beside it (``review.html`` gets
 ``review_files/``). The page is self-contained: inline CSS, an inline SVG histogram, and a small
-inline script (a folder filter, a "would be culled" filter, the order) whose hash is pinned in the
-page's Content-Security-Policy, so no other script can run even if escaping ever failed. It loads
-nothing from the network and opens from disk with no server.
+inline script (a folder filter, a "would be culled" filter, the order, the crop-map toggle) whose
+hash is pinned in the page's Content-Security-Policy, so no other script can run even if escaping
+ever failed. It loads nothing from the network and opens from disk with no server.
+
+Bursts and near-duplicate sets (the scores file's ``group``) are shown as rows of frames, best
+first, the frames ``loda cull --bursts --keep N`` keeps marked. The crop map draws each crop's
+score (the scores file's ``crops``) over the thumbnail as a translucent grid: the crops of the
+whole-picture view as tiles, the detail view's smaller crops as outlined squares. The page
+opened as ``review.html#cropmap`` starts with the map shown.
 
 Every file name and folder is HTML-escaped; names that are not valid UTF-8 are shown with their
 odd bytes escaped (``\\xff``), never dropped. Photos are only read, never changed.
@@ -40,6 +46,11 @@ class ReviewItem:
     thumb_size: tuple[int, int] = (0, 0)
     error: Optional[str] = None  # why `loda score` could not score it (score is then 0)
     found: bool = True  # whether the file is where the path leads
+    group: Optional[int] = None  # its burst or near-duplicate set
+    crops: tuple = ()  # (x, y, w, h, score) per crop, in displayed pixels of ``size``
+    size: tuple[int, int] = (0, 0)  # the displayed width and height the crops are measured in
+    in_burst: bool = False  # one of a group of two or more
+    keeper: bool = False  # among the frames `loda cull --bursts` keeps
 
 
 @dataclass
@@ -53,6 +64,8 @@ class ReviewReport:
     unscored: int = 0  # the scores file's failed rows, shown marked after the scored photos
     missing: int = 0  # paths that lead to no file (relative paths resolved elsewhere?)
     bases: tuple[str, ...] = ()  # where relative paths were looked for, in order
+    bursts: int = 0  # groups of two or more photos, shown as rows
+    maps: int = 0  # photos with a crop map
 
 
 def _printable(path: str) -> str:
@@ -107,10 +120,14 @@ def build_review(
     thumb_size: int = 256,
     force: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    keep: int = 1,
 ) -> ReviewReport:
-    """Write the review page ``out`` and its thumbnails folder; returns what was written."""
+    """Write the review page ``out`` and its thumbnails folder; returns what was written.
+    ``keep``: how many frames of each burst are marked as kept (as ``loda cull --keep``)."""
     if below is not None and not 0.0 <= below <= 1.0:
         raise UsageError("--below is a score in [0, 1]")
+    if keep < 1:
+        raise UsageError("--keep must be 1 or more")
     if not 32 <= thumb_size <= 2048:
         raise UsageError("--thumb-size is between 32 and 2048 pixels")
     parsed = read_scores(scores_file)
@@ -131,7 +148,11 @@ def build_review(
         shown = _printable(row.path)
         folder = os.path.dirname(shown) or "."
         path, found = _resolve(row.path, bases)
-        items.append(ReviewItem(path, shown, folder, row.score, found=found))
+        items.append(ReviewItem(
+            path, shown, folder, row.score, found=found, group=row.group, crops=row.crops or (),
+            size=(row.width or 0, row.height or 0),
+        ))
+    bursts = _mark_keepers(items, keep)
     for raw, error in parsed.failed:  # after the scored photos, as the scores file ranks them
         shown = _printable(raw)
         path, found = _resolve(raw, bases)
@@ -167,6 +188,7 @@ def build_review(
         below=below,
         page_dir=page_dir,
         title=_printable(os.path.basename(os.fspath(scores_file))),
+        keep=keep,
     )
     tmp = page + ".part"
     try:
@@ -179,10 +201,31 @@ def build_review(
     cull = sum(1 for i in items if below is not None and i.error is None and i.score < below)
     unscored = sum(1 for i in items if i.error is not None)
     missing = sum(1 for i in items if not i.found)
+    maps = sum(1 for i in items if _has_map(i))
     return ReviewReport(
         page, thumbs_dir, len(items), thumbs, len(items) - thumbs, cull, unscored, missing,
-        tuple(bases),
+        tuple(bases), bursts, maps,
     )
+
+
+def _mark_keepers(items: Sequence[ReviewItem], keep: int) -> int:
+    """Mark the ``keep`` best frames of each group of two or more; returns how many such groups."""
+    members: dict[int, list[ReviewItem]] = {}
+    for item in items:
+        if item.group is not None and item.error is None:
+            members.setdefault(item.group, []).append(item)
+    bursts = 0
+    for frames in members.values():
+        if len(frames) < 2:
+            continue
+        bursts += 1
+        for place, item in enumerate(sorted(frames, key=lambda i: (-i.score, i.path))):
+            item.in_burst, item.keeper = True, place < keep
+    return bursts
+
+
+def _has_map(item: ReviewItem) -> bool:
+    return bool(item.crops) and item.size[0] > 0 and item.size[1] > 0 and item.thumb is not None
 
 
 def _check_outputs(page: str, thumbs_dir: str, force: bool) -> None:
@@ -254,16 +297,21 @@ _SCRIPT = """
   var folder = document.getElementById('folder');
   var onlyCull = document.getElementById('only-cull');
   var order = document.getElementById('order');
+  var maps = document.getElementById('maps');
   var shown = document.getElementById('shown');
   function apply() {
     var n = 0;
-    var items = grid.children;
+    var items = document.querySelectorAll('figure.photo');
     for (var i = 0; i < items.length; i++) {
       var el = items[i];
       var ok = (folder.value === '' || el.getAttribute('data-folder') === folder.value) &&
                (!onlyCull.checked || el.classList.contains('cull'));
       el.hidden = !ok;
       if (ok) n++;
+    }
+    var rows = document.querySelectorAll('.burst');
+    for (var j = 0; j < rows.length; j++) {
+      rows[j].hidden = rows[j].querySelectorAll('figure.photo:not([hidden])').length === 0;
     }
     shown.textContent = String(n);
   }
@@ -278,8 +326,17 @@ _SCRIPT = """
     });
     items.forEach(function (el) { grid.appendChild(el); });
   }
+  function showMaps() {
+    document.body.classList.toggle('maps', maps.checked);
+    var all = document.querySelectorAll('.map');
+    var visible = 0;
+    for (var i = 0; i < all.length; i++) {
+      if (all[i].offsetWidth > 0) visible++;
+    }
+    document.documentElement.setAttribute('data-maps-shown', String(visible));
+  }
   function countLoaded() {
-    var imgs = document.querySelectorAll('#grid img');
+    var imgs = document.querySelectorAll('figure img');
     var ok = 0;
     for (var i = 0; i < imgs.length; i++) {
       if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++;
@@ -290,10 +347,13 @@ _SCRIPT = """
   folder.addEventListener('change', apply);
   onlyCull.addEventListener('change', apply);
   order.addEventListener('change', function () { reorder(); apply(); });
-  var imgs = document.querySelectorAll('#grid img');
+  maps.addEventListener('change', showMaps);
+  var imgs = document.querySelectorAll('figure img');
   for (var i = 0; i < imgs.length; i++) { imgs[i].addEventListener('load', countLoaded); }
   window.addEventListener('load', countLoaded);
+  if (location.hash === '#cropmap' && !maps.disabled) { maps.checked = true; }
   apply();
+  showMaps();
 })();
 """
 
@@ -301,18 +361,32 @@ _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 16px; background: #fafafa; color: #222; }
 header { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-end; margin-bottom: 12px; }
 h1 { font-size: 20px; margin: 0 0 4px; }
+h2 { font-size: 15px; margin: 12px 0 6px; }
 .controls label { margin-right: 14px; }
 .hist .bar { fill: #7a9cc6; } .hist .bar.cull { fill: #d9534f; }
 .hist .axis { stroke: #555; } .hist text { font-size: 11px; fill: #444; }
 .hist .threshold { stroke: #b00; stroke-width: 2; stroke-dasharray: 4 3; }
 .hist .threshold-label { fill: #b00; font-weight: 600; }
 #grid { display: flex; flex-wrap: wrap; gap: 10px; }
+.burst { display: flex; gap: 10px; align-items: flex-start; overflow-x: auto; padding: 8px;
+         margin-bottom: 10px; background: #eef2f7; border-radius: 4px; }
+.burst .label { flex: 0 0 70px; font-size: 12px; color: #445; }
 figure { margin: 0; padding: 6px; background: #fff; border: 3px solid #ddd; border-radius: 4px;
-         width: var(--thumb); }
+         width: var(--thumb); flex: 0 0 auto; }
 figure.cull { border-color: #d9534f; background: #fff3f2; }
+figure.keeper { border-color: #2e8b57; box-shadow: 0 0 0 2px #2e8b57; }
+figure.keeper figcaption .keep { color: #2e8b57; font-weight: 700; margin-right: 6px; }
+figure.frame:not(.keeper) { opacity: 0.8; }
 figure img, figure .missing { display: block; max-width: 100%; height: auto; margin: 0 auto; }
 figure .missing { height: 80px; line-height: 80px; text-align: center; color: #999;
                   background: #eee; }
+.pic { position: relative; width: fit-content; margin: 0 auto; }
+.map { display: none; position: absolute; inset: 0; pointer-events: none; overflow: hidden; }
+body.maps .map { display: block; }
+.map .cell { position: absolute; box-sizing: border-box; border: 1px solid rgba(255,255,255,0.5);
+             font: 10px/1 system-ui, sans-serif; color: #fff; text-shadow: 0 0 2px #000;
+             padding: 2px; }
+.map .cell.detail { border: 2px solid #fff; }
 figcaption { font-size: 12px; margin-top: 4px; overflow-wrap: anywhere; }
 figcaption .score { font-weight: 700; margin-right: 6px; }
 figure.cull .score::after { content: " cull"; color: #d9534f; }
@@ -329,8 +403,43 @@ def render_page(
     below: Optional[float],
     page_dir: str,
     title: str,
+    keep: int = 1,
 ) -> str:
     """The HTML of the review page. Every piece of text from a file name is escaped here."""
+    bursts = _bursts(items)
+    in_bursts = {id(item) for frames in bursts for item in frames}
+    out = _page_top(items, below, title, len(bursts), keep)
+    if bursts:
+        out.append('<section id="bursts">')
+        for frames in bursts:
+            out.append(
+                f'<div class="burst" data-group="{frames[0].group}"><div class="label">'
+                f"group {frames[0].group}<br>{len(frames)} frames</div>"
+            )
+            out += [_figure(item, thumbs_url, below, page_dir) for item in frames]
+            out.append("</div>")
+        out += ["</section>", "<h2>Single photos</h2>" if len(in_bursts) < len(items) else ""]
+    out.append('<main id="grid">')
+    out += [_figure(i, thumbs_url, below, page_dir) for i in items if id(i) not in in_bursts]
+    out += ["</main>", f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]
+    return "\n".join(out)
+
+
+def _bursts(items: Sequence[ReviewItem]) -> list[list[ReviewItem]]:
+    """Groups of two or more scored photos, by group number; each best frame first."""
+    members: dict[int, list[ReviewItem]] = {}
+    for item in items:
+        if item.group is not None and item.error is None:
+            members.setdefault(item.group, []).append(item)
+    return [
+        sorted(frames, key=lambda i: (-i.score, i.path))
+        for _, frames in sorted(members.items())
+        if len(frames) > 1
+    ]
+
+
+def _page_top(items: Sequence[ReviewItem], below: Optional[float], title: str, bursts: int, keep: int) -> list[str]:
+    """From the doctype to the histogram: head, title, summary line and controls."""
     esc = html.escape
     scores = [i.score for i in items if i.error is None]
     unscored = sum(1 for i in items if i.error is not None)
@@ -344,14 +453,19 @@ def render_page(
         f"script-src 'sha256-{script_hash}'"
     )
     cull_count = sum(1 for s in scores if below is not None and s < below)
-    failed_note = (
-        f" {unscored} could not be scored (marked, shown last)." if unscored else ""
-    )
+    notes = f" {unscored} could not be scored (marked, shown last)." if unscored else ""
+    if bursts:
+        kept = "the best frame" if keep == 1 else f"the {keep} best frames"
+        notes += (f" {bursts} bursts or near-duplicate sets are shown as rows, best first; "
+                  f"{kept} of each (what <code>loda cull --bursts</code> keeps) outlined green.")
+    if below is not None:
+        notes += f" <strong>{cull_count}</strong> below {below:g} (outlined red) would be culled."
     thumb_count = sum(1 for i in items if i.thumb)
     disabled = "" if below is not None else " disabled"
+    no_maps = "" if any(_has_map(i) for i in items) else " disabled"
     out = [
         "<!DOCTYPE html>",
-        '<html lang="en" data-loaded-images="0">',
+        '<html lang="en" data-loaded-images="0" data-maps-shown="0">',
         "<head>",
         '<meta charset="utf-8">',
         f'<meta name="generator" content="{esc(GENERATOR)}">',
@@ -364,13 +478,8 @@ def render_page(
         "<header>",
         "<div>",
         f"<h1>loda review: {esc(title)}</h1>",
-        f"<p>{len(scores)} photos, worst first. Score in [0, 1], higher is better.{failed_note}"
-        + (
-            f" <strong>{cull_count}</strong> below {below:g} (outlined red) would be culled."
-            if below is not None
-            else ""
-        )
-        + f' Previews loaded: <span id="loaded">0</span> of {thumb_count}.</p>',
+        f"<p>{len(scores)} photos, worst first. Score in [0, 1], higher is better.{notes}"
+        f' Previews loaded: <span id="loaded">0</span> of {thumb_count}.</p>',
         '<div class="controls">',
         '<label>Folder <select id="folder"><option value="">All folders</option>',
     ]
@@ -382,40 +491,102 @@ def render_page(
         "Only photos below the threshold</label>",
         '<label>Order <select id="order"><option value="worst">worst first</option>'
         '<option value="best">best first</option></select></label>',
+        f'<label><input type="checkbox" id="maps"{no_maps}> Crop map (the score of each crop)</label>',
         'Showing <span id="shown">0</span>',
         "</div>",
         "</div>",
         _histogram_svg(scores, below),
         "</header>",
-        '<main id="grid">',
     ]
-    for item in items:
-        culled = below is not None and item.error is None and item.score < below
-        classes = "photo failed" if item.error else "photo cull" if culled else "photo"
-        name = os.path.basename(item.shown) or item.shown
-        link = _file_link(item.path, page_dir)
-        if item.thumb:
-            w, h = item.thumb_size
-            picture = (
-                f'<img src="{esc(thumbs_url)}/{esc(item.thumb)}" width="{w}" height="{h}" '
-                f'alt="{esc(name)}">'
-            )
-        else:
-            why = "no preview" if item.found else "file not found"
-            picture = f'<div class="missing">{why}</div>'
-        score_text = "failed" if item.error else f"{item.score:.3f}"
-        data_score = "" if item.error else f"{item.score:.6f}"
-        error_text = f'<span class="error">{esc(item.error)}</span>' if item.error else ""
-        out.append(
-            f'<figure class="{classes}" data-folder="{esc(item.folder)}" '
-            f'data-score="{data_score}">'
-            f'<a href="{esc(link)}">{picture}</a>'
-            f'<figcaption><span class="score">{score_text}</span>'
-            f'<span class="name" title="{esc(item.shown)}">{esc(name)}</span>{error_text}'
-            "</figcaption></figure>"
+    return out
+
+
+def _figure(item: ReviewItem, thumbs_url: str, below: Optional[float], page_dir: str) -> str:
+    esc = html.escape
+    culled = below is not None and item.error is None and item.score < below
+    classes = "photo failed" if item.error else "photo cull" if culled else "photo"
+    if item.in_burst:
+        classes += " frame keeper" if item.keeper else " frame"
+    name = os.path.basename(item.shown) or item.shown
+    link = _file_link(item.path, page_dir)
+    if item.thumb:
+        w, h = item.thumb_size
+        picture = (
+            f'<div class="pic"><a href="{esc(link)}"><img src="{esc(thumbs_url)}/{esc(item.thumb)}" '
+            f'width="{w}" height="{h}" alt="{esc(name)}"></a>{_crop_map(item)}</div>'
         )
-    out += ["</main>", f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]
-    return "\n".join(out)
+    else:
+        why = "no preview" if item.found else "file not found"
+        picture = f'<a href="{esc(link)}"><div class="missing">{why}</div></a>'
+    score_text = "failed" if item.error else f"{item.score:.3f}"
+    data_score = "" if item.error else f"{item.score:.6f}"
+    error_text = f'<span class="error">{esc(item.error)}</span>' if item.error else ""
+    keep_text = '<span class="keep">keep</span>' if item.keeper else ""
+    return (
+        f'<figure class="{classes}" data-folder="{esc(item.folder)}" data-score="{data_score}">'
+        f"{picture}"
+        f'<figcaption>{keep_text}<span class="score">{score_text}</span>'
+        f'<span class="name" title="{esc(item.shown)}">{esc(name)}</span>{error_text}'
+        "</figcaption></figure>"
+    )
+
+
+def _crop_map(item: ReviewItem) -> str:
+    """The crop map over a thumbnail, each crop coloured from red (0) to green (1) by its score,
+    translucent. Crops come in sets of one size (a view of the picture each): the largest set
+    (the whole-picture view) is drawn as tiles that share the picture between them; a smaller
+    set (a detail view) as outlined squares where they lie, or as outlined tiles too where its
+    crops overlap (a small photo, whose detail view is the photo itself)."""
+    if not _has_map(item):
+        return ""
+    width, height = item.size
+    sizes = sorted({(c[2], c[3]) for c in item.crops}, key=lambda s: -s[0] * s[1])
+    cells = []
+    for number, size in enumerate(sizes):
+        crops = [c for c in item.crops if (c[2], c[3]) == size]
+        tiled = number == 0 or _overlapping(crops)
+        for c in crops:
+            box = _tile(c, crops, width, height) if tiled else tuple(c[:4])
+            cells.append((*box, c[4], number > 0))
+    parts = ['<div class="map">']
+    for x, y, w, h, score, detail in cells:
+        score = min(1.0, max(0.0, score))
+        hue = round(120 * score)
+        style = (
+            f"left:{100 * x / width:.2f}%;top:{100 * y / height:.2f}%;"
+            f"width:{100 * w / width:.2f}%;height:{100 * h / height:.2f}%;"
+            f"background:hsla({hue},85%,45%,{0.3 if detail else 0.4})"
+        )
+        if detail:
+            style += f";border-color:hsl({hue},85%,40%)"
+        kind = "cell detail" if detail else "cell"
+        parts.append(f'<span class="{kind}" style="{style}" title="crop score {score:.3f}">{score:.2f}</span>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _overlapping(crops) -> bool:
+    return any(
+        a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+        for i, a in enumerate(crops) for b in crops[i + 1 :]
+    )
+
+
+def _tile(crop, crops, width: float, height: float) -> tuple[float, float, float, float]:
+    """The part of the picture closest to this crop's centre among ``crops`` (a grid): from the
+    midpoints to its neighbours' centres, or to the picture's edge."""
+    xs = sorted({c[0] + c[2] / 2 for c in crops})
+    ys = sorted({c[1] + c[3] / 2 for c in crops})
+
+    def span(centres: list[float], centre: float, size: float) -> tuple[float, float]:
+        i = centres.index(centre)
+        low = 0.0 if i == 0 else (centres[i - 1] + centre) / 2
+        high = size if i == len(centres) - 1 else (centre + centres[i + 1]) / 2
+        return low, high - low
+
+    left, w = span(xs, crop[0] + crop[2] / 2, width)
+    top, h = span(ys, crop[1] + crop[3] / 2, height)
+    return left, top, w, h
 
 
 def _file_link(path: str, page_dir: str) -> str:

@@ -553,9 +553,13 @@ def review(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing page that loda did not write.")
     ] = False,
+    keep: Annotated[
+        int, typer.Option("--keep", help="Frames of each burst marked as kept (as `loda cull --bursts --keep`).")
+    ] = 1,
 ) -> None:
-    """Write an HTML contact sheet (thumbnails sorted by score, a histogram, a folder filter)
-    that opens from disk with no server or network."""
+    """Write an HTML contact sheet (thumbnails sorted by score, bursts as rows with the keeper
+    marked, a crop-map toggle, a histogram, a folder filter) that opens from disk with no server
+    or network."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from loda_cli.review import build_review
@@ -564,7 +568,7 @@ def review(
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("thumbnails", total=None)
         report = build_review(
-            scores, out, below=below, thumb_size=thumb_size, force=force,
+            scores, out, below=below, thumb_size=thumb_size, force=force, keep=keep,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     details = f": {report.photos} photos, {report.thumbs} previews"
@@ -574,6 +578,10 @@ def review(
         details += f" ({report.unscored} could not be scored, shown marked at the end)"
     if below is not None:
         details += f", {report.below} below {below:g}"
+    if report.bursts:
+        details += f", {report.bursts} bursts shown as rows"
+    if report.maps:
+        details += f", {report.maps} crop maps"
     out_console.print(Text("Wrote ").append(_show(report.page)).append(details + "."))
     if report.missing:
         looked = ", ".join(organize_display(b) for b in report.bases)
