@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from loda_cli.cli.main import app
-from loda_cli.errors import OutputError
+from loda_cli.errors import OutputError, UsageError
 from loda_cli.review import build_review
 
 HOSTILE = "<img src=x onerror=alert(1)>.jpg"
@@ -208,3 +208,70 @@ def test_relative_paths_resolve_where_loda_score_ran_and_missing_files_are_count
     assert result.exit_code == 0, result.output
     assert "1 previews" in result.output
     assert "1 of 2 files were not found" in result.output and str(lib) in result.output
+
+
+@pytest.fixture
+def grouped(tmp_path, monkeypatch):
+    """A JSON scores file as `loda score` writes it since issue 19: a burst of three frames, a
+    single photo, crop scores (a 3x3 grid and two small detail crops) on every row."""
+    import json
+
+    rows = []
+    specs = [("b1.jpg", 0.71, 1, 2), ("b2.jpg", 0.80, 1, 1), ("b3.jpg", 0.35, 1, 3), ("single.jpg", 0.5, 2, 1)]
+    for i, (name, score, group, rank) in enumerate(specs):
+        Image.new("RGB", (600, 400), (60 * i, 120, 200 - 40 * i)).save(tmp_path / name)
+        crops = [[x, y, 250, 250, round(0.1 + 0.1 * (k % 9), 2)]
+                 for k, (x, y) in enumerate((x, y) for y in (0, 75, 150) for x in (0, 175, 350))]
+        crops += [[40, 40, 60, 60, 0.9], [480, 300, 60, 60, 0.2]]
+        rows.append({"rank": i + 1, "path": name, "score": score, "width": 600, "height": 400, "error": None,
+                     "group": group, "rank_in_group": rank, "crops": crops})
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"header": {}, "rows": rows}), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, scores
+
+
+def test_bursts_are_rows_with_the_keeper_marked_and_a_crop_map_per_photo(grouped):
+    tmp, scores = grouped
+    report = build_review(scores, tmp / "review.html")
+    assert (report.bursts, report.maps) == (1, 4)
+    text = Path(report.page).read_text(encoding="utf-8")
+    row = text[text.index('<div class="burst"'):text.index("</section>")]
+    assert re.findall(r'<figure class="([^"]+)"', row) == ["photo frame keeper", "photo frame", "photo frame"]
+    assert row.index("b2.jpg") < row.index("b1.jpg") < row.index("b3.jpg")  # best frame first
+    assert "single.jpg" in text[text.index('<main id="grid">'):]
+    assert text.count('class="cell"') == 4 * 9 and text.count('class="cell detail"') == 4 * 2
+    two = Path(build_review(scores, tmp / "two.html", keep=2).page).read_text(encoding="utf-8")
+    assert two.count("photo frame keeper") == 2
+    with pytest.raises(UsageError):
+        build_review(scores, tmp / "r.html", keep=0)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_groups_render_the_keeper_is_marked_and_the_map_toggles_in_headless_chromium(grouped):
+    tmp, scores = grouped
+    report = build_review(scores, tmp / "review.html")
+    url = Path(report.page).as_uri()
+    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp / 'profile'}"]
+
+    def dom(address: str) -> str:
+        return subprocess.run(base + ["--virtual-time-budget=5000", "--dump-dom", address],
+                              capture_output=True, text=True, timeout=90).stdout
+
+    plain, mapped = dom(url), dom(url + "#cropmap")  # #cropmap ticks the toggle, as a click does
+    assert 'data-loaded-images="4"' in plain and 'data-maps-shown="0"' in plain, plain[:400]
+    assert 'data-maps-shown="4"' in mapped and '<body class="maps">' in mapped, mapped[:400]
+    assert plain.count('class="photo frame keeper"') == 1 and plain.count('class="burst"') == 1
+    shots = {}
+    for name, address in (("plain", url), ("mapped", url + "#cropmap")):
+        shots[name] = tmp / f"{name}.png"
+        subprocess.run(base + [f"--screenshot={shots[name]}", "--window-size=1200,900", address],
+                       capture_output=True, timeout=90)
+    with Image.open(shots["plain"]) as a, Image.open(shots["mapped"]) as b:
+        from PIL import ImageChops
+
+        changed = ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox()
+        assert changed is not None  # the map is drawn over the thumbnails
+        # the keeper's green outline is on the page
+        assert any(g > 120 and r < 80 and b_ < 110 for _, (r, g, b_) in a.convert("RGB").getcolors(1 << 20))
