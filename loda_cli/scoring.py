@@ -6,9 +6,12 @@ Data flow (DESIGN.md, "Data flow of loda score"):
    every n-th file, so files stream to the model before the walk of a large tree has finished.
 2. The cache is asked first, in the worker: known files are never decoded again.
 3. The worker decodes (JPEG draft, EXIF orientation, RGB), resizes to the short side and cuts the
-   fixed crop layout; crops travel as uint8. A failure becomes an error row, not an exception.
+   fixed crop layout; crops travel as uint8. From the same view and the EXIF the decoder read it
+   takes what burst grouping needs (:mod:`loda_cli.bursts`: the look, capture time, camera), so
+   grouping costs no second decode. A failure becomes an error row, not an exception.
 4. The main process packs crops from many images into full batches, runs them under
-   ``inference_mode`` at the chosen precision and averages crop scores per image id.
+   ``inference_mode`` at the chosen precision and averages crop scores per image id, keeping
+   each crop's score and where it lies (``ScoreRow.crops``).
 5. Rows stream to the caller and the cache.
 """
 

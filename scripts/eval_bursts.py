@@ -23,7 +23,11 @@
    - the singleton check: the distinct source photos, scored as they are, each get a group of
      their own.
 3. ``--timing``: the time of `loda score` with grouping on and off (``--no-groups``), each on a
-   fresh cache, and the stage time the workers spent on grouping's share (hash and EXIF).
+   fresh cache; and ``--photos N``: N frames scored in this process (no cache, no workers), the
+   time spent on the look and EXIF (the scorer's ``times.look``) and on grouping, against the
+   rest of the run.
+5. ``--scale N``: the time and the peak RSS of grouping N synthetic records (a third without
+   EXIF time, the rest in bursts), what a cached rerun of N files adds.
 4. ``--features``: the same precision and recall for the alternative, the model's own pooled
    features (cosine similarity of the mean pooled feature over the crops), measured in-process.
 """
@@ -297,13 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--timing", action="store_true", help="also time scoring with grouping on and off")
     parser.add_argument("--features", action="store_true", help="also measure the model's pooled features")
+    parser.add_argument("--photos", type=int, default=0, help="also split the time of scoring this many frames")
+    parser.add_argument("--scale", type=int, default=0, help="only: group this many synthetic records")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    if args.scale:
+        result = scale(args.scale)
+        print(f"grouped {result['records']} records into {result['groups']} groups in "
+              f"{result['grouping_seconds']:.2f} s; peak RSS {result['peak_rss_mb_before']:.0f} MB before, "
+              f"{result['peak_rss_mb_after']:.0f} MB after")
+        return 0
     low, high = (int(x) for x in args.frames.split("-"))
     with tempfile.TemporaryDirectory() as tmp:
         base = args.out or Path(tmp)
         result = evaluate(base, seed=args.seed, frames=(low, high), model=args.model,
                           timing=args.timing, features=args.features)
+        if args.photos:
+            result.update(overhead_in_process(base / "many", args.photos, args.model))
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
@@ -344,7 +358,7 @@ def evaluate(base: Path, *, seed: int = 7, frames=(2, 8), model: str | None = No
 
 def time_grouping(folder: Path, base: Path, model_args) -> dict:
     """`loda score` with grouping on and off, alternately, each on a fresh cache (twice each:
-    the faster of two), and the workers' own time for hash and EXIF."""
+    the faster of two)."""
     on, off = [], []
     for attempt in range(2):
         for flag, bucket in (("--groups", on), ("--no-groups", off)):
@@ -352,6 +366,65 @@ def time_grouping(folder: Path, base: Path, model_args) -> dict:
             bucket.append(run_score(folder, base / "timing.json", *model_args, flag, home=home))
     return {"seconds_groups_on": min(on), "seconds_groups_off": min(off),
             "overhead": min(on) / min(off) - 1.0}
+
+
+def overhead_in_process(folder: Path, count: int, model: str | None) -> dict:
+    """Score ``count`` frames (burst sets written with more seeds until there are enough) in this
+    process with grouping on, and split the time: look and EXIF, grouping, and the rest."""
+    from loda_cli.bursts import assign_groups
+    from loda_cli.scoring import Scorer
+
+    seed = 100
+    while len(list(folder.glob("*.jpg"))) < count:
+        make_burst_set(folder / f"set{seed}", seed=seed, frames=(6, 8))
+        for path in (folder / f"set{seed}").glob("*.jpg"):
+            path.rename(folder / f"{seed}_{path.name}")
+        seed += 1
+    paths = sorted(folder.glob("*.jpg"))[:count]
+    scorer = Scorer(model, device="cpu", cache=False, workers=0)
+    t0 = time.perf_counter()
+    rows = list(scorer.score_files(paths))
+    t1 = time.perf_counter()
+    assign_groups(rows)
+    grouping = time.perf_counter() - t1
+    look = scorer.times.look
+    rest = t1 - t0 - look
+    return {"photos": len(rows), "score_seconds": t1 - t0, "look_seconds": look, "grouping_seconds": grouping,
+            "in_process_overhead": (look + grouping) / rest}
+
+
+def scale(count: int) -> dict:
+    """Group ``count`` synthetic rows (random looks; two thirds in 3-frame bursts of one camera,
+    a third without time): seconds and the process's peak RSS before and after."""
+    import random
+    import resource
+
+    import numpy  # noqa: F401 - imported before the first measurement: grouping's own memory only
+
+    from loda_cli.bursts import assign_groups
+
+    class Row:
+        __slots__ = ("path", "score", "raw", "error", "taken", "camera", "look", "group", "rank_in_group")
+
+    rng = random.Random(5)
+    rows = []
+    for k in range(count):
+        row = Row()
+        row.path, row.score, row.error = f"/photos/{k:06d}.jpg", rng.random(), None
+        row.raw = row.score
+        scene = k // 3
+        bits = random.Random(scene)  # the frames of one scene share a look
+        row.look = f"{bits.getrandbits(64):016x}{bits.getrandbits(64):016x}"
+        row.taken = None if k % 3 == 0 and scene % 2 else 1_700_000_000.0 + scene * 60 + (k % 3) * 0.3
+        row.camera = "A"
+        rows.append(row)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    assign_groups(rows)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"records": count, "grouping_seconds": seconds, "peak_rss_mb_before": before, "peak_rss_mb_after": after,
+            "groups": len({r.group for r in rows})}
 
 
 def print_table(result: dict) -> None:
@@ -366,6 +439,10 @@ def print_table(result: dict) -> None:
     if "overhead" in result:
         print(f"grouping on {result['seconds_groups_on']:.1f} s, off {result['seconds_groups_off']:.1f} s: "
               f"overhead {100 * result['overhead']:+.1f}%")
+    if "in_process_overhead" in result:
+        print(f"{result['photos']} photos scored in {result['score_seconds']:.1f} s: look and EXIF "
+              f"{result['look_seconds']:.2f} s, grouping {result['grouping_seconds']:.3f} s: "
+              f"overhead {100 * result['in_process_overhead']:.2f}%")
     for threshold, pr in (result.get("features") or {}).items():
         print(f"pooled features, cosine >= {threshold}: precision {pr['precision']:.4f} recall {pr['recall']:.4f}")
 
