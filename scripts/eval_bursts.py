@@ -389,8 +389,8 @@ def overhead_in_process(folder: Path, count: int, model: str | None) -> dict:
     grouping = time.perf_counter() - t1
     look = scorer.times.look
     rest = t1 - t0 - look
-    return {"photos": len(rows), "score_seconds": t1 - t0, "look_seconds": look, "grouping_seconds": grouping,
-            "in_process_overhead": (look + grouping) / rest}
+    return {"overhead_photos": len(rows), "overhead_score_seconds": t1 - t0, "look_seconds": look,
+            "grouping_seconds": grouping, "in_process_overhead": (look + grouping) / rest}
 
 
 def scale(count: int) -> dict:
@@ -440,7 +440,7 @@ def print_table(result: dict) -> None:
         print(f"grouping on {result['seconds_groups_on']:.1f} s, off {result['seconds_groups_off']:.1f} s: "
               f"overhead {100 * result['overhead']:+.1f}%")
     if "in_process_overhead" in result:
-        print(f"{result['photos']} photos scored in {result['score_seconds']:.1f} s: look and EXIF "
+        print(f"{result['overhead_photos']} photos scored in {result['overhead_score_seconds']:.1f} s: look and EXIF "
               f"{result['look_seconds']:.2f} s, grouping {result['grouping_seconds']:.3f} s: "
               f"overhead {100 * result['in_process_overhead']:.2f}%")
     for threshold, pr in (result.get("features") or {}).items():
