@@ -830,21 +830,27 @@ def _decode_raw(path: Path, target_short_side: int | None, max_pixels: int) -> D
 
 
 def _raw_exif(path: Path):
-    """A RAW file's EXIF, from its TIFF header where it has one (CR2, NEF, ARW, DNG, PEF...):
-    the header only, no pixel is decoded. None for the others (CR3, RAF) and on any failure."""
+    """A RAW file's EXIF, read from its TIFF header where it has one (CR2, NEF, ARW, DNG, PEF...):
+    the first megabyte parsed as EXIF, no pixel decoded (Pillow cannot open most RAW files as
+    images). None for the others (CR3, RAF) and on any failure."""
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            with _open_clamped(path) as fp:
-                if fp.read(4) not in (b"II*\x00", b"MM\x00*"):
-                    return None
-                fp.seek(0)
-                with Image.open(fp) as im:
-                    return _exif(im)
-        except Exception:  # a RAW Pillow cannot parse keeps its score, without a time
+            with open(path, "rb") as fp:
+                head = fp.read(1 << 20)
+            if head[:4] not in (b"II*\x00", b"MM\x00*"):
+                return None
+            exif = Image.Exif()
+            exif.load(head)
+        except Exception:  # a RAW whose header cannot be parsed keeps its score, without a time
             return None
+        try:
+            exif.get_ifd(_EXIF_IFD_TAG)
+        except Exception:
+            pass
+        return exif
 
 
 def _raw_preview(raw, rawpy, target_short_side: int | None, orientation: int):

@@ -258,6 +258,11 @@ def test_score_writes_groups_last_and_crops_in_json_only(burst_folder, tiny_chec
                         "--workers", "0", "--precision", "fp32"])
     with open(off, newline="") as fh:
         assert all(row["group"] == "" for row in csv.DictReader(fh))
+    shard = tmp_path / "shard.csv"  # a shard holds a fraction of each burst: no groups there
+    runner.invoke(app, ["score", str(burst_folder), "--model", str(tiny_checkpoint), "--out", str(shard), "--shard", "0/2",
+                        "--workers", "0", "--precision", "fp32"])
+    with open(shard, newline="") as fh:
+        assert all(row["group"] == "" for row in csv.DictReader(fh))
     assert runner.invoke(app, ["score", str(burst_folder), "--burst-gap", "-1"]).exit_code == 2
 
 
@@ -329,3 +334,16 @@ def test_generated_bursts_group_with_high_precision_and_recall_and_keep_a_clean_
     assert result["precision"] >= 0.95 and result["recall"] >= 0.95, result
     assert result["keeper_total"] >= 3 and not result["keeper_failures"], result
     assert result["singletons_ok"] and result["distinct_photos"] == 4
+
+
+def test_a_raw_file_gives_its_camera_from_its_tiff_header(tmp_path):
+    """RAW files: the EXIF comes from the TIFF header (no pixel decoded), so a DNG burst groups by
+    camera and time like JPEGs."""
+    pytest.importorskip("rawpy")
+    from tests.imagetree import write_test_dng
+
+    from loda_cli.images import decode_image
+
+    path = tmp_path / "IMG_0001.dng"
+    write_test_dng(path, size=(64, 48))
+    assert capture_of(decode_image(path).exif)[1] == "Loda|Test|"

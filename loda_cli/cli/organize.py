@@ -398,7 +398,7 @@ def cull(
         raise UsageError("--keep goes with --bursts")
     _check_dry_run(apply, dry_run)
     # Check the selection before scoring, which can take a while.
-    selection = dict(below=below, worst=worst, worst_percent=worst_percent, bursts=bursts, keep=keep or 1)
+    selection = dict(below=below, worst=worst, worst_percent=worst_percent, bursts=bursts, keep=1 if keep is None else keep)
     organize.select_cull([], **selection)
     roots = organize.resolve_roots(paths or [])
     dests = organize.cull_dests(roots, to)

@@ -134,7 +134,10 @@ def score(
         rows = _gather_rows(rows)
         if dist[0] != 0:
             return
-    if groups:
+    # A --shard holds every n-th file, a fraction of each burst: its group columns stay empty.
+    # The looks are cached all the same, so scoring the whole tree afterwards groups from the cache.
+    grouped = groups and not shard
+    if grouped:
         from loda_cli.bursts import assign_groups
 
         assign_groups(rows, burst_gap=burst_gap)
@@ -143,7 +146,7 @@ def score(
         for path, reason in skipped[:5]:
             err_console.print(f"skipped {shown(path)}: {reason}", markup=False)
         raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
-    _write_rows(out, rows, scorer, paths, elapsed, interrupted, burst_gap if groups else None)
+    _write_rows(out, rows, scorer, paths, elapsed, interrupted, burst_gap if grouped else None)
     if not quiet:
         _summary(scorer, rows, skipped, elapsed, out)
     if interrupted:
