@@ -232,25 +232,27 @@ def _join_timed(records, bits, usable, union: _Union, gap: float, similar) -> No
 
 def _join_untimed(records, bits, usable, union: _Union, similar) -> None:
     """Photos without a time whose looks are near-identical: every pair, in chunks of about a
-    million pairs (some 20 MB however many photos there are)."""
+    million pairs (some 10 MB however many photos there are); the phash first, the dhash only
+    for the pairs whose phash is close."""
     import numpy as np
 
     untimed = np.array([k for k, r in enumerate(records) if r.taken is None and usable[k]], dtype=np.int64)
+    if similar is not None:
+        for a, k in enumerate(untimed.tolist()):
+            for j in untimed[a + 1 :].tolist():
+                if similar(k, j, False):
+                    union.join(k, j)
+        return
+    phash, dhash = bits[untimed, 0], bits[untimed, 1]
     chunk = max(16, 1_000_000 // max(1, len(untimed)))
     for start in range(0, len(untimed), chunk):
-        block = untimed[start : start + chunk]
-        if similar is not None:
-            for a, k in enumerate(block):
-                for j in untimed[start + a + 1 :]:
-                    if similar(int(k), int(j), False):
-                        union.join(int(k), int(j))
-            continue
-        rest = untimed[start:]
-        distance = _popcount(bits[block][:, None, :] ^ bits[rest][None, :, :]).max(axis=2)
-        rows, cols = np.nonzero(distance <= UNTIMED_BITS)
-        for a, b in zip(rows.tolist(), cols.tolist()):
-            if start + b > start + a:
-                union.join(int(block[a]), int(rest[b]))
+        # pairs (a, b) of the block's photo a and photo b from the block's first one on
+        close = _popcount(phash[start : start + chunk, None] ^ phash[None, start:]) <= UNTIMED_BITS
+        a, b = np.nonzero(close)
+        a, b = a[b > a] + start, b[b > a] + start  # each pair once, never a photo with itself
+        both = _popcount(dhash[a] ^ dhash[b]) <= UNTIMED_BITS
+        for i, j in zip(untimed[a[both]].tolist(), untimed[b[both]].tolist()):
+            union.join(i, j)
 
 
 def assign_groups(rows: Iterable[Any], *, burst_gap: float = DEFAULT_BURST_GAP) -> list[Any]:

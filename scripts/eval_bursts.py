@@ -303,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", action="store_true", help="also measure the model's pooled features")
     parser.add_argument("--photos", type=int, default=0, help="also split the time of scoring this many frames")
     parser.add_argument("--scale", type=int, default=0, help="only: group this many synthetic records")
+    parser.add_argument("--untimed", action="store_true", help="with --scale: none of them has an EXIF time")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.scale:
-        result = scale(args.scale)
+        result = scale(args.scale, args.untimed)
         print(f"grouped {result['records']} records into {result['groups']} groups in "
               f"{result['grouping_seconds']:.2f} s; peak RSS {result['peak_rss_mb_before']:.0f} MB before, "
               f"{result['peak_rss_mb_after']:.0f} MB after")
@@ -393,9 +394,10 @@ def overhead_in_process(folder: Path, count: int, model: str | None) -> dict:
             "grouping_seconds": grouping, "in_process_overhead": (look + grouping) / rest}
 
 
-def scale(count: int) -> dict:
+def scale(count: int, untimed: bool = False) -> dict:
     """Group ``count`` synthetic rows (random looks; two thirds in 3-frame bursts of one camera,
-    a third without time): seconds and the process's peak RSS before and after."""
+    a third without time; with ``untimed``, none has a time: the slowest case, every pair
+    compared): seconds and the process's peak RSS before and after."""
     import random
     import resource
 
@@ -415,7 +417,7 @@ def scale(count: int) -> dict:
         scene = k // 3
         bits = random.Random(scene)  # the frames of one scene share a look
         row.look = f"{bits.getrandbits(64):016x}{bits.getrandbits(64):016x}"
-        row.taken = None if k % 3 == 0 and scene % 2 else 1_700_000_000.0 + scene * 60 + (k % 3) * 0.3
+        row.taken = None if untimed or (k % 3 == 0 and scene % 2) else 1_700_000_000.0 + scene * 60 + (k % 3) * 0.3
         row.camera = "A"
         rows.append(row)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
