@@ -205,10 +205,12 @@ def dataset_root(spec: DatasetSpec, data: Optional[Path] = None) -> Path:
         root = loda_home() / "synthetic"
         root.mkdir(parents=True, exist_ok=True)
     if not root.exists():
+        from loda_cli.download import download_hint
+
         raise DatasetError(
             f"{spec.title} not found at {where}. {_where_published(spec)}Unpack it so that its "
             f"folder holds {spec.layout}, then pass that folder with --data DIR (or set $LODA_DATA "
-            f"to the folder that holds {spec.name}/)."
+            f"to the folder that holds {spec.name}/)." + download_hint(spec, data)
         )
     return root
 

@@ -416,3 +416,88 @@ def test_names_that_leave_their_folder_are_unsafe():
         assert download.name_problem(name), name
     for name in ("kadid10k/", "kadid10k/images/I01.png", "a..b/c"):
         assert download.name_problem(name) is None, name
+
+
+# --- loda train --download ---------------------------------------------------------------------
+
+
+def test_train_download_goes_from_nothing_to_a_checkpoint_that_score_uses(server, monkeypatch, kadid_zip,
+                                                                           isolated_home, data_dir, tmp_path):
+    offer_kadid(server, monkeypatch, kadid_zip)
+    result = runner.invoke(app, ["train", "kadid", "--download", "--max-steps", "2", "--batch-size", "8", *TINY_TRAIN])
+    assert result.exit_code == 0, result.output
+    checkpoint = isolated_home / "checkpoints" / "loda-kadid10k-split0.safetensors"
+    assert checkpoint.is_file() and f"checkpoint: {checkpoint}" in result.output
+    assert "ok" in result.output.splitlines()  # the download's data check passed first
+
+    scores = tmp_path / "scores.json"
+    result = runner.invoke(app, ["score", str(data_dir / "kadid10k" / "images"), "--out", str(scores), "-q",
+                                 "--crops", "1", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(scores.read_text())
+    assert document["header"]["model"] == "loda-kadid10k-split0" and len(document["rows"]) == 30
+
+
+def test_train_without_download_says_how_to_get_the_dataset(server, monkeypatch, kadid_zip, data_dir):
+    offer_kadid(server, monkeypatch, kadid_zip)
+    line = assert_one_line_failure(runner.invoke(app, ["train", "kadid", *TINY_TRAIN]))
+    assert "KADID-10k not found" in line and "loda data download kadid10k" in line and "--download" in line
+    monkeypatch.setattr("loda_cli.cli.train._stdin_is_terminal", lambda: True)
+    result = runner.invoke(app, ["train", "kadid", *TINY_TRAIN], input="n\n")
+    assert "Download it now (" in result.output and result.exit_code == 1
+    assert not server.requests and not data_dir.exists()
+
+
+def test_the_cpu_warning_comes_before_the_download(server, monkeypatch, kadid_zip, data_dir):
+    # The paper's model on a CPU: the estimate and the advice are printed before anything is fetched.
+    archive = Archive("kadid10k.zip", server.url("/gone/kadid10k.zip"), len(kadid_zip), None, "dmos.csv")
+    monkeypatch.setitem(download.ARCHIVES, "kadid10k", (archive,))
+    result = runner.invoke(app, ["train", "kadid", "--download", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("estimated time on this CPU: about ") and "days" in lines[0]
+    assert lines[1].startswith("warning: the paper's model (ViT-B/16 + ResNet-50) trains on a CPU for about ")
+    assert "HTTP 404" in error_lines(result.output)[0]
+
+
+def test_the_time_estimates(tmp_path):
+    from loda_cli import train_estimate as te
+
+    kadid = te.workload(10125, 3, 10, 128)
+    assert kadid.steps == 1890 and kadid.train_crops == 1890 * 128
+    assert te.preflight("kadid10k", 10125, kadid, True, "cuda", 16, "NVIDIA H100 80GB HBM3")[0].startswith(
+        "estimated time on this GPU (NVIDIA H100 80GB HBM3): about 5 min for 1,890 steps on 10,125 kadid10k images")
+    cpu = te.preflight("kadid10k", 10125, kadid, True, "cpu", 2)
+    assert "about 5.0 days" in cpu[0] and cpu[1].startswith("warning: the paper's model")
+    assert "--device cuda" in cpu[1] and te.SMALLER_MODEL in cpu[1]
+    assert te.preflight("kadid10k", 10125, kadid, False, "cpu", 2) == []  # other models: timed on the spot
+
+    # The on-the-spot figure: after 10 timed steps the rest of the run is projected.
+    root = make_kadid(tmp_path / "kadid", n_refs=5, per_ref=5)
+    result = runner.invoke(app, ["train", "kadid", "--data", str(root), "--max-steps", "12", "--batch-size", "4",
+                                 "--out", str(tmp_path / "m.safetensors"), *TINY_TRAIN])
+    assert result.exit_code == 0, result.output
+    assert "measured over 10 steps:" in result.output and "the remaining 1 steps and 1 evaluations need" in result.output
+
+
+def test_backbone_weights_come_through_the_hub_cache_with_progress(server, monkeypatch):
+    import huggingface_hub.constants
+
+    from loda_cli import backbones
+
+    repo = "timm/test_vit.r160_in1k"
+    assert backbones.hub_repo("test_vit") == (repo, None)
+    payload = bytes(range(256)) * 300
+    path = f"/{repo}/resolve/main/model.safetensors"
+    server.serve(path, payload)
+    server.extra_headers[path] = {"X-Repo-Commit": "1" * 40}
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert backbones.missing(["test_vit"]) == [("test_vit", repo, None)]
+    events = []
+    assert backbones.fetch(["test_vit"], lambda kind, data: events.append((kind, data))) == ["test_vit"]
+    assert events[0][0] == "download" and events[0][1]["total"] == len(payload)
+    assert events[-1] == ("bytes", {"done": len(payload), "total": len(payload)})
+    assert backbones.missing(["test_vit"]) == []
+    assert backbones.fetch(["test_vit"], lambda kind, data: events.append(kind)) == []  # cached: nothing to do
