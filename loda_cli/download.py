@@ -187,6 +187,11 @@ class Plan:
         sizes = [a.size for a, _ in self.archives]
         return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
 
+    def describe(self) -> str:
+        """``3.1 GB from datasets.vqa.mmsp-kn.de``, for messages and the prompt."""
+        size = human_size(self.size) if self.size is not None else "archives of unrecorded size"
+        return f"{size} from {', '.join(self.sources())}"
+
     def sources(self) -> list[str]:
         """The hosts (or local folders) the archives come from, for messages."""
         found = []
@@ -199,7 +204,7 @@ class Plan:
 
     def by_hand(self) -> str:
         """How to place the dataset without loda's download."""
-        return (f"to place it by hand, download {' and '.join(url for _, url in self.archives)}, unpack it so "
+        return (f"place it by hand: download {' and '.join(url for _, url in self.archives)}, unpack it so "
                 f"that {self.dest} holds {self.spec.layout}, then run loda data check {self.spec.name}")
 
 

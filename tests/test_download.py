@@ -288,7 +288,7 @@ def test_a_404_and_an_unreachable_host_each_give_one_line(server, monkeypatch, k
     archive = Archive("kadid10k.zip", server.url("/gone/kadid10k.zip"), len(kadid_zip), None, "dmos.csv")
     monkeypatch.setitem(download.ARCHIVES, "kadid10k", (archive,))
     line = assert_one_line_failure(runner.invoke(app, ["data", "download", "kadid"]))
-    assert "the server answered HTTP 404" in line and "to place it by hand" in line
+    assert "the server answered HTTP 404" in line and "place it by hand: download" in line
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -342,7 +342,7 @@ def test_rar_without_an_extractor_prints_the_manual_steps(server, monkeypatch, t
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     line = assert_one_line_failure(runner.invoke(app, ["data", "download", "tid"]))
-    assert "no RAR extractor is on PATH (7z, 7zz, bsdtar, unrar" in line and "to place it by hand" in line
+    assert "no RAR extractor is on PATH (7z, 7zz, bsdtar, unrar" in line and "place it by hand: download" in line
     assert not server.requests and not data_dir.exists()
 
 

@@ -138,7 +138,7 @@ def fetch_and_check(spec: datasets.DatasetSpec, data: Optional[Path], url: Optio
                           f"check it with: loda data check {spec.name} --data {plan.dest}", markup=False, soft_wrap=True)
         return plan.dest
     if plan.state == "missing":
-        err_console.print(f"{spec.title}: {dl.human_size(plan.size)} from {', '.join(plan.sources())} into {plan.dest}",
+        err_console.print(f"{spec.title}: {plan.describe()} into {plan.dest}",
                           markup=False, soft_wrap=True)
         view = DownloadView()
         try:

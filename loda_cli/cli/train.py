@@ -141,8 +141,8 @@ def _prepare(cfg, download: bool, quiet: bool) -> None:
             raise UsageError(f"fetch the dataset before starting several processes: loda data download {spec.name}")
         if not download:
             plan = dl.plan(spec, data)
-            if not typer.confirm(f"{spec.title} is not in {plan.dest}. Download it now ({dl.human_size(plan.size)} "
-                                 f"from {', '.join(plan.sources())})?", default=True, err=True):
+            if not typer.confirm(f"{spec.title} is not in {plan.dest}. Download it now ({plan.describe()})?",
+                                 default=True, err=True):
                 raise missing_error
         from loda_cli.cli.data import fetch_and_check
 
