@@ -777,6 +777,8 @@ def _holds(folder: Path, relative: str) -> bool:
 
 def _merge(content: Path, staging: Path, archive: Archive) -> None:
     for child in sorted(content.iterdir()):
+        if child.name == "__MACOSX":  # resource forks a Mac adds to zips it makes: not data
+            continue
         target = staging / child.name
         if os.path.lexists(target):
             raise DownloadError(f"{archive.file} and another archive of the dataset both hold {child.name}")

@@ -117,7 +117,7 @@ def test_koniq_from_a_mirror_folder_is_verified_by_its_zip_crcs(server, monkeypa
     tree = make_koniq(tmp_path / "koniq", n=12)
     (tmp_path / "scores").mkdir()
     (tree / "koniq10k_scores_and_distributions.csv").rename(tmp_path / "scores" / "koniq10k_scores_and_distributions.csv")
-    server.serve("/nas/koniq10k_1024x768.zip", zip_folder(tree, ""))
+    server.serve("/nas/koniq10k_1024x768.zip", zip_folder(tree, "", extra=[("__MACOSX/._1024x768", b"fork")]))
     server.serve("/nas/koniq10k_scores_and_distributions.zip", zip_folder(tmp_path / "scores", "koniq10k"))
     monkeypatch.setenv("LODA_DATA_URL_KONIQ10K", server.url("/nas"))
     result = runner.invoke(app, ["data", "download", "koniq", "--workers", "1"])
