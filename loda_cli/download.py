@@ -3,8 +3,8 @@ safely and put it where `loda train` looks for it.
 
 The order of this file: the table of official archives, where things go (the destination, its
 ``.part`` folder, mirrors), fetching (HTTP with resume, or a copy of a local file), verifying (the
-size, the sha256 where one is recorded), and unpacking (zip entries checked and written one by
-one; RAR through a system tool) into a scratch folder that becomes the dataset by one rename.
+size, the sha256 where one is recorded), and unpacking into a scratch folder that becomes the
+dataset by one rename (the safe unpacking of each archive is ``loda_cli.unpack``).
 
 The library never prints. It reports through ``emit(kind, data)`` and raises
 :class:`~loda_cli.errors.DownloadError` with a one-line message. It writes and deletes only inside
@@ -15,20 +15,15 @@ so it is either absent or complete.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import http.client
 import json
 import os
 import re
 import shutil
-import stat
-import subprocess
 import time
 import urllib.error
 import urllib.request
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -36,18 +31,15 @@ from urllib.parse import quote, urlparse
 from urllib.request import url2pathname
 
 from loda_cli.errors import DownloadError, UsageError
+from loda_cli.unpack import (CHUNK, RAR_TOOLS, content_root, discard, disk_error, extract_with_tool,
+                             extract_zip, into_place, merge, rar_tool, zip_entries)
 
 Emit = Callable[[str, dict], None]
 """Called as ``emit(kind, data)``: "download", "bytes", "retry", "notice", "verify", "unpack"."""
 
-CHUNK = 1 << 20
 PART_SUFFIX = ".part"
 PART_MARK = ".loda-part"  # in a .part folder: loda made it, so loda may delete in it
 MARKER = ".loda-download.json"  # in a dataset folder: loda unpacked it (and whether it was checked)
-# Zip-bomb guards: an entry above 1 MiB may expand at most 100 times; everything together at most
-# 20 times the archive (images hardly compress: the real archives expand about 1x).
-MAX_ENTRY_RATIO = 100
-MAX_TOTAL_RATIO = 20
 # Without an exact figure (RAR, or before a zip's own directory can be read), unpacking is taken
 # to need the archive's size plus a tenth.
 UNPACK_FACTOR = 1.1
@@ -107,9 +99,6 @@ NO_DIRECT_DOWNLOAD = {
     "spaq": "cloud-drive links",
     "flive": "cloud-drive links",
 }
-
-RAR_TOOLS = ("7z", "7zz", "bsdtar", "unrar")
-
 
 def downloadable(name: str) -> bool:
     return name in ARCHIVES
@@ -368,13 +357,6 @@ def _check_space(folder: Path, need: float, what: str) -> None:
         )
 
 
-def _disk_error(exc: OSError, where: Path, doing: str, kept: str) -> DownloadError:
-    if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
-        return DownloadError(f"the disk is full ({exc.strerror}) while {doing} in {where}; {kept}: free some "
-                             f"space and rerun")
-    return DownloadError(f"cannot write in {where} while {doing}: {exc.strerror or exc}; {kept}")
-
-
 # --------------------------------------------------------------------------------------------
 # Fetching, with resume
 
@@ -471,7 +453,7 @@ def _receive(response: _Response, path: Path, archive: Archive, emit: Emit) -> N
     try:
         out = open(path, "ab" if response.start else "wb", buffering=0)
     except OSError as exc:
-        raise _disk_error(exc, path.parent, f"downloading {archive.file}", "nothing was written") from None
+        raise disk_error(exc, path.parent, f"downloading {archive.file}", "nothing was written") from None
     with out:
         while True:
             try:
@@ -489,7 +471,7 @@ def _receive(response: _Response, path: Path, archive: Archive, emit: Emit) -> N
                 while view:
                     view = view[out.write(view) :]
             except OSError as exc:
-                raise _disk_error(exc, path.parent, f"downloading {archive.file}",
+                raise disk_error(exc, path.parent, f"downloading {archive.file}",
                                   f"the {done:,} bytes before are kept and resume") from None
             done += len(chunk)
             emit("bytes", {"done": done, "total": total})
@@ -574,18 +556,11 @@ def _range_total(header: Optional[str]) -> Optional[int]:
 # Verifying
 
 
-def _discard(path: Path) -> None:
-    """Delete a download loda made in its .part folder, with its state file."""
-    for victim in (path, path.with_name(path.name + ".json")):
-        with contextlib.suppress(FileNotFoundError):
-            victim.unlink()
-
-
 def _verify(archive: Archive, path: Path, emit: Emit) -> None:
     """The recorded size and sha256. A mismatch deletes the download (it is useless) and says so."""
     size = path.stat().st_size
     if archive.size is not None and size != archive.size:
-        _discard(path)
+        discard(path)
         raise DownloadError(f"{archive.file} is {size:,} bytes, not {archive.size:,}; deleted it: rerun to "
                             f"download it again")
     if not archive.sha256:
@@ -603,7 +578,7 @@ def _verify(archive: Archive, path: Path, emit: Emit) -> None:
             done += len(chunk)
             emit("verify", {"file": archive.file, "done": done, "total": size})
     if digest.hexdigest() != archive.sha256.lower():
-        _discard(path)
+        discard(path)
         raise DownloadError(
             f"{archive.file} is damaged: its sha256 is {digest.hexdigest()[:16]}..., expected "
             f"{archive.sha256[:16]}...; deleted it and unpacked nothing: rerun to download it again"
@@ -628,7 +603,7 @@ def _unpack_all(plan: Plan, paths: list[Path], tool: Optional[str], emit: Emit) 
         need = 0.0
         for (archive, _), path in zip(plan.archives, paths):
             if archive.kind == "zip":
-                entries[path] = _zip_entries(archive, path)
+                entries[path] = zip_entries(archive, path)
                 need += sum(info.file_size for info in entries[path])
             else:
                 need += UNPACK_FACTOR * path.stat().st_size
@@ -637,283 +612,18 @@ def _unpack_all(plan: Plan, paths: list[Path], tool: Optional[str], emit: Emit) 
         for (archive, _), path in zip(plan.archives, paths):
             scratch.mkdir()
             if archive.kind == "zip":
-                _extract_zip(archive, path, entries[path], scratch, emit)
+                extract_zip(archive, path, entries[path], scratch, emit)
             else:
-                _extract_with_tool(tool or "", archive, path, scratch, emit)
-            _merge(_content_root(scratch, archive, plan.spec), staging, archive)
+                extract_with_tool(tool or "", archive, path, scratch, emit)
+            merge(content_root(scratch, archive, plan.spec), staging, archive)
             shutil.rmtree(scratch)
         _write_json(staging / MARKER, {
             "dataset": plan.spec.name, "unpacked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checked": False,
             "archives": [{"file": a.file, "url": url, "size": p.stat().st_size, "sha256": a.sha256}
                          for (a, url), p in zip(plan.archives, paths)],
         })
-        _into_place(staging, plan.dest)
+        into_place(staging, plan.dest)
     except BaseException:
         for folder in (scratch, staging):
             shutil.rmtree(folder, ignore_errors=True)
         raise
-
-
-def name_problem(name: str) -> Optional[str]:
-    """Why an archive entry's name is unsafe to write under a folder, or None."""
-    if "\x00" in name or "\\" in name:
-        return "a backslash or NUL in its name"
-    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        return "an absolute path"
-    parts = name.rstrip("/").split("/")
-    if ".." in parts:
-        return "a path out of its folder"
-    if any(part in ("", ".") for part in parts):
-        return "an empty or '.' path component"
-    return None
-
-
-def _zip_entries(archive: Archive, path: Path) -> list[zipfile.ZipInfo]:
-    """Every entry, refused as a whole when one is unsafe (a path out of the folder, a symlink, a
-    device, encryption, a duplicate) or when the archive expands like a zip bomb."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise _damaged(archive, path, exc) from None
-    seen: set[str] = set()
-    for info in infos:
-        problem = name_problem(info.filename)
-        mode = info.external_attr >> 16
-        kind = stat.S_IFMT(mode) if info.create_system == 3 else 0
-        if problem is None and kind == stat.S_IFLNK:
-            problem = "a symbolic link"
-        elif problem is None and kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-            problem = "a device or other special file"
-        elif problem is None and info.flag_bits & 0x1:
-            problem = "encryption"
-        elif problem is None and info.filename.rstrip("/") in seen:
-            problem = "a second entry of the same name"
-        elif (problem is None and info.file_size > (1 << 20)
-              and info.file_size > MAX_ENTRY_RATIO * max(info.compress_size, 1)):
-            problem = f"a {info.file_size / max(info.compress_size, 1):.0f}-fold expansion (a zip bomb?)"
-        if problem:
-            raise _unsafe(archive, path, info.filename, problem)
-        seen.add(info.filename.rstrip("/"))
-    total = sum(info.file_size for info in infos)
-    if total > MAX_TOTAL_RATIO * max(path.stat().st_size, 1):
-        raise _unsafe(archive, path, "(all)", f"{human_size(total)} unpacked from {human_size(path.stat().st_size)} "
-                                              f"(a zip bomb?)")
-    return infos
-
-
-def _damaged(archive: Archive, path: Path, exc: BaseException) -> DownloadError:
-    _discard(path)
-    return DownloadError(f"{archive.file} is damaged ({str(exc) or type(exc).__name__}); deleted it and unpacked "
-                         f"nothing: rerun to download it again")
-
-
-def _unsafe(archive: Archive, path: Path, name: str, problem: str) -> DownloadError:
-    _discard(path)
-    return DownloadError(f"{archive.file} holds an unsafe entry {name!r} ({problem}); refused: nothing was "
-                         f"unpacked and the download was deleted (use another --url, or unpack it by hand)")
-
-
-def _extract_zip(archive: Archive, path: Path, infos: list[zipfile.ZipInfo], scratch: Path, emit: Emit) -> None:
-    """Write each entry under ``scratch`` ourselves: new files only (``O_EXCL``), never through a
-    link; zipfile checks each CRC as the entry's last byte is read."""
-    total = sum(info.file_size for info in infos)
-    emit("unpack", {"file": archive.file, "entries": len(infos), "total": total})
-    done = 0
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in infos:
-                target = scratch.joinpath(*info.filename.rstrip("/").split("/"))
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with os.fdopen(os.open(target, flags, 0o644), "wb") as out, zf.open(info) as src:
-                    while chunk := src.read(CHUNK):
-                        out.write(chunk)
-                        done += len(chunk)
-                        emit("bytes", {"done": done, "total": total})
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise _damaged(archive, path, exc) from None
-    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-        name = os.path.relpath(exc.filename, scratch) if exc.filename else "?"
-        raise _unsafe(archive, path, name, "a file and a folder of the same name") from None
-    except OSError as exc:
-        raise _disk_error(exc, scratch, f"unpacking {archive.file}",
-                          f"removed what was unpacked; {archive.file} stays in {path.parent}") from None
-
-
-def _content_root(scratch: Path, archive: Archive, spec: Any) -> Path:
-    """The folder inside ``scratch`` that holds ``archive.holds`` (matched ignoring case), at
-    most two folders deep; exactly one must."""
-    level, found = [scratch], []
-    for _ in range(3):
-        found = [folder for folder in level if _holds(folder, archive.holds)]
-        if found:
-            break
-        level = [child for folder in level for child in sorted(folder.iterdir())
-                 if child.is_dir() and not child.is_symlink()]
-    if len(found) != 1:
-        where = "in more than one folder" if found else "anywhere"
-        raise DownloadError(f"{archive.file} does not hold {archive.holds} where a {spec.title} archive does "
-                            f"(found {where}); is it the right file?")
-    return found[0]
-
-
-def _holds(folder: Path, relative: str) -> bool:
-    current = folder
-    for part in relative.split("/"):
-        try:
-            names = os.listdir(current)
-        except OSError:
-            return False
-        match = part if part in names else next((n for n in sorted(names) if n.lower() == part.lower()), None)
-        if match is None:
-            return False
-        current = current / match
-    return True
-
-
-def _merge(content: Path, staging: Path, archive: Archive) -> None:
-    for child in sorted(content.iterdir()):
-        if child.name == "__MACOSX":  # resource forks a Mac adds to zips it makes: not data
-            continue
-        target = staging / child.name
-        if os.path.lexists(target):
-            raise DownloadError(f"{archive.file} and another archive of the dataset both hold {child.name}")
-        os.rename(child, target)
-
-
-def _into_place(staging: Path, dest: Path) -> None:
-    try:
-        if dest.is_dir() and not dest.is_symlink():
-            dest.rmdir()  # only an empty folder (a full one was refused before anything was fetched)
-        os.rename(staging, dest)
-    except OSError as exc:
-        raise DownloadError(f"cannot move the unpacked dataset to {dest} ({exc.strerror}); left {dest} as it "
-                            f"is: move it aside and rerun") from None
-
-
-# --------------------------------------------------------------------------------------------
-# RAR, through a system tool
-
-
-def rar_tool() -> Optional[str]:
-    """The first RAR extractor on PATH, or None."""
-    for name in RAR_TOOLS:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _run(command: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              errors="surrogateescape")
-    except OSError as exc:
-        raise DownloadError(f"cannot run {command[0]}: {exc.strerror}") from None
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "no message"
-
-
-def tool_listing(tool: str, path: Path) -> list[tuple[str, str]]:
-    """The archive's entries as (name, kind), kind being "file", "dir", "link" or "other"
-    ("file" where the tool's listing does not say), read with the tool's own listing."""
-    name = Path(tool).name
-    if name == "bsdtar":
-        names = _run([tool, "-tf", str(path)])
-        verbose = _run([tool, "-tvf", str(path)])
-        if names.returncode or verbose.returncode:
-            raise DownloadError(f"{name} cannot read {path.name}: {_last_line(names.stderr or verbose.stderr)}")
-        entries = names.stdout.splitlines()
-        kinds = [line[:1] for line in verbose.stdout.splitlines()]
-        if len(kinds) != len(entries):
-            kinds = ["-"] * len(entries)
-        table = {"-": "file", "d": "dir", "l": "link", "h": "link"}
-        return [(entry, table.get(kind, "other")) for entry, kind in zip(entries, kinds)]
-    if name == "unrar":
-        done = _run([tool, "lt", "-idc", str(path)])
-        if done.returncode:
-            raise DownloadError(f"unrar cannot read {path.name}: {_last_line(done.stderr or done.stdout)}")
-        result: list[tuple[str, str]] = []
-        for line in done.stdout.splitlines():
-            key, _, value = line.strip().partition(": ")
-            if key == "Name":
-                result.append((value, "file"))
-            elif key == "Type" and result:
-                kind = value.strip().lower()
-                result[-1] = (result[-1][0], "dir" if kind == "directory" else "file" if kind == "file"
-                              else "link" if "link" in kind else "other")
-        return result
-    done = _run([tool, "l", "-slt", str(path)])  # 7z, 7zz
-    if done.returncode:
-        raise DownloadError(f"{name} cannot read {path.name}: {_last_line(done.stderr or done.stdout)}")
-    blocks = done.stdout.split("\n----------\n", 1)[-1].split("\n\n")
-    result = []
-    for block in blocks:
-        fields = dict(line.partition(" = ")[::2] for line in block.splitlines() if " = " in line)
-        if "Path" not in fields:
-            continue
-        attributes = fields.get("Attributes", "")
-        if fields.get("Folder") == "+" or attributes.startswith("D"):
-            kind = "dir"
-        elif fields.get("Symbolic Link") or fields.get("Hard Link") or re.search(r"\bl[rwx-]{9}\b", attributes):
-            kind = "link"
-        elif re.search(r"\b[cbps][rwx-]{9}\b", attributes):
-            kind = "other"
-        else:
-            kind = "file"
-        result.append((fields["Path"], kind))
-    return result
-
-
-def tree_problem(folder: Path) -> Optional[str]:
-    """The first entry under ``folder`` that is not a plain file or folder (a symlink, a hard
-    link, a device), as "path: what", or None."""
-    for current, dirs, files in os.walk(folder, followlinks=False):
-        for name in dirs + files:
-            entry = Path(current) / name
-            info = os.lstat(entry)
-            relative = entry.relative_to(folder).as_posix()
-            if stat.S_ISLNK(info.st_mode):
-                return f"{relative}: a symbolic link"
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-                return f"{relative}: a device or other special file"
-            if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
-                return f"{relative}: a hard link"
-    return None
-
-
-def _extract_with_tool(tool: str, archive: Archive, path: Path, scratch: Path, emit: Emit) -> None:
-    """List with the tool and refuse unsafe names and links first; extract into ``scratch``; then
-    refuse the result if it holds anything but plain files and folders, or expands like a bomb."""
-    name = Path(tool).name
-    listing = tool_listing(tool, path)
-    for entry, kind in listing:
-        problem = name_problem(entry) or {"link": "a link", "other": "a device or other special file"}.get(kind)
-        if problem:
-            raise _unsafe(archive, path, entry, problem)
-    emit("unpack", {"file": archive.file, "entries": len(listing), "total": None, "tool": name})
-    if name == "bsdtar":
-        command = [tool, "-x", "-f", str(path), "-C", str(scratch), "--no-same-owner"]
-    elif name == "unrar":
-        command = [tool, "x", "-y", "-o-", "-idq", str(path), str(scratch) + os.sep]
-    else:
-        command = [tool, "x", "-y", "-bd", f"-o{scratch}", str(path)]
-    done = _run(command)
-    if done.returncode:
-        raise DownloadError(
-            f"{name} could not unpack {archive.file} ({_last_line(done.stderr or done.stdout)}); removed what was "
-            f"unpacked. If the disk is full, free space and rerun; if the archive is damaged, delete {path} and rerun"
-        )
-    problem = tree_problem(scratch)
-    if problem:
-        raise _unsafe(archive, path, problem.split(": ")[0], problem.split(": ", 1)[1])
-    unpacked = sum(f.stat().st_size for f in scratch.rglob("*") if f.is_file())
-    if unpacked > MAX_TOTAL_RATIO * max(path.stat().st_size, 1):
-        raise _unsafe(archive, path, "(all)", f"{human_size(unpacked)} unpacked (a bomb?)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from loda_cli import download
+from loda_cli import download, unpack
 from loda_cli.cli.main import app
 from loda_cli.download import Archive
 from tests.datasetfixtures import make_kadid, make_koniq, make_tid2013
@@ -400,22 +400,22 @@ def test_rar_through_an_extractor_on_path(server, monkeypatch, tmp_path, data_di
 def test_a_tree_with_links_or_devices_is_refused(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "f").write_bytes(b"x")
-    assert download.tree_problem(tmp_path) is None
+    assert unpack.tree_problem(tmp_path) is None
     os.symlink("/etc", tmp_path / "a" / "out")
-    assert download.tree_problem(tmp_path) == "a/out: a symbolic link"
+    assert unpack.tree_problem(tmp_path) == "a/out: a symbolic link"
     os.unlink(tmp_path / "a" / "out")
     os.link(tmp_path / "a" / "f", tmp_path / "g")
-    assert download.tree_problem(tmp_path).endswith(": a hard link")
+    assert unpack.tree_problem(tmp_path).endswith(": a hard link")
     os.unlink(tmp_path / "g")
     os.mkfifo(tmp_path / "pipe")
-    assert download.tree_problem(tmp_path) == "pipe: a device or other special file"
+    assert unpack.tree_problem(tmp_path) == "pipe: a device or other special file"
 
 
 def test_names_that_leave_their_folder_are_unsafe():
     for name in ("../a", "a/../../b", "/etc/passwd", "C:/x", "a\\..\\b", "a//b", "./a"):
-        assert download.name_problem(name), name
+        assert unpack.name_problem(name), name
     for name in ("kadid10k/", "kadid10k/images/I01.png", "a..b/c"):
-        assert download.name_problem(name) is None, name
+        assert unpack.name_problem(name) is None, name
 
 
 # --- loda train --download ---------------------------------------------------------------------
