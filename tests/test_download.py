@@ -480,7 +480,7 @@ def test_the_time_estimates(tmp_path):
     assert "measured over 10 steps:" in result.output and "the remaining 1 steps and 1 evaluations need" in result.output
 
 
-def test_backbone_weights_come_through_the_hub_cache_with_progress(server, monkeypatch):
+def test_backbone_weights_come_through_the_hub_cache_with_progress(server, monkeypatch, tmp_path):
     import huggingface_hub.constants
 
     from loda_cli import backbones
@@ -494,6 +494,9 @@ def test_backbone_weights_come_through_the_hub_cache_with_progress(server, monke
     monkeypatch.setenv("HF_ENDPOINT", server.url(""))
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # huggingface_hub reads its cache folder once, at import: this test's fake weights go to a
+    # folder of its own, never where later tests look for real (missing) ones.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert backbones.missing(["test_vit"]) == [("test_vit", repo, None)]
     events = []
     assert backbones.fetch(["test_vit"], lambda kind, data: events.append((kind, data))) == ["test_vit"]

@@ -178,7 +178,7 @@ OWN_FILE_SITES = {  # a temporary file renamed into place (and removed when writ
     ("weights.py", "_atomic_write_bytes"): {"os.replace", ".unlink"},
     ("train.py", "_save_state"): {"os.replace"},
     ("builtin.py", "train_builtin"): {".unlink"},  # the finished run's resume state
-    ("precision.py", "store_choice"): {"os.replace", "os.unlink"},
+    ("precision.py", "_write_entry"): {"os.replace", "os.unlink"},
     ("review.py", "_make_thumb"): {"os.replace"},
     ("review.py", "build_review"): {"os.replace"},
     ("benchmark/report.py", "write_json"): {"os.replace", ".unlink"},
