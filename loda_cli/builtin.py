@@ -13,6 +13,11 @@ agree with people. Its design, all of it measured (README, "Built-in model"):
   versions, and a ranking term asks that each scores below its original by a margin that grows
   with the damage's level. Human labels alone teach little about noise: at full resolution it
   reads as fine detail.
+- **A linear teacher.** A ridge regression from the frozen CNN's channel statistics to MOS,
+  fitted on the same training photos, gives every training crop a target of its own; the ViT
+  learns from it beside the photos' MOS (``probe_weight``). On the 5 cross-validation folds this
+  raised the median SRCC from 0.710 to 0.741: 930 photos are few for a ViT trained from scratch,
+  and the teacher's dense, crop-level signal is what it lacked.
 - **Two views.** The paper's 384-pixel view, and a *detail view* at a short side of up to 1500
   pixels, where blur, noise and compression show on large photos as they do on a screen
   (``Preprocess.detail_*``). Training crops come from both.
@@ -90,6 +95,11 @@ class BuiltinRecipe:
     # Each photo of a step contributes one crop of each view, combined with the scorer's view
     # weights, so the PLCC term judges the same image-level prediction the scorer makes.
     both_views: bool = True
+    # A ridge regression on the frozen CNN's statistics (each stage's channel means and standard
+    # deviations), fitted on the same training photos, gives every crop its own target: a dense
+    # signal the ViT learns from besides the photos' MOS. 0 turns it off.
+    probe_weight: float = 3.0
+    probe_alpha: float = 1000.0
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -183,6 +193,7 @@ class CropBank:
     original: np.ndarray
     level: np.ndarray
     damage: list[str] = field(default_factory=list)
+    stats: np.ndarray | None = None  # crop_statistics(), computed when first needed
 
     def __len__(self) -> int:
         return len(self.photo)
@@ -320,6 +331,31 @@ def predict_photos(model, bank: CropBank, photos: Sequence[int], preprocess: Pre
     return np.asarray(out)
 
 
+def crop_statistics(bank: CropBank, chunk: int = 256) -> np.ndarray:
+    """Each bank row's CNN statistics: every stage's channel means and standard deviations."""
+    import torch
+
+    out = []
+    for start in range(0, len(bank), chunk):
+        maps = [f[start : start + chunk].float() for f in bank.features]
+        out.append(torch.cat([torch.cat([m.mean((2, 3)), m.std((2, 3))], 1) for m in maps], 1).numpy())
+    return np.concatenate(out)
+
+
+def probe_targets(stats: np.ndarray, bank: CropBank, mos: np.ndarray, train_photos: Sequence[int],
+                  alpha: float) -> np.ndarray:
+    """Every row's prediction by a ridge regression from the statistics of a photo's original
+    384-view crops (averaged) to its MOS, fitted on ``train_photos`` only."""
+    train_photos = np.asarray(train_photos)
+    originals = (bank.original < 0) & (bank.view == 0)
+    x = np.stack([stats[originals & (bank.photo == p)].mean(0) for p in train_photos])
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    a = (x - mu) / sd
+    y = mos[train_photos] - mos[train_photos].mean()
+    w = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ y)
+    return ((stats - mu) / sd) @ w
+
+
 def rank_loss(original: torch.Tensor, damaged: torch.Tensor, levels: torch.Tensor, spread: torch.Tensor,
               margin_per_level: float) -> torch.Tensor:
     """Hinge on the damaged crop scoring below its original by ``margin_per_level * level``
@@ -377,6 +413,11 @@ def fit(
     warmup = int(recipe.warmup * total)
     rng = np.random.default_rng([recipe.seed, 1])
     labels = torch.tensor(mos, dtype=torch.float32)
+    teacher = None
+    if recipe.probe_weight:
+        if bank.stats is None:
+            bank.stats = crop_statistics(bank)
+        teacher = torch.from_numpy(probe_targets(bank.stats, bank, mos, train_photos, recipe.probe_alpha)).float()
     start_epoch = 0
     # Dropout draws from torch's generator: seeded here, so a fit does not depend on what ran
     # before it in the process (the cross-validation folds), and saved with each epoch's state.
@@ -406,6 +447,8 @@ def fit(
             k = len(chosen)
             pred = (1 - w) * out[:k] + w * out[k : 2 * k] if recipe.both_views else out[:k]
             loss = plcc_loss(pred, labels[torch.from_numpy(chosen.astype(np.int64))])
+            if teacher is not None:
+                loss = loss + recipe.probe_weight * plcc_loss(out[: len(rows)], teacher[torch.from_numpy(rows)])
             if recipe.rank_weight:
                 n = recipe.pairs_per_step
                 orig, dmg = out[len(rows) : len(rows) + n], out[len(rows) + n :]

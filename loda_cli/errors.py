@@ -81,3 +81,7 @@ class NothingToUndoError(JournalError):
 
 class OutputError(LodaError):
     """An output file could not be written (disk full, permissions)."""
+
+
+class DownloadError(LodaError):
+    """A dataset could not be fetched, verified or unpacked; what is on disk stays usable."""

@@ -337,14 +337,20 @@ def cached_choice(key: str, path: Path | None = None) -> PrecisionChoice | None:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """An exclusive lock for a read-modify-write of ``path`` (a no-op where fcntl is missing:
-    the atomic rename still keeps the file whole)."""
+    """An exclusive lock for a read-modify-write of ``path``. Where fcntl is missing, or the
+    folder cannot be written, there is no lock (the atomic rename still keeps the file whole)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:
+        yield
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -352,26 +358,28 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def store_choice(key: str, facts: dict[str, Any], choice: PrecisionChoice, path: Path | None = None) -> None:
-    """Add one entry, keeping the others; the file is replaced atomically under a lock, so two
-    processes storing at once both land."""
+def _write_entry(path: Path, key: str, facts: dict[str, Any], choice: PrecisionChoice) -> None:
+    """Add one entry, keeping the others, by an atomic replace (the caller holds the lock)."""
     import tempfile
 
+    data = _read(path) or {"version": CACHE_VERSION, "entries": {}}
+    data["entries"][key] = {**choice.as_dict(), "facts": facts, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".precision-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def store_choice(key: str, facts: dict[str, Any], choice: PrecisionChoice, path: Path | None = None) -> None:
+    """Add one entry under the lock, so two processes storing at once both land."""
     path = path or cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
-        data = _read(path) or {"version": CACHE_VERSION, "entries": {}}
-        data["entries"][key] = {**choice.as_dict(), "facts": facts,
-                                "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".precision-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _write_entry(path, key, facts, choice)
 
 
 def choose(precision: str, device: str, *, model=None, preprocess=None, to_score=None, model_id: str = "",
@@ -388,14 +396,18 @@ def choose(precision: str, device: str, *, model=None, preprocess=None, to_score
         return PrecisionChoice(static_precision(device), "rule")
     key, facts = cache_key(model_id=model_id, architecture=architecture or {}, crop_size=preprocess.crop_size,
                            device=device)
-    found = cached_choice(key, path)
-    if found is not None:
-        return found
-    if on_measure is not None:
-        on_measure()
-    t0 = time.perf_counter()
-    trials = (measurer or measure)(model, preprocess, to_score, device=device)
-    choice = PrecisionChoice(pick(trials), "measured", trials, time.perf_counter() - t0)
-    with contextlib.suppress(OSError):  # an unwritable home only costs a re-measure next time
-        store_choice(key, facts, choice, path)
+    path = path or cache_path()
+    # Under the lock, a second process starting at the same moment waits for this measurement and
+    # reads its result: two runs on one machine never score in two precisions.
+    with _locked(path):
+        found = cached_choice(key, path)
+        if found is not None:
+            return found
+        if on_measure is not None:
+            on_measure()
+        t0 = time.perf_counter()
+        trials = (measurer or measure)(model, preprocess, to_score, device=device)
+        choice = PrecisionChoice(pick(trials), "measured", trials, time.perf_counter() - t0)
+        with contextlib.suppress(OSError):  # an unwritable home only costs a re-measure next time
+            _write_entry(path, key, facts, choice)
     return choice

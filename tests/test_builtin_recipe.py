@@ -155,3 +155,36 @@ def test_cli_preset_builtin_trains_from_a_labels_csv(tmp_path, isolated_home):
     assert out.is_file() and "checkpoint:" in result.stderr and "below 0.2 / 0.4 / 0.6" in result.stderr
     meta = json.loads(json.dumps(__import__("loda_cli.weights", fromlist=["x"]).read_metadata(out)))
     assert meta["metrics"]["cross_validation"] == {}
+
+
+def test_the_probe_teacher_learns_from_training_photos_only():
+    """The ridge teacher gives every crop a target from its CNN statistics, fitted on the training
+    photos' MOS alone: held-out photos' labels cannot leak into it, and it orders crops the way a
+    linear truth does."""
+    rng = np.random.default_rng(0)
+    photos, crops = 40, 3
+    stats = rng.normal(size=(photos * crops, 6))
+    bank = builtin.CropBank(pixels=None, features=[], photo=np.repeat(np.arange(photos), crops),
+                            view=np.zeros(photos * crops, int), original=np.full(photos * crops, -1),
+                            level=np.zeros(photos * crops, int))
+    truth = stats @ np.array([3.0, -2.0, 0.5, 0, 0, 0])
+    mos = np.array([truth[bank.photo == p].mean() for p in range(photos)])
+    train = np.arange(30)
+    targets = builtin.probe_targets(stats, bank, mos, train, alpha=1.0)
+    held_out = bank.photo >= 30
+    assert np.corrcoef(targets[held_out], truth[held_out])[0, 1] > 0.95
+    leaked = mos.copy()
+    leaked[30:] = rng.normal(size=10) * 100
+    assert np.allclose(builtin.probe_targets(stats, bank, leaked, train, alpha=1.0), targets)
+
+
+def test_crop_statistics_are_each_stages_channel_means_and_deviations():
+    import torch
+
+    maps = [torch.rand(5, 2, 4, 4, dtype=torch.float16), torch.rand(5, 3, 2, 2, dtype=torch.float16)]
+    bank = builtin.CropBank(pixels=None, features=maps, photo=np.zeros(5, int), view=np.zeros(5, int),
+                            original=np.full(5, -1), level=np.zeros(5, int))
+    stats = builtin.crop_statistics(bank, chunk=2)
+    assert stats.shape == (5, 2 * (2 + 3))
+    assert np.allclose(stats[:, :2], maps[0].float().mean((2, 3)).numpy(), atol=1e-6)
+    assert np.allclose(stats[:, 2:4], maps[0].float().std((2, 3)).numpy(), atol=1e-6)

@@ -144,6 +144,39 @@ def test_two_processes_writing_at_once_both_succeed(tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
 
 
+def _choose_once(path: str, out: str) -> None:
+    import os
+    import time
+    from pathlib import Path
+
+    def slow_measure(*args, **kwargs):
+        time.sleep(0.5)  # long enough for the other process to arrive meanwhile
+        # Each process would pick something else if it measured for itself.
+        fast = "bf16" if os.getpid() % 2 else "int8"
+        return [P.Trial("fp32", 100, 0.0), P.Trial(fast, 10, 0.0)]
+
+    choice = P.choose("auto", "cpu", model=object(), preprocess=Preprocess(), model_id="m", path=Path(path),
+                      measurer=slow_measure)
+    Path(out).write_text(f"{choice.precision} {choice.how}")
+
+
+def test_two_first_runs_at_once_measure_once_and_agree(tmp_path):
+    """A second process that starts while the first measures waits for it and reads its choice,
+    so two runs on one machine never score in different precisions."""
+    ctx = multiprocessing.get_context("spawn")
+    path = tmp_path / "precision.json"
+    outs = [tmp_path / f"out{i}" for i in range(2)]
+    procs = [ctx.Process(target=_choose_once, args=(str(path), str(o))) for o in outs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = sorted(o.read_text().split() for o in outs)
+    assert results[0][0] == results[1][0]
+    assert sorted(how for _, how in results) == ["cached", "measured"]
+
+
 def test_explicit_precision_is_forced_and_accelerators_follow_the_rule(tiny_model, tmp_path):
     assert P.choose("fp32", "cpu", model=tiny_model).how == "forced"
     assert P.choose("int8", "cpu").describe() == "int8 (asked for)"

@@ -178,13 +178,26 @@ OWN_FILE_SITES = {  # a temporary file renamed into place (and removed when writ
     ("weights.py", "_atomic_write_bytes"): {"os.replace", ".unlink"},
     ("train.py", "_save_state"): {"os.replace"},
     ("builtin.py", "train_builtin"): {".unlink"},  # the finished run's resume state
-    ("precision.py", "store_choice"): {"os.replace", "os.unlink"},
+    ("precision.py", "_write_entry"): {"os.replace", "os.unlink"},
     ("review.py", "_make_thumb"): {"os.replace"},
     ("review.py", "build_review"): {"os.replace"},
     ("benchmark/report.py", "write_json"): {"os.replace", ".unlink"},
     ("benchmark_speed.py", "make_synthetic_jpegs"): {"os.replace", "shutil.copyfile"},
     ("datasets/prepare.py", "_prepare_one"): {"os.replace", "os.unlink"},
     ("synthetic/dataset.py", "write_dataset"): {"os.replace"},
+}
+# loda data download works only inside the `<dest>.part` folder it made and marked (a folder of that
+# name it did not make is refused), and puts the finished dataset in place by one rename into a new
+# or empty destination.
+DOWNLOAD_SITES = {
+    ("download.py", "_download_once"): {".unlink"},  # a partial archive that cannot be resumed
+    ("download.py", "_tidy_part"): {"shutil.rmtree"},
+    ("download.py", "_unpack_all"): {"shutil.rmtree"},
+    ("download.py", "_write_json"): {"os.replace"},
+    ("download.py", "fetch"): {"shutil.rmtree"},  # the .part folder, once the dataset is in place
+    ("unpack.py", "discard"): {".unlink"},
+    ("unpack.py", "into_place"): {"os.rename", ".rmdir"},
+    ("unpack.py", "merge"): {"os.rename"},
 }
 
 
@@ -226,7 +239,7 @@ def _file_operation_sites() -> dict[tuple[str, str], set[str]]:
 
 
 def test_files_are_moved_linked_and_removed_only_at_the_known_sites():
-    assert _file_operation_sites() == {**PHOTO_SITES, **OWN_FILE_SITES}
+    assert _file_operation_sites() == {**PHOTO_SITES, **OWN_FILE_SITES, **DOWNLOAD_SITES}
 
 
 def test_the_organize_commands_touch_files_only_through_fileops():

@@ -74,7 +74,11 @@ def check(
 ) -> None:
     """Check the label file and that every listed image exists and decodes."""
     spec = _spec(dataset, path_column, mos_column, lower_better)
-    root = datasets.dataset_root(spec, data)
+    _check(spec, datasets.dataset_root(spec, data), workers)
+
+
+def _check(spec: datasets.DatasetSpec, root: Path, workers: Optional[int]) -> None:
+    """`loda data check`'s work and report; raises the one-line failure when anything is wrong."""
     with _progress() as progress:
         task = progress.add_task(f"checking {spec.name}", total=None)
         report = datasets.check_dataset(
@@ -99,6 +103,100 @@ def check(
     if not report.ok:
         raise fail(report.summary())
     err_console.print("[green]ok[/]")
+
+
+@data_app.command("download")
+@handle_errors
+def download(
+    dataset: DatasetArg,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Where the dataset goes (default: $LODA_DATA/<name> or ~/datasets/<name>, where loda train looks).")] = None,
+    url: Annotated[Optional[str], typer.Option("--url", help="A mirror: the archive's URL, or a folder URL (or local path) holding the archives by their official names. Default: $LODA_DATA_URL_<NAME>, else the official URL.")] = None,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Times a transfer that stops part way is resumed before giving up.")] = 3,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes decoding images in the final check (default: all cores).")] = None,
+) -> None:
+    """Fetch a dataset with a public direct download (KADID-10k, KonIQ-10k, TID2013), verify and unpack it, then check it.
+
+    Resumes where an interrupted run stopped; a rerun after success does nothing. The other
+    datasets have no direct download: it says where to get them and the layout to unpack.
+    """
+    fetch_and_check(datasets.resolve_dataset(dataset), data, url=url, retries=retries, workers=workers)
+
+
+def fetch_and_check(spec: datasets.DatasetSpec, data: Optional[Path], url: Optional[str] = None, retries: int = 3,
+                    workers: Optional[int] = None) -> Path:
+    """Download what is missing of ``spec`` into ``data`` (default $LODA_DATA/<name>), then run
+    `loda data check` on it once; returns the dataset folder. Shared with `loda train --download`."""
+    from loda_cli import download as dl
+
+    plan = dl.plan(spec, data, url)
+    if plan.state == "done":
+        err_console.print(f"{spec.name}: already downloaded and checked in {plan.dest}; nothing to do",
+                          markup=False, soft_wrap=True)
+        return plan.dest
+    if plan.state == "present":
+        err_console.print(f"{plan.dest} already holds {spec.title}, not downloaded by loda, so left as it is; "
+                          f"check it with: loda data check {spec.name} --data {plan.dest}", markup=False, soft_wrap=True)
+        return plan.dest
+    if plan.state == "missing":
+        err_console.print(f"{spec.title}: {plan.describe()} into {plan.dest}",
+                          markup=False, soft_wrap=True)
+        view = DownloadView()
+        try:
+            dl.fetch(plan, view, retries=retries)
+        finally:
+            view.close()
+    _check(spec, plan.dest, workers)
+    dl.mark_checked(plan.dest)
+    return plan.dest
+
+
+class DownloadView:
+    """Draws ``loda_cli.download`` events: a bar with bytes, rate and time left in a terminal, and
+    one line per file and stage everywhere."""
+
+    def __init__(self) -> None:
+        self.progress: Optional[Progress] = None
+        self.task = None
+
+    def _bar(self, description: str, total: Optional[int], completed: int = 0) -> None:
+        from rich.progress import DownloadColumn, TransferSpeedColumn
+
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TimeRemainingColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
+            )
+            self.progress.start()
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(description, total=total, completed=completed)
+
+    def __call__(self, kind: str, d: dict) -> None:
+        from loda_cli.download import human_size
+
+        if kind == "download":
+            resumed = f", resuming at {human_size(d['start'])}" if d["start"] else ""
+            self._line(f"downloading {d['url']} ({human_size(d['total'])}{resumed})")
+            self._bar(d["file"], d["total"], d["start"])
+        elif kind in ("bytes", "verify") and self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=d["done"], total=d["total"])
+        elif kind == "unpack":
+            how = f" with {d['tool']}" if d.get("tool") else ""
+            self._line(f"unpacking {d['file']}{how} ({d['entries']:,} entries, {human_size(d['total'])})"
+                       if d["total"] is not None else f"unpacking {d['file']}{how} ({d['entries']:,} entries)")
+            self._bar(f"unpacking {d['file']}", d["total"])
+        elif kind == "retry":
+            self._line(f"{d['reason']}; resuming in {d['wait']} s (retry {d['attempt']} of {d['retries']})")
+        elif kind == "notice":
+            self._line(d["message"])
+
+    def _line(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else err_console).print(text, markup=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 @data_app.command("prepare")

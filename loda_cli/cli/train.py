@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,10 +55,11 @@ def train_cmd(
     mos_column: Annotated[Optional[str], typer.Option(help="csv dataset: the label column.")] = None,
     lower_better: Annotated[Optional[bool], typer.Option("--lower-better/--higher-better", help="csv dataset: label direction.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    download: Annotated[bool, typer.Option("--download", help="Fetch the dataset first when it is missing (KADID-10k, KonIQ-10k, TID2013; as `loda data download`). In a terminal loda asks instead.")] = False,
 ) -> None:
     """Train LoDa on a dataset split with the paper's protocol, then save a checkpoint `loda score` uses.
 
-    Example: loda train kadid --data ~/datasets/kadid10k
+    Example: loda train kadid --download (on a fresh machine), or loda train kadid --data ~/datasets/kadid10k
     """
     from loda_cli.config import LoDaConfig, TrainConfig
     from loda_cli.errors import UsageError
@@ -97,13 +99,94 @@ def train_cmd(
     cfg.out = str(out) if out else None
     cfg.resume = resume
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    reporter = _Reporter(quiet or not main_rank)
+    if main_rank:
+        _prepare(cfg, download, quiet)
+    reporter = _Reporter(quiet or not main_rank, cfg)
     try:
         path = train(cfg, reporter)
     finally:
         reporter.close()
     if main_rank:
         err_console.print(f"checkpoint: {path}")
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _prepare(cfg, download: bool, quiet: bool) -> None:
+    """What comes before a run: its estimated time on this device (with advice where the paper's
+    model would take days on a CPU), the dataset (fetched when missing and asked for, or agreed to
+    at a prompt in a terminal), and the backbone weights (fetched into timm's cache with progress)."""
+    from loda_cli import datasets
+    from loda_cli import download as dl
+    from loda_cli.errors import DatasetError, UsageError
+    from loda_cli.train import _resolve_spec
+
+    spec = _resolve_spec(cfg)
+    data = Path(cfg.data) if cfg.data else None
+    try:
+        root: Optional[Path] = datasets.dataset_root(spec, data)
+        missing_error = None
+    except DatasetError as exc:
+        if not dl.downloadable(spec.name) or not (download or _stdin_is_terminal()):
+            raise
+        root, missing_error = None, exc
+    count = (lambda: len(datasets.read_labels(spec, root))) if root is not None else (lambda: spec.expected_count or 0)
+    for line in _estimate_lines(cfg, spec, count):
+        if not quiet or line.startswith("warning"):
+            err_console.print(line, markup=False, soft_wrap=True)
+    if missing_error is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError(f"fetch the dataset before starting several processes: loda data download {spec.name}")
+        if not download:
+            plan = dl.plan(spec, data)
+            if not typer.confirm(f"{spec.title} is not in {plan.dest}. Download it now ({plan.describe()})?",
+                                 default=True, err=True):
+                raise missing_error
+        from loda_cli.cli.data import fetch_and_check
+
+        fetch_and_check(spec, data)
+    if cfg.pretrained:
+        _fetch_backbones(cfg)
+
+
+def _estimate_lines(cfg, spec, count) -> list[str]:
+    """The estimate before a run; ``count()`` gives the dataset's size, read only when there is a
+    recorded throughput to estimate with (the paper's model on a CUDA GPU or a CPU)."""
+    import torch
+
+    from loda_cli import train_estimate
+    from loda_cli.config import DEFAULT_CNN, DEFAULT_VIT
+    from loda_cli.scoring import resolve_device
+
+    device = resolve_device(cfg.device)
+    paper_model = (cfg.method == "loda" and cfg.model.vit == DEFAULT_VIT and cfg.model.cnn == DEFAULT_CNN
+                   and not cfg.model.vit_kwargs and cfg.model.trainable == "adapters")
+    if train_estimate.recorded_rate(paper_model, device, 1) is None:
+        return []
+    n_images = count()
+    if not n_images:
+        return []
+    load = train_estimate.workload(
+        n_images, cfg.crops_per_image or spec.crops_per_image, cfg.epochs, cfg.batch_size, cfg.train_fraction,
+        cfg.test_crops, cfg.num_crops, cfg.calibration_images, cfg.max_steps)
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else ""
+    return train_estimate.preflight(spec.name, n_images, load, paper_model, device, torch.get_num_threads(), gpu)
+
+
+def _fetch_backbones(cfg) -> None:
+    from loda_cli import backbones
+    from loda_cli.cli.data import DownloadView
+
+    names = [] if cfg.model.vit_weights else [cfg.model.vit]
+    if cfg.method in ("loda", "add") and not cfg.model.cnn_weights:
+        names.append(cfg.model.cnn)
+    view = DownloadView()
+    try:
+        backbones.fetch(names, view)
+    finally:
+        view.close()
 
 
 def _train_builtin(dataset: str, data: Optional[Path], out: Optional[Path], seed: int, epochs: Optional[int],
@@ -161,12 +244,42 @@ class _BuiltinReporter:
 
 
 class _Reporter:
-    """Draws training events: a progress bar per epoch, a metrics table line per epoch."""
+    """Draws training events: a progress bar per epoch, a metrics table line per epoch, and after
+    the first 10 steps the time the rest of the run needs at the speed measured."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, cfg=None):
         self.quiet = quiet
+        self.cfg = cfg
         self.progress = None
         self.task = None
+        self.start: dict = {}
+        self.timing: Optional[tuple[int, float]] = None  # (step, time) when timing began
+
+    def _measured(self, step: int) -> None:
+        """Time 10 steps (from the end of the first, which also builds the loader), then say how
+        long the rest takes at that speed."""
+        import time
+
+        from loda_cli import train_estimate
+
+        if self.cfg is None or not self.start:
+            return
+        if self.timing is None:
+            self.timing = (step, time.perf_counter())
+            return
+        first, began = self.timing
+        if step - first != train_estimate.MEASURED_STEPS:
+            return
+        per_step = (time.perf_counter() - began) / (step - first)
+        d, cfg = self.start, self.cfg
+        last = min(d["total_steps"], cfg.max_steps) if cfg.max_steps else d["total_steps"]
+        evals = -(-last // d["steps_per_epoch"]) - step // d["steps_per_epoch"]
+        seconds = train_estimate.remaining_seconds(
+            per_step, cfg.batch_size, last - step, evals, d["test_images"], cfg.test_crops,
+            min(d["train_images"], cfg.calibration_images) * cfg.num_crops)
+        line = (f"measured over {step - first} steps: {cfg.batch_size / per_step:.1f} crops/s; the remaining "
+                f"{last - step:,} steps and {evals} evaluations need {train_estimate.duration(seconds)}")
+        (self.progress.console if self.progress is not None else err_console).print(line, markup=False)
 
     def __call__(self, event) -> None:
         if self.quiet:
@@ -175,6 +288,7 @@ class _Reporter:
         if event.kind == "notice":
             err_console.print(d["message"])
         elif event.kind == "start":
+            self.start = d
             err_console.print(
                 f"training on {d['dataset']}: {d['train_images']} train / {d['test_images']} test images, "
                 f"{d['crops_per_image']} crops each, {d['steps_per_epoch']} steps/epoch, "
@@ -199,6 +313,7 @@ class _Reporter:
                                                    loss=d["loss"], lr=d["lr"], ips=d["images_per_s"])
             self.progress.update(self.task, completed=d["epoch_step"], epoch=d["epoch"] + 1, loss=d["loss"],
                                  lr=d["lr"], ips=d["images_per_s"])
+            self._measured(d["step"])
         elif event.kind == "epoch":
             if self.progress is not None and self.task is not None:
                 self.progress.remove_task(self.task)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from loda_cli.datasets.archives import download_hint
 from loda_cli.errors import DatasetError, UnsafePathError, UsageError
 
 SHORT_SIDE = 384
@@ -208,7 +209,7 @@ def dataset_root(spec: DatasetSpec, data: Optional[Path] = None) -> Path:
         raise DatasetError(
             f"{spec.title} not found at {where}. {where_published(spec)}Unpack it so that its "
             f"folder holds {spec.layout}, then pass that folder with --data DIR (or set $LODA_DATA "
-            f"to the folder that holds {spec.name}/)."
+            f"to the folder that holds {spec.name}/)." + download_hint(spec, data)
         )
     return root
 
