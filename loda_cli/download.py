@@ -30,8 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import quote, urlparse
 from urllib.request import url2pathname
 
-from loda_cli.datasets.archives import (ARCHIVES, NO_DIRECT_DOWNLOAD, Archive, download_hint,  # noqa: F401
-                                       downloadable)
+from loda_cli.datasets.archives import ARCHIVES, NO_DIRECT_DOWNLOAD, Archive, downloadable  # noqa: F401
 from loda_cli.errors import DownloadError, UsageError
 from loda_cli.unpack import (CHUNK, RAR_TOOLS, content_root, discard, disk_error, extract_with_tool,
                              extract_zip, into_place, merge, rar_tool, zip_entries)
@@ -248,6 +247,8 @@ def fetch(plan: Plan, emit: Optional[Emit] = None, retries: int = 3, timeout: fl
         except BaseException:
             _tidy_part(part)
             raise
+        # Only loda's own marked folder (_open_part refuses any other): the verified archives,
+        # now unpacked into dest, and the lock.
         shutil.rmtree(part)
 
 

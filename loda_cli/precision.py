@@ -205,6 +205,11 @@ class PrecisionChoice:
         when = "measured now" if self.how == "measured" else "measured earlier on this machine"
         return f"{self.precision} (auto, {when}: {table})"
 
+    @property
+    def measured(self) -> bool:
+        """Chosen by a measurement (now or cached), so there is a table to show."""
+        return self.how in ("measured", "cached")
+
     def as_dict(self) -> dict[str, Any]:
         return {"precision": self.precision, "how": self.how, "seconds": round(self.seconds, 3),
                 "trials": [asdict(t) for t in self.trials]}
@@ -260,8 +265,11 @@ def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = 
 
     flags = cpu_description()[1] if flags is None else flags
     size = preprocess.crop_size
-    prepared = lambda x: normalize(torch.from_numpy(x).to(device), preprocess).contiguous(  # noqa: E731
-        memory_format=torch.channels_last)
+
+    def prepared(crops):
+        batch = normalize(torch.from_numpy(crops).to(device), preprocess)
+        return batch.contiguous(memory_format=torch.channels_last)
+
     base = prepare(model, "fp32", device)
     one = prepared(probe_crops(1, size))
     t0 = time.perf_counter()

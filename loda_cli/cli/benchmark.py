@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loda_cli.cli.common import err_console, handle_errors, measuring_precision_notice, out_console
+from loda_cli.cli.common import (err_console, handle_errors, measuring_precision_notice, out_console,
+                                 print_precision_choice)
 
 
 def register(app: typer.Typer) -> None:
@@ -101,8 +102,7 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
     label = f"{crops}+{scorer.preprocess.detail_crops} detail" if scorer.preprocess.has_detail_view else str(crops)
     err_console.print(f"timing {scorer.name} on {scorer.device} ({scorer.precision}), {label} crops, "
                       f"batch {scorer.batch_size}, {scorer.workers} workers, {len(files)} images")
-    if scorer.precision_choice.how in ("measured", "cached"):
-        err_console.print(f"precision: {scorer.precision_choice.describe()}", markup=False, soft_wrap=True)
+    print_precision_choice(scorer.precision_choice)
     bs.warm_up(loaded, scorer)
     results = {"loda": bs.run_pipeline(scorer, files)}
     results["model-only"] = bs.run_model_only(scorer)

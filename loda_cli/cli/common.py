@@ -76,6 +76,12 @@ def notice(message: str, quiet: bool = False) -> None:
         err_console.print(message, soft_wrap=True)
 
 
+def print_precision_choice(choice) -> None:
+    """The measured precision table, when ``--precision auto`` measured (now or earlier)."""
+    if choice.measured:
+        err_console.print(f"precision: {choice.describe()}", markup=False, soft_wrap=True)
+
+
 def measuring_precision_notice() -> None:
     err_console.print("choosing a precision: timing this model in fp32, bf16, fp16 and int8 on a few crops "
                       "(once per model and machine) ...", markup=False, soft_wrap=True)

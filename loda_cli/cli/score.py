@@ -13,7 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loda_cli.cli.common import err_console, handle_errors, measuring_precision_notice, shown, write_stdout_line
+from loda_cli.cli.common import (err_console, handle_errors, measuring_precision_notice, print_precision_choice,
+                                 shown, write_stdout_line)
 from loda_cli.errors import NoImagesError, UsageError
 from loda_cli.output import check_writable_output, mos_is_meaningful
 
@@ -368,8 +369,7 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
         + f"; {scorer.device} {scorer.precision}, model {scorer.name}",
         markup=False, soft_wrap=True,
     )
-    if scorer.precision_choice.how in ("measured", "cached"):
-        err_console.print(f"precision: {scorer.precision_choice.describe()}", markup=False, soft_wrap=True)
+    print_precision_choice(scorer.precision_choice)
     if unknown:
         kinds = ", ".join(f"{ext} ({n})" for ext, n in unknown.most_common())
         err_console.print(
