@@ -79,6 +79,26 @@ def test_int8_runner_quantizes_linear_layers_and_stays_close(tiny_model):
     assert torch.allclose(runner(x), ref, atol=0.1)
 
 
+def test_half_precision_keeps_the_cnn_before_its_first_feature_map_in_fp32(tiny_model):
+    """The stem and first stages see raw pixels and decide most of bf16's error: they stay fp32
+    under autocast, and the later stages run in bf16."""
+    import timm
+    import torch
+
+    lite = timm.create_model("efficientnet_lite0", features_only=True, out_indices=(1, 2, 3, 4))
+    assert P.keep_early_layers_fp32(lite) == ["conv_stem", "bn1", "blocks.0", "blocks.1"]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = lite(torch.randn(1, 3, 64, 64))
+    assert maps[0].dtype == torch.float32 and all(m.dtype == torch.bfloat16 for m in maps[1:])
+
+    runner = P.Runner(tiny_model, "bf16", "cpu")
+    names = [n for n, m in runner.model.cnn.named_children() if type(m).__name__ == "Fp32"]
+    assert names == ["conv1", "bn1", "act1", "maxpool", "layer1"]
+    assert not any(type(m).__name__ == "Fp32" for m in tiny_model.cnn.modules())  # the caller's is untouched
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.allclose(runner(x), P.Runner(tiny_model, "fp32", "cpu")(x), atol=0.05)
+
+
 def choose(tiny_model, path, calls):
     def fake_measure(*args, **kwargs):
         calls.append(1)
