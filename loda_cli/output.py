@@ -11,11 +11,11 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from loda_cli.atomic import temp_beside
 from loda_cli.errors import OutputError, UsageError
 
 # New columns go at the end, so that readers keyed by column name (or position) keep working.
@@ -116,9 +116,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write to a temp file beside ``path``, fsync, then rename: readers see the old file or the
     new one, never a torn one. On failure (disk full) the old file stays intact."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = temp_beside(path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:

@@ -19,13 +19,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loda_cli import __version__
+from loda_cli.atomic import temp_beside
 from loda_cli.config import LoDaConfig, Preprocess
 from loda_cli.errors import CheckpointError, ModelNotFoundError, StateDictMismatchError, UsageError
 from loda_cli.home import checkpoints_dir
@@ -244,7 +244,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

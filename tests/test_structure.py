@@ -123,7 +123,8 @@ def test_the_library_never_imports_the_cli():
 def test_home_and_weights_depend_downward():
     graph = _graph()
     assert graph["loda_cli.home"] <= {"loda_cli.errors"}
-    below_weights = {"loda_cli.errors", "loda_cli.home", "loda_cli.config", "loda_cli.metrics"}
+    assert graph["loda_cli.atomic"] == set()
+    below_weights = {"loda_cli.errors", "loda_cli.home", "loda_cli.config", "loda_cli.metrics", "loda_cli.atomic"}
     below_weights |= {"loda_cli.model", "loda_cli.baselines"}
     datasets = {name for name in MODULES if name.split(".")[:2] == ["loda_cli", "datasets"]}
     assert graph["loda_cli.weights"] <= below_weights | datasets

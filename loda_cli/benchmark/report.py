@@ -9,12 +9,12 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from loda_cli.atomic import temp_beside
 from loda_cli.benchmark.paper import DISTORTION_GROUPS, column_title
 from loda_cli.benchmark.plan import Plan, format_splits
 from loda_cli.config import DEFAULT_CNN, DEFAULT_VIT
@@ -90,7 +90,7 @@ def versions() -> dict[str, Any]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)

@@ -1,0 +1,38 @@
+"""Temporary files that become a user's output by an atomic rename.
+
+``tempfile.mkstemp`` creates its file readable by its owner alone (0600), and the rename hands
+that mode to the output: a scores CSV or a checkpoint would be unreadable by the user's group and
+by other tools running as another user, and an existing file would lose the mode it had. So the
+temporary file gets the mode the output would have had if written directly: the existing file's
+mode, else 0666 less the umask.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+
+def output_mode(path: Path) -> int:
+    """The permission bits ``path`` keeps (it exists) or would get from ``open`` (it does not)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def temp_beside(path: Path, prefix: str | None = None) -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder, to be renamed onto ``path``: its descriptor and
+    name, with the mode ``path`` will need (:func:`output_mode`)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        os.fchmod(fd, output_mode(path))
+    except (OSError, AttributeError):  # no fchmod (Windows) or a file system without modes
+        pass
+    return fd, tmp
