@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--previous-json", help="a JSON file of the previous built-in model's figures to keep beside")
     parser.add_argument("--cv", type=Path, metavar="DIR",
                         help="LIVE Challenge split 0's training photos (labels.csv folder or the official "
-                             "release): run the built-in recipe's 5-fold cross-validation (~45 min, 2 cores)")
+                             "release): run the built-in recipe's 5-fold cross-validation (~75 min, 2 cores)")
     parser.add_argument("--cv-json", type=Path, metavar="FILE",
                         help="take the cross-validation from this --json output of an earlier --cv run")
     parser.add_argument("--livec", type=Path,
