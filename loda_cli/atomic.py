@@ -26,11 +26,11 @@ def output_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
-def temp_beside(path: Path, prefix: str | None = None) -> tuple[int, str]:
+def temp_beside(path: Path) -> tuple[int, str]:
     """A new temporary file in ``path``'s folder, to be renamed onto ``path``: its descriptor and
     name, with the mode ``path`` will need (:func:`output_mode`)."""
     parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
         os.fchmod(fd, output_mode(path))
     except (OSError, AttributeError):  # no fchmod (Windows) or a file system without modes

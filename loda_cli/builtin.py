@@ -17,9 +17,9 @@ agree with people. Its design, all of it measured (README, "Built-in model"):
   to its photo's MOS, fitted on the same training photos, gives every training crop a target of
   its own; the ViT learns from it beside the photos' MOS (``probe_weight``). 930 photos are few
   for a ViT trained from scratch, and the teacher's dense, crop-level signal is what it lacked:
-  a linear teacher raised the median cross-validated SRCC from 0.710 to 0.741; the kernel
-  teacher with a heavier weight and 20 epochs raised the weakest fold from 0.721 to 0.777, where
-  the ViT follows the teacher (SRCC 0.97 with it on held-out photos).
+  a linear teacher raised the median cross-validated SRCC from 0.710 to 0.741, the kernel
+  teacher with a heavier weight and 20 epochs to 0.777. The ViT now follows its teacher (SRCC
+  0.97 with it on held-out photos), so the teacher is the limit.
 - **Two views.** The paper's 384-pixel view, and a *detail view* at a short side of up to 1500
   pixels, where blur, noise and compression show on large photos as they do on a screen
   (``Preprocess.detail_*``). Training crops come from both.
