@@ -469,18 +469,30 @@ def _open_without_pillow_limit(fp: io.BufferedIOBase) -> PILImage.Image:
 REDUCING_GAP = 2.0
 
 
+def draft_request(size: tuple[int, int], target_short_side: int) -> tuple[int, int] | None:
+    """The size to ask a JPEG's draft for (it decodes at 1/2, 1/4 or 1/8 scale with both sides
+    at least that), or None when the picture is not far enough above the target to reduce."""
+    width, height = size
+    short = min(width, height)
+    keep = target_short_side * REDUCING_GAP
+    if short < 2 * keep:
+        return None
+    return math.ceil(width * keep / short), math.ceil(height * keep / short)
+
+
+def reduce_factor(size: tuple[int, int], target_short_side: int) -> int:
+    """The whole factor of the box reduction after decoding (1: none)."""
+    factor = int(min(size) // (target_short_side * REDUCING_GAP))
+    return factor if factor >= 2 else 1
+
+
 def _draft_for(im: PILImage.Image, target_short_side: int | None) -> None:
     """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the picture is far above the target."""
     if target_short_side is None or im.format not in ("JPEG", "MPO"):
         return
-    width, height = im.size
-    short = min(width, height)
-    keep = target_short_side * REDUCING_GAP
-    if short < 2 * keep:
-        return
-    # draft keeps both sides >= the requested size, so ask for the size the target implies.
-    requested = (math.ceil(width * keep / short), math.ceil(height * keep / short))
-    im.draft("RGB", requested)
+    requested = draft_request(im.size, target_short_side)
+    if requested is not None:
+        im.draft("RGB", requested)
 
 
 def _high_depth_to_8bit(im: PILImage.Image) -> PILImage.Image:
@@ -538,7 +550,7 @@ def _reduce_for(im: PILImage.Image, target_short_side: int | None) -> PILImage.I
     """Box-reduce by the largest whole factor that keeps the short side >= the target."""
     if target_short_side is None:
         return im
-    factor = int(min(im.size) // (target_short_side * REDUCING_GAP))
+    factor = reduce_factor(im.size, target_short_side)
     return im.reduce(factor) if factor >= 2 else im
 
 

@@ -240,6 +240,9 @@ class ScanSpec:
     cache_path: str | None = None
     decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT_S
     groups: bool = True  # compute what burst grouping needs (look, capture time, camera)
+    # Leave plain JPEGs undecoded (bytes and header only) for the main process to decode on the
+    # scoring device (loda_cli.devicedecode).
+    device_decode: bool = False
 
 
 def decode_target(preprocess) -> int:
@@ -275,6 +278,11 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
             # A row from before burst grouping: decode for the look and EXIF only; the score
             # stays the cached one, and its crop scores stay unknown.
             item["refresh"] = True
+    if spec.device_decode and not item.get("refresh"):
+        from loda_cli.devicedecode import jpeg_for_device
+
+        if jpeg_for_device(found, item, spec.groups):
+            return item
     t0 = time.perf_counter()
     native: list[str] = []
     try:
@@ -432,7 +440,7 @@ class _CropBatcher:
                 else:
                     self.queue[0] = (index, crops[n:])
                 take -= n
-            raws = self.forward(np.concatenate(parts) if len(parts) > 1 else parts[0])
+            raws = self.forward(_concat(parts))
             self.queued -= len(raws)
             for index, value in zip(owners, raws):
                 item = self.pending[index]
@@ -443,6 +451,20 @@ class _CropBatcher:
                     del self.raws[index]
                     weighted = sum(r * float(w) for r, w in zip(seen, item["weights"]))
                     yield item, weighted, seen
+
+
+def _concat(parts):
+    """One batch from crops that are numpy arrays (CPU decoding) or tensors (device decoding)."""
+    import numpy as np
+
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    import torch
+
+    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([p if isinstance(p, torch.Tensor) else torch.from_numpy(p).to(device) for p in parts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,13 +497,22 @@ class Scorer:
         decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT_S,
         on_measure_precision: Callable[[], None] | None = None,
         groups: bool = True,
+        decode: str = "auto",
     ):
         """``groups``: also compute what burst grouping needs (:mod:`loda_cli.bursts`) from each
-        decoded image: its look (hashes), capture time and camera."""
+        decoded image: its look (hashes), capture time and camera.
+
+        ``decode``: where JPEGs are decoded. "auto" decodes plain JPEGs on the GPU (nvJPEG) when
+        scoring on CUDA and everything on the CPU otherwise; "cpu" always on the CPU; "device"
+        in the main process on the scoring device, whatever it is (:mod:`loda_cli.devicedecode`).
+        """
         from loda_cli.precision import Runner, check_precision, choose
         from loda_cli.weights import LoadedModel, load_model
 
         self.device = resolve_device(device)
+        if decode not in ("auto", "cpu", "device"):
+            raise UsageError(f"unknown decode {decode!r}; use auto, cpu or device")
+        self.device_decode = decode == "device" or (decode == "auto" and self.device.startswith("cuda"))
         check_precision(precision)
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
         self.loaded = loaded
@@ -520,6 +551,7 @@ class Scorer:
         self.model_id = loaded.sha256
         self.times = StageTimes()
         self.skipped: list[tuple[str, str]] = []
+        self.device_decoder = None  # the last run's DeviceDecoder, when it decoded on the device
 
     @property
     def name(self) -> str:
@@ -595,12 +627,36 @@ class Scorer:
             paths=[os.fspath(Path(p).expanduser()) for p in paths],
             recursive=recursive, include=tuple(include), exclude=tuple(exclude), shard=shard,
             preprocess=self.preprocess, model_id=self.model_id, cache_path=self.cache_path,
-            decode_timeout=self.decode_timeout, groups=self.groups,
+            decode_timeout=self.decode_timeout, groups=self.groups, device_decode=self.device_decode,
         )
         writer = ScoreCache(self.cache_path) if self.cache_path else None  # creates the schema
         loader = self._prepared_items(spec)
         prep_id = self.preprocess.digest()
         batcher = _CropBatcher(self.batch_size, self._forward)
+        on_device = None
+        if self.device_decode:
+            from loda_cli.devicedecode import DeviceDecoder, cpu_path
+
+            on_device = DeviceDecoder(self.device, self.preprocess, self.groups, cpu_path(spec, prepare_item),
+                                      decode_target(self.preprocess), batch_size=self.batch_size)
+            self.device_decoder = on_device  # its counts: decoded, fallbacks
+
+        def ready(item: dict[str, Any]) -> Iterator[ScoreRow]:
+            self.times.decode += item.get("t_decode", 0.0)
+            self.times.crop += item.get("t_crop", 0.0)
+            self.times.look += item.get("t_look", 0.0)
+            crops = item.get("crops")
+            if crops is None:
+                yield self._finish(item, item.get("raw"), writer, prep_id, item.get("crop_raws"))
+                return
+            self.times.decoded += 1
+            if not hasattr(crops, "device"):  # a tensor on the device stays there
+                item["crops"] = np.asarray(crops)
+            item["weights"] = crop_weights(self.preprocess, len(crops))
+            batcher.add(item)
+            for done, raw, crop_raws in batcher.run():
+                yield self._finish(done, raw, writer, prep_id, crop_raws)
+
         try:
             for item in loader:
                 if "skip" in item:
@@ -608,20 +664,14 @@ class Scorer:
                     if on_skip is not None:
                         on_skip(item["skip"], item["reason"])
                     continue
-                self.times.decode += item.get("t_decode", 0.0)
-                self.times.crop += item.get("t_crop", 0.0)
-                self.times.look += item.get("t_look", 0.0)
-                crops = item.get("crops")
-                if crops is None:
-                    yield self._finish(item, item.get("raw"), writer, prep_id, item.get("crop_raws"))
+                if "jpeg" in item:
+                    for decoded in on_device.add(item):
+                        yield from ready(decoded)
                     continue
-                self.times.decoded += 1
-                crops = np.asarray(crops)
-                item["crops"] = crops
-                item["weights"] = crop_weights(self.preprocess, len(crops))
-                batcher.add(item)
-                for done, raw, crop_raws in batcher.run():
-                    yield self._finish(done, raw, writer, prep_id, crop_raws)
+                yield from ready(item)
+            if on_device is not None:
+                for decoded in on_device.flush():
+                    yield from ready(decoded)
             for done, raw, crop_raws in batcher.run(final=True):
                 yield self._finish(done, raw, writer, prep_id, crop_raws)
         finally:

@@ -48,6 +48,7 @@ def benchmark(
         help="auto, fp32, bf16, fp16 or int8 (speed: auto measures on the CPU; int8 is for scoring only).")] = "auto",
     crops: Annotated[Optional[int], typer.Option(help="Crops per image: for speed, of the 384 view (default: the checkpoint's own; 15 for the random-weight paper model); for accuracy, the test crops (default 15, the paper's).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decoding workers.")] = None,
+    decode: Annotated[str, typer.Option(help="Speed: where JPEGs decode: auto (nvJPEG when on CUDA), cpu, or device.")] = "auto",
     compare_naive: Annotated[bool, typer.Option(help="Speed: also time the naive pipeline on the same files and print the ratio.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
@@ -56,7 +57,7 @@ def benchmark(
     from loda_cli.errors import UsageError
 
     if target == "speed":
-        _speed(images, synthetic, model, device, precision, batch_size, crops, workers, compare_naive, as_json)
+        _speed(images, synthetic, model, device, precision, batch_size, crops, workers, compare_naive, as_json, decode)
         return
     from loda_cli.cli.benchmark_accuracy import run_accuracy
 
@@ -72,7 +73,8 @@ def benchmark(
     )
 
 
-def _speed(images, synthetic, model, device, precision, batch_size, crops, workers, compare_naive, as_json) -> None:
+def _speed(images, synthetic, model, device, precision, batch_size, crops, workers, compare_naive, as_json,
+           decode="auto") -> None:
     from rich.table import Table
 
     from loda_cli import benchmark_speed as bs
@@ -97,11 +99,12 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
         source = f"{synthetic} synthetic 6000x4000 JPEGs"
     loaded = load_model(model) if model else bs.random_weights_model(crops=crops or 15)
     scorer = Scorer(loaded, device=device, precision=precision, crops=crops, batch_size=batch_size,
-                    workers=workers, cache=False, on_measure_precision=measuring_precision_notice)
+                    workers=workers, cache=False, on_measure_precision=measuring_precision_notice, decode=decode)
     crops = scorer.preprocess.num_crops
     label = f"{crops}+{scorer.preprocess.detail_crops} detail" if scorer.preprocess.has_detail_view else str(crops)
     err_console.print(f"timing {scorer.name} on {scorer.device} ({scorer.precision}), {label} crops, "
-                      f"batch {scorer.batch_size}, {scorer.workers} workers, {len(files)} images")
+                      f"batch {scorer.batch_size}, {scorer.workers} workers, JPEGs decoded on "
+                      f"{scorer.device if scorer.device_decode else 'the CPU'}, {len(files)} images")
     print_precision_choice(scorer.precision_choice)
     bs.warm_up(loaded, scorer)
     results = {"loda": bs.run_pipeline(scorer, files)}
@@ -115,10 +118,13 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
         "source": source, "model": scorer.name, "device": scorer.device, "precision": scorer.precision,
         "precision_choice": scorer.precision_choice.as_dict(), "crops": crops,
         "detail_crops": scorer.preprocess.detail_crops, "batch_size": scorer.batch_size,
-        "workers": scorer.workers,
+        "workers": scorer.workers, "decode": scorer.device if scorer.device_decode else "cpu",
         "results": {k: v.as_dict() for k, v in results.items()}, "peak_rss": bs.peak_rss_mb(),
         "cuda_peak_mb": bs.cuda_peak_mb(scorer.device),
     }
+    if scorer.device_decoder is not None:
+        report["device_decoded"] = scorer.device_decoder.decoded
+        report["device_fallbacks"] = scorer.device_decoder.fallbacks
     loda, ceiling = results["loda"], results["model-only"]
     flops = bs.flops_per_crop(loaded.model, scorer.preprocess.crop_size)
     report["gflop_per_crop"] = round(flops / 1e9, 3)

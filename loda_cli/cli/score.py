@@ -101,6 +101,7 @@ def score(
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse and store scores in $LODA_HOME/cache.sqlite.")] = True,
     shard: Annotated[Optional[str], typer.Option(help="Score only shard K of N (K/N), for job arrays.")] = None,
     decode_timeout: Annotated[float, typer.Option(help="Seconds one image may take to decode before it becomes an error row.")] = 10.0,
+    decode: Annotated[str, typer.Option(help="Where JPEGs decode: auto (on the GPU with nvJPEG when scoring on CUDA), cpu, or device.")] = "auto",
     groups: Annotated[bool, typer.Option("--groups/--no-groups", help="Group bursts and near-duplicates (columns group, rank_in_group).")] = True,
     burst_gap: Annotated[float, typer.Option(help="Seconds between frames of one camera that can still be one burst (EXIF capture time).")] = 2.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, notices or summary.")] = False,
@@ -123,7 +124,7 @@ def score(
             raise UsageError(f"no such file or directory: {p}")
     scorer = _open_scorer(
         model, device=device, precision=precision, crops=crops, batch_size=batch_size,
-        workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups,
+        workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups, decode=decode,
     )
     walk_kw = dict(
         recursive=recursive, include=tuple(include or ()),
