@@ -638,7 +638,7 @@ class Scorer:
             from loda_cli.devicedecode import DeviceDecoder, cpu_path
 
             on_device = DeviceDecoder(self.device, self.preprocess, self.groups, cpu_path(spec, prepare_item),
-                                      decode_target(self.preprocess), batch_size=self.batch_size)
+                                      decode_target(self.preprocess))
             self.device_decoder = on_device  # its counts: decoded, fallbacks
 
         def ready(item: dict[str, Any]) -> Iterator[ScoreRow]:

@@ -109,6 +109,8 @@ def test_a_file_the_decoder_refuses_takes_the_cpu_path(tmp_path):
     assert out[0]["crops"].shape == (3, 3, 224, 224) and out[0]["crops"].dtype == torch.uint8
     assert len(out[0]["look"]) == 32 and "jpeg" not in out[0] and "found" not in out[0]
     assert out[1]["error"] == "corrupt image: from the CPU path"
+    small = devicedecode.DeviceDecoder("cpu", Preprocess(num_crops=3), False, fallback, 384, batch_pixels=300_000)
+    assert list(small.add(dict(items[0]))) == [] and len(list(small.add(dict(items[0])))) == 2  # 400k pixels
 
 
 def _scores(folder: Path, decode: str, model, workers: int = 0):
