@@ -107,6 +107,12 @@ class BuiltinRecipe:
     probe_alpha: float = 1000.0  # the linear teacher's ridge
     probe_kernel_alpha: float = 1.0  # the kernel teacher's ridge
     probe_gamma: float = 0.5  # the RBF's width: exp(-gamma * |x - y|^2 / features), standardised
+    # The kernel teacher may also see each crop's pixel statistics (pixel_statistics: natural-scene
+    # statistics, sharpness, exposure, colour), weighted against the CNN's; 0 leaves them out.
+    # At 0.5 the teacher alone rose from 0.793 to 0.806 (median over the 5 folds), but the ViT
+    # followed it less closely (SRCC 0.95-0.96 against 0.97) and gained little: fold 4 0.777 ->
+    # 0.781, fold 0 0.735 -> 0.735. Off until a recipe turns that into a measured gain.
+    probe_pixel_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -201,6 +207,7 @@ class CropBank:
     level: np.ndarray
     damage: list[str] = field(default_factory=list)
     stats: np.ndarray | None = None  # crop_statistics(), computed when first needed
+    pixel_stats: np.ndarray | None = None  # pixel_statistics(pixels), likewise
 
     def __len__(self) -> int:
         return len(self.photo)
@@ -363,32 +370,105 @@ def probe_targets(stats: np.ndarray, bank: CropBank, mos: np.ndarray, train_phot
     return ((stats - mu) / sd) @ w
 
 
-def kernel_probe_targets(stats: np.ndarray, bank: CropBank, mos: np.ndarray, train_photos: Sequence[int],
+def pixel_statistics(pixels: torch.Tensor, chunk: int = 256) -> np.ndarray:
+    """Each crop's pixel statistics (49 numbers) from its uint8 pixels (N x 3 x H x W): what the
+    ImageNet CNN's channel statistics summarise poorly, and people notice first.
+
+    - natural-scene statistics of the luma at full and half scale: the locally normalised
+      (mean-subtracted, contrast-normalised) luma's variance, kurtosis and mean magnitude, the
+      local contrast's mean, spread and log mean, and for each of four neighbour directions the
+      products' mean and the root mean squares of their negative and positive parts (blur, noise
+      and blocking each bend these their own way);
+    - sharpness: the Laplacian's log variance and log mean magnitude, the log mean gradient;
+    - exposure and colour: the luma's mean, spread and 5/50/95% quantiles, the shares of crushed
+      (< 2%) and clipped (> 98%) pixels, the saturation's mean and spread, colourfulness.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.arange(-3, 4, dtype=torch.float32)
+    g = torch.exp(-(x**2) / (2 * (7 / 6) ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+    laplacian = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])[None, None]
+    shifts = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+    def local_mean(y):
+        return F.conv2d(F.pad(y, (3, 3, 3, 3), mode="reflect"), window)
+
+    def scene_statistics(y):
+        mu = local_mean(y)
+        sigma = (local_mean(y * y) - mu * mu).clamp_min(0).sqrt()
+        m = (y - mu) / (sigma + 1 / 255)
+        var = m.var((2, 3))
+        out = [var, (m**4).mean((2, 3)) / (var**2 + 1e-6), m.abs().mean((2, 3)),
+               sigma.mean((2, 3)), sigma.std((2, 3)), torch.log(sigma.mean((2, 3)) + 1e-4)]
+        h, w = m.shape[2:]
+        for dy, dx in shifts:
+            prod = m[:, :, 1 : h - 1, 1 : w - 1] * m[:, :, 1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx]
+            out += [prod.mean((2, 3)), prod.clamp_max(0).pow(2).mean((2, 3)).sqrt(),
+                    prod.clamp_min(0).pow(2).mean((2, 3)).sqrt()]
+        return out
+
+    rows = []
+    for start in range(0, len(pixels), chunk):
+        rgb = pixels[start : start + chunk].float() / 255
+        r, gr, b = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
+        y = 0.299 * r + 0.587 * gr + 0.114 * b
+        f = scene_statistics(y) + scene_statistics(F.avg_pool2d(y, 2))
+        lap = F.conv2d(y, laplacian)
+        f += [torch.log(lap.var((2, 3)) + 1e-7), torch.log(lap.abs().mean((2, 3)) + 1e-5)]
+        gx = (y[:, :, :, 1:] - y[:, :, :, :-1]).abs().mean((2, 3))
+        gy = (y[:, :, 1:, :] - y[:, :, :-1, :]).abs().mean((2, 3))
+        f.append(torch.log(gx + gy + 1e-5))
+        high, low = rgb.amax(1, keepdim=True), rgb.amin(1, keepdim=True)
+        saturation = (high - low) / (high + 1e-3)
+        rg, yb = r - gr, 0.5 * (r + gr) - b
+        colourfulness = (rg.var((2, 3)) + yb.var((2, 3))).sqrt() + 0.3 * (rg.mean((2, 3)) ** 2 + yb.mean((2, 3)) ** 2).sqrt()
+        f += [y.mean((2, 3)), y.std((2, 3)), saturation.mean((2, 3)), saturation.std((2, 3)), colourfulness,
+              (y < 0.02).float().mean((2, 3)), (y > 0.98).float().mean((2, 3))]
+        f.append(torch.quantile(y.flatten(1), torch.tensor([0.05, 0.5, 0.95]), dim=1).T)
+        rows.append(torch.cat(f, 1).numpy())
+    return np.concatenate(rows).astype(np.float32)
+
+
+def kernel_probe_targets(stats, bank: CropBank, mos: np.ndarray, train_photos: Sequence[int],
                          alpha: float, gamma: float, chunk: int = 2048) -> np.ndarray:
     """Every row's prediction by kernel ridge regression (RBF on standardised statistics) from
     each original crop of ``train_photos``, either view, to its photo's MOS.
 
+    ``stats`` is one matrix (rows x statistics) or a list of ``(matrix, weight)`` groups: each
+    group is standardised and weighted so that it adds ``weight**2`` to a squared distance of
+    unit-variance noise whatever its number of columns; one matrix is the group ``(stats, 1)``.
+
     Fitting crops rather than photo averages teaches what a single crop shows, which is what the
     ViT sees; the kernel lets the statistics combine (noise in a flat sky is not noise in grass).
     Over the 5 folds, the teacher alone, applied per crop and combined as the scorer combines
-    crops, reached a median SRCC of 0.793 against the linear teacher's 0.768.
+    crops, reached a median SRCC of 0.793 on the CNN's statistics (the linear teacher: 0.768),
+    and 0.806 with the pixel statistics added at weight 0.5.
     """
     from scipy.spatial.distance import cdist
 
+    groups = [(stats, 1.0)] if isinstance(stats, np.ndarray) else [(m, w) for m, w in stats if w > 0]
     rows = np.flatnonzero((bank.original < 0) & np.isin(bank.photo, np.asarray(train_photos)))
-    x = stats[rows].astype(np.float64)
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    a = (x - mu) / sd
-    g = gamma / a.shape[1]
+    scales = []
+    for matrix, weight in groups:
+        x = matrix[rows].astype(np.float64)
+        scales.append((x.mean(0), (x.std(0) + 1e-6) / (weight / np.sqrt(matrix.shape[1]))))
+
+    def standardised(index) -> np.ndarray:
+        return np.concatenate([(m[index].astype(np.float64) - mu) / sd for (m, _), (mu, sd) in zip(groups, scales)], 1)
+
+    a = standardised(rows)
     y = mos[bank.photo[rows]]
-    kernel = np.exp(-g * cdist(a, a, "sqeuclidean"))
+    kernel = np.exp(-gamma * cdist(a, a, "sqeuclidean"))
     kernel[np.diag_indices_from(kernel)] += alpha
     coef = np.linalg.solve(kernel, y - y.mean())
     del kernel
-    out = np.empty(len(stats))
-    for start in range(0, len(stats), chunk):
-        z = (stats[start : start + chunk] - mu) / sd
-        out[start : start + chunk] = np.exp(-g * cdist(z, a, "sqeuclidean")) @ coef
+    n = len(groups[0][0])
+    out = np.empty(n)
+    for start in range(0, n, chunk):
+        z = standardised(slice(start, start + chunk))
+        out[start : start + chunk] = np.exp(-gamma * cdist(z, a, "sqeuclidean")) @ coef
     return out
 
 
@@ -397,7 +477,12 @@ def teacher_targets(bank: CropBank, mos: np.ndarray, train_photos: Sequence[int]
     if bank.stats is None:
         bank.stats = crop_statistics(bank)
     if recipe.probe == "kernel":
-        return kernel_probe_targets(bank.stats, bank, mos, train_photos, recipe.probe_kernel_alpha, recipe.probe_gamma)
+        groups = [(bank.stats, 1.0)]
+        if recipe.probe_pixel_weight:
+            if bank.pixel_stats is None:
+                bank.pixel_stats = pixel_statistics(bank.pixels)
+            groups.append((bank.pixel_stats, recipe.probe_pixel_weight))
+        return kernel_probe_targets(groups, bank, mos, train_photos, recipe.probe_kernel_alpha, recipe.probe_gamma)
     if recipe.probe == "ridge":
         return probe_targets(bank.stats, bank, mos, train_photos, recipe.probe_alpha)
     raise ValueError(f"unknown teacher {recipe.probe!r}; use kernel or ridge")
@@ -628,6 +713,12 @@ def train_builtin(
                       on_progress=lambda i, n: emit("bank", {"done": i, "total": n}))
     del images
     emit("bank_done", {"crops": len(bank), "seconds": time.perf_counter() - started})
+    if recipe.probe_weight:  # the teacher's inputs, once for every fold
+        t0 = time.perf_counter()
+        bank.stats = crop_statistics(bank)
+        if recipe.probe == "kernel" and recipe.probe_pixel_weight:
+            bank.pixel_stats = pixel_statistics(bank.pixels)
+        emit("statistics", {"crops": len(bank), "seconds": time.perf_counter() - t0})
 
     cv: dict[str, Any] = {}
     if cross_validate_first:

@@ -153,6 +153,7 @@ def test_cli_preset_builtin_trains_from_a_labels_csv(tmp_path, isolated_home):
         module.BuiltinRecipe = original
     assert result.exit_code == 0, result.output
     assert out.is_file() and "checkpoint:" in result.stderr and "below 0.2 / 0.4 / 0.6" in result.stderr
+    assert "teacher statistics of" in result.stderr
     meta = json.loads(json.dumps(__import__("loda_cli.weights", fromlist=["x"]).read_metadata(out)))
     assert meta["metrics"]["cross_validation"] == {}
 
@@ -199,7 +200,7 @@ def test_the_kernel_teacher_fits_crops_of_training_photos_only_and_sees_what_a_l
     leaked = mos.copy()
     leaked[240:] = rng.normal(size=60) * 100
     assert np.allclose(builtin.kernel_probe_targets(stats, bank, leaked, train, alpha=0.3, gamma=1.0), kernel)
-    recipe = builtin.BuiltinRecipe(probe="kernel", probe_kernel_alpha=0.3, probe_gamma=1.0)
+    recipe = builtin.BuiltinRecipe(probe="kernel", probe_kernel_alpha=0.3, probe_gamma=1.0, probe_pixel_weight=0.0)
     bank.stats = stats
     assert np.allclose(builtin.teacher_targets(bank, mos, train, recipe), kernel)
     with pytest.raises(ValueError, match="unknown teacher"):
@@ -216,3 +217,68 @@ def test_crop_statistics_are_each_stages_channel_means_and_deviations():
     assert stats.shape == (5, 2 * (2 + 3))
     assert np.allclose(stats[:, :2], maps[0].float().mean((2, 3)).numpy(), atol=1e-6)
     assert np.allclose(stats[:, 2:4], maps[0].float().std((2, 3)).numpy(), atol=1e-6)
+
+
+def _photo_like_crops(n: int, seed: int = 0):
+    """uint8 crops with smooth shapes and edges (N x 3 x 64 x 64), like small photos."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 8, 8, generator=g)
+    smooth = F.interpolate(coarse, size=(64, 64), mode="bicubic", align_corners=False)
+    edges = (torch.rand(n, 1, 16, 16, generator=g) > 0.5).float()
+    edges = F.interpolate(edges, size=(64, 64), mode="nearest") * 0.3
+    return ((smooth * 0.6 + edges + 0.05).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def test_pixel_statistics_move_the_way_blur_noise_and_exposure_move_them():
+    import torch
+    import torch.nn.functional as F
+
+    crops = _photo_like_crops(6)
+    stats = builtin.pixel_statistics(crops, chunk=4)
+    assert stats.shape == (6, 49) and stats.dtype == np.float32 and np.isfinite(stats).all()
+    lap_var, mean_luma, clipped = 36, 39, 45
+    x = crops.float()
+    blurred = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1).round().to(torch.uint8)
+    noisy = (x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 20).clamp(0, 255).round().to(torch.uint8)
+    bright = (x * 1.6).clamp(0, 255).round().to(torch.uint8)
+    s_blur, s_noise, s_bright = (builtin.pixel_statistics(c) for c in (blurred, noisy, bright))
+    assert (s_blur[:, lap_var] < stats[:, lap_var]).all()
+    assert (s_noise[:, lap_var] > stats[:, lap_var]).all()
+    assert (s_bright[:, mean_luma] > stats[:, mean_luma]).all() and (s_bright[:, clipped] > stats[:, clipped]).all()
+    assert np.allclose(builtin.pixel_statistics(crops[2:3]), stats[2:3], atol=1e-5)  # rows independent
+
+
+def test_the_kernel_teacher_weighs_groups_of_statistics():
+    """The teacher takes groups of statistics, each standardised and weighted: one matrix is the
+    group (matrix, 1); a group that carries the truth makes the teacher follow it; a weight of 0
+    leaves a group out; and the recipe's pixel group is computed from the bank's pixels."""
+    rng = np.random.default_rng(2)
+    photos, crops = 200, 2
+    n = photos * crops
+    cnn = rng.normal(size=(n, 5))
+    pixels = rng.normal(size=(n, 3))
+    bank = builtin.CropBank(pixels=None, features=[], photo=np.repeat(np.arange(photos), crops),
+                            view=np.tile([0, 1], photos), original=np.full(n, -1), level=np.zeros(n, int))
+    truth = cnn[:, 0] + 2 * np.tanh(pixels[:, 0])
+    mos = np.array([truth[bank.photo == p].mean() for p in range(photos)])
+    train, held_out = np.arange(160), bank.photo >= 160
+    single = builtin.kernel_probe_targets(cnn, bank, mos, train, alpha=0.3, gamma=0.5)
+    assert np.allclose(builtin.kernel_probe_targets([(cnn, 1.0)], bank, mos, train, alpha=0.3, gamma=0.5), single)
+    assert np.allclose(builtin.kernel_probe_targets([(cnn, 1.0), (pixels, 0.0)], bank, mos, train, 0.3, 0.5), single)
+    both = builtin.kernel_probe_targets([(cnn, 1.0), (pixels, 1.0)], bank, mos, train, alpha=0.3, gamma=0.5)
+    corr = lambda t: np.corrcoef(t[held_out], truth[held_out])[0, 1]  # noqa: E731
+    assert corr(both) > corr(single) + 0.2
+
+    import torch
+
+    bank.pixels = _photo_like_crops(n, seed=3)
+    bank.stats = cnn
+    recipe = builtin.BuiltinRecipe(probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5, probe_pixel_weight=0.5)
+    targets = builtin.teacher_targets(bank, mos, train, recipe)
+    assert bank.pixel_stats is not None and bank.pixel_stats.shape == (n, 49)
+    expected = builtin.kernel_probe_targets([(cnn, 1.0), (bank.pixel_stats, 0.5)], bank, mos, train, 0.3, 0.5)
+    assert np.allclose(targets, expected)
+    assert isinstance(bank.pixels, torch.Tensor)

@@ -226,6 +226,9 @@ class _BuiltinReporter:
             err_console.print(f"cutting crops: {d['done']}/{d['total']} photos", markup=False)
         elif kind == "bank_done":
             err_console.print(f"CNN features of {d['crops']:,} crops computed ({d['seconds'] / 60:.1f} min)", markup=False)
+        elif kind == "statistics":
+            err_console.print(f"teacher statistics of {d['crops']:,} crops computed ({d['seconds'] / 60:.1f} min)",
+                              markup=False)
         elif kind == "epoch":
             where = f"fold {d['fold']}/{d['folds']} " if d.get("fold") else "final model "
             err_console.print(f"{where}epoch {d['epoch']}/{d['epochs']}: loss {d['loss']:.4f} ({d['seconds']:.0f} s)",
