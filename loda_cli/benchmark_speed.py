@@ -23,6 +23,19 @@ SYNTHETIC_SIZE = (6000, 4000)  # 24 megapixels
 UNIQUE_IMAGES = 8
 
 
+def photo_like(width: int, height: int, seed: int = 0):
+    """A photo-like RGB Pillow image: smooth shading, a checker of edges and fine texture (for
+    checks that need pictures with detail at every scale, quickly)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([0.5 + 0.4 * np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in (0.0, 1.0, 2.0)], -1)
+    blocks = (((xx * 12).astype(int) + (yy * 9).astype(int)) % 2)[..., None] * 0.15
+    texture = rng.normal(0, 0.04, size=(height, width, 1))
+    return Image.fromarray((np.clip(base + blocks + texture, 0, 1) * 255).astype(np.uint8))
+
+
 def make_synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = SYNTHETIC_SIZE, seed: int = 0) -> list[Path]:
     """``n`` photo-like JPEGs (smooth shading, edges, sensor-like noise) of ``size``; reused when
     already there."""

@@ -21,19 +21,10 @@ from pathlib import Path
 import numpy as np
 
 
-def _photo(w: int, h: int, seed: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.stack([0.5 + 0.4 * np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in (0.0, 1.0, 2.0)], -1)
-    blocks = (((xx * 12).astype(int) + (yy * 9).astype(int)) % 2)[..., None] * 0.15
-    texture = rng.normal(0, 0.04, size=(h, w, 1))
-    return Image.fromarray((np.clip(base + blocks + texture, 0, 1) * 255).astype(np.uint8))
-
-
 def make_folder(folder: Path) -> Path:
     from PIL import Image
+
+    from loda_cli.benchmark_speed import photo_like as _photo
 
     folder.mkdir(parents=True, exist_ok=True)
     _photo(6000, 4000, 1).save(folder / "plain_24mp.jpg", quality=92)

@@ -20,13 +20,9 @@ from loda_cli.images import resize_short_side as pil_resize  # noqa: E402
 
 
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
-    """A photo-like RGB picture: smooth shading, edges and fine texture."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.stack([0.5 + 0.4 * np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in (0.0, 1.0, 2.0)], -1)
-    blocks = (((xx * 12).astype(int) + (yy * 9).astype(int)) % 2)[..., None] * 0.15
-    texture = rng.normal(0, 0.04, size=(h, w, 1))
-    return Image.fromarray((np.clip(base + blocks + texture, 0, 1) * 255).astype(np.uint8))
+    from loda_cli.benchmark_speed import photo_like
+
+    return photo_like(w, h, seed)
 
 
 def _jpeg(path: Path, image: Image.Image, **kw) -> Path:
