@@ -19,6 +19,7 @@ there is no GPU.
 
 from __future__ import annotations
 
+import io
 import time
 import warnings
 from dataclasses import replace
@@ -68,8 +69,6 @@ def jpeg_for_device(found: FoundFile, item: dict[str, Any], groups: bool) -> boo
             return False  # truncated: the CPU path says so, whatever the device decoder would do
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import io
-
             im = Image.open(io.BytesIO(data))
             if im.format != "JPEG" or im.mode not in ("RGB", "L"):
                 return False  # MPO, CMYK, YCCK: the CPU path knows them
@@ -175,6 +174,8 @@ def device_views(image: torch.Tensor, preprocess: Preprocess):
     """:func:`loda_cli.transforms.scoring_views` for an upright CxHxW uint8 tensor: the crops
     (N x 3 x crop x crop, on the tensor's device), their boxes, and the short-side view (a CPU
     HxWx3 uint8 array, for the photo's look)."""
+    import torch
+
     crop = preprocess.crop_size
     view = resize_short_side(image, preprocess.short_side)
     h, w = view.shape[-2:]
@@ -189,8 +190,6 @@ def device_views(image: torch.Tensor, preprocess: Preprocess):
         detail_positions = grid_positions(dh, dw, crop, preprocess.detail_crops)
         crops.append(_cut(detail, detail_positions, crop))
         boxes += [(left / dw, top / dh, crop / dw, crop / dh) for top, left in detail_positions]
-    import torch
-
     return torch.cat(crops), boxes, view.permute(1, 2, 0).cpu().numpy()
 
 
