@@ -282,3 +282,36 @@ def test_the_kernel_teacher_weighs_groups_of_statistics():
     expected = builtin.kernel_probe_targets([(cnn, 1.0), (bank.pixel_stats, 0.5)], bank, mos, train, 0.3, 0.5)
     assert np.allclose(targets, expected)
     assert isinstance(bank.pixels, torch.Tensor)
+
+
+def test_cross_fitted_teacher_targets_come_from_teachers_that_did_not_see_the_photo():
+    """With probe_crossfit = k, a training photo's targets are those of a teacher fitted without
+    it: changing that photo's MOS leaves its own targets unchanged (one teacher would follow
+    it), and photos outside the training set still never reach any teacher."""
+    rng = np.random.default_rng(4)
+    photos, crops = 60, 2
+    n = photos * crops
+    stats = rng.normal(size=(n, 4))
+    bank = builtin.CropBank(pixels=None, features=[], photo=np.repeat(np.arange(photos), crops),
+                            view=np.tile([0, 1], photos), original=np.full(n, -1), level=np.zeros(n, int))
+    bank.stats = stats
+    mos = np.array([stats[bank.photo == p, 0].mean() for p in range(photos)]) + rng.normal(size=photos) * 0.1
+    train = np.arange(50)
+    recipe = builtin.BuiltinRecipe(probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5, probe_crossfit=5)
+    crossfit = builtin.teacher_targets(bank, mos, train, recipe)
+    single = builtin.teacher_targets(bank, mos, train, builtin.BuiltinRecipe(
+        probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5))
+    changed = mos.copy()
+    changed[7] += 50.0
+    mine = bank.photo == 7
+    assert np.allclose(builtin.teacher_targets(bank, changed, train, recipe)[mine], crossfit[mine])
+    moved = builtin.teacher_targets(bank, changed, train, builtin.BuiltinRecipe(
+        probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5))
+    assert (moved[mine] - single[mine]).min() > 1.0  # one teacher fitted on photo 7 follows its MOS
+    leaked = mos.copy()
+    leaked[50:] = rng.normal(size=10) * 100
+    assert np.allclose(builtin.teacher_targets(bank, leaked, train, recipe), crossfit)
+    # still a teacher: its cross-fitted targets track the truth on training photos
+    assert np.corrcoef(crossfit[bank.photo < 50], stats[bank.photo < 50, 0])[0, 1] > 0.6
+    with pytest.raises(ValueError, match="cross-fitting"):
+        builtin.teacher_targets(bank, mos, np.arange(6), recipe)
