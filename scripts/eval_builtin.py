@@ -261,14 +261,15 @@ def cross_validation(folder: Path, folds: int | None = None) -> dict:
 def evaluate(model: str | None, fullsize: Path | None, crops_compare: bool, device: str = "cpu",
              livec: Path | None = None, cv: Path | None = None) -> dict:
     from loda_cli.metrics import srcc
-    from loda_cli.weights import read_metadata
+    from loda_cli.weights import load_checkpoint, read_metadata
 
     t0 = time.perf_counter()
     scorer = make_scorer(model, device=device)
     meta = read_metadata(scorer.loaded.path)
     result: dict = {
         "model": str(scorer.loaded.path),
-        "parameters": sum(p.numel() for p in scorer.model.parameters()),
+        # Counted on the checkpoint's own model: the scorer's may hold int8-packed Linear layers.
+        "parameters": sum(p.numel() for p in load_checkpoint(scorer.loaded.path)[0].parameters()),
         "cross_validation": meta.get("metrics", {}).get("cross_validation", {}),
     }
     if cv is not None:

@@ -297,16 +297,17 @@ def test_cross_fitted_teacher_targets_come_from_teachers_that_did_not_see_the_ph
     bank.stats = stats
     mos = np.array([stats[bank.photo == p, 0].mean() for p in range(photos)]) + rng.normal(size=photos) * 0.1
     train = np.arange(50)
-    recipe = builtin.BuiltinRecipe(probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5, probe_crossfit=5)
+    recipe = builtin.BuiltinRecipe(probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5, probe_crossfit=5,
+                                   probe_pixel_weight=0.0)
     crossfit = builtin.teacher_targets(bank, mos, train, recipe)
     single = builtin.teacher_targets(bank, mos, train, builtin.BuiltinRecipe(
-        probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5))
+        probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5, probe_pixel_weight=0.0))
     changed = mos.copy()
     changed[7] += 50.0
     mine = bank.photo == 7
     assert np.allclose(builtin.teacher_targets(bank, changed, train, recipe)[mine], crossfit[mine])
     moved = builtin.teacher_targets(bank, changed, train, builtin.BuiltinRecipe(
-        probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5))
+        probe="kernel", probe_kernel_alpha=0.3, probe_gamma=0.5, probe_pixel_weight=0.0))
     assert (moved[mine] - single[mine]).min() > 1.0  # one teacher fitted on photo 7 follows its MOS
     leaked = mos.copy()
     leaked[50:] = rng.normal(size=10) * 100
