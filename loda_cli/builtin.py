@@ -255,18 +255,26 @@ def build_bank(
     from loda_cli.transforms import normalize
 
     crop = preprocess.crop_size
-    pixels, photo_of, view_of, original_of, level_of, damage_of = [], [], [], [], [], []
+    # Rows are written into tensors allocated once: a list of crops stacked at the end, and
+    # feature batches concatenated at the end, each held the bank twice at its peak.
+    per_photo = recipe.view_crops + recipe.detail_crops + recipe.damaged_versions
+    pixel_tensor = torch.empty((len(images) * per_photo, 3, crop, crop), dtype=torch.uint8)
+    photo_of, view_of, original_of, level_of, damage_of = [], [], [], [], []
+
+    def add(patch: np.ndarray, photo: int, which: int, original: int, level: int, damage: str) -> None:
+        pixel_tensor[len(photo_of)] = torch.from_numpy(patch)
+        photo_of.append(photo), view_of.append(which), original_of.append(original), level_of.append(level)
+        damage_of.append(damage)
+
     for i, image in enumerate(images):
         rng = np.random.default_rng([recipe.seed, i])
         view, detail = _views(image, preprocess)
         arrays = (view, detail)
         places = [(0, _random_crop(view, crop, rng)) for _ in range(recipe.view_crops)]
         places += [(1, _random_crop(detail, crop, rng)) for _ in range(recipe.detail_crops)]
-        first = len(pixels)
+        first = len(photo_of)
         for which, place in places:
-            pixels.append(_cut(arrays[which], place, crop))
-            photo_of.append(i), view_of.append(which), original_of.append(-1), level_of.append(0)
-            damage_of.append("")
+            add(_cut(arrays[which], place, crop), i, which, -1, 0, "")
         for _ in range(recipe.damaged_versions):
             name = DAMAGE_TYPES[int(rng.integers(len(DAMAGE_TYPES)))]
             level = int(DAMAGE_LEVELS[int(rng.integers(len(DAMAGE_LEVELS)))])
@@ -276,20 +284,19 @@ def build_bank(
             damaged_view, _ = _views(Image.fromarray(damaged_detail), preprocess)
             k = int(rng.integers(len(places)))
             which, place = places[k]
-            pixels.append(_cut((damaged_view, damaged_detail)[which], place, crop))
-            photo_of.append(i), view_of.append(which), original_of.append(first + k), level_of.append(level)
-            damage_of.append(name)
+            add(_cut((damaged_view, damaged_detail)[which], place, crop), i, which, first + k, level, name)
         if on_progress is not None:
             on_progress(i + 1, len(images))
-    pixel_tensor = torch.from_numpy(np.stack(pixels))
-    features: list[list[torch.Tensor]] = []
+    stages: list[torch.Tensor] = []
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(pixel_tensor), 64):
             batch = normalize(pixel_tensor[start : start + 64], preprocess).contiguous(memory_format=torch.channels_last)
             maps = model.forward_cnn(batch)
-            features.append([m.to(torch.float16).contiguous() for m in maps])
-    stages = [torch.cat([f[s] for f in features]) for s in range(len(features[0]))]
+            if not stages:
+                stages = [torch.empty((len(pixel_tensor), *m.shape[1:]), dtype=torch.float16) for m in maps]
+            for stage, m in zip(stages, maps):
+                stage[start : start + len(m)] = m.to(torch.float16)
     return CropBank(
         pixels=pixel_tensor, features=stages, photo=np.array(photo_of), view=np.array(view_of),
         original=np.array(original_of), level=np.array(level_of), damage=damage_of,
