@@ -232,10 +232,12 @@ def livec_agreement(scorer, folder: Path) -> dict:
             "laplacian_variance_srcc": ml["srcc"], "share_below_0.4": float(np.mean(np.array(pred) < 0.4))}
 
 
-def cross_validation(folder: Path, folds: int | None = None) -> dict:
+def cross_validation(folder: Path, folds: int | None = None, only: list[int] | None = None) -> dict:
     """K-fold cross-validation of the built-in recipe inside LIVE Challenge split 0's training
     photos (by photo): each fold trains a fresh model on the other folds, exactly as `loda train
-    livec --preset builtin` trains the shipped one, and predicts its held-out photos."""
+    livec --preset builtin` trains the shipped one, and scores its held-out photos' files through
+    the scorer, as `loda score` would. ``only``: these folds (0-based), for splitting the run
+    between processes; merge their --json outputs with --cv-json."""
     from dataclasses import replace
 
     from loda_cli import builtin
@@ -251,15 +253,41 @@ def cross_validation(folder: Path, folds: int | None = None) -> dict:
     bank = builtin.build_bank(images, model, recipe, builtin.BUILTIN_PREPROCESS)
     del images
     result = builtin.cross_validate(
-        bank, mos, recipe, builtin.BUILTIN_PREPROCESS,
-        on_fold=lambda f, _: print(f"  fold {f['fold'] + 1}: SRCC {f['srcc']:.4f}, PLCC {f['plcc']:.4f}", flush=True),
+        bank, mos, recipe, builtin.BUILTIN_PREPROCESS, only=only,
+        predict=builtin.scorer_predictor([p.path for p in photos], builtin.BUILTIN_PREPROCESS),
+        on_fold=lambda f, _: print(f"  fold {f['fold'] + 1}: SRCC {f['srcc']:.4f}, PLCC {f['plcc']:.4f} "
+                                   f"(on the training crops: SRCC {f['bank_srcc']:.4f})", flush=True),
     )
-    result.update(source=source, photos=len(photos), minutes=round((time.perf_counter() - t0) / 60, 1))
+    result.update(source=source, photos=len(photos), recipe=recipe.to_dict(), folds_total=recipe.folds,
+                  minutes=round((time.perf_counter() - t0) / 60, 1))
     return result
 
 
+def merge_cross_validations(parts: list[dict]) -> dict:
+    """One cross-validation from the --json outputs of runs that each measured some folds of the
+    same recipe. A fold measured twice must agree; the training is deterministic."""
+    from loda_cli import builtin
+
+    recipes = {json.dumps(p.get("recipe"), sort_keys=True) for p in parts}
+    if len(recipes) != 1:
+        raise SystemExit("--cv-json: the files cross-validate different recipes")
+    folds: dict[int, dict] = {}
+    for part in parts:
+        for f in part["folds"]:
+            if f["fold"] in folds and abs(folds[f["fold"]]["srcc"] - f["srcc"]) > 1e-6:
+                raise SystemExit(f"--cv-json: fold {f['fold'] + 1} was measured twice with different results")
+            folds[f["fold"]] = f
+    merged = builtin.summarise_folds(list(folds.values()))
+    total = parts[0].get("folds_total")
+    merged.update(source=parts[0].get("source"), photos=parts[0].get("photos"), recipe=parts[0].get("recipe"),
+                  folds_total=total, minutes=round(sum(p.get("minutes", 0) for p in parts), 1))
+    if total and len(folds) != total:
+        print(f"warning: {len(folds)} of {total} folds measured", file=sys.stderr)
+    return merged
+
+
 def evaluate(model: str | None, fullsize: Path | None, crops_compare: bool, device: str = "cpu",
-             livec: Path | None = None, cv: Path | None = None) -> dict:
+             livec: Path | None = None, cv: Path | None = None, cv_folds: list[int] | None = None) -> dict:
     from loda_cli.metrics import srcc
     from loda_cli.weights import load_checkpoint, read_metadata
 
@@ -273,7 +301,7 @@ def evaluate(model: str | None, fullsize: Path | None, crops_compare: bool, devi
         "cross_validation": meta.get("metrics", {}).get("cross_validation", {}),
     }
     if cv is not None:
-        result["cross_validation"] = cross_validation(cv)
+        result["cross_validation"] = cross_validation(cv, only=cv_folds)
     pairs = real_photo_pairs()
     accuracy, total, misses = pair_accuracy(pairs, lambda images: score_arrays(scorer, images))
     lap, _, _ = pair_accuracy(pairs, lambda images: [laplacian_variance(im) for im in images])
@@ -300,8 +328,13 @@ def print_table(result: dict) -> None:
     cv = result.get("cross_validation") or {}
     if cv:
         folds = ", ".join(f"{f['srcc']:.3f}" for f in cv.get("folds", []))
-        print(f"5-fold cross-validation (LIVE Challenge, 930 photos): median SRCC {cv['median_srcc']:.4f}, "
-              f"median PLCC {cv['median_plcc']:.4f} (folds: {folds})")
+        where = {"scorer": "held-out files scored as `loda score` does"}.get(
+            cv.get("measured_on", "bank crops"), "held-out photos' training crops")
+        bank = f"; on the training crops {cv['median_bank_srcc']:.4f}" if "median_bank_srcc" in cv and \
+            cv.get("measured_on") == "scorer" else ""
+        print(f"{len(cv.get('folds', []))}-fold cross-validation (LIVE Challenge, {cv.get('photos', 930)} photos; "
+              f"{where}): median SRCC {cv['median_srcc']:.4f}, median PLCC {cv['median_plcc']:.4f} "
+              f"(folds: {folds}{bank})")
     real = result["real_pairs"]
     print(f"real-photo pairs: original wins {100 * real['model']:.1f}% of {real['pairs']} "
           f"(Laplacian variance {100 * real['laplacian_variance']:.1f}%); misses: {', '.join(real['misses']) or 'none'}")
@@ -332,12 +365,16 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
         "cross_validation_median_srcc": round(result["cross_validation"].get("median_srcc", float("nan")), 4),
         "cross_validation_median_plcc": round(result["cross_validation"].get("median_plcc", float("nan")), 4),
         "cross_validation_folds": result["cross_validation"].get("folds", []),
+        # "scorer": each fold's model scored its held-out photos' files as `loda score` does;
+        # "bank crops" (figures before 2026-12): from random crops of the training bank.
+        "cross_validation_measured_on": result["cross_validation"].get("measured_on", "bank crops"),
         "real_photo_pairs_original_wins": round(result["real_pairs"]["model"], 4),
         "real_photo_pairs_laplacian_baseline": round(result["real_pairs"]["laplacian_variance"], 4),
         "real_photo_pairs": result["real_pairs"]["pairs"],
         "real_photos": result["real_pairs"]["photos"],
         "training_photos_score_shares": meta.get("metrics", {}).get("training_photos_score_shares"),
-        "measured_by": "python scripts/eval_builtin.py --cv LIVEC_DIR --fullsize DIR --crops-compare --manifest weights/manifest.json",
+        "measured_by": "python scripts/eval_builtin.py --cv LIVEC_DIR --fullsize DIR --crops-compare --manifest weights/manifest.json "
+                       "(the folds may be split between processes with --cv-folds and merged with --cv-json)",
     }
     if "fullsize_pairs" in result:
         full = result["fullsize_pairs"]
@@ -388,17 +425,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cv", type=Path, metavar="DIR",
                         help="LIVE Challenge split 0's training photos (labels.csv folder or the official "
                              "release): run the built-in recipe's 5-fold cross-validation (~75 min, 2 cores)")
-    parser.add_argument("--cv-json", type=Path, metavar="FILE",
-                        help="take the cross-validation from this --json output of an earlier --cv run")
+    parser.add_argument("--cv-folds", metavar="N,N",
+                        help="with --cv: only these folds (1-5), to split the run between processes")
+    parser.add_argument("--cv-json", type=Path, metavar="FILE", action="append",
+                        help="take the cross-validation from this --json output of an earlier --cv run; "
+                             "repeat it to merge runs that measured different folds")
     parser.add_argument("--livec", type=Path,
                         help="LIVE Challenge photos the model never trained on: SRCC with people's scores")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.fullsize is not None and not args.fullsize.is_dir():
         parser.error(f"--fullsize: no such folder: {args.fullsize}")
-    result = evaluate(args.model, args.fullsize, args.crops_compare, args.device, args.livec, args.cv)
-    if args.cv_json is not None and args.cv is None:
-        result["cross_validation"] = json.loads(args.cv_json.read_text())["cross_validation"]
+    cv_folds = None
+    if args.cv_folds:
+        try:
+            cv_folds = sorted({int(n) - 1 for n in args.cv_folds.split(",")})
+        except ValueError:
+            parser.error(f"--cv-folds: expected fold numbers such as 1,4, got {args.cv_folds!r}")
+        if args.cv is None or min(cv_folds) < 0:
+            parser.error("--cv-folds needs --cv and fold numbers from 1")
+    if args.cv is not None and args.cv_json:
+        parser.error("--cv and --cv-json: use one of them")
+    parts = []
+    for path in args.cv_json or []:
+        try:
+            parts.append(json.loads(path.read_text())["cross_validation"])
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--cv-json {path}: not the --json output of a --cv run ({e})")
+    result = evaluate(args.model, args.fullsize, args.crops_compare, args.device, args.livec, args.cv, cv_folds)
+    if parts:
+        result["cross_validation"] = merge_cross_validations(parts)
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")

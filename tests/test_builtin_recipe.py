@@ -96,7 +96,9 @@ def test_the_recipe_end_to_end_writes_a_scoring_checkpoint(tmp_path):
     assert meta["format_version"] == 2 and meta["preprocess"]["detail_crops"] == builtin.BUILTIN_PREPROCESS.detail_crops
     assert meta["dataset"]["photos"] == 10 and len(meta["dataset"]["unreadable"]) == 1
     assert meta["calibration"]["label_min"] == 0.0 and meta["calibration"]["label_max"] == 100.0
-    assert len(meta["metrics"]["cross_validation"]["folds"]) == 2
+    cv = meta["metrics"]["cross_validation"]
+    assert len(cv["folds"]) == 2 and cv["measured_on"] == "scorer"
+    assert all(f["measured_on"] == "scorer" and -1 <= f["bank_srcc"] <= 1 for f in cv["folds"])
     assert meta["recipe"] == TINY.to_dict()
     assert not builtin._state_path(out).exists()
     rows = list(Scorer(str(path), device="cpu", cache=False, workers=0).score_files([data]))
@@ -316,3 +318,93 @@ def test_cross_fitted_teacher_targets_come_from_teachers_that_did_not_see_the_ph
     assert np.corrcoef(crossfit[bank.photo < 50], stats[bank.photo < 50, 0])[0, 1] > 0.6
     with pytest.raises(ValueError, match="cross-fitting"):
         builtin.teacher_targets(bank, mos, np.arange(6), recipe)
+
+
+def _tiny_bank(data: Path):
+    photos, _ = builtin.read_training_photos(data)
+    photos, images, _ = builtin.load_photos(photos)
+    model, _ = builtin.new_model(TINY.seed)
+    bank = builtin.build_bank(images, model, TINY, builtin.BUILTIN_PREPROCESS)
+    return photos, np.array([p.mos for p in photos]), model, bank
+
+
+def test_held_out_photos_are_scored_through_the_scorer_in_order(tmp_path):
+    from loda_cli.scoring import Scorer
+    from loda_cli.weights import Calibration, build_metadata, save_checkpoint
+
+    photos, mos, model, bank = _tiny_bank(_photos(tmp_path / "data", 6))
+    paths = [p.path for p in photos]
+    predict = builtin.scorer_predictor(paths, builtin.BUILTIN_PREPROCESS, precision="fp32", workers=0)
+    forward = predict(model, np.array([0, 3, 5]))
+    backward = predict(model, np.array([5, 3, 0]))
+    assert forward.shape == (3,) and np.allclose(forward, backward[::-1])
+    # The same raw scores `loda score` gives for the model saved as a checkpoint.
+    meta = build_metadata(model, name="m", kind="full", calibration=Calibration(), preprocess=builtin.BUILTIN_PREPROCESS)
+    saved = save_checkpoint(model, tmp_path / "m.safetensors", meta)
+    rows = {Path(r.path).name: r.raw for r in
+            Scorer(str(saved), device="cpu", precision="fp32", cache=False, workers=0).score_files([paths[3]])}
+    assert forward[1] == pytest.approx(rows[paths[3].name], abs=1e-6)
+    # A held-out photo that went away between the bank and the fold is an error naming it.
+    paths[5].unlink()
+    with pytest.raises(DatasetError, match=paths[5].name):
+        predict(model, np.array([0, 5]))
+
+
+def test_cross_validation_folds_can_be_split_and_resumed(tmp_path):
+    photos, mos, _, bank = _tiny_bank(_photos(tmp_path / "data", 9))
+    predict = builtin.scorer_predictor([p.path for p in photos], builtin.BUILTIN_PREPROCESS, precision="fp32",
+                                       workers=0)
+    recipe = replace(TINY, folds=3)
+    second = builtin.cross_validate(bank, mos, recipe, builtin.BUILTIN_PREPROCESS, predict=predict, only=[1])
+    assert [f["fold"] for f in second["folds"]] == [1] and second["measured_on"] == "scorer"
+    seen = []
+    rest = builtin.cross_validate(bank, mos, recipe, builtin.BUILTIN_PREPROCESS, predict=predict,
+                                  done=second["folds"], on_fold=lambda f, _: seen.append(f["fold"]))
+    assert seen == [0, 2] and [f["fold"] for f in rest["folds"]] == [0, 1, 2]
+    assert rest["median_srcc"] == pytest.approx(float(np.median([f["srcc"] for f in rest["folds"]])))
+    on_bank = builtin.cross_validate(bank, mos, recipe, builtin.BUILTIN_PREPROCESS, only=[1])
+    assert on_bank["measured_on"] == "bank crops"
+    # The training is deterministic: the same fold trains the same model either way.
+    assert on_bank["folds"][0]["bank_srcc"] == pytest.approx(second["folds"][0]["bank_srcc"], abs=1e-9)
+
+
+def _eval_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_builtin.py"
+    spec = importlib.util.spec_from_file_location("eval_builtin_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_builtin_merges_cross_validations_of_different_folds(tmp_path):
+    script = _eval_script()
+
+    def fold(k, srcc):
+        return {"fold": k, "n": 10, "srcc": srcc, "plcc": srcc, "bank_srcc": srcc + 0.01, "bank_plcc": srcc,
+                "measured_on": "scorer"}
+
+    recipe = TINY.to_dict()
+    a = {"folds": [fold(0, 0.7), fold(2, 0.9)], "recipe": recipe, "folds_total": 3, "photos": 30, "minutes": 2}
+    b = {"folds": [fold(1, 0.8)], "recipe": recipe, "folds_total": 3, "photos": 30, "minutes": 1}
+    merged = script.merge_cross_validations([a, b])
+    assert [f["fold"] for f in merged["folds"]] == [0, 1, 2]
+    assert merged["median_srcc"] == pytest.approx(0.8) and merged["median_bank_srcc"] == pytest.approx(0.81)
+    assert merged["measured_on"] == "scorer" and merged["minutes"] == 3
+    with pytest.raises(SystemExit, match="different recipes"):
+        script.merge_cross_validations([a, {**b, "recipe": {**recipe, "epochs": 99}}])
+    with pytest.raises(SystemExit, match="measured twice"):
+        script.merge_cross_validations([a, {**b, "folds": [fold(0, 0.5)]}])
+    # The command line: two --json outputs merged, and bad arguments refused.
+    files = []
+    for i, part in enumerate((a, b)):
+        files.append(tmp_path / f"cv{i}.json")
+        files[-1].write_text(json.dumps({"cross_validation": part}))
+    with pytest.raises(SystemExit):
+        script.main(["--cv-folds", "1,x", "--cv", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        script.main(["--cv-folds", "1"])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        script.main(["--cv-json", str(tmp_path / "bad.json")])

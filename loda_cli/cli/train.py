@@ -234,7 +234,8 @@ class _BuiltinReporter:
             err_console.print(f"{where}epoch {d['epoch']}/{d['epochs']}: loss {d['loss']:.4f} ({d['seconds']:.0f} s)",
                               markup=False)
         elif kind == "fold":
-            err_console.print(f"fold {d['fold'] + 1}: SRCC {d['srcc']:.4f}, PLCC {d['plcc']:.4f} ({d['n']} photos)",
+            err_console.print(f"fold {d['fold'] + 1}: SRCC {d['srcc']:.4f}, PLCC {d['plcc']:.4f} ({d['n']} held-out "
+                              f"photos scored as `loda score` does; on the training crops SRCC {d['bank_srcc']:.4f})",
                               markup=False)
         elif kind == "cv":
             err_console.print(f"cross-validation: median SRCC {d['median_srcc']:.4f}, median PLCC "
