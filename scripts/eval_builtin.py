@@ -361,13 +361,16 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
     from loda_cli.weights import file_sha256, read_metadata
 
     meta = read_metadata(checkpoint)
-    metrics = {
-        "cross_validation_median_srcc": round(result["cross_validation"].get("median_srcc", float("nan")), 4),
-        "cross_validation_median_plcc": round(result["cross_validation"].get("median_plcc", float("nan")), 4),
-        "cross_validation_folds": result["cross_validation"].get("folds", []),
+    cv = result["cross_validation"]
+    metrics = {} if not cv.get("folds") else {
+        "cross_validation_median_srcc": round(cv["median_srcc"], 4),
+        "cross_validation_median_plcc": round(cv["median_plcc"], 4),
+        "cross_validation_folds": cv["folds"],
         # "scorer": each fold's model scored its held-out photos' files as `loda score` does;
         # "bank crops" (figures before 2026-12): from random crops of the training bank.
-        "cross_validation_measured_on": result["cross_validation"].get("measured_on", "bank crops"),
+        "cross_validation_measured_on": cv.get("measured_on", "bank crops"),
+    }
+    metrics |= {
         "real_photo_pairs_original_wins": round(result["real_pairs"]["model"], 4),
         "real_photo_pairs_laplacian_baseline": round(result["real_pairs"]["laplacian_variance"], 4),
         "real_photo_pairs": result["real_pairs"]["pairs"],
@@ -403,13 +406,29 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
         "reproduce": meta.get("reproduce", ""),
         "metrics": metrics,
     }
+    if cv.get("measured_on") == "scorer":
+        metrics["cross_validation_note"] = (
+            "each fold trained by builtin.fit on the crop bank `loda train livec --preset builtin` builds "
+            f"(seed {meta.get('dataset', {}).get('seed')}), saved as a checkpoint, and its held-out photos' files "
+            "scored through loda's Scorer as `loda score` scores them (grid crops, --precision auto); bank_srcc: "
+            "the same model on the held-out photos' random training crops, how the figures were measured before")
     if previous:
         entry["previous_builtin"] = previous
     models = []
     if path.is_file():
-        models = [m for m in json.loads(path.read_text())["models"] if m.get("name") != entry["name"]]
+        models = json.loads(path.read_text())["models"]
+        # The same checkpoint measured again keeps what this run did not measure (speed, a
+        # second seed, the recipe before, ...).
+        for old in models:
+            if old.get("name") == entry["name"] and old.get("sha256") == entry["sha256"]:
+                entry["metrics"] = {**old.get("metrics", {}), **metrics}
+                if not previous and "previous_builtin" in old:
+                    entry["previous_builtin"] = old["previous_builtin"]
+        models = [m for m in models if m.get("name") != entry["name"]]
     models.insert(0, entry)
-    path.write_text(json.dumps({"models": models}, indent=2) + "\n")
+    from loda_cli.weights import _atomic_write_bytes
+
+    _atomic_write_bytes(path, (json.dumps({"models": models}, indent=2) + "\n").encode())
     return entry
 
 

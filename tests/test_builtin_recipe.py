@@ -408,3 +408,36 @@ def test_eval_builtin_merges_cross_validations_of_different_folds(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit):
         script.main(["--cv-json", str(tmp_path / "bad.json")])
+
+
+def test_the_manifest_entry_of_the_same_checkpoint_keeps_what_a_run_did_not_measure(tmp_path, tiny_checkpoint):
+    from loda_cli.weights import file_sha256
+
+    script = _eval_script()
+    manifest = tmp_path / "manifest.json"
+    kept = {"speed": {"images_per_s": [4.0]}, "second_seed": {"seed": 1}, "cross_validation_median_srcc": 0.5}
+    other = {"name": "other", "sha256": "0" * 64, "metrics": {}}
+    manifest.write_text(json.dumps({"models": [
+        {"name": "tiny", "sha256": file_sha256(tiny_checkpoint), "metrics": kept, "previous_builtin": {"x": 1}},
+        other]}))
+    pairs = {"model": 0.9, "laplacian_variance": 0.5, "pairs": 10, "misses": [], "photos": ["a"]}
+    entry = script.write_manifest(manifest, tiny_checkpoint, {"cross_validation": {}, "real_pairs": pairs,
+                                                               "parameters": 1})
+    m = entry["metrics"]
+    assert m["speed"] == kept["speed"] and m["second_seed"] == {"seed": 1} and entry["previous_builtin"] == {"x": 1}
+    assert m["cross_validation_median_srcc"] == 0.5 and m["real_photo_pairs_original_wins"] == 0.9
+    cv = {"folds": [{"fold": 0, "srcc": 0.7, "plcc": 0.8}], "median_srcc": 0.7, "median_plcc": 0.8,
+          "measured_on": "scorer"}
+    entry = script.write_manifest(manifest, tiny_checkpoint, {"cross_validation": cv, "real_pairs": pairs,
+                                                               "parameters": 1})
+    assert entry["metrics"]["cross_validation_median_srcc"] == 0.7
+    assert entry["metrics"]["cross_validation_measured_on"] == "scorer" and "Scorer" in entry["metrics"]["cross_validation_note"]
+    models = json.loads(manifest.read_text())["models"]
+    assert [m["name"] for m in models] == ["tiny", "other"] and models[1] == other
+    # Another checkpoint under the same name starts afresh.
+    fresh = {**json.loads(manifest.read_text())}
+    fresh["models"][0]["sha256"] = "f" * 64
+    manifest.write_text(json.dumps(fresh))
+    entry = script.write_manifest(manifest, tiny_checkpoint, {"cross_validation": {}, "real_pairs": pairs,
+                                                               "parameters": 1})
+    assert "speed" not in entry["metrics"] and "previous_builtin" not in entry
