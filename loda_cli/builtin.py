@@ -646,6 +646,7 @@ def cross_validate(
     done: Sequence[dict[str, Any]] = (),
     predict: Callable[[Any, np.ndarray], np.ndarray] | None = None,
     only: Sequence[int] | None = None,
+    on_model: Callable[[int, Any], None] | None = None,
 ) -> dict[str, Any]:
     """K-fold cross-validation by photo: SRCC and PLCC (VQEG logistic) of each fold's held-out
     photos, and their medians.
@@ -655,7 +656,8 @@ def cross_validate(
     come from the photos' crops in the bank (``bank_srcc`` / ``bank_plcc`` are reported either
     way). ``done`` holds folds already measured (a resumed run); ``only`` limits the run to
     those fold numbers (0-based), for splitting the folds between processes; ``on_fold`` gets
-    each new fold's result and all results so far."""
+    each new fold's result and all results so far; ``on_model(k, model)`` each fold's model
+    (to keep it, so scoring choices can be measured again without training)."""
     from loda_cli.metrics import evaluate
 
     n = len(mos)
@@ -668,6 +670,8 @@ def cross_validate(
         model = fit(bank, mos, train, recipe, preprocess,
                     on_epoch=None if on_epoch is None else lambda e, k=k: on_epoch({**e, "fold": k + 1,
                                                                                     "folds": recipe.folds}))
+        if on_model is not None:
+            on_model(k, model)
         on_bank = evaluate(predict_photos(model, bank, test, preprocess).tolist(), mos[test].tolist())
         m = on_bank if predict is None else evaluate(np.asarray(predict(model, test)).tolist(), mos[test].tolist())
         result = {"fold": k, "n": int(len(test)), "srcc": float(m["srcc"]), "plcc": float(m["plcc"]),
@@ -718,17 +722,23 @@ def scorer_predictor(paths: Sequence[Path], preprocess: Preprocess, precision: s
             path = save_checkpoint(model, Path(tmp) / "fold.safetensors", meta)
             scorer = Scorer(str(path), device="cpu", precision=precision, cache=False, workers=workers,
                             groups=False)
-            rows = {Path(r.path).resolve(): r for r in scorer.score_files(wanted)}
-        raws = []
-        for p in wanted:
-            row = rows.get(p.resolve())
-            if row is None or row.error is not None or row.raw is None:
-                why = "not scored" if row is None else row.error or "no score"
-                raise DatasetError(f"{p}: held-out photo could not be scored: {why}")
-            raws.append(row.raw)
-        return np.asarray(raws, dtype=np.float64)
+            return heldout_raws(scorer, wanted)
 
     return predict
+
+
+def heldout_raws(scorer, paths: Sequence[Path]) -> np.ndarray:
+    """The raw scores ``scorer`` gives the files ``paths``, in their order; a file it cannot
+    score is an error naming it (these photos were decoded once already, for the bank)."""
+    rows = {Path(r.path).resolve(): r for r in scorer.score_files([Path(p) for p in paths])}
+    raws = []
+    for p in paths:
+        row = rows.get(Path(p).resolve())
+        if row is None or row.error is not None or row.raw is None:
+            why = "not scored" if row is None else row.error or "no score"
+            raise DatasetError(f"{p}: held-out photo could not be scored: {why}")
+        raws.append(row.raw)
+    return np.asarray(raws, dtype=np.float64)
 
 
 def damage_pairs_won(model, bank: CropBank, photos: Sequence[int], preprocess: Preprocess) -> float:

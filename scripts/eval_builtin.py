@@ -232,7 +232,57 @@ def livec_agreement(scorer, folder: Path) -> dict:
             "laplacian_variance_srcc": ml["srcc"], "share_below_0.4": float(np.mean(np.array(pred) < 0.4))}
 
 
-def cross_validation(folder: Path, folds: int | None = None, only: list[int] | None = None) -> dict:
+def save_fold_model(folder: Path, k: int, model, recipe) -> Path:
+    """A fold's model as a checkpoint (no calibration, the built-in preprocessing, the recipe and
+    the fold in its metadata): for :func:`rescore_folds`, or `loda score --model`."""
+    from loda_cli import builtin
+    from loda_cli.weights import Calibration, build_metadata, save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = build_metadata(model, name=f"cross-validation-fold-{k + 1}", kind="full", calibration=Calibration(),
+                          preprocess=builtin.BUILTIN_PREPROCESS, extra={"recipe": recipe.to_dict(), "fold": k})
+    return save_checkpoint(model, folder / f"fold{k + 1}.safetensors", meta)
+
+
+def rescore_folds(folder: Path, models: Path, precision: str = "auto") -> dict:
+    """The cross-validation of fold models kept by an earlier ``--cv ... --cv-models DIR`` run,
+    scored again through today's scorer and built-in preprocessing (crop counts, layouts), with
+    no training. Each model's held-out photos are its fold's under the recipe it records."""
+    from dataclasses import replace
+
+    from loda_cli import builtin
+    from loda_cli.metrics import evaluate as metrics
+    from loda_cli.scoring import Scorer
+    from loda_cli.weights import load_model
+
+    photos, source = builtin.read_training_photos(folder)
+    photos, _, _ = builtin.load_photos(photos)
+    mos = np.array([p.mos for p in photos])
+    results, recipes = [], []
+    for path in sorted(models.glob("fold*.safetensors")):
+        loaded = replace(load_model(str(path)), preprocess=builtin.BUILTIN_PREPROCESS)
+        recorded = loaded.metadata.get("recipe")
+        recipe = builtin.BuiltinRecipe(**recorded) if recorded else builtin.BuiltinRecipe()
+        k = int(loaded.metadata.get("fold", int(path.stem[len("fold"):]) - 1))
+        test = builtin.kfold(len(mos), recipe.folds, recipe.seed)[k]
+        scorer = Scorer(loaded, device="cpu", precision=precision, cache=False, groups=False)
+        m = metrics(builtin.heldout_raws(scorer, [photos[i].path for i in test]).tolist(), mos[test].tolist())
+        results.append({"fold": k, "n": int(len(test)), "srcc": float(m["srcc"]), "plcc": float(m["plcc"]),
+                        "measured_on": "scorer"})
+        recipes.append(recipe.to_dict())
+        print(f"  fold {k + 1}: SRCC {m['srcc']:.4f}, PLCC {m['plcc']:.4f}", flush=True)
+    if not results:
+        raise SystemExit(f"--cv-models {models}: no foldN.safetensors there")
+    if any(r != recipes[0] for r in recipes):
+        raise SystemExit(f"--cv-models {models}: the fold models come from different recipes")
+    out = builtin.summarise_folds(results)
+    out.update(source=source, photos=len(photos), recipe=recipes[0], folds_total=recipes[0]["folds"],
+               preprocess=builtin.BUILTIN_PREPROCESS.to_dict())
+    return out
+
+
+def cross_validation(folder: Path, folds: int | None = None, only: list[int] | None = None,
+                     models: Path | None = None) -> dict:
     """K-fold cross-validation of the built-in recipe inside LIVE Challenge split 0's training
     photos (by photo): each fold trains a fresh model on the other folds, exactly as `loda train
     livec --preset builtin` trains the shipped one, and scores its held-out photos' files through
@@ -254,6 +304,7 @@ def cross_validation(folder: Path, folds: int | None = None, only: list[int] | N
     del images
     result = builtin.cross_validate(
         bank, mos, recipe, builtin.BUILTIN_PREPROCESS, only=only,
+        on_model=None if models is None else lambda k, model: save_fold_model(models, k, model, recipe),
         predict=builtin.scorer_predictor([p.path for p in photos], builtin.BUILTIN_PREPROCESS),
         on_fold=lambda f, _: print(f"  fold {f['fold'] + 1}: SRCC {f['srcc']:.4f}, PLCC {f['plcc']:.4f} "
                                    f"(on the training crops: SRCC {f['bank_srcc']:.4f})", flush=True),
@@ -274,9 +325,13 @@ def merge_cross_validations(parts: list[dict]) -> dict:
     folds: dict[int, dict] = {}
     for part in parts:
         for f in part["folds"]:
-            if f["fold"] in folds and abs(folds[f["fold"]]["srcc"] - f["srcc"]) > 1e-6:
-                raise SystemExit(f"--cv-json: fold {f['fold'] + 1} was measured twice with different results")
-            folds[f["fold"]] = f
+            if f["fold"] not in folds:
+                folds[f["fold"]] = f
+            elif abs(folds[f["fold"]]["srcc"] - f["srcc"]) > 1e-6:
+                # The same model scored twice can differ a little when --precision auto chose
+                # differently; the first file given wins.
+                print(f"warning: fold {f['fold'] + 1} measured twice: SRCC {folds[f['fold']]['srcc']:.4f} "
+                      f"(kept) and {f['srcc']:.4f}", file=sys.stderr)
     merged = builtin.summarise_folds(list(folds.values()))
     total = parts[0].get("folds_total")
     merged.update(source=parts[0].get("source"), photos=parts[0].get("photos"), recipe=parts[0].get("recipe"),
@@ -287,7 +342,8 @@ def merge_cross_validations(parts: list[dict]) -> dict:
 
 
 def evaluate(model: str | None, fullsize: Path | None, crops_compare: bool, device: str = "cpu",
-             livec: Path | None = None, cv: Path | None = None, cv_folds: list[int] | None = None) -> dict:
+             livec: Path | None = None, cv: Path | None = None, cv_folds: list[int] | None = None,
+             cv_models: Path | None = None) -> dict:
     from loda_cli.metrics import srcc
     from loda_cli.weights import load_checkpoint, read_metadata
 
@@ -301,7 +357,7 @@ def evaluate(model: str | None, fullsize: Path | None, crops_compare: bool, devi
         "cross_validation": meta.get("metrics", {}).get("cross_validation", {}),
     }
     if cv is not None:
-        result["cross_validation"] = cross_validation(cv, only=cv_folds)
+        result["cross_validation"] = cross_validation(cv, only=cv_folds, models=cv_models)
     pairs = real_photo_pairs()
     accuracy, total, misses = pair_accuracy(pairs, lambda images: score_arrays(scorer, images))
     lap, _, _ = pair_accuracy(pairs, lambda images: [laplacian_variance(im) for im in images])
@@ -354,8 +410,33 @@ def print_table(result: dict) -> None:
     print(f"model {result['model']}; {result['parameters']:,} parameters; {result['seconds']} s")
 
 
+def second_seed_entry(result: dict) -> dict:
+    """The manifest's record of another training seed of the same recipe, from the --json output
+    of ``eval_builtin.py --model THAT.safetensors --fullsize PHOTOS``."""
+    from loda_cli.weights import file_sha256, read_metadata
+
+    meta = read_metadata(Path(result["model"]))
+    seed = meta.get("dataset", {}).get("seed")
+    entry = {
+        "seed": seed,
+        "command": f"loda train livec --preset builtin --seed {seed} --data DIR --out seed{seed}.safetensors; "
+                   f"python scripts/eval_builtin.py --model seed{seed}.safetensors --fullsize PHOTOS",
+        "sha256": file_sha256(Path(result["model"])),
+        "real_photo_pairs_original_wins": round(result["real_pairs"]["model"], 4),
+        "real_photo_pairs": result["real_pairs"]["pairs"],
+        "training_photos_score_shares": {k: round(v, 3) for k, v in
+                                         (meta.get("metrics", {}).get("training_photos_score_shares") or {}).items()},
+    }
+    full = result.get("fullsize_pairs")
+    if full:
+        entry |= {"fullsize_pairs_original_wins": round(full["model"], 4), "fullsize_pairs": full["pairs"],
+                  "fullsize_pairs_by_type": {k: round(v, 4) for k, v in full["by_type"].items()},
+                  "fullsize_misses": full["misses"]}
+    return entry
+
+
 def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | None = None,
-                   previous: dict | None = None) -> dict:
+                   previous: dict | None = None, second_seed: dict | None = None) -> dict:
     """Add or replace the built-in entry of ``weights/manifest.json`` with the checkpoint's
     checksum and the figures just measured."""
     from loda_cli.weights import file_sha256, read_metadata
@@ -390,6 +471,8 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
         metrics["srcc_default_crops_vs_15"] = round(result["srcc_default_crops_vs_15"], 4)
     if speed:
         metrics["speed"] = speed
+    if second_seed:
+        metrics["second_seed"] = second_seed_entry(second_seed)
     entry = {
         "name": meta["name"],
         "file": checkpoint.name,
@@ -441,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", help="write the results into this manifest.json entry")
     parser.add_argument("--speed-json", help="a JSON file of speed measurements to add to the entry")
     parser.add_argument("--previous-json", help="a JSON file of the previous built-in model's figures to keep beside")
+    parser.add_argument("--second-seed-json", help="the --json output of this script for the same recipe trained "
+                                                   "with another seed, to record beside")
     parser.add_argument("--cv", type=Path, metavar="DIR",
                         help="LIVE Challenge split 0's training photos (labels.csv folder or the official "
                              "release): run the built-in recipe's 5-fold cross-validation (~75 min, 2 cores)")
@@ -449,6 +534,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cv-json", type=Path, metavar="FILE", action="append",
                         help="take the cross-validation from this --json output of an earlier --cv run; "
                              "repeat it to merge runs that measured different folds")
+    parser.add_argument("--cv-models", type=Path, metavar="DIR",
+                        help="with --cv: keep each fold's model as DIR/foldN.safetensors; without --cv: score "
+                             "the held-out photos of the fold models kept there again, with today's scorer and "
+                             "preprocessing (no training), from the photos of --cv-photos")
+    parser.add_argument("--cv-photos", type=Path, metavar="DIR", help="the photos --cv-models's folds came from")
+    parser.add_argument("--from-json", type=Path, metavar="FILE",
+                        help="measure nothing: take the results from this --json output of an earlier run "
+                             "(to write the manifest from measurements already made)")
     parser.add_argument("--livec", type=Path,
                         help="LIVE Challenge photos the model never trained on: SRCC with people's scores")
     parser.add_argument("--device", default="cpu")
@@ -471,16 +564,33 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(json.loads(path.read_text())["cross_validation"])
         except (OSError, ValueError, KeyError) as e:
             parser.error(f"--cv-json {path}: not the --json output of a --cv run ({e})")
-    result = evaluate(args.model, args.fullsize, args.crops_compare, args.device, args.livec, args.cv, cv_folds)
+    if args.cv_models is not None and args.cv is None and args.cv_photos is None:
+        parser.error("--cv-models needs --cv (train and keep) or --cv-photos (score kept models again)")
+    if args.from_json is not None:
+        if args.cv is not None or args.fullsize is not None or args.livec is not None or args.crops_compare:
+            parser.error("--from-json measures nothing: drop --cv, --fullsize, --livec and --crops-compare")
+        try:
+            result = json.loads(args.from_json.read_text())
+            result["real_pairs"]
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--from-json {args.from_json}: not the --json output of this script ({e})")
+    else:
+        result = evaluate(args.model, args.fullsize, args.crops_compare, args.device, args.livec, args.cv, cv_folds,
+                          args.cv_models)
     if parts:
         result["cross_validation"] = merge_cross_validations(parts)
+    elif args.cv is None and args.cv_models is not None:
+        result["cross_validation"] = rescore_folds(args.cv_photos, args.cv_models)
     print_table(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+        from loda_cli.weights import _atomic_write_bytes
+
+        _atomic_write_bytes(Path(args.json), (json.dumps(result, indent=2, default=float) + "\n").encode())
     if args.manifest:
         speed = json.loads(Path(args.speed_json).read_text()) if args.speed_json else None
         previous = json.loads(Path(args.previous_json).read_text()) if args.previous_json else None
-        write_manifest(Path(args.manifest), Path(result["model"]), result, speed, previous)
+        second = json.loads(Path(args.second_seed_json).read_text()) if args.second_seed_json else None
+        write_manifest(Path(args.manifest), Path(result["model"]), result, speed, previous, second)
     return 0
 
 

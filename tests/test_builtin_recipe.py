@@ -394,8 +394,8 @@ def test_eval_builtin_merges_cross_validations_of_different_folds(tmp_path):
     assert merged["measured_on"] == "scorer" and merged["minutes"] == 3
     with pytest.raises(SystemExit, match="different recipes"):
         script.merge_cross_validations([a, {**b, "recipe": {**recipe, "epochs": 99}}])
-    with pytest.raises(SystemExit, match="measured twice"):
-        script.merge_cross_validations([a, {**b, "folds": [fold(0, 0.5)]}])
+    twice = script.merge_cross_validations([a, {**b, "folds": [fold(0, 0.5), fold(1, 0.8)]}])
+    assert [f["srcc"] for f in twice["folds"]] == [0.7, 0.8, 0.9]  # the first file's measurement kept
     # The command line: two --json outputs merged, and bad arguments refused.
     files = []
     for i, part in enumerate((a, b)):
@@ -408,6 +408,12 @@ def test_eval_builtin_merges_cross_validations_of_different_folds(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit):
         script.main(["--cv-json", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit):
+        script.main(["--from-json", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit):
+        script.main(["--from-json", str(files[0]), "--fullsize", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        script.main(["--cv-models", str(tmp_path)])
 
 
 def test_the_manifest_entry_of_the_same_checkpoint_keeps_what_a_run_did_not_measure(tmp_path, tiny_checkpoint):
@@ -434,6 +440,14 @@ def test_the_manifest_entry_of_the_same_checkpoint_keeps_what_a_run_did_not_meas
     assert entry["metrics"]["cross_validation_measured_on"] == "scorer" and "Scorer" in entry["metrics"]["cross_validation_note"]
     models = json.loads(manifest.read_text())["models"]
     assert [m["name"] for m in models] == ["tiny", "other"] and models[1] == other
+    # A second seed's --json output is recorded beside, with its own checkpoint's seed.
+    second = {"model": str(tiny_checkpoint), "real_pairs": pairs,
+              "fullsize_pairs": {"model": 0.95, "pairs": 20, "by_type": {"blur": 1.0}, "misses": ["x"]}}
+    entry = script.write_manifest(manifest, tiny_checkpoint, {"cross_validation": {}, "real_pairs": pairs,
+                                                               "parameters": 1}, second_seed=second)
+    seeded = entry["metrics"]["second_seed"]
+    assert seeded["fullsize_pairs_original_wins"] == 0.95 and seeded["real_photo_pairs_original_wins"] == 0.9
+    assert seeded["sha256"] == file_sha256(tiny_checkpoint) and seeded["fullsize_misses"] == ["x"]
     # Another checkpoint under the same name starts afresh.
     fresh = {**json.loads(manifest.read_text())}
     fresh["models"][0]["sha256"] = "f" * 64
@@ -441,3 +455,37 @@ def test_the_manifest_entry_of_the_same_checkpoint_keeps_what_a_run_did_not_meas
     entry = script.write_manifest(manifest, tiny_checkpoint, {"cross_validation": {}, "real_pairs": pairs,
                                                                "parameters": 1})
     assert "speed" not in entry["metrics"] and "previous_builtin" not in entry
+
+
+def test_kept_fold_models_score_again_as_they_scored_in_the_run(tmp_path):
+    script = _eval_script()
+    data = _photos(tmp_path / "data", 9)
+    photos, mos, _, bank = _tiny_bank(data)
+    predict = builtin.scorer_predictor([p.path for p in photos], builtin.BUILTIN_PREPROCESS, precision="fp32",
+                                       workers=0)
+    models = tmp_path / "folds"
+    cv = builtin.cross_validate(bank, mos, TINY, builtin.BUILTIN_PREPROCESS, predict=predict,
+                                on_model=lambda k, m: script.save_fold_model(models, k, m, TINY))
+    assert sorted(p.name for p in models.iterdir()) == ["fold1.safetensors", "fold2.safetensors"]
+    again = script.rescore_folds(data, models, precision="fp32")
+    assert again["recipe"] == TINY.to_dict() and again["measured_on"] == "scorer"
+    for a, b in zip(cv["folds"], again["folds"]):
+        assert a["fold"] == b["fold"] and a["n"] == b["n"] and b["srcc"] == pytest.approx(a["srcc"], abs=1e-9)
+    with pytest.raises(SystemExit, match="no foldN"):
+        script.rescore_folds(data, tmp_path / "empty")
+
+
+def test_the_manifest_can_be_written_from_an_earlier_measurement(tmp_path, tiny_checkpoint, capsys):
+    script = _eval_script()
+    pairs = {"model": 0.9, "laplacian_variance": 0.5, "pairs": 10, "misses": [], "photos": ["a"]}
+    measured = tmp_path / "eval.json"
+    measured.write_text(json.dumps({"model": str(tiny_checkpoint), "parameters": 1, "seconds": 1.0,
+                                    "cross_validation": {}, "real_pairs": pairs}))
+    cv = tmp_path / "cv.json"
+    fold = {"fold": 0, "n": 5, "srcc": 0.7, "plcc": 0.8, "measured_on": "scorer"}
+    cv.write_text(json.dumps({"cross_validation": {"folds": [fold], "recipe": {}, "folds_total": 1}}))
+    manifest = tmp_path / "manifest.json"
+    assert script.main(["--from-json", str(measured), "--cv-json", str(cv), "--manifest", str(manifest)]) == 0
+    (entry,) = json.loads(manifest.read_text())["models"]
+    assert entry["metrics"]["cross_validation_median_srcc"] == 0.7 and entry["metrics"]["real_photo_pairs"] == 10
+    assert "1-fold cross-validation" in capsys.readouterr().out
