@@ -63,7 +63,11 @@ BUILTIN_PREPROCESS = Preprocess(
     num_crops=9,
     interpolation="bicubic",
     detail_short_side=1500,
-    detail_crops=4,
+    # The centre and the centres of a 2 x 2 grid's cells. The 4 corners (the "grid" layout, the
+    # built-in model's before 2026-12-01) ranked held-out photos worst of the layouts measured:
+    # held-out SRCC 0.769 / 0.792 on two folds, against 0.789 / 0.802 with these 5.
+    detail_crops=5,
+    detail_layout="centre",
     detail_weight=0.5,
 )
 

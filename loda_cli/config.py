@@ -62,6 +62,9 @@ class LoDaConfig:
         return cls(**d)
 
 
+DETAIL_LAYOUTS = ("grid", "centre")
+
+
 @dataclass
 class Preprocess:
     """How an image becomes crops. Stored in every checkpoint; the scorer is built from it."""
@@ -80,12 +83,20 @@ class Preprocess:
     detail_short_side: int = 0
     detail_crops: int = 0
     detail_weight: float = 0.0
+    # Where the detail crops lie (:func:`loda_cli.transforms.detail_positions`). "grid": a grid
+    # spanning the view edge to edge, as the 384 view's crops (4 crops: the 4 corners, where a
+    # photo is least often in focus). "centre": the first at the centre, any others at the centres
+    # of a grid's cells. Written only when not "grid", so checkpoints made before it keep their
+    # preprocessing, and their cache keys, as they were.
+    detail_layout: str = "grid"
 
     def __post_init__(self) -> None:
         if self.detail_short_side < 0 or self.detail_crops < 0 or not 0.0 <= self.detail_weight <= 1.0:
             raise ValueError("detail view: sizes must be >= 0 and the weight within [0, 1]")
         if bool(self.detail_short_side) != bool(self.detail_crops):
             raise ValueError("detail view: give both detail_short_side and detail_crops, or neither")
+        if self.detail_layout not in DETAIL_LAYOUTS:
+            raise ValueError(f"detail view: unknown layout {self.detail_layout!r}; use {' or '.join(DETAIL_LAYOUTS)}")
 
     @property
     def has_detail_view(self) -> bool:
@@ -99,6 +110,8 @@ class Preprocess:
             # what it was before the detail view existed.
             for key in ("detail_short_side", "detail_crops", "detail_weight"):
                 d.pop(key)
+        if d["detail_layout"] == "grid":
+            d.pop("detail_layout")
         return d
 
     @classmethod

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from loda_cli.config import Preprocess
-from loda_cli.transforms import MAX_ASPECT_RATIO, grid_positions
+from loda_cli.transforms import MAX_ASPECT_RATIO, detail_positions, grid_positions
 
 if TYPE_CHECKING:
     import torch
@@ -187,9 +187,9 @@ def device_views(image: torch.Tensor, preprocess: Preprocess):
         target = max(crop, min(short, preprocess.detail_short_side))
         detail = image if target == short else resize_short_side(image, target)
         dh, dw = detail.shape[-2:]
-        detail_positions = grid_positions(dh, dw, crop, preprocess.detail_crops)
-        crops.append(_cut(detail, detail_positions, crop))
-        boxes += [(left / dw, top / dh, crop / dw, crop / dh) for top, left in detail_positions]
+        places = detail_positions(dh, dw, preprocess)
+        crops.append(_cut(detail, places, crop))
+        boxes += [(left / dw, top / dh, crop / dw, crop / dh) for top, left in places]
     return torch.cat(crops), boxes, view.permute(1, 2, 0).cpu().numpy()
 
 

@@ -50,6 +50,35 @@ def grid_positions(height: int, width: int, crop: int, n: int) -> list[tuple[int
     return grid
 
 
+def detail_positions(height: int, width: int, preprocess: Preprocess) -> list[tuple[int, int]]:
+    """The detail crops' corners (top, left) in a ``height`` x ``width`` detail view.
+
+    "grid" spans the view as the 384 view's crops do. "centre" puts the first crop at the centre,
+    where a photo's subject, and so its focus, most often is, and any others at the centres of
+    the cells of a grid of ``detail_crops - 1`` cells, kept inside the view. Measured on two
+    held-out folds of LIVE Challenge photos with the built-in model, 4 corner crops rank photos
+    worst of the layouts tried (README, "Two views").
+    """
+    crop, n = preprocess.crop_size, preprocess.detail_crops
+    if preprocess.detail_layout == "grid":
+        return grid_positions(height, width, crop, n)
+    if height < crop or width < crop:
+        raise ValueError(f"image {width}x{height} is smaller than the {crop}px crop")
+    positions = [((height - crop) // 2, (width - crop) // 2)]
+    if n > 1:
+        cells = n - 1
+        rows = max(1, min(cells, round(math.sqrt(cells * height / width))))
+        cols = math.ceil(cells / rows)
+        for r in range(rows):
+            for c in range(cols):
+                if len(positions) == n:
+                    break
+                top = round((r + 0.5) * height / rows - crop / 2)
+                left = round((c + 0.5) * width / cols - crop / 2)
+                positions.append((min(max(0, top), height - crop), min(max(0, left), width - crop)))
+    return positions
+
+
 def random_positions(
     height: int, width: int, crop: int, n: int, rng: random.Random
 ) -> list[tuple[int, int]]:
@@ -114,9 +143,9 @@ def scoring_views(image: Image, preprocess: Preprocess) -> tuple[np.ndarray, lis
         return crops, boxes, array
     detail = detail_view(image, preprocess)
     dh, dw = detail.shape[:2]
-    detail_positions = grid_positions(dh, dw, crop, preprocess.detail_crops)
-    detail_crops = cut_crops(detail, detail_positions, crop)
-    boxes += [(left / dw, top / dh, crop / dw, crop / dh) for top, left in detail_positions]
+    places = detail_positions(dh, dw, preprocess)
+    detail_crops = cut_crops(detail, places, crop)
+    boxes += [(left / dw, top / dh, crop / dw, crop / dh) for top, left in places]
     return np.concatenate([crops, detail_crops]), boxes, array
 
 

@@ -117,7 +117,7 @@ def _scores(folder: Path, decode: str, model, workers: int = 0):
 
 
 def test_device_decoding_scores_as_the_cpu_path_and_keeps_its_error_rows(tmp_path):
-    """The built-in model (a detail view, 9 + 4 crops) on a folder of every kind of file: plain,
+    """The built-in model (a detail view, 9 + 5 crops) on a folder of every kind of file: plain,
     rotated, progressive and CMYK JPEGs, a PNG, a truncated JPEG and a text file named .jpg.
     Scores agree within 0.005 with the CPU path; sizes, formats and error rows are the same."""
     folder = tmp_path / "photos"
@@ -141,7 +141,8 @@ def test_device_decoding_scores_as_the_cpu_path_and_keeps_its_error_rows(tmp_pat
         assert (a.error, a.width, a.height, a.format) == (b.error, b.width, b.height, b.format), name
         if a.error is None:
             assert abs(a.score - b.score) <= 0.005, (name, a.score, b.score)
-            assert len(a.crops) == len(b.crops) == 13
+            assert len(a.crops) == len(b.crops) == 14
+            assert [c[:4] for c in a.crops] == [c[:4] for c in b.crops], name  # the same boxes
     assert cpu["rotated.jpg"].width == 1350 and cpu["truncated.jpg"].error and cpu["notes.jpg"].error
 
 

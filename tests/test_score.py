@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,29 @@ def test_grid_layout_covers_the_image_deterministically():
                 covered[t : t + 224, left : left + 224] = True
             assert covered.mean() > (0.9 if w < 2000 else 0.5)
     assert grid_positions(384, 576, 224, 1) == [(80, 176)]
+
+
+def test_detail_layouts_place_the_crops_where_their_names_say():
+    from loda_cli.config import Preprocess
+    from loda_cli.transforms import detail_positions
+
+    grid = Preprocess(num_crops=9, detail_short_side=1500, detail_crops=4, detail_weight=0.5)
+    # "grid", what checkpoints without a layout get: the 4 corners of the view.
+    assert detail_positions(1500, 2250, grid) == [(0, 0), (0, 2026), (1276, 0), (1276, 2026)]
+    centre = replace(grid, detail_layout="centre", detail_crops=5)
+    places = detail_positions(1500, 2250, centre)
+    assert places[0] == (638, 1013)  # the centre, then the centres of a 2 x 2 grid's cells
+    assert places[1:] == [(263, 450), (263, 1576), (1013, 450), (1013, 1576)]
+    for h, w, n in [(1500, 2250, 1), (224, 224, 5), (500, 500, 4), (1500, 9000, 7), (300, 240, 3)]:
+        places = detail_positions(h, w, replace(centre, detail_crops=n))
+        assert len(places) == n and places[0] == ((h - 224) // 2, (w - 224) // 2)
+        assert all(0 <= t <= h - 224 and 0 <= left <= w - 224 for t, left in places)
+    # Old checkpoints read back as "grid", and "grid" is not written: their cache keys stay.
+    assert "detail_layout" not in grid.to_dict() and Preprocess.from_dict(grid.to_dict()) == grid
+    assert centre.to_dict()["detail_layout"] == "centre" and Preprocess.from_dict(centre.to_dict()) == centre
+    assert grid.digest() != replace(grid, detail_layout="centre").digest()
+    with pytest.raises(ValueError, match="layout"):
+        replace(grid, detail_layout="corners")
 
 
 def test_score_cli_accounts_for_every_file(tree, tiny_checkpoint, tmp_path):
