@@ -717,18 +717,26 @@ def scorer_predictor(paths: Sequence[Path], preprocess: Preprocess, precision: s
 
     def predict(model, photos: np.ndarray) -> np.ndarray:
         from loda_cli.scoring import Scorer
-        from loda_cli.weights import Calibration, build_metadata, save_checkpoint
 
         wanted = [Path(paths[int(i)]) for i in photos]
         with tempfile.TemporaryDirectory(prefix="loda-cv-") as tmp:
-            meta = build_metadata(model, name="cross-validation-fold", kind="full", calibration=Calibration(),
-                                  preprocess=preprocess)
-            path = save_checkpoint(model, Path(tmp) / "fold.safetensors", meta)
+            path = save_fold_checkpoint(model, Path(tmp) / "fold.safetensors", preprocess)
             scorer = Scorer(str(path), device="cpu", precision=precision, cache=False, workers=workers,
                             groups=False)
             return heldout_raws(scorer, wanted)
 
     return predict
+
+
+def save_fold_checkpoint(model, path: Path, preprocess: Preprocess, name: str = "cross-validation-fold",
+                         **extra: Any) -> Path:
+    """A cross-validation fold's model as a checkpoint `loda score` reads: no calibration (raw
+    scores keep their order), ``preprocess``, and ``extra`` in its metadata."""
+    from loda_cli.weights import Calibration, build_metadata, save_checkpoint
+
+    meta = build_metadata(model, name=name, kind="full", calibration=Calibration(), preprocess=preprocess,
+                          extra=extra or None)
+    return save_checkpoint(model, path, meta)
 
 
 def heldout_raws(scorer, paths: Sequence[Path]) -> np.ndarray:

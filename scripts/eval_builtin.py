@@ -236,12 +236,10 @@ def save_fold_model(folder: Path, k: int, model, recipe) -> Path:
     """A fold's model as a checkpoint (no calibration, the built-in preprocessing, the recipe and
     the fold in its metadata): for :func:`rescore_folds`, or `loda score --model`."""
     from loda_cli import builtin
-    from loda_cli.weights import Calibration, build_metadata, save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
-    meta = build_metadata(model, name=f"cross-validation-fold-{k + 1}", kind="full", calibration=Calibration(),
-                          preprocess=builtin.BUILTIN_PREPROCESS, extra={"recipe": recipe.to_dict(), "fold": k})
-    return save_checkpoint(model, folder / f"fold{k + 1}.safetensors", meta)
+    return builtin.save_fold_checkpoint(model, folder / f"fold{k + 1}.safetensors", builtin.BUILTIN_PREPROCESS,
+                                        name=f"cross-validation-fold-{k + 1}", recipe=recipe.to_dict(), fold=k)
 
 
 def rescore_folds(folder: Path, models: Path, precision: str = "auto") -> dict:
