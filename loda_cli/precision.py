@@ -383,7 +383,7 @@ def probe_crops(n: int, size: int, seed: int = 0):
     return np.stack(out)
 
 
-ROUNDS = 2  # timed runs of each candidate, interleaved; each keeps its fastest
+ROUNDS = 3  # timed runs of each candidate, interleaved; each keeps its fastest
 
 
 def _run_ms(runner: Runner, batch) -> tuple[float, Any]:
