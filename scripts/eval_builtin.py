@@ -229,7 +229,9 @@ def livec_agreement(scorer, folder: Path) -> dict:
     mos = [p.mos for p in photos]
     m, ml = metrics(pred, mos), metrics(lap, mos)
     return {"source": source, "photos": len(photos), "srcc": m["srcc"], "plcc": m["plcc"],
-            "laplacian_variance_srcc": ml["srcc"], "share_below_0.4": float(np.mean(np.array(pred) < 0.4))}
+            "laplacian_variance_srcc": ml["srcc"],
+            **{f"share_below_{t}": float(np.mean(np.array(pred) < t)) for t in (0.2, 0.4, 0.6)},
+            **{f"mos_share_below_{t}": float(np.mean(np.array(mos) < 100 * t)) for t in (0.2, 0.4, 0.6)}}
 
 
 def save_fold_model(folder: Path, k: int, model, recipe) -> Path:
@@ -401,7 +403,10 @@ def print_table(result: dict) -> None:
     if agreement:
         print(f"LIVE Challenge ({agreement['source']}): SRCC {agreement['srcc']:.4f}, PLCC {agreement['plcc']:.4f} "
               f"(Laplacian variance SRCC {agreement['laplacian_variance_srcc']:.4f}); "
-              f"{100 * agreement['share_below_0.4']:.0f}% score below 0.4")
+              f"{100 * agreement['share_below_0.4']:.0f}% score below 0.4" +
+              ("".join(f"; below {t}: {100 * agreement[f'share_below_{t}']:.1f}% (people "
+                       f"{100 * agreement[f'mos_share_below_{t}']:.1f}%)" for t in (0.2, 0.4, 0.6))
+               if "share_below_0.2" in agreement else ""))
     if "srcc_default_crops_vs_15" in result:
         print(f"default crops vs 15: SRCC {result['srcc_default_crops_vs_15']:.4f} "
               f"({result['crops_compared_images']} images)")
@@ -467,6 +472,14 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
         metrics["fullsize_photos"] = full["photos"]
     if "srcc_default_crops_vs_15" in result:
         metrics["srcc_default_crops_vs_15"] = round(result["srcc_default_crops_vs_15"], 4)
+    agreement = result.get("livec_agreement") or {}
+    if "share_below_0.2" in agreement:
+        # The same shares as the checkpoint's (which come from its training crops), as `loda score`
+        # scores the --livec photos' files.
+        metrics["livec_photos_score_shares_as_scored"] = {
+            "photos": agreement["photos"],
+            **{f"below_{t}": round(agreement[f"share_below_{t}"], 4) for t in (0.2, 0.4, 0.6)},
+            **{f"people_below_{t}": round(agreement[f"mos_share_below_{t}"], 4) for t in (0.2, 0.4, 0.6)}}
     if speed:
         metrics["speed"] = speed
     if second_seed:

@@ -489,3 +489,26 @@ def test_the_manifest_can_be_written_from_an_earlier_measurement(tmp_path, tiny_
     (entry,) = json.loads(manifest.read_text())["models"]
     assert entry["metrics"]["cross_validation_median_srcc"] == 0.7 and entry["metrics"]["real_photo_pairs"] == 10
     assert "1-fold cross-validation" in capsys.readouterr().out
+
+
+def test_livec_shares_as_scored_are_reported_and_recorded(tmp_path, tiny_checkpoint):
+    """--livec reports which share of the photos scores below 0.2 / 0.4 / 0.6 as `loda score`
+    scores their files, beside people's shares, and the manifest records both."""
+    from loda_cli.scoring import Scorer
+    from loda_cli.weights import load_model
+
+    script = _eval_script()
+    folder = _photos(tmp_path / "livec", n=6)  # people: 20, 26, ..., 50 of 100
+    scorer = Scorer(load_model(str(tiny_checkpoint)), device="cpu", precision="fp32", cache=False, groups=False)
+    got = script.livec_agreement(scorer, folder)
+    rows = {Path(r.path).name: r.score for r in scorer.score_files(sorted(folder.glob("*.png")))}
+    for t in (0.2, 0.4, 0.6):
+        assert got[f"share_below_{t}"] == pytest.approx(np.mean([s < t for s in rows.values()]))
+    assert got["mos_share_below_0.2"] == 0 and got["mos_share_below_0.4"] == pytest.approx(4 / 6)
+    assert got["mos_share_below_0.6"] == 1
+    pairs = {"model": 0.9, "laplacian_variance": 0.5, "pairs": 10, "misses": [], "photos": ["a"]}
+    entry = script.write_manifest(tmp_path / "manifest.json", tiny_checkpoint,
+                                  {"cross_validation": {}, "real_pairs": pairs, "parameters": 1, "livec_agreement": got})
+    shares = entry["metrics"]["livec_photos_score_shares_as_scored"]
+    assert shares["photos"] == 6 and shares["people_below_0.4"] == pytest.approx(round(4 / 6, 4))
+    assert shares["below_0.4"] == pytest.approx(round(got["share_below_0.4"], 4))
