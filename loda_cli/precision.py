@@ -203,7 +203,8 @@ def fold_batchnorm(module) -> int:
                     and child.running_mean is not None and child.num_features == previous[2].out_channels:
                 owner, conv_name, conv = previous
                 setattr(owner, conv_name, fuse_conv_bn_eval(conv, child))
-                rest = torch.nn.Identity() if plain else torch.nn.Sequential(child.drop, child.act)
+                rest = torch.nn.Identity() if plain else torch.nn.Sequential(
+                    getattr(child, "drop", torch.nn.Identity()), getattr(child, "act", torch.nn.Identity()))
                 setattr(parent, name, rest)
                 folded += 1
                 previous = None
