@@ -361,3 +361,40 @@ def test_a_cnn_that_runs_its_children_out_of_order_is_not_folded():
     cnn = _randomise_batchnorms(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), NormFirst())).eval()
     assert P._fold_checked(cnn) is cnn
     assert isinstance(cnn[1].bn, torch.nn.BatchNorm2d)
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_precision_agreement_script_compares_with_fp32_and_fails_past_the_tolerance(tiny_checkpoint, tmp_path,
+                                                                                    capsys):
+    """scripts/precision_agreement.py (run by device_check.sh on a GPU) reports each precision's
+    distance from fp32 on the same files, and exits 1 only when it is past the tolerance."""
+    import numpy as np
+    from PIL import Image
+
+    script = _script("precision_agreement")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (300 + 20 * i, 400, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    argv = ["--device", "cpu", "--images", str(folder), "--model", str(tiny_checkpoint), "--precision", "int8",
+            "--json", str(tmp_path / "r.json")]
+    assert script.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    entry = report["precisions"]["int8"]
+    assert entry["files"] == 4 and entry["ran_in"] == "int8" and 0 <= entry["max_abs_delta"] <= 0.005
+    assert script.main(argv[:-2] + ["--tolerance", "-1"]) == 1  # nothing can be that close
+    assert "differs from fp32" in capsys.readouterr().err
+    same = script.compare({"a": 0.5, "b": 0.25, "c": None}, {"a": 0.5, "b": 0.3, "c": 0.1})
+    assert same["files"] == 2 and same["max_abs_delta"] == pytest.approx(0.05)
