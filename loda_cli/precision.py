@@ -33,6 +33,7 @@ CPU_CANDIDATES = ("fp32", "bf16", "fp16", "int8")
 AGREEMENT = 0.005  # the largest |Δscore| against fp32 a candidate may show on the probe crops
 MIN_GAIN = 1.05  # a lossy candidate must beat fp32 by 5% to be worth its error
 BUDGET_S = 3.0  # the measurement's target length on the first run
+BUSY_SHARE = 0.25  # other work's share of the CPU while timing above which the choice is not remembered
 CACHE_VERSION = 3  # 2: bf16/fp16 keep the CNN's first stages fp32; 3: warmed, interleaved timing
 
 
@@ -331,6 +332,7 @@ class PrecisionChoice:
     how: str
     trials: list[Trial] = field(default_factory=list)
     seconds: float = 0.0  # the measurement's length (0 when cached)
+    busy: float | None = None  # other work's share of the CPU while timing (None: unknown)
 
     def describe(self) -> str:
         if self.how == "forced":
@@ -340,7 +342,11 @@ class PrecisionChoice:
                 else f"{self.precision} (auto)"
         table = "; ".join(t.describe() for t in self.trials)
         when = "measured now" if self.how == "measured" else "measured earlier on this machine"
-        return f"{self.precision} (auto, {when}: {table})"
+        text = f"{self.precision} (auto, {when}: {table})"
+        if self.how == "measured" and self.busy is not None and self.busy > BUSY_SHARE:
+            text += (f"; not remembered: other work used {100 * self.busy:.0f}% of the CPU while timing, "
+                     "so the next run measures again")
+        return text
 
     @property
     def measured(self) -> bool:
@@ -551,11 +557,49 @@ def store_choice(key: str, facts: dict[str, Any], choice: PrecisionChoice, path:
         _write_entry(path, key, facts, choice)
 
 
+def _cpu_counters() -> tuple[float, int] | None:
+    """(CPU seconds every process has used since boot, the number of CPUs) from ``/proc/stat``;
+    None where there is no such file."""
+    try:
+        with open("/proc/stat") as fh:
+            lines = fh.read().splitlines()
+        fields = lines[0].split()
+        if fields[0] != "cpu":
+            return None
+        ticks = [int(v) for v in fields[1:9]]
+        # user nice system idle iowait irq softirq steal: all but idle and iowait is work, a
+        # hypervisor's steal included (a neighbour on the host slows the timing as much).
+        busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+        cpus = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
+        return busy / os.sysconf("SC_CLK_TCK"), max(1, cpus)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def contention_watch(counters: Callable[[], tuple[float, int] | None] = _cpu_counters) -> Callable[[], float | None]:
+    """Start watching the machine; the returned function gives the share of its CPU that other
+    work (not this process) used since, or None where that cannot be read."""
+    start, own0, t0 = counters(), time.process_time(), time.perf_counter()
+
+    def share() -> float | None:
+        end = counters()
+        if start is None or end is None:
+            return None
+        wall = time.perf_counter() - t0
+        others = (end[0] - start[0]) - (time.process_time() - own0)
+        return max(0.0, others) / max(1e-6, wall * end[1])
+
+    return share
+
+
 def choose(precision: str, device: str, *, model=None, preprocess=None, to_score=None, model_id: str = "",
            architecture: dict[str, Any] | None = None, on_measure: Callable[[], None] | None = None,
-           path: Path | None = None, measurer: Callable[..., list[Trial]] | None = None) -> PrecisionChoice:
+           path: Path | None = None, measurer: Callable[..., list[Trial]] | None = None,
+           watch: Callable[[], Callable[[], float | None]] | None = None) -> PrecisionChoice:
     """Resolve ``precision`` for ``device``: an explicit value is kept; ``auto`` follows the rule
-    on accelerators and, on the CPU, the cached or a new measurement of ``model``."""
+    on accelerators and, on the CPU, the cached or a new measurement of ``model``. A measurement
+    taken while other work used more than :data:`BUSY_SHARE` of the CPU is used for this run but
+    not remembered: timings made under someone else's load would decide every later run."""
     check_precision(precision)
     if precision != "auto":
         if precision == "int8" and device != "cpu":
@@ -575,8 +619,10 @@ def choose(precision: str, device: str, *, model=None, preprocess=None, to_score
         if on_measure is not None:
             on_measure()
         t0 = time.perf_counter()
+        busy = (watch or contention_watch)()
         trials = (measurer or measure)(model, preprocess, to_score, device=device)
-        choice = PrecisionChoice(pick(trials), "measured", trials, time.perf_counter() - t0)
-        with contextlib.suppress(OSError):  # an unwritable home only costs a re-measure next time
-            _write_entry(path, key, facts, choice)
+        choice = PrecisionChoice(pick(trials), "measured", trials, time.perf_counter() - t0, busy())
+        if choice.busy is None or choice.busy <= BUSY_SHARE:
+            with contextlib.suppress(OSError):  # an unwritable home only costs a re-measure next time
+                _write_entry(path, key, facts, choice)
     return choice

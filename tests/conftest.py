@@ -18,6 +18,14 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """--precision auto does not remember a measurement taken while other work loaded the CPU;
+    tests must not depend on what else the test machine runs, so no load counts as busy here
+    (tests of that rule set the threshold back)."""
+    monkeypatch.setattr("loda_cli.precision.BUSY_SHARE", float("inf"))
+
+
 @pytest.fixture
 def tiny_config():
     from loda_cli.config import LoDaConfig

@@ -398,3 +398,36 @@ def test_precision_agreement_script_compares_with_fp32_and_fails_past_the_tolera
     assert "differs from fp32" in capsys.readouterr().err
     same = script.compare({"a": 0.5, "b": 0.25, "c": None}, {"a": 0.5, "b": 0.3, "c": 0.1})
     assert same["files"] == 2 and same["max_abs_delta"] == pytest.approx(0.05)
+
+
+def test_a_measurement_taken_under_other_work_is_used_but_not_remembered(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "BUSY_SHARE", 0.25)
+    path, calls = tmp_path / "precision.json", []
+
+    def run(share):
+        def fake_measure(*args, **kwargs):
+            calls.append(1)
+            return trials(fp32=(100, 0.0), bf16=(40, 0.001))
+
+        return P.choose("auto", "cpu", model=tiny_model, preprocess=Preprocess(), to_score=to_score, model_id="m",
+                        path=path, measurer=fake_measure, watch=lambda: (lambda: share))
+
+    busy = run(0.6)
+    assert (busy.precision, busy.how) == ("bf16", "measured") and "not remembered" in busy.describe()
+    assert not path.exists() or not json.loads(path.read_text()).get("entries")
+    unknown = run(None)  # where the load cannot be read, the measurement is remembered
+    assert unknown.how == "measured" and "not remembered" not in unknown.describe() and len(calls) == 2
+    assert run(0.6).how == "cached" and len(calls) == 2
+
+
+def test_the_contention_watch_counts_other_processes_work_only(monkeypatch):
+    """Other work's share = (CPU seconds all processes used - this process's) / (wall x CPUs)."""
+    clock = {"wall": 0.0, "own": 0.0, "all": 1000.0}
+    monkeypatch.setattr(P.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(P.time, "process_time", lambda: clock["own"])
+    share = P.contention_watch(lambda: (clock["all"], 4))
+    clock.update(wall=2.0, own=3.0, all=1000.0 + 3.0 + 2.0)  # we used 3 s, others 2 s, of 8 CPU-seconds
+    assert share() == pytest.approx(0.25)
+    assert P.contention_watch(lambda: None)() is None
+    counters = P._cpu_counters()
+    assert counters is None or (counters[0] > 0 and counters[1] >= 1)
