@@ -129,6 +129,12 @@ def test_half_precision_keeps_the_cnn_before_its_first_feature_map_in_fp32(tiny_
     assert not any(type(m).__name__ == "Fp32" for m in tiny_model.cnn.modules())  # the caller's is untouched
     x = torch.randn(2, 3, 224, 224)
     assert torch.allclose(runner(x), P.Runner(tiny_model, "fp32", "cpu")(x), atol=0.05)
+    # The accelerators' autocast path keeps the same layers fp32 (built here, run only on a GPU).
+    for device, precision in (("cuda", "bf16"), ("cuda", "fp16"), ("mps", "fp16")):
+        accel = P.Runner(tiny_model, precision, device)
+        assert accel.autocast_dtype is not None
+        assert [n for n, m in accel.model.cnn.named_children() if type(m).__name__ == "Fp32"] == names
+    assert not any(type(m).__name__ == "Fp32" for m in tiny_model.cnn.modules())
 
 
 def choose(tiny_model, path, calls):
@@ -400,24 +406,35 @@ def test_precision_agreement_script_compares_with_fp32_and_fails_past_the_tolera
     assert same["files"] == 2 and same["max_abs_delta"] == pytest.approx(0.05)
 
 
-def test_a_measurement_taken_under_other_work_is_used_but_not_remembered(tiny_model, tmp_path, monkeypatch):
+def test_a_measurement_taken_under_other_work_is_kept_for_a_while_only(tiny_model, tmp_path, monkeypatch):
+    """Timed while other work loaded the CPU: runs starting within PROVISIONAL_S share the choice
+    (so concurrent runs agree), a run after that measures again; a calm measurement stays."""
     monkeypatch.setattr(P, "BUSY_SHARE", 0.25)
     path, calls = tmp_path / "precision.json", []
+    now = {"t": 1000.0}
+    monkeypatch.setattr(P.time, "time", lambda: now["t"])
 
-    def run(share):
+    def run(share, model_id="m"):
         def fake_measure(*args, **kwargs):
             calls.append(1)
             return trials(fp32=(100, 0.0), bf16=(40, 0.001))
 
-        return P.choose("auto", "cpu", model=tiny_model, preprocess=Preprocess(), to_score=to_score, model_id="m",
-                        path=path, measurer=fake_measure, watch=lambda: (lambda: share))
+        return P.choose("auto", "cpu", model=tiny_model, preprocess=Preprocess(), to_score=to_score,
+                        model_id=model_id, path=path, measurer=fake_measure, watch=lambda: (lambda: share))
 
     busy = run(0.6)
-    assert (busy.precision, busy.how) == ("bf16", "measured") and "not remembered" in busy.describe()
-    assert not path.exists() or not json.loads(path.read_text()).get("entries")
-    unknown = run(None)  # where the load cannot be read, the measurement is remembered
-    assert unknown.how == "measured" and "not remembered" not in unknown.describe() and len(calls) == 2
-    assert run(0.6).how == "cached" and len(calls) == 2
+    assert (busy.precision, busy.how) == ("bf16", "measured") and "10 minutes only" in busy.describe()
+    now["t"] += P.PROVISIONAL_S - 1
+    assert run(0.6).how == "cached" and len(calls) == 1  # a run alongside agrees
+    now["t"] += 2
+    calm = run(0.1)  # its while is over: measured again, on a calm machine this time
+    assert calm.how == "measured" and "only" not in calm.describe() and len(calls) == 2
+    now["t"] += 10 * P.PROVISIONAL_S
+    assert run(0.9).how == "cached" and len(calls) == 2
+    unknown = run(None, model_id="other")  # where the load cannot be read, a measurement counts as calm
+    assert unknown.how == "measured" and "only" not in unknown.describe()
+    now["t"] += 10 * P.PROVISIONAL_S
+    assert run(0.9, model_id="other").how == "cached" and len(calls) == 3
 
 
 def test_the_contention_watch_counts_other_processes_work_only(monkeypatch):
