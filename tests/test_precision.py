@@ -9,6 +9,7 @@ import pytest
 
 from loda_cli import precision as P
 from loda_cli.config import Preprocess
+from tests.scripts import load_script
 
 
 def trials(**ms_delta):
@@ -369,17 +370,6 @@ def test_a_cnn_that_runs_its_children_out_of_order_is_not_folded():
     assert isinstance(cnn[1].bn, torch.nn.BatchNorm2d)
 
 
-def _script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_precision_agreement_script_compares_with_fp32_and_fails_past_the_tolerance(tiny_checkpoint, tmp_path,
                                                                                     capsys):
     """scripts/precision_agreement.py (run by device_check.sh on a GPU) reports each precision's
@@ -387,7 +377,7 @@ def test_precision_agreement_script_compares_with_fp32_and_fails_past_the_tolera
     import numpy as np
     from PIL import Image
 
-    script = _script("precision_agreement")
+    script = load_script("precision_agreement")
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)
