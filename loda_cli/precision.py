@@ -403,10 +403,10 @@ ROUNDS = 3  # timed runs of each candidate, interleaved; each keeps its fastest
 MAX_PROBE_CROPS = 16
 
 
-def _run_ms(runner: Runner, batch) -> tuple[float, Any]:
+def _run_ms(runner: Runner, batch) -> float:
     t0 = time.perf_counter()
-    raw = runner(batch)
-    return (time.perf_counter() - t0) * 1000 / len(batch), raw
+    runner(batch)
+    return (time.perf_counter() - t0) * 1000 / len(batch)
 
 
 def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = "cpu",
@@ -435,12 +435,13 @@ def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = 
     base = prepare(model, "fp32", device)
     one = prepared(probe_crops(1, size))
     base(one)  # one-time set-up, untimed
-    single = _run_ms(base, one)[0] / 1000
+    single = _run_ms(base, one) / 1000
     # As many crops as fit the budget over the candidates this CPU can run (a warm-up and the
     # timed rounds each), 2 to 16 (the scorer's CPU batch): on a 2-core CPU, 8-crop rounds of the
     # built-in model (~0.1 s) still let a momentary slowdown swap two candidates 15% apart.
-    runnable = [c for c in candidates if c == "fp32" or device != "cpu" or cpu_flag_note(c, flags) is None]
-    n = int(max(2, min(MAX_PROBE_CROPS, budget_s / max(1e-6, (1 + rounds) * single * len(runnable)))))
+    notes = {c: cpu_flag_note(c, flags) if device == "cpu" and c != "fp32" else None for c in candidates}
+    runnable = sum(note is None for note in notes.values())
+    n = int(max(2, min(MAX_PROBE_CROPS, budget_s / max(1e-6, (1 + rounds) * single * max(1, runnable)))))
     batch = prepared(probe_crops(n, size))
     raw32 = base(batch)
     reference = to_score(raw32)
@@ -449,7 +450,7 @@ def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = 
     for precision in candidates:
         if precision == "fp32":
             continue
-        note = cpu_flag_note(precision, flags) if device == "cpu" else None
+        note = notes[precision]
         if note is not None:
             trials[precision] = Trial(precision, skipped=note)
             continue
@@ -465,7 +466,7 @@ def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = 
     for _ in range(max(1, rounds)):
         for precision, runner in list(runners.items()):
             try:
-                ms = _run_ms(runner, batch)[0]
+                ms = _run_ms(runner, batch)
             except Exception as exc:  # pragma: no cover - it ran once already
                 trials[precision] = Trial(precision, skipped=f"failed: {type(exc).__name__}: {exc}"[:160])
                 del runners[precision]
@@ -474,7 +475,7 @@ def measure(model, preprocess, to_score: Callable[[Any], Any], *, device: str = 
     for precision, ms in best.items():
         if trials[precision].skipped is None:
             trials[precision].ms_per_crop = ms
-    return [trials[p] for p in (["fp32"] + [c for c in candidates if c != "fp32"]) if p in trials]
+    return list(trials.values())  # fp32 first, then the candidates in their order
 
 
 # ---------------------------------------------------------------------------------------------

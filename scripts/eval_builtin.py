@@ -215,6 +215,9 @@ def score_fullsize(scorer, photos: list[Path]) -> dict:
     }
 
 
+SHARE_THRESHOLDS = (0.2, 0.4, 0.6)  # the --below values the README's shares are given for
+
+
 def livec_agreement(scorer, folder: Path) -> dict:
     """SRCC and PLCC with people's scores on a LIVE Challenge folder (labels.csv or the official
     layout), for a model that never trained on it (the previous built-in model, a baseline)."""
@@ -228,10 +231,11 @@ def livec_agreement(scorer, folder: Path) -> dict:
     lap = [laplacian_variance(np.asarray(decode_image(p.path, target_short_side=None).image)) for p in photos]
     mos = [p.mos for p in photos]
     m, ml = metrics(pred, mos), metrics(lap, mos)
+    scores, people = np.asarray(pred), np.asarray(mos) / 100
     return {"source": source, "photos": len(photos), "srcc": m["srcc"], "plcc": m["plcc"],
             "laplacian_variance_srcc": ml["srcc"],
-            **{f"share_below_{t}": float(np.mean(np.array(pred) < t)) for t in (0.2, 0.4, 0.6)},
-            **{f"mos_share_below_{t}": float(np.mean(np.array(mos) < 100 * t)) for t in (0.2, 0.4, 0.6)}}
+            **{f"share_below_{t}": float(np.mean(scores < t)) for t in SHARE_THRESHOLDS},
+            **{f"mos_share_below_{t}": float(np.mean(people < t)) for t in SHARE_THRESHOLDS}}
 
 
 def save_fold_model(folder: Path, k: int, model, recipe) -> Path:
@@ -402,11 +406,11 @@ def print_table(result: dict) -> None:
     agreement = result.get("livec_agreement")
     if agreement:
         print(f"LIVE Challenge ({agreement['source']}): SRCC {agreement['srcc']:.4f}, PLCC {agreement['plcc']:.4f} "
-              f"(Laplacian variance SRCC {agreement['laplacian_variance_srcc']:.4f}); "
-              f"{100 * agreement['share_below_0.4']:.0f}% score below 0.4" +
-              ("".join(f"; below {t}: {100 * agreement[f'share_below_{t}']:.1f}% (people "
-                       f"{100 * agreement[f'mos_share_below_{t}']:.1f}%)" for t in (0.2, 0.4, 0.6))
-               if "share_below_0.2" in agreement else ""))
+              f"(Laplacian variance SRCC {agreement['laplacian_variance_srcc']:.4f}); scored below "
+              + ", ".join(f"{t}: {100 * agreement[f'share_below_{t}']:.1f}%"
+                          + (f" (people {100 * agreement[f'mos_share_below_{t}']:.1f}%)"
+                             if f"mos_share_below_{t}" in agreement else "")
+                          for t in SHARE_THRESHOLDS if f"share_below_{t}" in agreement))
     if "srcc_default_crops_vs_15" in result:
         print(f"default crops vs 15: SRCC {result['srcc_default_crops_vs_15']:.4f} "
               f"({result['crops_compared_images']} images)")
@@ -478,8 +482,8 @@ def write_manifest(path: Path, checkpoint: Path, result: dict, speed: dict | Non
         # scores the --livec photos' files.
         metrics["livec_photos_score_shares_as_scored"] = {
             "photos": agreement["photos"],
-            **{f"below_{t}": round(agreement[f"share_below_{t}"], 4) for t in (0.2, 0.4, 0.6)},
-            **{f"people_below_{t}": round(agreement[f"mos_share_below_{t}"], 4) for t in (0.2, 0.4, 0.6)}}
+            **{f"below_{t}": round(agreement[f"share_below_{t}"], 4) for t in SHARE_THRESHOLDS},
+            **{f"people_below_{t}": round(agreement[f"mos_share_below_{t}"], 4) for t in SHARE_THRESHOLDS}}
     if speed:
         metrics["speed"] = speed
     if second_seed:
