@@ -610,4 +610,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from loda_cli.errors import LodaError
+
+    try:
+        sys.exit(main())
+    except LodaError as exc:  # a missing folder, a malformed labels file, an unreadable model
+        sys.exit(f"eval_builtin: {exc}")

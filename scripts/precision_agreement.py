@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     for precision in ["fp32"] + (args.precision or ["auto"]):
         scorer = Scorer(args.model, device=args.device, precision=precision, cache=False, groups=False)
         scores[precision] = {r.path: (r.score if r.ok else None) for r in scorer.score_files([folder])}
+        if not any(v is not None for v in scores[precision].values()):
+            print(f"precision_agreement: no photo in {folder} could be scored", file=sys.stderr)
+            return 2
         report.update(device=scorer.device, model=scorer.name)
         if precision != "fp32":
             entry = compare(scores["fp32"], scores[precision])
@@ -87,4 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from loda_cli.errors import LodaError
+
+    try:
+        sys.exit(main())
+    except LodaError as exc:
+        sys.exit(f"precision_agreement: {exc}")

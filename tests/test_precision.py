@@ -392,6 +392,10 @@ def test_precision_agreement_script_compares_with_fp32_and_fails_past_the_tolera
     assert entry["files"] == 4 and entry["ran_in"] == "int8" and 0 <= entry["max_abs_delta"] <= 0.005
     assert script.main(argv[:-2] + ["--tolerance", "-1"]) == 1  # nothing can be that close
     assert "differs from fp32" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert script.main(["--device", "cpu", "--images", str(empty), "--model", str(tiny_checkpoint)]) == 2
+    assert "no photo" in capsys.readouterr().err
     same = script.compare({"a": 0.5, "b": 0.25, "c": None}, {"a": 0.5, "b": 0.3, "c": 0.1})
     assert same["files"] == 2 and same["max_abs_delta"] == pytest.approx(0.05)
 
