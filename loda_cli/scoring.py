@@ -387,7 +387,10 @@ def _worker_init(worker_id: int) -> None:
     (an orphan would also block on its result queue forever)."""
     import torch
 
+    from loda_cli.allocator import hold_freed_memory
+
     torch.set_num_threads(1)
+    hold_freed_memory()  # inherited through fork; set again for other start methods
     _NativeStderr.enabled = True
     if sys.platform.startswith("linux"):
         import ctypes
@@ -506,9 +509,11 @@ class Scorer:
         scoring on CUDA and everything on the CPU otherwise; "cpu" always on the CPU; "device"
         in the main process on the scoring device, whatever it is (:mod:`loda_cli.devicedecode`).
         """
+        from loda_cli.allocator import hold_freed_memory
         from loda_cli.precision import Runner, check_precision, choose
         from loda_cli.weights import LoadedModel, load_model
 
+        hold_freed_memory()  # before the precision is timed: page faults were most of the CNN's time
         self.device = resolve_device(device)
         if decode not in ("auto", "cpu", "device"):
             raise UsageError(f"unknown decode {decode!r}; use auto, cpu or device")

@@ -188,6 +188,9 @@ class TrainEvent:
 
 def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None) -> Path:
     """Train one split of one dataset; returns the checkpoint path (rank 0's file)."""
+    from loda_cli.allocator import hold_freed_memory
+
+    hold_freed_memory()  # every batch's activations would otherwise come back as fresh pages
     emit = on_event or (lambda event: None)
     run = _set_up(cfg, emit)
     for epoch in range(run.start_epoch, cfg.epochs):
