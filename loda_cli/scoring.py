@@ -410,11 +410,17 @@ def _worker_init(worker_id: int) -> None:
 
 class _CropBatcher:
     """Packs the crops of many images into full batches for ``forward`` and sums each image's
-    weighted crop scores; an image is done when all its crops are scored."""
+    weighted crop scores; an image is done when all its crops are scored.
 
-    def __init__(self, batch_size: int, forward: Callable[[Any], list[float]]):
+    ``whole_images``: batches hold whole images only (one image larger than ``batch_size`` is a
+    batch of its own), and ``forward`` gets each image's crop count as ``groups``: a precision
+    whose result depends on the whole input (int8's dynamic quantization) then runs each image
+    on its own (:class:`loda_cli.precision.Runner`)."""
+
+    def __init__(self, batch_size: int, forward: Callable[..., list[float]], whole_images: bool = False):
         self.batch_size = batch_size
         self.forward = forward
+        self.whole_images = whole_images
         self.pending: dict[int, dict[str, Any]] = {}  # index -> item waiting for crop scores
         self.raws: dict[int, list[float]] = {}  # index -> its crops' raw scores so far
         self.queue: list[tuple[int, Any]] = []  # (index, uint8 crops) not yet run
@@ -432,18 +438,24 @@ class _CropBatcher:
         import numpy as np
 
         while self.queued >= self.batch_size or (final and self.queued):
-            take, parts, owners = self.batch_size, [], []
+            take, parts, owners, groups = self.batch_size, [], [], []
             while take and self.queue:
                 index, crops = self.queue[0]
-                n = min(take, len(crops))
+                if self.whole_images and parts and len(crops) > take:
+                    break  # the next image waits for the next batch
+                n = len(crops) if self.whole_images else min(take, len(crops))
                 parts.append(crops[:n])
                 owners += [index] * n
+                groups.append(n)
                 if n == len(crops):
                     self.queue.pop(0)
                 else:
                     self.queue[0] = (index, crops[n:])
-                take -= n
-            raws = self.forward(_concat(parts))
+                take = max(0, take - n)
+            if self.whole_images:
+                raws = self.forward(_concat(parts), groups=groups)
+            else:
+                raws = self.forward(_concat(parts))
             self.queued -= len(raws)
             for index, value in zip(owners, raws):
                 item = self.pending[index]
@@ -564,8 +576,8 @@ class Scorer:
 
     # -- tensors -------------------------------------------------------------------------------
 
-    def _forward(self, crops_uint8) -> list[float]:
-        """Raw scores of a uint8 Nx3xHxW batch."""
+    def _forward(self, crops_uint8, groups: list[int] | None = None) -> list[float]:
+        """Raw scores of a uint8 Nx3xHxW batch (``groups``: its images' crop counts)."""
         import torch
 
         from loda_cli.transforms import normalize
@@ -577,7 +589,7 @@ class Scorer:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        raw = self.runner(batch).cpu().tolist()
+        raw = self.runner(batch, groups).cpu().tolist()
         t2 = time.perf_counter()
         self.times.h2d += t1 - t0
         self.times.forward += t2 - t1
@@ -637,7 +649,7 @@ class Scorer:
         writer = ScoreCache(self.cache_path) if self.cache_path else None  # creates the schema
         loader = self._prepared_items(spec)
         prep_id = self.preprocess.digest()
-        batcher = _CropBatcher(self.batch_size, self._forward)
+        batcher = _CropBatcher(self.batch_size, self._forward, whole_images=self.runner.per_image)
         on_device = None
         if self.device_decode:
             from loda_cli.devicedecode import DeviceDecoder, cpu_path

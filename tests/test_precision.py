@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 
+import numpy as np
 import pytest
 
 from loda_cli import precision as P
@@ -277,6 +278,52 @@ def test_scorer_measures_once_then_reads_the_cache(tiny_checkpoint, tmp_path):
     assert forced.precision_choice.how == "forced"
     int8_rows = list(forced.score_files([str(tmp_path / "a.jpg")]))
     assert abs(int8_rows[0].score - rows[0].score) < 0.05
+
+
+def test_an_int8_photo_scores_the_same_whatever_is_scored_beside_it(tiny_checkpoint, tmp_path):
+    """int8's dynamic quantization takes one scale per input, so the scorer runs each image on its
+    own: a photo's int8 score is the same alone and among much louder photos. With images
+    packed across a batch, a loud neighbour moved it."""
+    import numpy as np
+    from PIL import Image
+
+    from loda_cli.scoring import Scorer
+
+    rng = np.random.default_rng(0)
+    Image.new("RGB", (320, 240), (120, 110, 100)).save(tmp_path / "quiet.jpg")
+    for i in range(3):
+        loud = (rng.random((240, 320, 3)) > 0.5).astype(np.uint8) * 255
+        Image.fromarray(loud).save(tmp_path / f"loud{i}.jpg")
+    paths = [str(tmp_path / n) for n in ("loud0.jpg", "quiet.jpg", "loud1.jpg", "loud2.jpg")]
+
+    def quiet_score(scorer, files):
+        return next(r.raw for r in scorer.score_files(files) if r.path.endswith("quiet.jpg"))
+
+    scorer = Scorer(str(tiny_checkpoint), device="cpu", precision="int8", cache=False, workers=0, batch_size=8)
+    assert scorer.runner.per_image
+    alone = quiet_score(scorer, [paths[1]])
+    assert quiet_score(scorer, paths) == alone
+    scorer.runner.per_image = False  # images packed across batches, as before
+    assert abs(quiet_score(scorer, paths) - alone) > 1e-6
+
+
+def test_whole_image_batches_never_split_an_image():
+    from loda_cli.scoring import _CropBatcher
+
+    seen = []
+
+    def forward(crops, groups=None):
+        seen.append(groups)
+        return [0.0] * len(crops)
+
+    batcher = _CropBatcher(8, forward, whole_images=True)
+    done = []
+    for index, n in enumerate([3, 3, 3, 10, 2]):
+        batcher.add({"index": index, "crops": np.zeros((n, 1)), "weights": [1.0 / n] * n})
+        done += [item["index"] for item, _, _ in batcher.run()]
+    done += [item["index"] for item, _, _ in batcher.run(final=True)]
+    assert sorted(done) == [0, 1, 2, 3, 4]
+    assert seen == [[3, 3], [3], [10], [2]]  # an image larger than the batch runs alone
 
 
 def test_benchmark_speed_reports_the_choice_the_compute_and_the_naive_ratio(tiny_checkpoint, tmp_path):
