@@ -412,10 +412,10 @@ class _CropBatcher:
     """Packs the crops of many images into full batches for ``forward`` and sums each image's
     weighted crop scores; an image is done when all its crops are scored.
 
+    ``forward`` gets, as ``groups``, how many of the batch's crops each image has in it, in order.
     ``whole_images``: batches hold whole images only (one image larger than ``batch_size`` is a
-    batch of its own), and ``forward`` gets each image's crop count as ``groups``: a precision
-    whose result depends on the whole input (int8's dynamic quantization) then runs each image
-    on its own (:class:`loda_cli.precision.Runner`)."""
+    batch of its own), so a precision whose result depends on the whole input (int8's dynamic
+    quantization) can run each image on its own (:class:`loda_cli.precision.Runner`)."""
 
     def __init__(self, batch_size: int, forward: Callable[..., list[float]], whole_images: bool = False):
         self.batch_size = batch_size
@@ -452,10 +452,7 @@ class _CropBatcher:
                 else:
                     self.queue[0] = (index, crops[n:])
                 take = max(0, take - n)
-            if self.whole_images:
-                raws = self.forward(_concat(parts), groups=groups)
-            else:
-                raws = self.forward(_concat(parts))
+            raws = self.forward(_concat(parts), groups=groups)
             self.queued -= len(raws)
             for index, value in zip(owners, raws):
                 item = self.pending[index]
@@ -577,7 +574,7 @@ class Scorer:
     # -- tensors -------------------------------------------------------------------------------
 
     def _forward(self, crops_uint8, groups: list[int] | None = None) -> list[float]:
-        """Raw scores of a uint8 Nx3xHxW batch (``groups``: its images' crop counts)."""
+        """Raw scores of a uint8 Nx3xHxW batch (``groups``: each image's crop count in it)."""
         import torch
 
         from loda_cli.transforms import normalize
