@@ -555,9 +555,11 @@ def fit(
     import torch
 
     from loda_cli.allocator import hold_freed_memory
+    from loda_cli.threads import fit_threads
     from loda_cli.train import cosine_lr, plcc_loss
 
     hold_freed_memory()
+    fit_threads()
     if model is None:
         model, _ = new_model(recipe.seed)
     params = [p for p in model.parameters() if p.requires_grad]

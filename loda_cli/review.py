@@ -175,8 +175,10 @@ def build_review(
         except Exception:  # noqa: BLE001 - any undecodable file just shows without a preview
             item.thumb = None
 
+    from loda_cli.threads import available_cpus
+
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as pool:
         for _ in pool.map(work, items):
             done += 1
             if progress:

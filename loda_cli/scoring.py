@@ -152,7 +152,9 @@ def autocast_context(device: str, precision: str):
 
 
 def default_workers(device: str) -> int:
-    cores = os.cpu_count() or 1
+    from loda_cli.threads import available_cpus
+
+    cores = available_cpus()
     if device == "cpu":
         # The forward pass already uses every core; one decoder keeps it fed on small machines.
         return max(1, min(4, cores // 4)) if cores > 4 else 1
@@ -520,9 +522,13 @@ class Scorer:
         """
         from loda_cli.allocator import hold_freed_memory
         from loda_cli.precision import Runner, check_precision, choose
+        from loda_cli.threads import fit_threads
         from loda_cli.weights import LoadedModel, load_model
 
-        hold_freed_memory()  # before the precision is timed: page faults were most of the CNN's time
+        # Both before the precision is timed: page faults were most of the CNN's time, and the
+        # thread count is part of what the choice is cached under.
+        hold_freed_memory()
+        self.threads = fit_threads()
         self.device = resolve_device(device)
         if decode not in ("auto", "cpu", "device"):
             raise UsageError(f"unknown decode {decode!r}; use auto, cpu or device")

@@ -189,8 +189,10 @@ class TrainEvent:
 def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None) -> Path:
     """Train one split of one dataset; returns the checkpoint path (rank 0's file)."""
     from loda_cli.allocator import hold_freed_memory
+    from loda_cli.threads import fit_threads
 
     hold_freed_memory()  # every batch's activations would otherwise come back as fresh pages
+    fit_threads()
     emit = on_event or (lambda event: None)
     run = _set_up(cfg, emit)
     for epoch in range(run.start_epoch, cfg.epochs):
@@ -594,7 +596,9 @@ def _save(run: _Run, calibration, emit: Callable[[TrainEvent], None]) -> None:
 
 
 def _default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    from loda_cli.threads import available_cpus
+
+    return max(0, min(8, available_cpus() - 1))
 
 
 def _normalize(crops: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
