@@ -217,3 +217,44 @@ def test_cull_undo_sort_undo_rate_undo_leaves_the_library_byte_identical(tmp_pat
     _ok("undo")
     assert snapshot(root, skip_loda=False) == before
     assert "Nothing left to undo" in _ok("undo")
+
+
+def test_a_narrow_terminal_cuts_a_paths_middle_never_folds_its_file_name():
+    """A plan's path columns in a 50- or 70-column terminal: each path on one line, its file name
+    whole while there is room for it."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from loda_cli.cli.common import PathCell
+
+    paths = ["library/2024/a rather long trip folder/58.png", "library/2024/trip/IMG_2043.JPG", "p1.jpg"]
+    for width in (50, 70):
+        console = Console(file=io.StringIO(), width=width, force_terminal=False)
+        table = Table()
+        table.add_column("score")
+        table.add_column("file", overflow="fold")
+        table.add_column("why")
+        table.add_column("to", overflow="fold")
+        for path in paths:
+            table.add_row("0.123", PathCell(path, " (truncated image)" if path == "p1.jpg" else ""),
+                          "below 0.4", PathCell("library/_culled/" + path.split("/", 1)[-1]))
+        console.print(table)
+        rows = [line for line in console.file.getvalue().splitlines() if "0.123" in line]
+        assert len(rows) == 3  # one line per photo: nothing folded onto a second line
+        assert max(len(line) for line in rows) <= width
+        text = console.file.getvalue()
+        if width == 70:
+            assert "/58.png" in text and "/IMG_2043.JPG" in text and "p1.jpg (truncated" in text
+
+
+def test_an_interrupted_run_without_the_cache_does_not_promise_a_quick_rerun(capsys):
+    from loda_cli.cli.score import _report_interrupted
+
+    _report_interrupted([object()] * 9, None, cached=False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "9 images done, not cached (--no-cache); a rerun scores every file again" in err
+    assert "cached;" not in err
+    _report_interrupted([object()] * 9, None, cached=True)
+    assert "9 images done and cached; run the same command again to finish" in " ".join(capsys.readouterr().err.split())

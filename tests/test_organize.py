@@ -399,6 +399,12 @@ def test_undo_refuses_when_the_original_path_is_occupied(shoot):
     write(shoot.root / "IMG_1.JPG", b"a new photo with the old name")
     result = invoke("undo", "--dry-run")
     assert result.exit_code == 0 and "conflicts" in result.output and "occupied" in result.output
+    # The dry run says what the real run will do: refuse everything, not only the conflict.
+    out = " ".join(result.output.split())
+    assert "left alone" not in out
+    assert "`loda undo` would change nothing while 1 entry conflict" in out and "--partial" in out
+    partial = " ".join(invoke("undo", "--dry-run", "--partial").output.split())
+    assert "conflicts (left alone)" in partial and "would change nothing" not in partial
     result = invoke("undo")
     assert result.exit_code == 1
     assert (shoot.root / "IMG_1.JPG").read_bytes() == b"a new photo with the old name"
@@ -950,3 +956,31 @@ def test_sort_and_rate_plans_count_photos_per_bin_and_suggest_quantiles(shoot):
     assert "no photo gets 1 or 5 stars" in rated.output
     even = invoke("rate", "wedding", "--scores", shoot.scores, "--quantiles")
     assert "photos per bin" in even.output and "--quantiles puts" not in even.output
+
+
+def test_undo_of_a_file_that_is_not_a_journal_says_so(shoot):
+    """Not "line 1 is damaged": a scores file given by mistake is not a damaged journal."""
+    result = invoke("undo", shoot.scores)
+    assert result.exit_code == 1
+    assert "is not a loda journal" in result.output and "damaged" not in result.output
+    assert result.output.count("\n") <= 2
+
+
+def test_cull_from_another_folder_says_where_relative_paths_were_looked_for(shoot, monkeypatch):
+    """A CSV's paths are relative to where `loda score` ran: from elsewhere none resolve, and the
+    plan says where it looked instead of calling a whole library gone."""
+    elsewhere = shoot.tmp / "exports" / "scores.csv"  # neither beside the photos nor where it ran
+    elsewhere.parent.mkdir()
+    shutil.copy(shoot.scores, elsewhere)
+    monkeypatch.chdir(shoot.root)
+    before = snapshot(shoot.tmp, skip_loda=False)
+    result = invoke("cull", ".", "--below", "0.4", "--scores", elsewhere)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "not found" in out and "no longer exists" not in out
+    assert "9 scored files were not found; relative paths were looked for in" in out
+    assert "Run from the folder `loda score` ran in" in out
+    assert snapshot(shoot.tmp, skip_loda=False) == before
+    # From the right folder, no warning.
+    monkeypatch.chdir(shoot.tmp)  # where it ran: only wedding/broken.jpg is missing, no warning
+    assert "were not found" not in ok("cull", "wedding", "--below", "0.4", "--scores", elsewhere).output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -38,13 +39,59 @@ out_console = _Console(highlight=False)
 
 
 def middle_ellipsis(text: str, width: int) -> str:
-    """``text`` cut in the middle to ``width`` characters: a path keeps its start and its file
-    name, which are what tell photos apart."""
+    """``text`` cut in the middle to ``width`` characters: a path keeps its file name whole (what
+    tells photos apart) and as much of its start as fits; a name longer than that loses its own
+    middle."""
     if width < 5 or len(text) <= width:
         return text
+    cut = max(text.rfind("/"), text.rfind(os.sep))
+    if cut > 0:
+        tail = text[cut:]
+        if len(tail) + 2 <= width:
+            return text[: width - 1 - len(tail)] + "\u2026" + tail
+        return "\u2026" + _cut_middle(text[cut + 1 :], width - 1)  # the name alone, cut
+    return _cut_middle(text, width)
+
+
+def _cut_middle(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
     tail = (width - 1) // 2 + (width - 1) % 2
-    head = width - 1 - tail
-    return text[:head] + "\u2026" + text[-tail:]
+    return text[: width - 1 - tail] + "\u2026" + text[-tail:]
+
+
+class PathCell:
+    """A path in a rich table column: when the column is narrower than the path, the path loses
+    its middle (:func:`middle_ellipsis`) instead of being folded across lines mid-name.
+    ``suffix`` (a note such as " (truncated image)") is kept whole after it."""
+
+    def __init__(self, path: str, suffix: str = "", style: str = ""):
+        self.path, self.suffix, self.style = path, suffix, style
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        full = len(self.path) + len(self.suffix)
+        name = len(os.path.basename(self.path)) + len(self.suffix) + 2
+        return Measurement(min(full, max(12, name)), full).clamp(max_width=options.max_width)
+
+    def __rich_console__(self, console, options):
+        from rich.text import Text
+
+        width = options.max_width
+        suffix = self.suffix
+        if len(suffix) > width - 8:  # the note gives way before the path's last 8 characters
+            suffix = suffix[: max(0, width - 9)] + "\u2026" if width > 9 else ""
+        room = max(5, width - len(suffix))
+        yield Text(middle_ellipsis(self.path, room) + suffix, style=self.style)
+
+    def __str__(self) -> str:
+        return self.path + self.suffix
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 file', '2 files'."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

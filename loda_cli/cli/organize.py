@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from loda_cli.cli.common import err_console, handle_errors, notice, out_console
+from loda_cli.cli.common import PathCell, err_console, handle_errors, notice, out_console, plural
 
 if TYPE_CHECKING:
     from loda_cli.organize import Plan, ScoreSource
@@ -240,14 +240,12 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
         cells: list = [f"{action.score:.3f}" if not error else "failed"]
         if with_stars:
             cells.append(str(action.stars))
-        name = _show(action.src)
-        if error:
-            name.append(f" ({organize_failure_kind(error)})")
-        cells.append(name)
+        suffix = f" ({organize_failure_kind(error)})" if error else ""
+        cells.append(PathCell(_show(action.src).plain, suffix))
         if with_rules:
             cells.append(Text(plan.groups[action.group].rule))
         if plan.command != "rate":
-            cells.append(_show(action.dst))
+            cells.append(PathCell(_show(action.dst).plain))
         examples.add_row(*cells)
     if plan.actions:
         out_console.print(examples)
@@ -297,8 +295,35 @@ def _print_not_acted_on(plan: "Plan", source: "ScoreSource") -> None:
     why.add_column("example", overflow="fold")
     for reason, count in reasons.most_common():
         path = example.get(reason)
-        why.add_row(Text(reason), str(count), _show(path) if path else Text(""))
+        why.add_row(Text(reason), str(count), PathCell(_show(path).plain) if path else Text(""))
     out_console.print(why)
+    _warn_relative_not_found(plan, source)
+
+
+def _warn_relative_not_found(plan: "Plan", source: "ScoreSource") -> None:
+    """Where relative paths were looked for, when some of a scores file's were not found: most
+    often the command runs from another folder than `loda score` did, not lost photos."""
+    import os
+
+    from loda_cli.organize.groups import NOT_FOUND
+
+    missing = [s.path for s in plan.skipped if s.reason == NOT_FOUND]
+    relative = [p for p in missing if not os.path.isabs(p)]
+    # A file or two deleted since scoring is the table's "not found" row; most of the file
+    # missing is the sign of a command run from another folder.
+    if not source.from_file or not relative or 2 * len(missing) < len(source.rows) + len(source.failed):
+        return
+    looked = ", ".join(organize_display(b) for b in source.bases)
+    err_console.print(
+        Text(
+            f"warning: {plural(len(missing), 'scored file')} {'was' if len(missing) == 1 else 'were'} "
+            "not found; relative paths were looked "
+            f"for in {looked}. Run from the folder `loda score` ran in, or use its .json "
+            "output (it records that folder).",
+            style="yellow",
+        ),
+        soft_wrap=True,
+    )
 
 
 def _run(plan: "Plan", source: "ScoreSource", apply: bool) -> None:
@@ -332,7 +357,7 @@ def _run(plan: "Plan", source: "ScoreSource", apply: bool) -> None:
             )
         raise
     verb = {"move": "Moved", "copy": "Copied", "link": "Linked"}.get(plan.mode, "Wrote")
-    line = Text(f"{verb} {report.done} files ({_size(report.bytes_done)}).")
+    line = Text(f"{verb} {plural(report.done, 'file')} ({_size(report.bytes_done)}).")
     if report.skipped:
         first = report.skipped[0]
         line.append(f" Skipped {len(report.skipped)} that changed meanwhile (first: ")
@@ -513,9 +538,16 @@ def undo(
     notice(f"Undoing {organize.display_path(found.path)} ({found.command}, {found.time})")
     if found.truncated:
         notice("Its last line was cut short (the run was killed); undo works from the disk.")
-    _print_undo_plan(plan, dry_run)
+    _print_undo_plan(plan, dry_run, partial)
     if dry_run:
         out_console.print("Dry run: nothing was changed.")
+        if plan.conflicts and not partial:
+            # Say what the real run will do: refuse everything, not just these entries.
+            n = len(plan.conflicts)
+            out_console.print(
+                f"`loda undo` would change nothing while {plural(n, 'entry', 'entries')} "
+                f"conflict; `loda undo --partial` undoes the rest and leaves {'it' if n == 1 else 'them'} alone."
+            )
         return
     report = organize.apply_undo(plan, partial=partial)
     out_console.print(
@@ -596,7 +628,7 @@ def review(
         )
 
 
-def _print_undo_plan(plan, dry_run: bool) -> None:
+def _print_undo_plan(plan, dry_run: bool, partial: bool) -> None:
     labels = {
         "restore": "move back",
         "remove-duplicate": "remove duplicates (original in place)",
@@ -616,7 +648,7 @@ def _print_undo_plan(plan, dry_run: bool) -> None:
             table.add_row(text, str(counts[key]))
     out_console.print(table)
     if plan.conflicts:
-        conflicts = Table(title="conflicts (left alone)")
+        conflicts = Table(title="conflicts (left alone)" if partial else "conflicts")
         conflicts.add_column("entry", justify="right")
         conflicts.add_column("why", overflow="fold")
         for step in plan.conflicts[:20]:

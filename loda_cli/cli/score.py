@@ -13,8 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loda_cli.cli.common import (err_console, handle_errors, measuring_precision_notice, print_precision_choice,
-                                 shown, write_stdout_line)
+from loda_cli.cli.common import (err_console, handle_errors, measuring_precision_notice, plural,
+                                 print_precision_choice, shown, write_stdout_line)
 from loda_cli.errors import NoImagesError, UsageError
 from loda_cli.output import check_writable_output, mos_is_meaningful
 
@@ -152,7 +152,7 @@ def score(
     if not quiet:
         _summary(scorer, rows, skipped, elapsed, out)
     if interrupted:
-        _report_interrupted(rows, out)
+        _report_interrupted(rows, out, cache)
         raise typer.Exit(130)
 
 
@@ -258,18 +258,19 @@ def _write_rows(out: str | None, rows, scorer, paths, elapsed: float, interrupte
             write_stdout_line(line)
 
 
-def _report_interrupted(rows, out: str | None) -> None:
+def _report_interrupted(rows, out: str | None, cached: bool) -> None:
     partial = ""
     if out is not None and out != "-":
         partial = (
             f" {out} holds only those rows (a .json says \"complete\": false; a .csv has no "
             "marker, so trust this line)."
         )
-    err_console.print(
-        f"interrupted: {plural(len(rows), 'image')} done and cached; run the same command again "
-        f"to finish.{partial}",
-        style="yellow", soft_wrap=True,
-    )
+    if cached:
+        done = f"{plural(len(rows), 'image')} done and cached; run the same command again to finish."
+    else:
+        # Nothing was kept: the same command would start over.
+        done = f"{plural(len(rows), 'image')} done, not cached (--no-cache); a rerun scores every file again."
+    err_console.print(f"interrupted: {done}{partial}", style="yellow", soft_wrap=True)
 
 
 def _progress():
@@ -325,11 +326,6 @@ def _header(scorer, paths, elapsed: float, interrupted: bool) -> dict[str, Any]:
         "complete": not interrupted,
         "score": "quality in [0, 1], higher is better (the checkpoint's calibration of raw)",
     }
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """'1 file', '2 files'."""
-    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def summary_counts(rows, elapsed: float) -> str:
@@ -408,7 +404,8 @@ def _groups_summary(rows) -> None:
     bursts = [n for n in sizes.values() if n > 1]
     if bursts:
         err_console.print(
-            f"groups: {plural(len(bursts), 'burst')} or near-duplicate sets of 2 or more "
+            f"groups: {plural(len(bursts), 'burst or near-duplicate set', 'bursts or near-duplicate sets')} "
+            "of 2 or more "
             f"({plural(sum(bursts), 'photo')}; `loda cull --bursts` keeps the best of each), "
             f"{plural(len(sizes) - len(bursts), 'single photo')}",
             markup=False, soft_wrap=True,

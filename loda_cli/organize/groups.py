@@ -48,6 +48,11 @@ class Group:
         return os.path.join(self.folder, self.decision)
 
 
+#: The reason given for a scored path that is not on disk: moved or deleted since, or a relative
+#: path looked for from the wrong folder (the command then says where it looked).
+NOT_FOUND = "not found"
+
+
 def _root_index(real_path: str, roots: Sequence[str]) -> Optional[int]:
     for index, root in enumerate(roots):
         if is_under(real_path, root):
@@ -66,7 +71,7 @@ def _locate(raw: str, roots: Sequence[str], bases: Sequence[str]) -> tuple[str, 
     candidates = [raw] if os.path.isabs(raw) else [os.path.join(base, raw) for base in bases]
     chosen = next((c for c in candidates if os.path.lexists(c)), None)
     if chosen is None:
-        raise Skipped("no longer exists")
+        raise Skipped(NOT_FOUND)
     name = os.path.basename(chosen)
     if name in ("", ".", ".."):
         raise Skipped("not a file")

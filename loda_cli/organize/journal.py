@@ -210,9 +210,11 @@ def _parse_lines(data: bytes, what: str) -> tuple[list[dict[str, Any]], bool]:
                 raise ValueError
         except ValueError:
             # Only the last line can be cut short by a crash; damage anywhere else is refused.
-            if number == last:
+            if number == last and records:
                 truncated = True
                 continue
+            if not records:  # a journal's first line is always a complete header
+                raise JournalError(f"{what} is not a loda journal") from None
             raise JournalError(f"{what} line {number + 1} is damaged; refusing to guess") from None
         records.append(record)
     return records, truncated
