@@ -45,9 +45,11 @@ def test_score_skips_lodas_own_destinations(tmp_path, tiny_checkpoint, monkeypat
     _ok("cull", "--worst", "2", "--model", tiny_checkpoint, "--apply")
     assert len(list((root / "_culled").rglob("*.JPG"))) == 2
     out = tmp_path / "s.csv"
-    _ok("score", ".", "--model", tiny_checkpoint, "--out", out, "--workers", "0")
+    said = _ok("score", ".", "--model", tiny_checkpoint, "--out", out, "--workers", "0")
     text = out.read_text()
     assert "_culled" not in text and text.count(".JPG") == 4
+    # ... and says so, rather than leaving the photos unaccounted for
+    assert "not scored: loda's own folder _culled" in " ".join(said.split())
     # naming the folder itself still scores it
     _ok("score", "_culled", "--model", tiny_checkpoint, "--out", out, "--workers", "0")
     assert out.read_text().count(".JPG") == 2
@@ -258,3 +260,24 @@ def test_an_interrupted_run_without_the_cache_does_not_promise_a_quick_rerun(cap
     assert "cached;" not in err
     _report_interrupted([object()] * 9, None, cached=True)
     assert "9 images done and cached; run the same command again to finish" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_folder_without_photos_fails_before_the_model_loads(tmp_path, monkeypatch):
+    """Seconds of torch and model loading only to say there is nothing to score; also when
+    every photo sits in loda's own folders, which the error names."""
+    from loda_cli.cli import score as score_cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(score_cli, "_open_scorer", no_model)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photos here")
+    result = runner.invoke(app, ["score", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "no image files found" in result.output, result.output
+    culled = tmp_path / "lib" / "_culled"
+    culled.mkdir(parents=True)
+    Image.new("RGB", (64, 48)).save(culled / "IMG_1.jpg")
+    result = runner.invoke(app, ["score", str(tmp_path / "lib")])
+    assert result.exit_code == 1 and "no image files found" in result.output
+    assert "not scored: loda's own folder" in result.output and "_culled" in result.output

@@ -535,6 +535,28 @@ def test_sort_copies_into_star_folders_and_undo_removes_the_copies(shoot):
     assert not leftovers, leftovers  # the star folders and --into itself are gone
 
 
+def test_sorting_or_copy_culling_again_adds_no_duplicates_and_a_changed_photo_is_copied_anew(shoot):
+    sorted_dir = shoot.tmp / "sorted"
+    ok("sort", "wedding", "--into", sorted_dir, "--scores", shoot.scores, "--apply")
+    first = snapshot(sorted_dir)
+    again = ok("sort", "wedding", "--into", sorted_dir, "--scores", shoot.scores, "--apply")
+    assert "already copied there" in again.output and "Nothing to do" in again.output
+    assert snapshot(sorted_dir) == first  # no IMG_1-1.JPG copies of the whole library
+    # A photo edited since (new time) is a new version: copied beside the old one, never over it.
+    os.utime(shoot.root / "IMG_3.jpg", ns=(1_000_000_000, 1_000_000_000))
+    ok("sort", "wedding", "--into", sorted_dir, "--scores", shoot.scores, "--apply")
+    assert (sorted_dir / "5-stars" / "IMG_3-1.jpg").read_bytes() == shoot.files["IMG_3.jpg"]
+    assert snapshot(sorted_dir, skip_loda=True).items() >= first.items()
+
+    for mode in ("--copy", "--link"):
+        to = shoot.tmp / f"culled{mode}"
+        ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, mode, "--to", to, "--apply")
+        made = snapshot(to)
+        repeat = ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, mode, "--to", to, "--apply")
+        assert "already" in repeat.output and "Nothing to do" in repeat.output, repeat.output
+        assert snapshot(to) == made
+
+
 def test_sort_move_edges_and_quantiles(shoot):
     before = snapshot(shoot.root)
     sorted_dir = shoot.tmp / "s"

@@ -65,19 +65,53 @@ class _Counter(threading.Thread):
         self._stop_event.set()
 
 
-def _own_folder_globs(paths: list[Path]) -> tuple[str, ...]:
+def _own_folder_globs(paths: list[Path]) -> tuple[tuple[str, ...], list[str]]:
     """Globs for the folders loda fills itself: every `_culled`, and the destinations of cull and
-    sort runs not undone yet. Naming such a folder as a path still scores it (a root is never
-    matched against the globs)."""
+    sort runs not undone yet; and those of them that exist under ``paths``, for the summary.
+    Naming such a folder as a path still scores it (a root is never matched against the globs)."""
     from loda_cli import organize
 
     globs = {organize.CULLED_DIRNAME}
-    for dest in organize.own_folders([p for p in paths if os.path.isdir(p)]):
-        for root in paths:
+    folders: list[str] = []
+    roots = [p for p in paths if os.path.isdir(p)]
+    for root in roots:
+        culled = os.path.join(root, organize.CULLED_DIRNAME)
+        if os.path.isdir(culled) and not os.path.islink(culled):
+            folders.append(os.path.normpath(culled))
+    for dest in organize.own_folders(roots):
+        for root in roots:
             real = os.path.realpath(root)
-            if os.path.isdir(root) and organize.is_under(dest, real) and dest != real:
-                globs.add(organize.glob_escape(os.path.relpath(dest, real)))
-    return tuple(sorted(globs))
+            if organize.is_under(dest, real) and dest != real:
+                relative = os.path.relpath(dest, real)
+                globs.add(organize.glob_escape(relative))
+                shown_as = os.path.normpath(os.path.join(root, relative))
+                if os.path.isdir(dest) and shown_as not in folders:
+                    folders.append(shown_as)
+    return tuple(sorted(globs)), folders
+
+
+def _own_folders_note(folders: list[str]) -> str:
+    return (f"not scored: loda's own {'folder' if len(folders) == 1 else 'folders'} "
+            + ", ".join(shown(f) for f in folders)
+            + " (culled or sorted photos; name a folder as a path to score it)")
+
+
+def _check_some_image(paths: list[Path], walk_kw: dict, own_folders: list[str]) -> None:
+    """Fail before torch and the model load (seconds) when there is nothing to score."""
+    from loda_cli.images import iter_image_files
+
+    skipped: list = []
+    found = iter_image_files(paths, **walk_kw, on_skip=skipped.append)
+    try:
+        if next(found, None) is not None:
+            return
+    finally:
+        found.close()
+    for notice in skipped[:5]:
+        err_console.print(f"skipped {shown(str(notice.path))}: {notice.reason}", markup=False)
+    if own_folders:
+        err_console.print(_own_folders_note(own_folders), markup=False, soft_wrap=True)
+    raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -122,13 +156,16 @@ def score(
     for p in paths:
         if not os.path.lexists(p):
             raise UsageError(f"no such file or directory: {p}")
+    own_globs, own_folders = _own_folder_globs(paths)
+    walk_kw = dict(recursive=recursive, include=tuple(include or ()), exclude=tuple(exclude or ()) + own_globs)
+    if model is not None:
+        from loda_cli.weights import resolve_model
+
+        resolve_model(model)  # a mistyped --model is named first, and without torch
+    _check_some_image(paths, walk_kw, own_folders)
     scorer = _open_scorer(
         model, device=device, precision=precision, crops=crops, batch_size=batch_size,
         workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups, decode=decode,
-    )
-    walk_kw = dict(
-        recursive=recursive, include=tuple(include or ()),
-        exclude=tuple(exclude or ()) + _own_folder_globs(paths),
     )
     start = time.monotonic()
     rows, skipped, interrupted = _score_all(scorer, paths, walk_kw, (shard_k, shard_n), out, quiet)
@@ -151,6 +188,8 @@ def score(
     _write_rows(out, rows, scorer, paths, elapsed, interrupted, burst_gap if grouped else None)
     if not quiet:
         _summary(scorer, rows, skipped, elapsed, out)
+        if own_folders:
+            err_console.print(_own_folders_note(own_folders), markup=False, soft_wrap=True)
     if interrupted:
         _report_interrupted(rows, out, cache)
         raise typer.Exit(130)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -272,8 +273,31 @@ class _Placer:
             n += 1
 
 
+ALREADY_THERE = {"copy": "already copied there", "link": "already linked there"}
+
+
 def _member_size(path: str) -> int:
     return os.lstat(path).st_size
+
+
+def _already_there(kind: str, sources: Sequence[str], targets: Sequence[str]) -> bool:
+    """Whether an earlier run already put every member at its own name: for a copy, a regular
+    file of the source's size and modification time (rsync's quick check; loda's copies keep the
+    source's time); for a link, a symlink to the source. Then a second sort or copy-cull does not
+    add ``-1`` duplicates of a whole library."""
+    if kind not in ("copy", "link"):
+        return False
+    for source, target in zip(sources, targets):
+        try:
+            there, here = os.lstat(target), os.lstat(source)
+        except OSError:
+            return False
+        if kind == "link":
+            if not stat.S_ISLNK(there.st_mode) or os.path.realpath(target) != os.path.realpath(source):
+                return False
+        elif not stat.S_ISREG(there.st_mode) or (there.st_size, there.st_mtime_ns) != (here.st_size, here.st_mtime_ns):
+            return False
+    return True
 
 
 def _transfer_actions(
@@ -281,8 +305,13 @@ def _transfer_actions(
 ) -> None:
     placer = _Placer()
     for group in groups:
+        folder = dest_folder(group)
+        sources = [os.path.join(group.folder, m) for m in group.members]
+        if _already_there(kind, sources, [os.path.join(folder, m) for m in group.members]):
+            plan.unchanged.append(Skip(group.path, ALREADY_THERE[kind]))
+            continue
         try:
-            targets = placer.place(dest_folder(group), group)
+            targets = placer.place(folder, group)
             sizes = [_member_size(os.path.join(group.folder, m)) for m in group.members]
         except OSError as exc:
             plan.skipped.append(Skip(group.path, f"unreadable: {exc.strerror}"))
