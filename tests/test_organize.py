@@ -1006,3 +1006,15 @@ def test_cull_from_another_folder_says_where_relative_paths_were_looked_for(shoo
     # From the right folder, no warning.
     monkeypatch.chdir(shoot.tmp)  # where it ran: only wedding/broken.jpg is missing, no warning
     assert "were not found" not in ok("cull", "wedding", "--below", "0.4", "--scores", elsewhere).output
+
+
+def test_a_plan_says_how_many_photos_its_examples_leave_out_and_list_shows_every_one(shoot):
+    dry = " ".join(ok("cull", "wedding", "--below", "0.95", "--scores", shoot.scores).output.split())
+    assert "examples (5 of 7 photos; --list shows every one)" in dry
+    assert "IMG_3.jpg" not in dry  # the 6th and 7th lowest are left out ...
+    full = " ".join(ok("cull", "wedding", "--below", "0.95", "--scores", shoot.scores, "--list").output.split())
+    assert "every photo (7)" in full
+    for name in ("IMG_1.JPG", "IMG_2.heic", "IMG_3.jpg", "IMG_4.jpg", "IMG_40.jpg", "IMG_5.jpg", "IMG_6.jpg"):
+        assert name in full, name  # ... and --list shows them
+    few = " ".join(ok("cull", "wedding", "--worst", "2", "--scores", shoot.scores).output.split())
+    assert "examples" in few and "of 2 photos" not in few

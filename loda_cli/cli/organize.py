@@ -47,6 +47,9 @@ ModelOpt = Annotated[
 ApplyOpt = Annotated[
     bool, typer.Option("--apply", help="Act. Without it, only show the plan (a dry run).")
 ]
+ListOpt = Annotated[
+    bool, typer.Option("--list", help="List every photo the plan acts on, not only the first few.")
+]
 DryRunOpt = Annotated[
     bool,
     typer.Option(
@@ -175,7 +178,7 @@ def _load(
         )
 
 
-def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
+def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool, list_all: bool = False) -> None:
     verbs = {"move": "move to", "copy": "copy to", "link": "symlink into"}
     title = f"loda {plan.command}: plan" + ("" if applying else " (dry run)")
     summary = Table(title=title, show_header=False)
@@ -234,7 +237,11 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool) -> None:
     decisions = [a for a in plan.actions if a.decision]
     failed = [a for a in decisions if plan.groups[a.group].error]
     scored = [a for a in decisions if not plan.groups[a.group].error]
-    shown = scored[:_EXAMPLES] + failed[:_EXAMPLES]
+    shown = scored + failed if list_all else scored[:_EXAMPLES] + failed[:_EXAMPLES]
+    if len(shown) < len(decisions):
+        examples.title = f"examples ({len(shown)} of {len(decisions)} photos; --list shows every one)"
+    elif list_all:
+        examples.title = f"every photo ({len(decisions)})"
     for action in shown:
         error = plan.groups[action.group].error
         cells: list = [f"{action.score:.3f}" if not error else "failed"]
@@ -326,12 +333,12 @@ def _warn_relative_not_found(plan: "Plan", source: "ScoreSource") -> None:
     )
 
 
-def _run(plan: "Plan", source: "ScoreSource", apply: bool) -> None:
+def _run(plan: "Plan", source: "ScoreSource", apply: bool, list_all: bool = False) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from loda_cli.organize import apply_plan
 
-    _print_plan(plan, source, apply)
+    _print_plan(plan, source, apply, list_all)
     if not plan.actions:
         out_console.print("Nothing to do.")
         return
@@ -409,6 +416,7 @@ def cull(
     burst_gap: Annotated[float, typer.Option("--burst-gap", help="Seconds between frames of one camera that can still be one burst (ignored with --scores: the file's groups count).")] = 2.0,
     apply: ApplyOpt = False,
     dry_run: DryRunOpt = False,
+    list_all: ListOpt = False,
 ) -> None:
     """Set aside the lowest-scored photos, or all but the best frame of each burst (with their
     RAW, sidecars, Live Photo video): a dry run unless --apply; journalled, so `loda undo` puts
@@ -437,7 +445,7 @@ def cull(
     mode = "copy" if copy else "link" if link else "move"
     plan = organize.plan_cull(roots, selected, mode=mode, to=to)
     plan.skipped[:0] = skips
-    _run(plan, source, apply)
+    _run(plan, source, apply, list_all)
 
 
 @handle_errors
@@ -451,6 +459,7 @@ def sort(
     model: ModelOpt = None,
     apply: ApplyOpt = False,
     dry_run: DryRunOpt = False,
+    list_all: ListOpt = False,
 ) -> None:
     """Copy (or --move) photos into star folders by score, keeping their relative paths: a dry
     run unless --apply; journalled for `loda undo`."""
@@ -466,7 +475,7 @@ def sort(
     mode = "move" if move else "copy"
     plan = organize.plan_sort(roots, groups, into=into, mode=mode, edges=bin_edges)
     plan.skipped[:0] = skips
-    _run(plan, source, apply)
+    _run(plan, source, apply, list_all)
 
 
 @handle_errors
@@ -483,6 +492,7 @@ def rate(
     model: ModelOpt = None,
     apply: ApplyOpt = False,
     dry_run: DryRunOpt = False,
+    list_all: ListOpt = False,
 ) -> None:
     """Write star ratings (xmp:Rating 1-5) from scores into XMP sidecars: a dry run unless
     --apply; ratings set by a person are kept unless --force; journalled for `loda undo`."""
@@ -502,7 +512,7 @@ def rate(
         roots, groups, edges=bin_edges, style=sidecar, label=label, force=force
     )
     plan.skipped[:0] = skips
-    _run(plan, source, apply)
+    _run(plan, source, apply, list_all)
 
 
 @handle_errors
