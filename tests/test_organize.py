@@ -541,6 +541,7 @@ def test_sorting_or_copy_culling_again_adds_no_duplicates_and_a_changed_photo_is
     first = snapshot(sorted_dir)
     again = ok("sort", "wedding", "--into", sorted_dir, "--scores", shoot.scores, "--apply")
     assert "already copied there" in again.output and "Nothing to do" in again.output
+    assert "(all 7 scored photos)" in again.output  # the bins count the photos left alone too
     assert snapshot(sorted_dir) == first  # no IMG_1-1.JPG copies of the whole library
     # A photo edited since (new time) is a new version: copied beside the old one, never over it.
     os.utime(shoot.root / "IMG_3.jpg", ns=(1_000_000_000, 1_000_000_000))

@@ -210,10 +210,11 @@ def _print_plan(plan: "Plan", source: "ScoreSource", applying: bool, list_all: b
     if plan.edges:
         summary.add_row("star edges", ", ".join(f"{e:.3f}" for e in plan.edges))
     if plan.bin_counts:
-        summary.add_row(
-            "photos per bin",
-            "  ".join(f"{stars}\u2605 {n}" for stars, n in plan.bin_counts.items()),
-        )
+        bins = "  ".join(f"{stars}\u2605 {n}" for stars, n in plan.bin_counts.items())
+        scored = sum(plan.bin_counts.values())
+        if scored != len(plan.groups):  # some are left as they are: say the bins count them too
+            bins += f"  (all {scored} scored photos)"
+        summary.add_row("photos per bin", bins)
         from loda_cli.organize import lopsided_bins
 
         warning = lopsided_bins(plan.bin_counts)

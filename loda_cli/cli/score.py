@@ -445,8 +445,8 @@ def _groups_summary(rows) -> None:
         err_console.print(
             f"groups: {plural(len(bursts), 'burst or near-duplicate set', 'bursts or near-duplicate sets')} "
             "of 2 or more "
-            f"({plural(sum(bursts), 'photo')}; `loda cull --bursts` keeps the best of each), "
-            f"{plural(len(sizes) - len(bursts), 'single photo')}",
+            f"({plural(sum(bursts), 'photo')}; `loda cull --bursts` keeps the best of each)"
+            + (f", {plural(singles, 'single photo')}" if (singles := len(sizes) - len(bursts)) else ""),
             markup=False, soft_wrap=True,
         )
 
