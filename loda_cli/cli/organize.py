@@ -317,8 +317,8 @@ def _warn_relative_not_found(plan: "Plan", source: "ScoreSource") -> None:
 
     missing = [s.path for s in plan.skipped if s.reason == NOT_FOUND]
     relative = [p for p in missing if not os.path.isabs(p)]
-    # A file or two deleted since scoring is the table's "not found" row; most of the file
-    # missing is the sign of a command run from another folder.
+    # A file or two deleted since scoring is the table's "not found" row; most of the scores
+    # file's paths missing is the sign of a command run from another folder.
     if not source.from_file or not relative or 2 * len(missing) < len(source.rows) + len(source.failed):
         return
     looked = ", ".join(organize_display(b) for b in source.bases)
