@@ -656,3 +656,47 @@ def test_errors_are_loda_errors():
     assert issubclass(datasets.UnknownDatasetError, LodaError)
     assert issubclass(datasets.DatasetPathError, DatasetError)
     assert isinstance(resolve_dataset("csv"), DatasetSpec)
+
+
+def _point_first_name_outside(name: str, root: Path, escape: str) -> None:
+    """Rewrite the first image name of a dataset's label file (in its own format) to ``escape``."""
+    import openpyxl
+    import scipy.io
+
+    if name in ("koniq", "kadid"):
+        label = root / ("koniq10k_scores_and_distributions.csv" if name == "koniq" else "dmos.csv")
+        lines = label.read_text().splitlines(keepends=True)
+        first = lines[1].split(",")[0].strip('"')
+        label.write_text(lines[0] + lines[1].replace(first, escape, 1) + "".join(lines[2:]))
+    elif name == "tid2013":
+        label = root / "mos_with_names.txt"
+        lines = label.read_bytes().decode().split("\r\n")
+        lines[0] = lines[0].split()[0] + " " + escape
+        label.write_bytes("\r\n".join(lines).encode())
+    elif name == "spaq":
+        label = root / "Annotations" / "MOS and Image attribute scores.xlsx"
+        book = openpyxl.load_workbook(label)
+        book.worksheets[0].cell(row=2, column=1, value=escape)
+        book.save(label)
+    elif name == "livec":
+        label = root / "Data" / "AllImages_release.mat"
+        cell = scipy.io.loadmat(str(label))["AllImages_release"]
+        cell[7, 0] = np.array([escape])
+        scipy.io.savemat(label, {"AllImages_release": cell})
+
+
+@pytest.mark.parametrize("name", ["koniq", "kadid", "spaq", "livec", "tid2013"])
+@pytest.mark.parametrize("escape", ["../../outside.jpg", "/etc/passwd"])
+def test_every_official_reader_keeps_label_paths_inside_the_dataset(tmp_path, name, escape):
+    """A label file naming ``../`` or an absolute path is refused by every reader, not only the
+    generic csv one: `loda data check` and `loda train` read nothing outside the dataset."""
+    makers = {"koniq": make_koniq, "kadid": make_kadid, "spaq": make_spaq, "livec": make_livec,
+              "tid2013": make_tid2013}
+    root = tmp_path / "set"
+    kwargs = {"kadid": dict(n_refs=2, per_ref=2), "tid2013": dict(n_refs=2, per_ref=2)}.get(name, dict(n=4))
+    makers[name](root, **kwargs)
+    assert read_labels(resolve_dataset(name), root).items  # the untouched set reads
+    Image.new("RGB", (64, 64)).save(tmp_path / "outside.jpg")  # it exists, so only the rule refuses it
+    _point_first_name_outside(name, root, escape)
+    with pytest.raises(datasets.DatasetPathError, match="outside the dataset folder"):
+        read_labels(resolve_dataset(name), root)

@@ -142,7 +142,7 @@ def _read_koniq(spec: DatasetSpec, root: Path) -> LabelSet:
                 f"{label_file}, line {line}: MOS {mos} is outside this file's scale "
                 f"{scale[0]:g}-{scale[1]:g}"
             )
-        items.append(LabelItem(name, root / "1024x768" / name, mos))
+        items.append(LabelItem(name, _inside(root / "1024x768", name, label_file, line), mos))
     return LabelSet(spec.name, root, label_file, items, scale, spec.lower_better, spec.kind)
 
 
@@ -157,7 +157,7 @@ def _read_kadid(spec: DatasetSpec, root: Path) -> LabelSet:
         name = _cell(row, name_col, label_file, line, "dist_img")
         ref = _cell(row, ref_col, label_file, line, "ref_img")
         mos = _number(_cell(row, mos_col, label_file, line, "dmos"), label_file, line, "dmos")
-        items.append(LabelItem(name, root / "images" / name, mos, ref))
+        items.append(LabelItem(name, _inside(root / "images", name, label_file, line), mos, ref))
     return LabelSet(spec.name, root, label_file, items, _scale(spec), spec.lower_better, spec.kind)
 
 
@@ -183,7 +183,7 @@ def _read_spaq(spec: DatasetSpec, root: Path) -> LabelSet:
                 raise DatasetError(f"{label_file}, row {line}: no image name in the first column")
             name = str(name).strip()
             value = _number(mos, label_file, line, "MOS", unit="row")
-            items.append(LabelItem(name, root / "TestImage" / name, value))
+            items.append(LabelItem(name, _inside(root / "TestImage", name, label_file, line), value))
     finally:
         workbook.close()
     return LabelSet(spec.name, root, label_file, items, _scale(spec), spec.lower_better, spec.kind)
@@ -281,9 +281,10 @@ def _read_livec(spec: DatasetSpec, root: Path) -> LabelSet:
             f"{names_file} lists {len(names)} images but {mos_file} has {len(mos)} scores"
         )
     # The first 7 entries are the training images shown to the raters; the release drops them.
+    entries = list(enumerate(zip(names, mos), start=1))[_LIVEC_TRAINING_IMAGES:]
     items = [
-        LabelItem(name, root / "Images" / name, value)
-        for name, value in list(zip(names, mos))[_LIVEC_TRAINING_IMAGES:]
+        LabelItem(name, _inside(root / "Images", name, names_file, entry), value)
+        for entry, (name, value) in entries
     ]
     return LabelSet(spec.name, root, mos_file, items, _scale(spec), spec.lower_better, spec.kind)
 
@@ -311,7 +312,7 @@ def _read_tid2013(spec: DatasetSpec, root: Path) -> LabelSet:
             continue  # tolerate a header such as "mos name"
         mos = _number(mos_text, label_file, line, "MOS")
         # The release names files in either case (i01_01_1.bmp, I01_01_1.BMP): match ignoring it.
-        path = images / on_disk.get(name.lower(), name)
+        path = _inside(images, on_disk.get(name.lower(), name), label_file, line)
         items.append(LabelItem(name, path, mos, f"I{name[1:3]}"))
     return LabelSet(spec.name, root, label_file, items, _scale(spec), spec.lower_better, spec.kind)
 
