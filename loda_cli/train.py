@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from loda_cli.config import Preprocess, TrainConfig
-from loda_cli.errors import UsageError
+from loda_cli.errors import DatasetError, UsageError
 
 # ---------------------------------------------------------------------------------------------
 # Loss and schedule
@@ -326,6 +326,21 @@ def _set_up(cfg: TrainConfig, emit: Callable[[TrainEvent], None]) -> _Run:
     return run
 
 
+def _refuse_missing_images(spec, root: Path, cache_dir, items) -> None:
+    """Before any training: every image of the split is on disk (or prepared), so a missing file
+    is one line now, not a failure hours later. Decoding errors surface when an image is read
+    (``load_training_image`` names the file); `loda data check` decodes every image up front."""
+    from loda_cli import datasets
+
+    missing = [it for it in items
+               if not it.path.is_file() and not datasets.prepared_path(spec, root, it, cache_dir).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of the split's {len(items)} images are missing (first: {missing[0].path}); "
+            f"`loda data check {spec.name} --data {root}` lists them"
+        )
+
+
 def _load_data(cfg: TrainConfig, dist: Distributed) -> _Data:
     """The labels, the split, and the training and test crop datasets."""
     from loda_cli import datasets
@@ -342,6 +357,7 @@ def _load_data(cfg: TrainConfig, dist: Distributed) -> _Data:
     test_items = [labels.items[i] for i in split.test]
     crops_per_image = cfg.crops_per_image or spec.crops_per_image
     source = ImageSource(spec, root, datasets.default_cache_dir(root) if datasets.default_cache_dir(root).is_dir() else None)
+    _refuse_missing_images(spec, root, source.cache_dir, train_items + test_items)
     aux, aux_names = None, []
     if cfg.aux_weight:
         aux, aux_names = _aux_targets(spec, root, train_items)

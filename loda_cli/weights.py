@@ -545,14 +545,25 @@ def _torch_load_safely(path: Path) -> Any:
 
     import torch
 
+    import warnings
+
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of files it then reads or refuses; the
+            # outcome is what the user needs to hear, in one line.
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} holds pickled objects other than tensors; refusing to load it (it could run code)"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    except Exception as exc:  # garbage makes the unpickler raise anything (KeyError, IndexError, ...)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError):
+            reason = "not a pickle or zip file torch can read"
+        elif isinstance(exc, EOFError):
+            reason = "empty or cut short"
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

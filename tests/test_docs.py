@@ -38,3 +38,23 @@ def test_version_and_python_module():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"loda {__version__}"
+
+
+def test_the_readme_python_api_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python block, with its folder and file pointed at generated photos (HOME is
+    the test's, so ``~/Photos`` is one); it once used PIL without importing it."""
+    import re
+
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"## Python API\n```python\n(.*?)```", readme, re.S).group(1)
+    photos = tmp_path / "Photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.effect_noise((320, 240), 20 + 30 * i).convert("RGB").save(photos / f"IMG_{i}.jpg")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LODA_HOME", str(tmp_path / "loda-home"))
+    monkeypatch.chdir(photos)
+    Image.effect_noise((320, 240), 40).convert("RGB").save(photos / "a.jpg")
+    exec(compile(block, "README.md", "exec"), {})

@@ -402,7 +402,7 @@ def test_undo_refuses_when_the_original_path_is_occupied(shoot):
     # The dry run says what the real run will do: refuse everything, not only the conflict.
     out = " ".join(result.output.split())
     assert "left alone" not in out
-    assert "`loda undo` would change nothing while 1 entry conflict" in out and "--partial" in out
+    assert "`loda undo` would change nothing while 1 entry conflicts;" in out and "--partial" in out
     partial = " ".join(invoke("undo", "--dry-run", "--partial").output.split())
     assert "conflicts (left alone)" in partial and "would change nothing" not in partial
     result = invoke("undo")

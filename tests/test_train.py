@@ -300,3 +300,39 @@ def test_unfused_attention_computes_the_same_scores_and_gradients():
     for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def _train_csv(root, out, *extra):
+    return runner.invoke(app, ["train", "csv", "--data", str(root), "--vit", "test_vit", "--vit-depth", "1",
+                               "--cnn", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "8",
+                               "--workers", "1", "--precision", "fp32", "--out", str(out), *extra])
+
+
+def test_bad_datasets_fail_in_one_line_before_training(tmp_path):
+    """A missing image and repeated rows are refused before the first step; an unreadable image
+    is one line naming it, also when a DataLoader worker reads it, never a traceback."""
+    from tests.datasetfixtures import make_csv_dataset
+
+    root = make_csv_dataset(tmp_path / "set", n=12, size=(64, 48))
+    labels = (root / "labels.csv").read_text()
+    out = tmp_path / "m.safetensors"
+
+    (root / "labels.csv").write_text(labels + "imgs/gone.png,5\n")
+    r = _train_csv(root, out)
+    assert r.exit_code == 1 and "images are missing (first:" in r.output and "gone.png" in r.output, r.output
+    assert "Traceback" not in r.output and "epoch" not in r.output and not out.exists()
+
+    first = labels.splitlines()[1]
+    (root / "labels.csv").write_text(labels + first.split(",")[0] + ",9.5\n")
+    r = _train_csv(root, out)
+    assert r.exit_code == 1 and "is listed more than once" in r.output and "training and the test set" in r.output
+    r = runner.invoke(app, ["data", "splits", "csv", "--data", str(root)])
+    assert r.exit_code == 1 and "listed more than once" in r.output
+
+    (root / "labels.csv").write_text(labels)
+    victim = root / labels.splitlines()[1].split(",")[0]
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated
+    r = _train_csv(root, out)
+    assert r.exit_code == 1 and "cannot read this image" in r.output and victim.name in r.output, r.output
+    assert "Traceback" not in r.output and "Caught" not in r.output
+    assert len(r.output.strip().splitlines()[-1]) < 400

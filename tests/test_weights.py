@@ -208,6 +208,19 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path):
     assert not marker.exists()
 
 
+def test_a_file_that_is_not_a_checkpoint_is_one_line_with_its_reason(tmp_path, monkeypatch):
+    """Text or an empty file named .pt: the unpickler raised KeyError (a traceback) and an empty
+    file gave an error ending in a bare colon."""
+    monkeypatch.setenv("LODA_HOME", str(tmp_path / "home"))
+    (tmp_path / "text.pt").write_text("hello\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, reason in (("text.pt", "not a pickle or zip file torch can read"), ("empty.pt", "empty or cut short")):
+        r = runner.invoke(app, ["weights", "import", str(tmp_path / name), "--name", name[:-3]])
+        assert r.exit_code == 1, r.output
+        assert f"is not a readable PyTorch checkpoint ({reason})" in r.output
+        assert "Traceback" not in r.output and r.output.count("\n") <= 2
+
+
 def test_missing_backbone_weights_offline_is_one_sentence():
     with pytest.raises(BackboneUnavailableError, match="'test_vit'.*not in the Hugging Face cache"):
         LoDa(LoDaConfig(vit="test_vit", cnn="test_resnet"), pretrained=True)

@@ -134,6 +134,17 @@ def measuring_precision_notice() -> None:
                       "(once per model and machine) ...", markup=False, soft_wrap=True)
 
 
+def _one_line(message: str) -> str:
+    """The message itself when a DataLoader worker raised it: torch re-raises the error in the
+    main process as "Caught X in DataLoader worker process N.", the worker's traceback, and last
+    "module.X: message"."""
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    name, sep, text = last.partition(": ")
+    return text if sep and "." in name and " " not in name else last
+
+
 def handle_errors(fn: F) -> F:
     """Turn the library's typed errors into a one-line message and the error's exit code."""
 
@@ -142,7 +153,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except LodaError as exc:
-            raise fail(str(exc), exc.exit_code) from None
+            raise fail(_one_line(str(exc)), exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None

@@ -557,7 +557,8 @@ def undo(
             n = len(plan.conflicts)
             out_console.print(
                 f"`loda undo` would change nothing while {plural(n, 'entry', 'entries')} "
-                f"conflict; `loda undo --partial` undoes the rest and leaves {'it' if n == 1 else 'them'} alone."
+                f"{'conflicts' if n == 1 else 'conflict'}; `loda undo --partial` undoes the rest and "
+                f"leaves {'it' if n == 1 else 'them'} alone."
             )
         return
     report = organize.apply_undo(plan, partial=partial)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from loda_cli.datasets.parallel import run_parallel
+from loda_cli.errors import DatasetError
 from loda_cli.datasets.specs import (
     PREPARED_DIR,
     SHORT_SIDE,
@@ -138,7 +139,16 @@ def load_training_image(
     from PIL import Image
 
     cached = prepared_path(spec, root, item, cache_dir)
-    if cached.is_file():
-        with Image.open(cached) as image:
-            return image.convert("RGB")
-    return _load_resized(str(item.path), spec.interpolation, spec.exif_transpose)
+    source = cached if cached.is_file() else item.path
+    try:
+        if source == cached:
+            with Image.open(cached) as image:
+                return image.convert("RGB")
+        return _load_resized(str(item.path), spec.interpolation, spec.exif_transpose)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # One line naming the file, also when raised in a DataLoader worker: not a traceback
+        # hours into training.
+        reason = str(exc) or type(exc).__name__
+        raise DatasetError(
+            f"{source}: cannot read this image ({reason}); `loda data check {spec.name}` lists every unreadable file"
+        ) from None

@@ -41,6 +41,7 @@ def make_splits(
         raise UsageError(f"the number of splits must be at least 1, not {n_splits}")
     if not 0.0 < train_fraction <= 1.0:
         raise UsageError(f"the training fraction must be in (0, 1], not {train_fraction}")
+    _refuse_duplicates(labels)
     n = len(labels.items)
     # random.Random(seed) yields the same sequence as random.seed(seed) + module-level calls.
     rng = random.Random(seed)
@@ -73,6 +74,21 @@ def make_splits(
             for i, split in enumerate(splits)
         ]
     return splits
+
+
+def _refuse_duplicates(labels: LabelSet) -> None:
+    """An image listed twice would land in both the training and the test set of some splits
+    (and may carry two different scores): refused, as `loda data check` refuses it."""
+    first: dict[str, float] = {}
+    for item in labels.items:
+        if item.name in first:
+            count = len(labels.items) - len({it.name for it in labels.items})
+            raise DatasetError(
+                f"{labels.label_file}: {item.name!r} is listed more than once (MOS {first[item.name]:g} "
+                f"and {item.mos:g}; {count} repeated rows in all): a repeated image would be in "
+                "both the training and the test set. Remove the repeats (`loda data check` lists them)"
+            )
+        first[item.name] = item.mos
 
 
 def _subset(train: list[int], fraction: float, seed: int) -> list[int]:
