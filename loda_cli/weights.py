@@ -415,9 +415,29 @@ class ResolvedModel:
     builtin: bool
 
 
-def _best_home_checkpoint(entries: list[ModelEntry]) -> ModelEntry | None:
-    """Among real checkpoints in $LODA_HOME, the one with the best test SRCC (newest on ties)."""
-    best, best_key = None, None
+def builtin_srcc(entries: list[ModelEntry]) -> float | None:
+    """The built-in model's cross-validated median SRCC on people's ratings (its manifest)."""
+    for entry in entries:
+        if entry.builtin:
+            value = (entry.manifest.get("metrics") or {}).get("cross_validation_median_srcc")
+            return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def home_checkpoints_below_builtin(entries: list[ModelEntry]) -> list[tuple[str, float]]:
+    """Checkpoints in $LODA_HOME left out of the default for a test SRCC below the built-in
+    model's: (name, srcc). A smoke run (one step, random backbones) must not quietly replace
+    the built-in model in every `loda score`; ``--model NAME`` still uses it."""
+    floor = builtin_srcc(entries)
+    below = []
+    for entry, meta in _home_metadata(entries):
+        srcc = (meta.get("metrics") or {}).get("srcc")
+        if floor is not None and isinstance(srcc, (int, float)) and srcc < floor:
+            below.append((entry.name, float(srcc)))
+    return below
+
+
+def _home_metadata(entries: list[ModelEntry]):
     for entry in entries:
         if entry.source != "home":
             continue
@@ -425,9 +445,20 @@ def _best_home_checkpoint(entries: list[ModelEntry]) -> ModelEntry | None:
             meta = read_metadata(entry.path)  # type: ignore[arg-type]
         except CheckpointError:
             continue
-        if meta.get("synthetic_only"):
-            continue
+        if not meta.get("synthetic_only"):
+            yield entry, meta
+
+
+def _best_home_checkpoint(entries: list[ModelEntry]) -> ModelEntry | None:
+    """Among real checkpoints in $LODA_HOME, the one with the best test SRCC (newest on ties);
+    one whose test SRCC is below the built-in model's cross-validated SRCC is never the default
+    (:func:`home_checkpoints_below_builtin`); one without metrics (imported) can be."""
+    floor = builtin_srcc(entries)
+    best, best_key = None, None
+    for entry, meta in _home_metadata(entries):
         srcc = (meta.get("metrics") or {}).get("srcc")
+        if floor is not None and isinstance(srcc, (int, float)) and srcc < floor:
+            continue
         key = (srcc if isinstance(srcc, (int, float)) else -2.0, entry.path.stat().st_mtime)  # type: ignore[union-attr]
         if best_key is None or key > best_key:
             best, best_key = entry, key

@@ -175,6 +175,47 @@ def test_resolve_model(tmp_path, tiny_checkpoint, monkeypatch):
     assert fallback.builtin and fallback.name == "shipped"
 
 
+def test_a_home_checkpoint_below_the_builtin_models_srcc_is_not_the_default(tmp_path, tiny_model, monkeypatch):
+    """A smoke run (SRCC -0.6 on its test set) quietly replaced the built-in model in every
+    `loda score`; now only a checkpoint at least as good as the built-in model's cross-validated
+    SRCC is the default, and `loda score` names the ones it passed over."""
+    from PIL import Image
+
+    from loda_cli.config import Preprocess
+    from loda_cli.weights import Calibration, home_checkpoints_below_builtin, list_models, save_checkpoint
+
+    monkeypatch.setenv("LODA_HOME", str(tmp_path / "home"))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    manifest = {"models": [{"name": "shipped", "file": "shipped.safetensors", "builtin": True,
+                            "metrics": {"cross_validation_median_srcc": 0.8}}]}
+    (weights / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("LODA_WEIGHTS_DIR", str(weights))
+
+    def checkpoint(path, srcc):
+        save_checkpoint(tiny_model, path, name=path.stem, calibration=Calibration("logistic4", [5.0, 1.0, 0.0, 0.05], 1.0, 5.0, False),
+                        preprocess=Preprocess(num_crops=3), dataset={"name": "test", "scale": [1, 5]},
+                        metrics={"srcc": srcc, "plcc": 0.5})
+        return path
+
+    checkpoint(weights / "shipped.safetensors", 0.8)
+    checkpoints_dir().mkdir(parents=True)
+    checkpoint(checkpoints_dir() / "smoke.safetensors", -0.6)
+    assert resolve_model(None).name == "shipped"
+    assert home_checkpoints_below_builtin(list_models()) == [("smoke", -0.6)]
+    assert resolve_model("smoke").name == "smoke"  # named, it is used
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.effect_noise((96, 72), 30).convert("RGB").save(photos / "a.jpg")
+    r = runner.invoke(app, ["score", str(photos), "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "not used by default, below the built-in model's cross-validated SRCC 0.800: smoke (test SRCC -0.600)" in text
+
+    checkpoint(checkpoints_dir() / "good.safetensors", 0.9)
+    assert resolve_model(None).name == "good"
+
+
 def test_import_authors_format_pt(tmp_path, tiny_model, tiny_config):
     pt = tmp_path / "official.pt"
     torch.save(to_official_state_dict(tiny_model), pt)

@@ -232,7 +232,24 @@ def _open_scorer(model: str | None, *, quiet: bool, **scorer_kw: Any):
             "checkpoint for research-grade scores: see `loda weights`.",
             style="yellow", soft_wrap=True,
         )
+        if model is None:
+            _note_passed_over_checkpoints()
     return scorer
+
+
+def _note_passed_over_checkpoints() -> None:
+    from loda_cli.weights import builtin_srcc, home_checkpoints_below_builtin, list_models
+
+    entries = list_models()
+    below = home_checkpoints_below_builtin(entries)
+    if below:
+        names = ", ".join(f"{name} (test SRCC {srcc:.3f})" for name, srcc in below[:3])
+        more = f" and {len(below) - 3} more" if len(below) > 3 else ""
+        err_console.print(
+            f"note: not used by default, below the built-in model's cross-validated SRCC "
+            f"{builtin_srcc(entries):.3f}: {names}{more}; --model NAME uses one.",
+            style="yellow", soft_wrap=True, markup=False,
+        )
 
 
 def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], out: str | None, quiet: bool):
