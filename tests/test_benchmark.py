@@ -158,6 +158,28 @@ def test_markdown_has_the_papers_layout_values_and_differences(tmp_path):
     assert cell["diff_srcc"] == pytest.approx(0.008) and cell["splits"] == [0, 1]
 
 
+def test_a_report_describes_how_its_checkpoints_were_trained_and_flags_tiny_test_sets(tmp_path):
+    """It said "the paper's protocol (batch 128, 10 epochs)" and pretrained: true for a one-step
+    smoke checkpoint on random backbones, and compared it with the paper without a word."""
+    report = _fake_report(tmp_path)
+    text = bm.render_markdown(report)
+    assert "- Training: the paper's protocol" in text and "Warning" not in text  # no record: the plan's
+    paper = {"epochs": 10, "batch_size": 128, "max_steps": None, "pretrained": True, "steps": 1000}
+    for result in report.results.values():
+        result["checkpoint_metadata"] = {"train": dict(paper)}
+    assert "- Training: the paper's protocol" in bm.render_markdown(report)
+    smoke = {"epochs": 1, "batch_size": 8, "max_steps": 2, "pretrained": False, "steps": 2}
+    first = next(iter(report.results.values()))
+    first["checkpoint_metadata"] = {"train": smoke}
+    first["metrics"]["n"] = 6
+    text = " ".join(bm.render_markdown(report).split())
+    assert "the paper's protocol (AdamW" not in text
+    assert ("Training, as the checkpoints record it: stopped at step 2 (--max-steps 2), random backbones, "
+            "1 epoch, batch 8. NOT the paper's protocol") in text
+    assert "Warning: as few as 6 test images in a run" in text
+    assert smoke in report.to_dict()["checkpoints_trained"]
+
+
 def test_test_crops_are_averaged_per_image_in_item_order(tmp_path):
     """The paper's test: n seeded random crops per image, the mean raw output per image."""
     import torch

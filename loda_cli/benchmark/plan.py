@@ -33,7 +33,8 @@ def parse_splits(text: str) -> list[int]:
     if re.fullmatch(r"\d+", text):
         count = int(text)
         if count < 1:
-            raise UsageError("--splits must name at least one split")
+            raise UsageError("--splits 0 asks for no splits (a lone number is a count); "
+                             "for split 0 alone write --splits 0-0")
         return list(range(count))
     chosen: set[int] = set()
     for part in text.split(","):

@@ -120,6 +120,8 @@ class Report:
             "name": plan.name, "title": plan.title,
             "table": plan.paper_table if plan.name.startswith("table") else None,
             "splits": plan.splits, "settings": settings, "protocol": plan.settings.protocol(),
+            # what the evaluated checkpoints record of their own training ("settings" is the plan's)
+            "checkpoints_trained": _recorded_training(self),
             "hyperparameters": HYPERPARAMETERS, "summary": self.summary,
             "runs": [{**run.describe(), "status": "done" if run.id in self.results else "skipped",
                       "reason": self.skipped.get(run.id),
@@ -210,10 +212,7 @@ def render_markdown(report: Report) -> str:
         "logistic (VQEG); the median over splits. Splits: 80/20, seeded, by reference image for "
         "LIVE/TID2013/KADID." + (" Cross-dataset runs test on every image of the test dataset, "
                                  "without adaptation." if any(r.test_on for r in plan.runs) else ""),
-        f"- Training: the paper's protocol (AdamW, PLCC loss, cosine schedule, batch "
-        f"{s.batch_size or 128}, {s.epochs or 10} epoch{'' if s.epochs == 1 else 's'}, seed {s.seed}); ViT "
-        f"{backbone}, CNN "
-        f"{s.cnn or DEFAULT_CNN}{'' if s.pretrained else ', random backbones (not a paper result)'}.",
+        _training_line(report, s, backbone),
         f"- Baselines: Houlsby adapters after attention and MLP, bottleneck {hp['adapter_bottleneck']}; "
         f"LoRA on attn.qkv, rank {hp['lora_rank']}, alpha {hp['lora_alpha']:g}; deep VPT, "
         f"{hp['vpt_prompts_per_block']} prompts per block; the same cosine head everywhere; lr "
@@ -221,12 +220,58 @@ def render_markdown(report: Report) -> str:
         "fine-tune). \"ViT + Extractor\" adds LoDa's 196 distortion tokens, up-projected, to the "
         "196 patch tokens one to one before every block (no cross-attention).",
     ]
+    sizes = [r["metrics"]["n"] for r in report.results.values() if isinstance(r.get("metrics", {}).get("n"), int)]
+    if sizes and min(sizes) < SMALL_TEST_SET:
+        lines.append(f"- Warning: as few as {min(sizes)} test images in a run; SRCC and PLCC are noisy at that "
+                     "size (the paper's test sets hold hundreds to thousands).")
     done = len(report.results)
     if done < len(plan.runs):
         lines.append(f"- {len(plan.runs) - done} of {len(plan.runs)} runs have no result (see Runs).")
     v = versions()
     lines.append(f"- loda {v['loda']}, torch {v['torch']}, timm {v['timm']}, python {v['python']}.")
     return "\n".join(lines) + "\n"
+
+
+#: Below this many test images a run's figures are flagged as noisy.
+SMALL_TEST_SET = 50
+
+#: The paper's training protocol, as the checkpoints' metadata records it.
+_PAPER_TRAINING = {"epochs": 10, "batch_size": 128, "max_steps": None, "pretrained": True}
+
+
+def _recorded_training(report: Report) -> list[dict[str, Any]]:
+    """How each evaluated checkpoint was trained, from its own metadata ("train"), so a report
+    never claims the paper's protocol for checkpoints made otherwise."""
+    seen = []
+    for result in report.results.values():
+        train = (result.get("checkpoint_metadata") or {}).get("train")
+        if isinstance(train, dict):
+            record = {k: train.get(k) for k in ("epochs", "batch_size", "max_steps", "pretrained", "steps")}
+            if record not in seen:
+                seen.append(record)
+    return seen
+
+
+def _training_line(report: Report, s, backbone: str) -> str:
+    recorded = _recorded_training(report)
+    departures = []
+    for record in recorded:
+        if record.get("max_steps"):
+            departures.append(f"stopped at step {record.get('steps')} (--max-steps {record['max_steps']})")
+        if record.get("pretrained") is False:
+            departures.append("random backbones")
+        if record.get("epochs") not in (None, 10):
+            departures.append(f"{record['epochs']} epoch{'' if record['epochs'] == 1 else 's'}")
+        if record.get("batch_size") not in (None, 128):
+            departures.append(f"batch {record['batch_size']}")
+    if departures:
+        return (f"- Training, as the checkpoints record it: {', '.join(dict.fromkeys(departures))}. NOT the "
+                f"paper's protocol: these figures are not comparable with the paper's. ViT {backbone}, CNN "
+                f"{s.cnn or DEFAULT_CNN}.")
+    return (f"- Training: the paper's protocol (AdamW, PLCC loss, cosine schedule, batch "
+            f"{s.batch_size or 128}, {s.epochs or 10} epoch{'' if s.epochs == 1 else 's'}, seed {s.seed}); ViT "
+            f"{backbone}, CNN "
+            f"{s.cnn or DEFAULT_CNN}{'' if s.pretrained else ', random backbones (not a paper result)'}.")
 
 
 def _render_distortions(plan: Plan, summary: dict[str, Any]) -> list[str]:
