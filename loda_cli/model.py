@@ -180,7 +180,8 @@ def _missing_weights_message(name: str, exc: BaseException) -> str:
     return (
         f"pretrained weights for backbone {name!r} are not in the Hugging Face cache and the hub is "
         f"unreachable; run once online so timm caches them (HF_HOME, default ~/.cache/huggingface), "
-        f"or give a local weights file"
+        f"or give a local weights file (`loda train --vit-weights FILE` / `--cnn-weights FILE`); "
+        f"--no-pretrained trains on random backbones (experiments only)"
     )
 
 

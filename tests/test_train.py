@@ -336,3 +336,31 @@ def test_bad_datasets_fail_in_one_line_before_training(tmp_path):
     assert r.exit_code == 1 and "cannot read this image" in r.output and victim.name in r.output, r.output
     assert "Traceback" not in r.output and "Caught" not in r.output
     assert len(r.output.strip().splitlines()[-1]) < 400
+
+
+def test_backbone_weights_from_local_files_offline(tmp_path, monkeypatch):
+    """The offline error says to give a local weights file: `loda train` takes one per backbone."""
+    import timm
+    from safetensors.torch import save_file
+
+    from loda_cli.weights import read_metadata
+    from tests.datasetfixtures import make_csv_dataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: only the files can help
+    files = {}
+    for kind, name in (("vit", "test_vit"), ("cnn", "test_resnet")):
+        state = timm.create_model(name, pretrained=False).state_dict()
+        files[kind] = tmp_path / f"{kind}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, files[kind])
+    root = make_csv_dataset(tmp_path / "set", n=12, size=(64, 48))
+    out = tmp_path / "m.safetensors"
+    base = ["train", "csv", "--data", str(root), "--vit", "test_vit", "--cnn", "test_resnet", "--epochs", "1",
+            "--max-steps", "1", "--batch-size", "8", "--workers", "0", "--precision", "fp32", "--out", str(out), "-q"]
+    r = runner.invoke(app, base)
+    assert r.exit_code != 0 and "--vit-weights FILE" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, [*base, "--vit-weights", str(files["vit"]), "--cnn-weights", str(files["cnn"])])
+    assert r.exit_code == 0, r.output
+    assert read_metadata(out)["backbones"]["pretrained"] is True
+    r = runner.invoke(app, [*base, "--vit-weights", str(tmp_path / "nope.safetensors")])
+    assert r.exit_code == 2 and "--vit-weights: no such file" in r.output

@@ -159,6 +159,13 @@ def _show(path: str) -> Text:
     return Text(display_path(path))
 
 
+def _journal_path(path: str) -> Text:
+    """A journal's path in full: the "Undo with:" line must work from any folder later."""
+    from loda_cli.organize import display_path
+
+    return Text(display_path(os.path.abspath(path)))
+
+
 def _load(
     roots: list[str], scores: Optional[Path], model: Optional[str], exclude: list[str],
     burst_gap: Optional[float] = None,
@@ -360,7 +367,7 @@ def _run(plan: "Plan", source: "ScoreSource", apply: bool, list_all: bool = Fals
         if journal:
             err_console.print(
                 Text("Stopped. What was done is journalled; undo it with: loda undo ").append(
-                    _show(journal[0])
+                    _journal_path(journal[0])
                 )
             )
         raise
@@ -372,8 +379,8 @@ def _run(plan: "Plan", source: "ScoreSource", apply: bool, list_all: bool = Fals
         line.append(_show(first.path)).append(f": {first.reason}).")
     out_console.print(line)
     if report.journal:
-        out_console.print(Text("Journal: ").append(_show(report.journal)))
-        out_console.print(Text("Undo with: loda undo ").append(_show(report.journal)))
+        out_console.print(Text("Journal: ").append(_journal_path(report.journal)))
+        out_console.print(Text("Undo with: loda undo ").append(_journal_path(report.journal)))
 
 
 def _check_dry_run(apply: bool, dry_run: bool) -> None:

@@ -27,7 +27,7 @@ def train_cmd(
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: $LODA_DATA/<name>, ~/datasets/<name>). For csv: the CSV file or its folder.")] = None,
     split: Annotated[int, typer.Option(help="Which of the 10 seeded 80/20 splits to train on.")] = 0,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (paper: 10).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per optimiser step, over all GPUs (paper: 128).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training crops per optimiser step, over all GPUs (paper: 128); each image gives --crops-per-image of them an epoch.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (paper: 3e-4), cosine-annealed to 0.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (paper: 1e-2).")] = None,
     crops_per_image: Annotated[Optional[int], typer.Option(help="Random crops per image per epoch (paper: per dataset, 1-10).")] = None,
@@ -36,6 +36,8 @@ def train_cmd(
     vit: Annotated[Optional[str], typer.Option(help="timm ViT name (default: the paper's ViT-B/16 IN-21k).")] = None,
     cnn: Annotated[Optional[str], typer.Option(help="timm CNN name (default: resnet50).")] = None,
     vit_depth: Annotated[Optional[int], typer.Option(help="Override the ViT depth (small experiments).")] = None,
+    vit_weights: Annotated[Optional[Path], typer.Option(help="Pretrained ViT weights from a local file (.safetensors, or a tensors-only .pth/.bin) instead of the Hugging Face cache.")] = None,
+    cnn_weights: Annotated[Optional[Path], typer.Option(help="Pretrained CNN weights from a local file, as --vit-weights.")] = None,
     method: Annotated[str, typer.Option(help="loda (the paper), or a comparison method: linear, full, adapter, lora, vpt, vit, add.")] = "loda",
     preset: Annotated[Optional[str], typer.Option(help="builtin: rebuild the shipped built-in model from LIVE Challenge split 0's training photos (dataset livec; --data is a folder with labels.csv or the official release).")] = None,
     cross_validate: Annotated[bool, typer.Option("--cv/--no-cv", help="--preset builtin: first measure the recipe by 5-fold cross-validation inside the photos and record it in the checkpoint (scripts/eval_builtin.py --cv measures it apart).")] = False,
@@ -80,6 +82,11 @@ def train_cmd(
         model_kw["cnn"] = cnn
     if vit_depth:
         model_kw["vit_kwargs"] = {**model_kw["vit_kwargs"], "depth": vit_depth}
+    for key, file in (("vit_weights", vit_weights), ("cnn_weights", cnn_weights)):
+        if file is not None:
+            if not file.is_file():
+                raise UsageError(f"--{key.replace('_', '-')}: no such file: {file}")
+            model_kw[key] = str(file.resolve())
     if method in ("full", "vit"):
         model_kw["trainable"] = "full"
     cfg.model = LoDaConfig.from_dict(model_kw)
