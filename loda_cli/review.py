@@ -480,7 +480,7 @@ def _page_top(items: Sequence[ReviewItem], below: Optional[float], title: str, b
         "<header>",
         "<div>",
         f"<h1>loda review: {esc(title)}</h1>",
-        f"<p>{len(scores)} photos, worst first. Score in [0, 1], higher is better.{notes}"
+        f"<p>{len(items)} photos, worst first. Score in [0, 1], higher is better.{notes}"
         f' Previews loaded: <span id="loaded">0</span> of {thumb_count}.</p>',
         '<div class="controls">',
         '<label>Folder <select id="folder"><option value="">All folders</option>',

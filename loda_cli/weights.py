@@ -530,8 +530,18 @@ def import_checkpoint(
     if dest.exists() and not overwrite:
         raise UsageError(f"a checkpoint named {name!r} already exists; choose another --name")
 
+    if dataset:
+        from loda_cli.datasets import resolve_dataset
+
+        dataset = resolve_dataset(dataset).name  # an unknown name is an error, not ignored
     if _is_safetensors(source):
         meta = read_metadata(source)
+        recorded = (meta.get("dataset") or {}).get("name")
+        if dataset and dataset != recorded:
+            raise UsageError(
+                f"--dataset applies to the authors' .pt files; {source.name} is a loda checkpoint "
+                f"and records its own dataset ({recorded or 'none'})"
+            )
         load_checkpoint(source)  # verify every tensor before we adopt the file
         meta = {**meta, "name": name}
         from safetensors.torch import load_file, save

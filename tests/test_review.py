@@ -172,6 +172,8 @@ def test_failed_rows_are_shown_marked_after_the_scored_ones(scored):
     assert figures[-1] == ("photo failed", "")
     assert all(score for _, score in figures[:-1])
     assert "decode failed" in text and "1 could not be scored" in text
+    # The count at the top is every photo shown, as "Showing N" counts them, failures included.
+    assert f"<p>{len(figures)} photos, worst first." in text
 
 
 def test_heic_photos_get_previews_through_the_scoring_decoder(tmp_path, monkeypatch):

@@ -262,6 +262,18 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_with_its_reason(tmp_path, m
         assert "Traceback" not in r.output and r.output.count("\n") <= 2
 
 
+def test_import_refuses_an_unknown_or_contradicting_dataset(tmp_path, tiny_checkpoint, monkeypatch):
+    """--dataset was silently ignored: a misspelt name, or one a loda checkpoint contradicts."""
+    monkeypatch.setenv("LODA_HOME", str(tmp_path / "home"))
+    r = runner.invoke(app, ["weights", "import", str(tiny_checkpoint), "--name", "a", "--dataset", "bogus"])
+    assert r.exit_code == 2 and "unknown dataset 'bogus'" in r.output
+    r = runner.invoke(app, ["weights", "import", str(tiny_checkpoint), "--name", "a", "--dataset", "koniq"])
+    assert r.exit_code == 2 and "records its own dataset" in r.output
+    assert not (tmp_path / "home" / "checkpoints" / "a.safetensors").exists()
+    r = runner.invoke(app, ["weights", "import", str(tiny_checkpoint), "--name", "a"])
+    assert r.exit_code == 0, r.output
+
+
 def test_missing_backbone_weights_offline_is_one_sentence():
     with pytest.raises(BackboneUnavailableError, match="'test_vit'.*not in the Hugging Face cache"):
         LoDa(LoDaConfig(vit="test_vit", cnn="test_resnet"), pretrained=True)
