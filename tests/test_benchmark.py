@@ -455,3 +455,11 @@ def test_cli_benchmark_of_one_dataset(world, table1, tmp_path):
     bad = runner.invoke(app, ["benchmark", "livec", "--data", str(world / "data" / "livec"), "--splits", "1",
                               "--by-distortion", *common])
     assert bad.exit_code == 2 and "KADID" in bad.output
+
+
+def test_nothing_to_evaluate_names_a_missing_data_folder_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("LODA_HOME", str(tmp_path / "home"))
+    r = runner.invoke(app, ["benchmark", "kadid", "--data", str(tmp_path / "nowhere"), "--splits", "0-0"])
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "no run of kadid10k has a checkpoint" in text and "The --data folder does not exist either" in text

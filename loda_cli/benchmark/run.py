@@ -188,9 +188,11 @@ def execute(plan: Plan, on_event: Optional[Callable[[BenchmarkEvent], None]] = N
     if not results:
         if errors:
             raise errors[0]
+        absent = [str(path) for path in settings.data.values() if not Path(path).exists()]
         raise UsageError(
             f"no run of {plan.name} has a checkpoint in {settings.checkpoint_dir()}; pass --train to "
             f"train them, or --checkpoints DIR where loda-<dataset>-split<K>.safetensors files are"
+            + (f". The --data folder does not exist either: {', '.join(absent)}" if absent else "")
         )
     summary = summarize(plan, results)
     return Report(plan, results, skipped, summary, time.perf_counter() - started)
