@@ -424,20 +424,13 @@ def builtin_srcc(entries: list[ModelEntry]) -> float | None:
     return None
 
 
-def home_checkpoints_below_builtin(entries: list[ModelEntry]) -> list[tuple[str, float]]:
-    """Checkpoints in $LODA_HOME left out of the default for a test SRCC below the built-in
-    model's: (name, srcc). A smoke run (one step, random backbones) must not quietly replace
-    the built-in model in every `loda score`; ``--model NAME`` still uses it."""
+def _home_candidates(entries: list[ModelEntry]) -> tuple[list[tuple[ModelEntry, float | None]], list[tuple[str, float]]]:
+    """The real checkpoints in $LODA_HOME with their test SRCC (None when not recorded, as for
+    imported ones), split into those that may be the default and those whose SRCC is below the
+    built-in model's cross-validated SRCC: a smoke run (one step, random backbones) must not
+    quietly replace the built-in model in every `loda score`; ``--model NAME`` still uses it."""
     floor = builtin_srcc(entries)
-    below = []
-    for entry, meta in _home_metadata(entries):
-        srcc = (meta.get("metrics") or {}).get("srcc")
-        if floor is not None and isinstance(srcc, (int, float)) and srcc < floor:
-            below.append((entry.name, float(srcc)))
-    return below
-
-
-def _home_metadata(entries: list[ModelEntry]):
+    eligible, below = [], []
     for entry in entries:
         if entry.source != "home":
             continue
@@ -445,21 +438,28 @@ def _home_metadata(entries: list[ModelEntry]):
             meta = read_metadata(entry.path)  # type: ignore[arg-type]
         except CheckpointError:
             continue
-        if not meta.get("synthetic_only"):
-            yield entry, meta
+        if meta.get("synthetic_only"):
+            continue
+        srcc = (meta.get("metrics") or {}).get("srcc")
+        srcc = float(srcc) if isinstance(srcc, (int, float)) else None
+        if floor is not None and srcc is not None and srcc < floor:
+            below.append((entry.name, srcc))
+        else:
+            eligible.append((entry, srcc))
+    return eligible, below
+
+
+def home_checkpoints_below_builtin(entries: list[ModelEntry]) -> list[tuple[str, float]]:
+    """(name, test SRCC) of the checkpoints in $LODA_HOME never taken by default."""
+    return _home_candidates(entries)[1]
 
 
 def _best_home_checkpoint(entries: list[ModelEntry]) -> ModelEntry | None:
-    """Among real checkpoints in $LODA_HOME, the one with the best test SRCC (newest on ties);
-    one whose test SRCC is below the built-in model's cross-validated SRCC is never the default
-    (:func:`home_checkpoints_below_builtin`); one without metrics (imported) can be."""
-    floor = builtin_srcc(entries)
+    """Among the checkpoints in $LODA_HOME that may be the default, the one with the best test
+    SRCC (newest on ties)."""
     best, best_key = None, None
-    for entry, meta in _home_metadata(entries):
-        srcc = (meta.get("metrics") or {}).get("srcc")
-        if floor is not None and isinstance(srcc, (int, float)) and srcc < floor:
-            continue
-        key = (srcc if isinstance(srcc, (int, float)) else -2.0, entry.path.stat().st_mtime)  # type: ignore[union-attr]
+    for entry, srcc in _home_candidates(entries)[0]:
+        key = (srcc if srcc is not None else -2.0, entry.path.stat().st_mtime)  # type: ignore[union-attr]
         if best_key is None or key > best_key:
             best, best_key = entry, key
     return best
@@ -584,9 +584,9 @@ def _is_safetensors(path: Path) -> bool:
 def _torch_load_safely(path: Path) -> Any:
     import pickle
 
-    import torch
-
     import warnings
+
+    import torch
 
     try:
         with warnings.catch_warnings():
@@ -599,11 +599,13 @@ def _torch_load_safely(path: Path) -> Any:
             f"{path} holds pickled objects other than tensors; refusing to load it (it could run code)"
         ) from exc
     except Exception as exc:  # garbage makes the unpickler raise anything (KeyError, IndexError, ...)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, KeyError):
             reason = "not a pickle or zip file torch can read"
         elif isinstance(exc, EOFError):
             reason = "empty or cut short"
+        else:
+            text = str(exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

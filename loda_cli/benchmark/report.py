@@ -255,14 +255,15 @@ def _recorded_training(report: Report) -> list[dict[str, Any]]:
 def _training_line(report: Report, s, backbone: str) -> str:
     recorded = _recorded_training(report)
     departures = []
+    paper = _PAPER_TRAINING
     for record in recorded:
-        if record.get("max_steps"):
+        if record.get("max_steps") != paper["max_steps"]:
             departures.append(f"stopped at step {record.get('steps')} (--max-steps {record['max_steps']})")
         if record.get("pretrained") is False:
             departures.append("random backbones")
-        if record.get("epochs") not in (None, 10):
+        if record.get("epochs") not in (None, paper["epochs"]):
             departures.append(f"{record['epochs']} epoch{'' if record['epochs'] == 1 else 's'}")
-        if record.get("batch_size") not in (None, 128):
+        if record.get("batch_size") not in (None, paper["batch_size"]):
             departures.append(f"batch {record['batch_size']}")
     if departures:
         return (f"- Training, as the checkpoints record it: {', '.join(dict.fromkeys(departures))}. NOT the "

@@ -65,8 +65,8 @@ class PathCell:
     its middle (:func:`middle_ellipsis`) instead of being folded across lines mid-name.
     ``suffix`` (a note such as " (truncated image)") is kept whole after it."""
 
-    def __init__(self, path: str, suffix: str = "", style: str = ""):
-        self.path, self.suffix, self.style = path, suffix, style
+    def __init__(self, path: str, suffix: str = ""):
+        self.path, self.suffix = path, suffix
 
     def __rich_measure__(self, console, options):
         from rich.measure import Measurement
@@ -83,7 +83,7 @@ class PathCell:
         if len(suffix) > width - 8:  # the note gives way before the path's last 8 characters
             suffix = suffix[: max(0, width - 9)] + "\u2026" if width > 9 else ""
         room = max(5, width - len(suffix))
-        yield Text(middle_ellipsis(self.path, room) + suffix, style=self.style)
+        yield Text(middle_ellipsis(self.path, room) + suffix)
 
     def __str__(self) -> str:
         return self.path + self.suffix

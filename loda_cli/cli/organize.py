@@ -318,8 +318,6 @@ def _print_not_acted_on(plan: "Plan", source: "ScoreSource") -> None:
 def _warn_relative_not_found(plan: "Plan", source: "ScoreSource") -> None:
     """Where relative paths were looked for, when some of a scores file's were not found: most
     often the command runs from another folder than `loda score` did, not lost photos."""
-    import os
-
     from loda_cli.organize.groups import NOT_FOUND
 
     missing = [s.path for s in plan.skipped if s.reason == NOT_FOUND]

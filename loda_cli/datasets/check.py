@@ -54,11 +54,7 @@ def check_dataset(
         return report
     report.label_file = labels.label_file
     report.n_labels = len(labels.items)
-    seen: set[str] = set()
-    for item in labels.items:
-        if item.name in seen:
-            report.duplicates.append(item.name)
-        seen.add(item.name)
+    report.duplicates = [repeat.name for _, repeat in labels.repeats()]
     present = []
     for item in labels.items:
         if item.path.is_file():

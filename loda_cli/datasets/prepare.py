@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from loda_cli.datasets.parallel import run_parallel
-from loda_cli.errors import DatasetError
 from loda_cli.datasets.specs import (
     PREPARED_DIR,
     SHORT_SIDE,
@@ -19,6 +18,7 @@ from loda_cli.datasets.specs import (
     Progress,
     read_labels,
 )
+from loda_cli.errors import DatasetError
 
 @dataclass
 class PrepareReport:
@@ -139,12 +139,13 @@ def load_training_image(
     from PIL import Image
 
     cached = prepared_path(spec, root, item, cache_dir)
-    source = cached if cached.is_file() else item.path
+    prepared = cached.is_file()
+    source = cached if prepared else item.path
     try:
-        if source == cached:
+        if prepared:
             with Image.open(cached) as image:
                 return image.convert("RGB")
-        return _load_resized(str(item.path), spec.interpolation, spec.exif_transpose)
+        return _load_resized(str(source), spec.interpolation, spec.exif_transpose)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # One line naming the file, also when raised in a DataLoader worker: not a traceback
         # hours into training.

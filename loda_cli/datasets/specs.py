@@ -106,6 +106,17 @@ class LabelSet:
     def mos(self) -> list[float]:
         return [item.mos for item in self.items]
 
+    def repeats(self) -> list[tuple[LabelItem, LabelItem]]:
+        """(first row, later row) for every image listed again under the same name."""
+        first: dict[str, LabelItem] = {}
+        pairs = []
+        for item in self.items:
+            if item.name in first:
+                pairs.append((first[item.name], item))
+            else:
+                first[item.name] = item
+        return pairs
+
 
 Reader = Callable[[DatasetSpec, Path], LabelSet]
 

@@ -79,16 +79,14 @@ def make_splits(
 def _refuse_duplicates(labels: LabelSet) -> None:
     """An image listed twice would land in both the training and the test set of some splits
     (and may carry two different scores): refused, as `loda data check` refuses it."""
-    first: dict[str, float] = {}
-    for item in labels.items:
-        if item.name in first:
-            count = len(labels.items) - len({it.name for it in labels.items})
-            raise DatasetError(
-                f"{labels.label_file}: {item.name!r} is listed more than once (MOS {first[item.name]:g} "
-                f"and {item.mos:g}; {count} repeated rows in all): a repeated image would be in "
-                "both the training and the test set. Remove the repeats (`loda data check` lists them)"
-            )
-        first[item.name] = item.mos
+    repeats = labels.repeats()
+    if repeats:
+        first, again = repeats[0]
+        raise DatasetError(
+            f"{labels.label_file}: {again.name!r} is listed more than once (MOS {first.mos:g} "
+            f"and {again.mos:g}; {len(repeats)} repeated rows in all): a repeated image would be in "
+            "both the training and the test set. Remove the repeats (`loda data check` lists them)"
+        )
 
 
 def _subset(train: list[int], fraction: float, seed: int) -> list[int]:

@@ -312,14 +312,13 @@ def _transfer_actions(
             continue
         try:
             targets = placer.place(folder, group)
-            sizes = [_member_size(os.path.join(group.folder, m)) for m in group.members]
+            sizes = [_member_size(source) for source in sources]
         except OSError as exc:
             plan.skipped.append(Skip(group.path, f"unreadable: {exc.strerror}"))
             continue
         index = len(plan.groups)
         plan.groups.append(group)
-        for member, target, size in zip(group.members, targets, sizes):
-            source = os.path.join(group.folder, member)
+        for member, source, target, size in zip(group.members, sources, targets, sizes):
             is_decision = member == group.decision
             plan.actions.append(Action(kind, source, target, size, index, group.score, is_decision))
 
