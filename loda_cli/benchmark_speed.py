@@ -168,9 +168,13 @@ def run_naive(loaded, files: list[Path], device: str) -> SpeedResult:
 
 
 def run_model_only(scorer, seconds: float = 5.0) -> SpeedResult:
-    """The model alone on random uint8 crops already on the device: the pipeline's ceiling."""
+    """The model alone on random uint8 crops already on the device: the pipeline's ceiling. Where
+    the scorer's workers score (on the CPU), the ceiling is as many processes as it has workers,
+    each running one image's crops at a time with one thread, as they do."""
     import torch
 
+    if getattr(scorer, "score_in_workers", False):
+        return _model_only_in_workers(scorer, seconds)
     n = scorer.batch_size
     crops = torch.randint(0, 255, (n, 3, 224, 224), dtype=torch.uint8)
     scorer._forward(crops)  # warm-up (kernel selection, allocator)
@@ -181,6 +185,47 @@ def run_model_only(scorer, seconds: float = 5.0) -> SpeedResult:
     elapsed = time.perf_counter() - t0
     per_image = scorer.preprocess.num_crops + scorer.preprocess.detail_crops
     return SpeedResult("model-only", int(count / per_image), elapsed, count)
+
+
+def _model_only_loop(scorer, seconds: float, ready, results) -> None:
+    """One forked process of :func:`_model_only_in_workers`: (crops, seconds) onto ``results``."""
+    import torch
+
+    from loda_cli.scoring import score_item
+
+    torch.set_num_threads(1)
+    per_image = scorer.preprocess.num_crops + scorer.preprocess.detail_crops
+    crops = torch.randint(0, 255, (per_image, 3, 224, 224), dtype=torch.uint8).numpy()
+    score_item({"crops": crops}, scorer.preprocess, scorer.runner)  # warm-up
+    ready.wait()  # every process warmed up: they run side by side, as the workers do
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or count == 0:
+        score_item({"crops": crops}, scorer.preprocess, scorer.runner)
+        count += per_image
+    results.put((count, time.perf_counter() - t0))
+
+
+def _model_only_in_workers(scorer, seconds: float) -> SpeedResult:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    results, ready = ctx.Queue(), ctx.Barrier(scorer.workers)
+    procs = [ctx.Process(target=_model_only_loop, args=(scorer, seconds, ready, results), daemon=True)
+             for _ in range(scorer.workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        parts = [results.get(timeout=seconds + 600) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    per_image = scorer.preprocess.num_crops + scorer.preprocess.detail_crops
+    rate = sum(count / elapsed for count, elapsed in parts)  # crops a second, all processes
+    elapsed = max(e for _, e in parts)
+    crops = int(rate * elapsed)
+    return SpeedResult("model-only", int(crops / per_image), elapsed, crops)
 
 
 def warm_up(loaded, scorer) -> None:

@@ -80,7 +80,7 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
     from loda_cli import benchmark_speed as bs
     from loda_cli.errors import UsageError
     from loda_cli.images import iter_image_files
-    from loda_cli.scoring import Scorer
+    from loda_cli.scoring import Scorer, describe_layout
     from loda_cli.weights import load_model
 
     if images is not None:
@@ -103,8 +103,7 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
     crops = scorer.preprocess.num_crops
     label = f"{crops}+{scorer.preprocess.detail_crops} detail" if scorer.preprocess.has_detail_view else str(crops)
     err_console.print(f"timing {scorer.name} on {scorer.device} ({scorer.precision}), {label} crops, "
-                      f"batch {scorer.batch_size}, {scorer.threads} threads, {scorer.workers} workers, "
-                      f"JPEGs decoded on "
+                      f"{describe_layout(scorer)}, JPEGs decoded on "
                       f"{scorer.device if scorer.device_decode else 'the CPU'}, {len(files)} images")
     print_precision_choice(scorer.precision_choice)
     bs.warm_up(loaded, scorer)
@@ -119,7 +118,8 @@ def _speed(images, synthetic, model, device, precision, batch_size, crops, worke
         "source": source, "model": scorer.name, "device": scorer.device, "precision": scorer.precision,
         "precision_choice": scorer.precision_choice.as_dict(), "crops": crops,
         "detail_crops": scorer.preprocess.detail_crops, "batch_size": scorer.batch_size,
-        "threads": scorer.threads, "workers": scorer.workers,
+        "threads": scorer.threads, "workers": scorer.workers, "workers_score": scorer.score_in_workers,
+        "worker_threads": scorer.worker_threads,
         "decode": scorer.device if scorer.device_decode else "cpu",
         "results": {k: v.as_dict() for k, v in results.items()}, "peak_rss": bs.peak_rss_mb(),
         "cuda_peak_mb": bs.cuda_peak_mb(scorer.device),
