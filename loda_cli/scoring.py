@@ -19,8 +19,8 @@ one torch thread, decodes an image and runs its crops through the model (forked,
 the parent's prepared weights), and sends back the scores instead of the crops. One process per
 core keeps every core busy on its own image: no threads wait for each other inside an operation,
 and decoding never preempts a thread the others wait on. On a 2-core AMD EPYC (Zen 3) the built-in
-model scored 12 MP JPEGs at 4.0-4.1 img/s this way against 2.4-2.8 with one decoding worker
-beside a 2-thread model (README, "Speed").
+model scored 12 MP JPEGs at 3.47-3.58 img/s this way against 2.84-2.97 with one decoding worker
+beside a 2-thread model, runs alternated (README, "Speed").
 """
 
 from __future__ import annotations
@@ -191,13 +191,17 @@ def cpu_scoring_workers(cpus: int | None = None, memory_mb: float | None = None)
     """How many worker processes decode *and* score on the CPU by default: one per CPU this
     process may use, each with one torch thread. 0 keeps the other layout (the main process
     scores with every thread while workers decode): where workers cannot be forked, where the
-    user set a thread count (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``: theirs is honoured), or
-    where memory would not hold one worker per CPU (cores would sit idle)."""
+    user set a thread count (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``: theirs is honoured), where
+    memory would not hold one worker per CPU (cores would sit idle), and with one CPU, where there
+    is nothing to spread (in a cgroup with a 1-CPU quota on a 2-core Zen 3 the two layouts scored
+    the built-in model at 1.79-1.88 and 1.90-1.97 img/s, alternated)."""
     from loda_cli.threads import available_cpus, user_set_threads
 
     if not can_fork_workers() or user_set_threads():
         return 0
     cpus = available_cpus() if cpus is None else cpus
+    if cpus < 2:
+        return 0
     memory_mb = available_memory_mb() if memory_mb is None else memory_mb
     if memory_mb is not None and memory_mb < cpus * WORKER_MEMORY_MB:
         return 0

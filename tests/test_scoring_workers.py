@@ -26,6 +26,8 @@ def test_one_scoring_worker_per_cpu_when_memory_holds_them(monkeypatch, no_threa
     assert scoring.cpu_scoring_workers(cpus=16, memory_mb=16 * scoring.WORKER_MEMORY_MB) == 16
     # Too little memory for one worker per CPU: cores would sit idle, so the threaded layout.
     assert scoring.cpu_scoring_workers(cpus=16, memory_mb=15 * scoring.WORKER_MEMORY_MB) == 0
+    # One CPU: nothing to spread; the decoding worker overlaps the model as before.
+    assert scoring.cpu_scoring_workers(cpus=1, memory_mb=8 * 1024) == 0
     # Memory unknown (no /proc/meminfo): one per CPU.
     monkeypatch.setattr(scoring, "available_memory_mb", lambda: None)
     assert scoring.cpu_scoring_workers(cpus=3) == 3

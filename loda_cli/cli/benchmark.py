@@ -47,7 +47,7 @@ def benchmark(
     precision: Annotated[str, typer.Option(
         help="auto, fp32, bf16, fp16 or int8 (speed: auto measures on the CPU; int8 is for scoring only).")] = "auto",
     crops: Annotated[Optional[int], typer.Option(help="Crops per image: for speed, of the 384 view (default: the checkpoint's own; 15 for the random-weight paper model); for accuracy, the test crops (default 15, the paper's).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding workers.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Speed: worker processes, as loda score --workers.")] = None,
     decode: Annotated[str, typer.Option(help="Speed: where JPEGs decode: auto (nvJPEG when on CUDA), cpu, or device.")] = "auto",
     compare_naive: Annotated[bool, typer.Option(help="Speed: also time the naive pipeline on the same files and print the ratio.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,

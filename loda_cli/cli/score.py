@@ -128,7 +128,7 @@ def score(
     exclude: Annotated[Optional[list[str]], typer.Option(help="Skip files matching this glob (repeatable).")] = None,
     crops: Annotated[Optional[int], typer.Option(help="Crops per image (default: the checkpoint's, 15 for paper models).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Crops per forward pass.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (0 decodes in the main process).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes. On the CPU each decodes and scores its own photos with one thread (default: one per CPU); with a GPU they decode (default: the CPUs less one, at most 8). 0 does everything in the main process.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16 or int8 (auto: on the CPU the fastest that agrees with fp32 "
                                           "within 0.005, measured once per model and machine; bf16/fp16 on GPUs).")] = "auto",
