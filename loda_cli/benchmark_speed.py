@@ -167,13 +167,17 @@ def run_naive(loaded, files: list[Path], device: str) -> SpeedResult:
     return SpeedResult("naive", len(files), time.perf_counter() - t0, crops_done, stages)
 
 
+def crops_per_image(scorer) -> int:
+    return scorer.preprocess.num_crops + scorer.preprocess.detail_crops
+
+
 def run_model_only(scorer, seconds: float = 5.0) -> SpeedResult:
     """The model alone on random uint8 crops already on the device: the pipeline's ceiling. Where
     the scorer's workers score (on the CPU), the ceiling is as many processes as it has workers,
     each running one image's crops at a time with one thread, as they do."""
     import torch
 
-    if getattr(scorer, "score_in_workers", False):
+    if scorer.score_in_workers:
         return _model_only_in_workers(scorer, seconds)
     n = scorer.batch_size
     crops = torch.randint(0, 255, (n, 3, 224, 224), dtype=torch.uint8)
@@ -183,7 +187,7 @@ def run_model_only(scorer, seconds: float = 5.0) -> SpeedResult:
         scorer._forward(crops)
         count += n
     elapsed = time.perf_counter() - t0
-    per_image = scorer.preprocess.num_crops + scorer.preprocess.detail_crops
+    per_image = crops_per_image(scorer)
     return SpeedResult("model-only", int(count / per_image), elapsed, count)
 
 
@@ -194,7 +198,7 @@ def _model_only_loop(scorer, seconds: float, ready, results) -> None:
     from loda_cli.scoring import score_item
 
     torch.set_num_threads(1)
-    per_image = scorer.preprocess.num_crops + scorer.preprocess.detail_crops
+    per_image = crops_per_image(scorer)
     crops = torch.randint(0, 255, (per_image, 3, 224, 224), dtype=torch.uint8).numpy()
     score_item({"crops": crops}, scorer.preprocess, scorer.runner)  # warm-up
     ready.wait()  # every process warmed up: they run side by side, as the workers do
@@ -221,7 +225,7 @@ def _model_only_in_workers(scorer, seconds: float) -> SpeedResult:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
-    per_image = scorer.preprocess.num_crops + scorer.preprocess.detail_crops
+    per_image = crops_per_image(scorer)
     rate = sum(count / elapsed for count, elapsed in parts)  # crops a second, all processes
     elapsed = max(e for _, e in parts)
     crops = int(rate * elapsed)
@@ -239,7 +243,8 @@ def warm_up(loaded, scorer) -> None:
         model(torch.randn(loaded.preprocess.num_crops + loaded.preprocess.detail_crops, 3, 224, 224,
                           device=scorer.device))
         model.cnn.to(memory_format=torch.channels_last)
-    scorer._forward(torch.randint(0, 255, (scorer.batch_size, 3, 224, 224), dtype=torch.uint8))
+    if not scorer.score_in_workers:  # scoring workers run the model, not this process
+        scorer._forward(torch.randint(0, 255, (scorer.batch_size, 3, 224, 224), dtype=torch.uint8))
 
 
 def flops_per_crop(model, crop_size: int = 224) -> float:
