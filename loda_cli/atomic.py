@@ -1,4 +1,5 @@
-"""Temporary files that become a user's output by an atomic rename.
+"""Temporary files that become a user's output by an atomic rename, and the lock beside a file
+that several processes read, modify and write.
 
 ``tempfile.mkstemp`` creates its file readable by its owner alone (0600), and the rename hands
 that mode to the output: a scores CSV or a checkpoint would be unreadable by the user's group and
@@ -9,9 +10,11 @@ mode, else 0666 less the umask.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -36,3 +39,26 @@ def temp_beside(path: Path) -> tuple[int, str]:
     except (OSError, AttributeError):  # no fchmod (Windows) or a file system without modes
         pass
     return fd, tmp
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock (``<path>.lock``, flock) for a read-modify-write of ``path``, waiting for
+    another holder. Where fcntl is missing, or the folder cannot be written, there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

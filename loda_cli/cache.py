@@ -13,6 +13,12 @@ while its crop scores stay unknown (NULL) until it is scored again.
 
 WAL mode lets one writer and many readers (DataLoader workers, a second `loda score`) work at once;
 a busy timeout turns "database is locked" into a short wait.
+
+The cache is loda's own and holds nothing that scoring again cannot give back. A file SQLite
+cannot read (a disk fault, a copy cut short, another program's file in its place) never stops a
+run: readers treat it as a miss, and the first writer sets it aside as
+``cache.sqlite.damaged-<time>`` (renamed, with its ``-wal`` and ``-shm`` files, never deleted) and
+starts an empty cache, saying so once (:attr:`ScoreCache.set_aside`).
 """
 
 from __future__ import annotations
@@ -113,6 +119,49 @@ def _has_surrogates(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+def _readable(path: Path) -> bool:
+    """Whether SQLite reads ``path`` as a database (its header and schema); True when it is
+    missing, or when another process holds it locked (busy is not damaged)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.OperationalError:
+        return True  # missing, or a folder we cannot open: not ours to judge
+    try:
+        conn.execute("SELECT name FROM sqlite_master").fetchall()
+        return True
+    except sqlite3.OperationalError:
+        return True
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()
+
+
+def set_aside_if_damaged(path: Path) -> Path | None:
+    """Rename a cache file SQLite cannot read to ``<name>.damaged-<time>`` (its ``-wal`` and
+    ``-shm`` files beside it), so a fresh cache starts in its place; the new name, or None when
+    the file is missing or readable. Under a lock, and checked again there, so that of two
+    processes finding it damaged one moves it and the other uses the fresh cache."""
+    from loda_cli.atomic import exclusive_lock
+
+    if not path.is_file() or _readable(path):
+        return None
+    with exclusive_lock(path):
+        if not path.is_file() or _readable(path):
+            return None
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        os.replace(path, aside)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                os.replace(side, aside.with_name(aside.name + suffix))
+        return aside
+
+
 class ScoreCache:
     """One connection to the cache. ``readonly`` connections are for worker processes."""
 
@@ -127,10 +176,13 @@ class ScoreCache:
             self._conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.set_aside = set_aside_if_damaged(self.path)
             self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
             self._setup_schema()
         self._pending: list[tuple] = []
         self._last_commit = time.monotonic()
+
+    set_aside: Path | None = None  # where a damaged cache file went (a writer found it so)
 
     def _setup_schema(self) -> None:
         """WAL mode and the table. Switching to WAL needs a moment of exclusive access, and SQLite
@@ -173,9 +225,10 @@ class ScoreCache:
                 "FROM scores WHERE path=? AND model=? AND prep=?",
                 (_db_text(key.path), model, prep),
             ).fetchone()
-        except sqlite3.OperationalError:
-            # a cache we cannot read is a cache miss, never a failed run; so is an old schema
-            # read by a read-only connection before any writer migrated it
+        except sqlite3.DatabaseError:
+            # a cache we cannot read is a cache miss, never a failed run: a damaged file (the
+            # writer sets it aside), or an old schema read by a read-only connection before any
+            # writer migrated it
             return None
         if row is None or row[0] != key.size or row[1] != key.mtime_ns:
             return None
@@ -183,6 +236,8 @@ class ScoreCache:
 
     def put(self, key: FileKey, model: str, prep: str, result: CachedResult) -> None:
         """Queue a row; rows are committed in batches (at most ~1 s old) and on :meth:`flush`."""
+        if self._conn is None:
+            return  # no cache (a damaged one stopped caching for this run)
         self._pending.append(
             (
                 _db_text(key.path), model, prep, key.size, key.mtime_ns,
@@ -196,12 +251,20 @@ class ScoreCache:
     def flush(self) -> None:
         if not self._pending or self._conn is None:
             return
-        with self._conn:
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO scores (path, model, prep, size, mtime_ns, raw, width, height, "
-                "format, error, created, look, taken, camera, crops) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                self._pending,
-            )
+        try:
+            with self._conn:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO scores (path, model, prep, size, mtime_ns, raw, width, height, "
+                    "format, error, created, look, taken, camera, crops) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    self._pending,
+                )
+        except sqlite3.OperationalError:
+            raise  # locked past the timeout, disk full: the caller reports it
+        except sqlite3.DatabaseError:
+            # Damaged while in use: this run stops caching (its rows still reach the output);
+            # the next run's writer sets the file aside.
+            self._conn.close()
+            self._conn = None
         self._pending.clear()
         self._last_commit = time.monotonic()
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from loda_cli.atomic import exclusive_lock
 from loda_cli.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -536,29 +537,6 @@ def cached_choice(key: str, path: Path | None = None) -> PrecisionChoice | None:
     return PrecisionChoice(precision, "cached", trials)
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock for a read-modify-write of ``path``. Where fcntl is missing, or the
-    folder cannot be written, there is no lock (the atomic rename still keeps the file whole)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_name(path.name + ".lock"), "a")
-    except OSError:
-        yield
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _write_entry(path: Path, key: str, facts: dict[str, Any], choice: PrecisionChoice) -> None:
     """Add one entry, keeping the others, by an atomic replace (the caller holds the lock)."""
     import tempfile
@@ -582,7 +560,7 @@ def _write_entry(path: Path, key: str, facts: dict[str, Any], choice: PrecisionC
 def store_choice(key: str, facts: dict[str, Any], choice: PrecisionChoice, path: Path | None = None) -> None:
     """Add one entry under the lock, so two processes storing at once both land."""
     path = path or cache_path()
-    with _locked(path):
+    with exclusive_lock(path):
         _write_entry(path, key, facts, choice)
 
 
@@ -643,7 +621,7 @@ def choose(precision: str, device: str, *, model=None, preprocess=None, to_score
     path = path or cache_path()
     # Under the lock, a second process starting at the same moment waits for this measurement and
     # reads its result: two runs on one machine never score in two precisions.
-    with _locked(path):
+    with exclusive_lock(path):
         found = cached_choice(key, path)
         if found is not None:
             return found

@@ -327,12 +327,13 @@ def decode_target(preprocess) -> int:
     return preprocess.short_side
 
 
-def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> dict[str, Any]:
-    """Cache lookup, else decode and crop one file. Never raises for a bad image."""
+def lookup_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> dict[str, Any]:
+    """The part of :func:`prepare_item` that needs no decoding: the file's identity and its
+    cached result. The item is complete (nothing left to decode) when it holds an ``error`` (an
+    unreadable file) or a cached result without ``refresh``."""
     from loda_cli.cache import FileKey
 
     item: dict[str, Any] = {"index": index, "path": _display_path(found), "root": os.fsdecode(found.root)}
-    prep_id = spec.preprocess.digest()
     try:
         key = FileKey.of(found.path)
         item["key"] = key
@@ -340,15 +341,27 @@ def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> di
         item["error"] = f"unreadable: {exc.strerror or exc}"
         return item
     if cache is not None:
-        hit = cache.get(key, spec.model_id, prep_id)
+        hit = cache.get(key, spec.model_id, spec.preprocess.digest())
         if hit is not None:
             item.update(cached=True, raw=hit.raw, width=hit.width, height=hit.height, format=hit.format,
                         error=hit.error, look=hit.look, taken=hit.taken, camera=hit.camera, crop_raws=hit.crops)
-            if not (spec.groups and hit.error is None and hit.look is None):
-                return item
-            # A row from before burst grouping: decode for the look and EXIF only; the score
-            # stays the cached one, and its crop scores stay unknown.
-            item["refresh"] = True
+            if spec.groups and hit.error is None and hit.look is None:
+                # A row from before burst grouping: decode for the look and EXIF only; the
+                # score stays the cached one, and its crop scores stay unknown.
+                item["refresh"] = True
+    return item
+
+
+def item_complete(item: dict[str, Any]) -> bool:
+    """Whether :func:`lookup_item` left nothing to decode."""
+    return "key" not in item or (bool(item.get("cached")) and not item.get("refresh"))
+
+
+def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> dict[str, Any]:
+    """Cache lookup, else decode and crop one file. Never raises for a bad image."""
+    item = lookup_item(found, index, spec, cache)
+    if item_complete(item):
+        return item
     if spec.device_decode and not item.get("refresh"):
         from loda_cli.devicedecode import jpeg_for_device
 
@@ -527,8 +540,6 @@ class _CropBatcher:
     def run(self, final: bool = False) -> Iterator[tuple[dict[str, Any], float, list[float]]]:
         """Run every full batch (and, when ``final``, the last partial one); yields (item, raw
         score, each crop's raw score) for each image whose last crop was scored."""
-        import numpy as np
-
         while self.queued >= self.batch_size or (final and self.queued):
             take, parts, owners, groups = self.batch_size, [], [], []
             while take and self.queue:
@@ -580,6 +591,22 @@ def _architecture(model) -> dict[str, Any]:
     return config.to_dict() if hasattr(config, "to_dict") else {"class": type(model).__name__}
 
 
+def check_options(*, precision: str = "auto", decode: str = "auto", crops: int | None = None,
+                  batch_size: int | None = None, workers: int | None = None) -> None:
+    """Refuse a bad scoring option with a one-line UsageError, before anything loads."""
+    from loda_cli.precision import check_precision
+
+    check_precision(precision)
+    if decode not in ("auto", "cpu", "device"):
+        raise UsageError(f"unknown decode {decode!r}; use auto, cpu or device")
+    if crops is not None and crops < 1:
+        raise UsageError("--crops must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise UsageError("--workers must be 0 or more")
+
+
 class Scorer:
     """Scores image files with one LoDa checkpoint.
 
@@ -611,7 +638,7 @@ class Scorer:
         in the main process on the scoring device, whatever it is (:mod:`loda_cli.devicedecode`).
         """
         from loda_cli.allocator import hold_freed_memory
-        from loda_cli.precision import Runner, check_precision, choose
+        from loda_cli.precision import Runner, choose
         from loda_cli.threads import fit_threads, user_set_threads
         from loda_cli.weights import LoadedModel, load_model
 
@@ -619,17 +646,13 @@ class Scorer:
         # thread count is part of what the choice is cached under.
         hold_freed_memory()
         self.threads = fit_threads()
+        check_options(precision=precision, decode=decode, crops=crops, batch_size=batch_size, workers=workers)
         self.device = resolve_device(device)
-        if decode not in ("auto", "cpu", "device"):
-            raise UsageError(f"unknown decode {decode!r}; use auto, cpu or device")
         self.device_decode = decode == "device" or (decode == "auto" and self.device.startswith("cuda"))
-        check_precision(precision)
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
         self.loaded = loaded
         self.preprocess = loaded.preprocess
         if crops is not None:
-            if crops < 1:
-                raise UsageError("--crops must be at least 1")
             from dataclasses import replace
 
             self.preprocess = replace(self.preprocess, num_crops=crops)
@@ -641,8 +664,6 @@ class Scorer:
             self.workers = scoring_workers or default_workers(self.device)
             self.score_in_workers = scoring_workers > 0
         else:
-            if workers < 0:
-                raise UsageError("--workers must be 0 or more")
             self.workers = workers
             self.score_in_workers = on_cpu and workers > 0 and can_fork_workers() and not user_set_threads()
         self.worker_threads = 1 if self.score_in_workers else 0
@@ -662,8 +683,6 @@ class Scorer:
         self.runner = Runner(self.model, self.precision, self.device, own=model is not loaded)
         self.model = self.runner.model
         self.batch_size = batch_size or (64 if self.device.startswith("cuda") else 16)
-        if self.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
         if cache is True:
             from loda_cli.cache import default_cache_path
 
@@ -710,20 +729,6 @@ class Scorer:
         import torch
 
         return torch.tensor([self.loaded.calibration.to_score(float(r)) for r in raw.float().cpu()])
-
-    def _row_from_raw(self, item: dict[str, Any], raw: float | None) -> ScoreRow:
-        row = ScoreRow(
-            path=item["path"], root=item["root"], raw=raw, width=item.get("width"),
-            height=item.get("height"), format=item.get("format"), error=item.get("error"),
-            warnings=item.get("warnings") or [], cached=bool(item.get("cached")), index=item["index"],
-        )
-        if raw is not None and row.error is None:
-            if not math.isfinite(raw):
-                row.error, row.raw = "model produced a non-finite score", None
-            else:
-                row.score = self.loaded.calibration.to_score(raw)
-                row.mos = self.loaded.calibration.to_mos(raw)
-        return row
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -838,12 +843,7 @@ class Scorer:
         the item's ``boxes``, when just scored."""
         from loda_cli.cache import CachedResult
 
-        row = self._row_from_raw(item, raw)
-        row.taken, row.camera, row.look = item.get("taken"), item.get("camera"), item.get("look")
-        placed = crop_boxes(item.get("boxes"), crop_raws, row.width, row.height)
-        if placed is not None and row.ok:
-            to_score = self.loaded.calibration.to_score
-            row.crops = [[*box[:4], round(to_score(box[4]), 4)] for box in placed if math.isfinite(box[4])]
+        row, placed = finished_row(item, raw, self.loaded.calibration, crop_raws)
         self.times.images += 1
         self.times.cached += row.cached
         self.times.failed += row.error is not None
@@ -862,6 +862,27 @@ class Scorer:
         raws = self._forward(crops)
         weights = crop_weights(self.preprocess, len(raws))
         return self.loaded.calibration.to_score(float(sum(r * w for r, w in zip(raws, weights))))
+
+
+def finished_row(item: dict[str, Any], raw: float | None, calibration, crop_raws=None) -> tuple[ScoreRow, list[list[float]] | None]:
+    """A finished item's row, and its crops' raw scores where they lie (what the cache keeps).
+    ``crop_raws`` as for :meth:`Scorer._finish`."""
+    row = ScoreRow(
+        path=item["path"], root=item["root"], raw=raw, width=item.get("width"),
+        height=item.get("height"), format=item.get("format"), error=item.get("error"),
+        warnings=item.get("warnings") or [], cached=bool(item.get("cached")), index=item["index"],
+        taken=item.get("taken"), camera=item.get("camera"), look=item.get("look"),
+    )
+    if raw is not None and row.error is None:
+        if not math.isfinite(raw):
+            row.error, row.raw = "model produced a non-finite score", None
+        else:
+            row.score = calibration.to_score(raw)
+            row.mos = calibration.to_mos(raw)
+    placed = crop_boxes(item.get("boxes"), crop_raws, row.width, row.height)
+    if placed is not None and row.ok:
+        row.crops = [[*box[:4], round(calibration.to_score(box[4]), 4)] for box in placed if math.isfinite(box[4])]
+    return row, placed
 
 
 def crop_boxes(boxes, crop_raws, width: int | None, height: int | None) -> list[list[float]] | None:

@@ -341,6 +341,18 @@ def load_model(model: str | None = None, device: str = "cpu") -> LoadedModel:
     """Resolve a ``--model`` value (see :func:`resolve_model`) and load it."""
     resolved = resolve_model(model)
     net, meta = load_checkpoint(resolved.path, device=device)
+    return _loaded(resolved, net, meta)
+
+
+def load_model_info(model: str | None = None) -> LoadedModel:
+    """Everything :func:`load_model` gives except the module (``model`` is None): the resolved
+    checkpoint, its hash, calibration and preprocessing, read from its header without torch.
+    For work that needs no forward pass (scores already in the cache)."""
+    resolved = resolve_model(model)
+    return _loaded(resolved, None, read_metadata(resolved.path))
+
+
+def _loaded(resolved: ResolvedModel, net: Any, meta: dict[str, Any]) -> LoadedModel:
     return LoadedModel(
         model=net,
         metadata=meta,

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import types
 from pathlib import Path
 
@@ -275,7 +274,7 @@ def test_without_scores_file_photos_are_scored_through_the_library(shoot, monkey
                 progress(row)
             yield row
 
-    monkeypatch.setitem(sys.modules, "loda_cli.scoring", types.SimpleNamespace(score_paths=score_paths))
+    monkeypatch.setattr("loda_cli.scoring.score_paths", score_paths)
     result = invoke("cull", "wedding", "--below", "0.5", "--model", "tiny", "--apply")
     assert result.exit_code == 0, result.output
     assert calls["model"] == "tiny" and calls["exclude"] == ("_culled",)
@@ -781,7 +780,7 @@ def _fake_scoring(monkeypatch, scores: dict[str, float]) -> dict:
                         progress(row)
                     yield row
 
-    monkeypatch.setitem(sys.modules, "loda_cli.scoring", types.SimpleNamespace(score_paths=score_paths))
+    monkeypatch.setattr("loda_cli.scoring.score_paths", score_paths)
     return calls
 
 
@@ -960,7 +959,7 @@ def test_failed_files_scored_through_the_library_are_not_called_scores_file_rows
                                     error="not an image")
 
     write(shoot.root / "notes.jpg", b"hello")
-    monkeypatch.setitem(sys.modules, "loda_cli.scoring", types.SimpleNamespace(score_paths=score_paths))
+    monkeypatch.setattr("loda_cli.scoring.score_paths", score_paths)
     result = invoke("cull", "wedding", "--below", "0.4", "--model", "m")
     assert result.exit_code == 0, result.output
     assert "scores file" not in result.output and "could not be scored (not an image)" in result.output

@@ -186,6 +186,7 @@ OWN_FILE_SITES = {  # a temporary file renamed into place (and removed when writ
     ("benchmark_speed.py", "make_synthetic_jpegs"): {"os.replace", "shutil.copyfile"},
     ("datasets/prepare.py", "_prepare_one"): {"os.replace", "os.unlink"},
     ("synthetic/dataset.py", "write_dataset"): {"os.replace"},
+    ("cache.py", "set_aside_if_damaged"): {"os.replace"},  # a damaged score cache, renamed aside
 }
 # loda data download works only inside the `<dest>.part` folder it made and marked (a folder of that
 # name it did not make is refused), and puts the finished dataset in place by one rename into a new

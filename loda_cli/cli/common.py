@@ -129,6 +129,21 @@ def print_precision_choice(choice) -> None:
         err_console.print(f"precision: {choice.describe()}", markup=False, soft_wrap=True)
 
 
+def check_score_cache() -> None:
+    """Before a run that reads the score cache: a cache file SQLite cannot read is set aside
+    (renamed, never deleted) and a fresh one starts; say so, since every photo scores again."""
+    from loda_cli.cache import default_cache_path, set_aside_if_damaged
+
+    path = default_cache_path()
+    aside = set_aside_if_damaged(path)
+    if aside is not None:
+        err_console.print(
+            f"warning: the score cache {shown(str(path))} is damaged (not a database SQLite can read); "
+            f"set aside as {aside.name}; a new cache starts, so photos are scored again",
+            style="yellow", markup=False, soft_wrap=True,
+        )
+
+
 def measuring_precision_notice() -> None:
     err_console.print("choosing a precision: timing this model in fp32, bf16, fp16 and int8 on a few crops "
                       "(once per model and machine) ...", markup=False, soft_wrap=True)

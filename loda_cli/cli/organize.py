@@ -176,6 +176,10 @@ def _load(
         return load_scores(roots, scores, burst_gap=burst_gap)
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
+    from loda_cli.cli.common import check_score_cache
+
+    check_score_cache()
+
     columns = (SpinnerColumn(), TextColumn("scoring: {task.completed} photos"))
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("scoring", total=None)

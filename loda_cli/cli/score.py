@@ -8,12 +8,13 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from loda_cli.cli.common import (err_console, handle_errors, measuring_precision_notice, plural,
+from loda_cli.cli.common import (check_score_cache, err_console, handle_errors, measuring_precision_notice, plural,
                                  print_precision_choice, shown, write_stdout_line)
 from loda_cli.errors import NoImagesError, UsageError
 from loda_cli.output import check_writable_output, mos_is_meaningful
@@ -163,12 +164,35 @@ def score(
 
         resolve_model(model)  # a mistyped --model is named first, and without torch
     _check_some_image(paths, walk_kw, own_folders)
-    scorer = _open_scorer(
-        model, device=device, precision=precision, crops=crops, batch_size=batch_size,
-        workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups, decode=decode,
-    )
+    from loda_cli.scoring import check_options
+
+    check_options(precision=precision, decode=decode, crops=crops, batch_size=batch_size, workers=workers)
     start = time.monotonic()
-    rows, skipped, interrupted = _score_all(scorer, paths, walk_kw, (shard_k, shard_n), out, quiet)
+    # A tree whose every photo is in the cache needs no model: its rows come from the cache
+    # without importing torch or loading weights (seconds). Options that change what a score is
+    # (--crops), which files a run holds (--shard, torchrun) or that ask for a device to be
+    # checked (cuda, mps) take the normal path, which also reads the cache.
+    if cache:
+        check_score_cache()
+    from_cache = None
+    if cache and not shard and dist is None and crops is None and device in ("auto", "cpu"):
+        from_cache = _scores_from_cache(model, paths, walk_kw, groups, quiet)
+    if from_cache is not None:
+        scorer, rows, skipped = from_cache
+        interrupted = False
+        if out == "-":
+            from loda_cli.output import JsonlStream
+
+            stream = JsonlStream(sys.stdout)
+            for row in rows:
+                stream.write(row)
+    else:
+        scorer = _open_scorer(
+            model, device=device, precision=precision, crops=crops, batch_size=batch_size,
+            workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups, decode=decode,
+        )
+        start = time.monotonic()
+        rows, skipped, interrupted = _score_all(scorer, paths, walk_kw, (shard_k, shard_n), out, quiet)
     if dist is not None:
         rows = _gather_rows(rows)
         if dist[0] != 0:
@@ -225,16 +249,70 @@ def _open_scorer(model: str | None, *, quiet: bool, **scorer_kw: Any):
     from loda_cli.scoring import Scorer
 
     scorer = Scorer(model, **scorer_kw, on_measure_precision=None if quiet else measuring_precision_notice)
-    if scorer.loaded.builtin and not quiet:
-        trained_on = str(scorer.loaded.metadata.get("description") or "not a paper model").split(". ")[0]
+    if not quiet:
+        _note_builtin(scorer.loaded, model)
+    return scorer
+
+
+def _note_builtin(loaded, model: str | None) -> None:
+    if loaded.builtin:
+        trained_on = str(loaded.metadata.get("description") or "not a paper model").split(". ")[0]
         err_console.print(
-            f"note: using the built-in model {scorer.name!r} ({trained_on}). Train or import a real "
+            f"note: using the built-in model {loaded.name!r} ({trained_on}). Train or import a real "
             "checkpoint for research-grade scores: see `loda weights`.",
             style="yellow", soft_wrap=True,
         )
         if model is None:
             _note_passed_over_checkpoints()
-    return scorer
+
+
+@dataclass
+class _CachedRun:
+    """What the header and the summary say of a run that took every row from the cache: the
+    checkpoint, and no device or precision (nothing ran)."""
+
+    loaded: Any
+    device: None = None
+    precision: None = None
+    precision_choice: None = None
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.sha256
+
+    @property
+    def preprocess(self) -> Any:
+        return self.loaded.preprocess
+
+
+def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups: bool, quiet: bool):
+    """(run, rows, skipped) when every file's row is in the cache, else None."""
+    from loda_cli.cache import default_cache_path
+    from loda_cli.cachelookup import scores_from_cache
+    from loda_cli.weights import load_model_info
+
+    cache_path = default_cache_path()
+    if not cache_path.is_file():
+        return None
+    loaded = load_model_info(model)
+    if quiet:
+        found = scores_from_cache(paths, loaded, cache_path=cache_path, groups=groups, **walk_kw)
+    else:
+        with err_console.status("reading the score cache", spinner="dots"):
+            found = scores_from_cache(paths, loaded, cache_path=cache_path, groups=groups, **walk_kw)
+    if found is None:
+        return None
+    rows, skipped = found
+    if not mos_is_meaningful(loaded.calibration, loaded.metadata):
+        for row in rows:
+            row.mos = None  # as _score_all does
+    if not quiet:
+        _note_builtin(loaded, model)
+    return _CachedRun(loaded), rows, skipped
 
 
 def _note_passed_over_checkpoints() -> None:
@@ -373,7 +451,8 @@ def _header(scorer, paths, elapsed: float, interrupted: bool) -> dict[str, Any]:
         "preprocess": scorer.preprocess.to_dict(),
         "device": scorer.device,
         "precision": scorer.precision,
-        "precision_choice": scorer.precision_choice.as_dict(),
+        # Both None when every row came from the cache: nothing ran.
+        "precision_choice": scorer.precision_choice.as_dict() if scorer.precision_choice is not None else None,
         "roots": [os.fsdecode(p) for p in paths],
         "cwd": os.getcwd(),  # what relative paths in the rows are relative to
         "loda_version": __version__,
@@ -416,13 +495,15 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
         reason.rsplit(" ", 1)[-1] for _, reason in skipped if reason.startswith(UNKNOWN_EXTENSION_REASON)
     )
     other_skips = [(p, r) for p, r in skipped if not r.startswith(UNKNOWN_EXTENSION_REASON)]
+    ran = f"{scorer.device} {scorer.precision}, " if scorer.device is not None else "all from the cache, "
     err_console.print(
         summary_counts(rows, elapsed)
         + (f", {plural(len(other_skips), 'path')} skipped" if other_skips else "")
-        + f"; {scorer.device} {scorer.precision}, model {scorer.name}",
+        + f"; {ran}model {scorer.name}",
         markup=False, soft_wrap=True,
     )
-    print_precision_choice(scorer.precision_choice)
+    if scorer.precision_choice is not None:
+        print_precision_choice(scorer.precision_choice)
     if unknown:
         kinds = ", ".join(f"{ext} ({n})" for ext, n in unknown.most_common())
         err_console.print(
