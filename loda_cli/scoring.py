@@ -314,6 +314,11 @@ class ScanSpec:
     # The prepared model (loda_cli.precision.Runner) when the workers score too: reaches them by
     # fork only, never pickled.
     runner: Any = None
+    prep_id: str = ""  # the preprocessing's cache key, computed once (it took 0.1 ms a file)
+
+    def __post_init__(self) -> None:
+        if self.preprocess is not None and not self.prep_id:
+            self.prep_id = self.preprocess.digest()
 
 
 def decode_target(preprocess) -> int:
@@ -341,7 +346,7 @@ def lookup_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> dic
         item["error"] = f"unreadable: {exc.strerror or exc}"
         return item
     if cache is not None:
-        hit = cache.get(key, spec.model_id, spec.preprocess.digest())
+        hit = cache.get(key, spec.model_id, spec.prep_id)
         if hit is not None:
             item.update(cached=True, raw=hit.raw, width=hit.width, height=hit.height, format=hit.format,
                         error=hit.error, look=hit.look, taken=hit.taken, camera=hit.camera, crop_raws=hit.crops)
