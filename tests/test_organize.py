@@ -437,6 +437,20 @@ def test_journal_with_half_a_last_line_is_undoable_and_a_damaged_middle_line_is_
     assert snapshot(shoot.root) == before
 
 
+def test_undo_of_a_journal_that_recorded_no_step_prints_no_empty_plan(shoot):
+    """A run killed right after its journal's header: nothing to undo, and in a log or a pipe no
+    empty plan table stretched to the unwrapped width (it printed 10,000-column borders)."""
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    journal = _journal(shoot.root / "_culled")
+    header = journal.read_bytes().split(b"\n")[0]
+    journal.write_bytes(header + b"\n" + b'{"id": 1, "op"')  # the first step cut short
+    result = invoke("undo", journal)
+    assert result.exit_code == 0, result.output
+    assert "Restored 0" in result.output and "undo plan" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) < 300
+    assert any((shoot.root / "_culled").glob("IMG_*"))  # undo acts only on what was journalled
+
+
 # --- preflight and cross-device -------------------------------------------------------------------
 
 

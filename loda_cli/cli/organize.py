@@ -667,7 +667,8 @@ def _print_undo_plan(plan, dry_run: bool, partial: bool) -> None:
     for key, text in labels.items():
         if counts.get(key):
             table.add_row(text, str(counts[key]))
-    out_console.print(table)
+    if table.row_count:  # an empty table stretches to the whole width (10,000 columns in a log)
+        out_console.print(table)
     if plan.conflicts:
         conflicts = Table(title="conflicts (left alone)" if partial else "conflicts")
         conflicts.add_column("entry", justify="right")
