@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 2
+CROP_RAW_DIGITS = 6  # a crop's raw output as the cache keeps it (and the scorer rounds it)
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
@@ -95,7 +96,7 @@ class CachedResult:
 def _crops_text(crops: list[list[float]] | None) -> str | None:
     if not crops:
         return None
-    return json.dumps([[int(x), int(y), int(w), int(h), round(float(raw), 6)] for x, y, w, h, raw in crops])
+    return json.dumps([[int(x), int(y), int(w), int(h), round(float(raw), CROP_RAW_DIGITS)] for x, y, w, h, raw in crops])
 
 
 def _crops_of(text: str | None) -> list[list[float]] | None:

@@ -893,7 +893,13 @@ def finished_row(item: dict[str, Any], raw: float | None, calibration, crop_raws
 def crop_boxes(boxes, crop_raws, width: int | None, height: int | None) -> list[list[float]] | None:
     """Each crop's raw score where it lies, ``[[x, y, w, h, raw], ...]`` in displayed-image pixels:
     from fractional ``boxes`` and plain raws (just scored), or as the cache kept them (boxes
-    None). None when unknown."""
+    None). None when unknown.
+
+    A raw just scored is rounded to :data:`~loda_cli.cache.CROP_RAW_DIGITS` digits, as the cache
+    keeps it, so that a crop's score is the same in the first run and in every cached rerun
+    (rounded twice, the full raw and the kept one could land either side of a 4th digit)."""
+    from loda_cli.cache import CROP_RAW_DIGITS
+
     if not crop_raws:
         return None
     if boxes is None:
@@ -901,7 +907,7 @@ def crop_boxes(boxes, crop_raws, width: int | None, height: int | None) -> list[
     if not width or not height or len(boxes) != len(crop_raws):
         return None
     return [
-        [round(x * width), round(y * height), round(w * width), round(h * height), float(raw)]
+        [round(x * width), round(y * height), round(w * width), round(h * height), round(float(raw), CROP_RAW_DIGITS)]
         for (x, y, w, h), raw in zip(boxes, crop_raws)
     ]
 

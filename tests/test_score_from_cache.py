@@ -288,3 +288,23 @@ def test_a_cache_damaged_during_a_run_stops_caching_not_the_run(tmp_path):
     writer._conn = real
     writer._pending.clear()
     writer.close()
+
+
+def test_a_crops_score_is_the_same_scored_now_and_read_from_the_cache():
+    """A crop's raw was kept in the cache to 6 digits while the first run used all of them: a
+    score at the edge of its 4th digit read one way in the first run and the other in every
+    rerun (0.68 and 0.6799 on a 12 MP photo)."""
+    from loda_cli.cache import CROP_RAW_DIGITS, _crops_of, _crops_text
+    from loda_cli.scoring import finished_row
+    from loda_cli.weights import Calibration
+
+    calibration = Calibration("none", [], 0.0, 1.0, False)  # score = (raw + 1) / 2
+    raw = 0.5155002293328734  # scores 0.7578 from the full raw, 0.7577 from its 6 digits
+    assert round((raw + 1) / 2, 4) != round((round(raw, 6) + 1) / 2, 4)
+    item = {"index": 0, "path": "a.jpg", "root": ".", "width": 1000, "height": 800,
+            "boxes": [(0.1, 0.1, 0.5, 0.5)]}
+    fresh, placed = finished_row(item, raw, calibration, [raw])
+    assert placed[0][4] == round(raw, CROP_RAW_DIGITS)
+    cached_item = {"index": 0, "path": "a.jpg", "root": ".", "width": 1000, "height": 800, "cached": True}
+    cached, _ = finished_row(cached_item, raw, calibration, _crops_of(_crops_text(placed)))
+    assert fresh.crops == cached.crops == [[100, 80, 500, 400, round((round(raw, 6) + 1) / 2, 4)]]
