@@ -18,7 +18,7 @@ The cache is loda's own and holds nothing that scoring again cannot give back. A
 cannot read (a disk fault, a copy cut short, another program's file in its place) never stops a
 run: readers treat it as a miss, and the first writer sets it aside as
 ``cache.sqlite.damaged-<time>`` (renamed, with its ``-wal`` and ``-shm`` files, never deleted) and
-starts an empty cache, saying so once (:attr:`ScoreCache.set_aside`).
+starts an empty cache (:func:`set_aside_if_damaged`; the commands call it first, to say so).
 """
 
 from __future__ import annotations
@@ -150,11 +150,11 @@ def set_aside_if_damaged(path: Path) -> Path | None:
     with exclusive_lock(path):
         if not path.is_file() or _readable(path):
             return None
-        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
+        stem = f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside, n = path.with_name(stem), 1
         while aside.exists():
             n += 1
-            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            aside = path.with_name(f"{stem}-{n}")
         os.replace(path, aside)
         for suffix in ("-wal", "-shm"):
             side = path.with_name(path.name + suffix)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from loda_cli.cache import CROP_RAW_DIGITS
 from loda_cli.errors import ImageError, UsageError
 from loda_cli.images import FoundFile, SkipNotice, decode_image, iter_image_files
 from loda_cli.transforms import MAX_ASPECT_RATIO, crop_weights, scoring_crops, scoring_views
@@ -898,8 +899,6 @@ def crop_boxes(boxes, crop_raws, width: int | None, height: int | None) -> list[
     A raw just scored is rounded to :data:`~loda_cli.cache.CROP_RAW_DIGITS` digits, as the cache
     keeps it, so that a crop's score is the same in the first run and in every cached rerun
     (rounded twice, the full raw and the kept one could land either side of a 4th digit)."""
-    from loda_cli.cache import CROP_RAW_DIGITS
-
     if not crop_raws:
         return None
     if boxes is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -299,11 +300,9 @@ def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups
     if not cache_path.is_file():
         return None
     loaded = load_model_info(model)
-    if quiet:
+    spinner = contextlib.nullcontext() if quiet else err_console.status("reading the score cache", spinner="dots")
+    with spinner:
         found = scores_from_cache(paths, loaded, cache_path=cache_path, groups=groups, **walk_kw)
-    else:
-        with err_console.status("reading the score cache", spinner="dots"):
-            found = scores_from_cache(paths, loaded, cache_path=cache_path, groups=groups, **walk_kw)
     if found is None:
         return None
     rows, skipped = found
