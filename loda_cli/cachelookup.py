@@ -2,24 +2,38 @@
 rate need when every photo was scored before.
 
 Importing torch and timm and building the model take seconds; a folder whose every photo is in
-the cache needs none of it. :func:`scores_from_cache` walks the folder, asks the cache, and maps
-each cached raw output through the checkpoint's calibration, read from its metadata header: the
-rows are those the scorer would give. When any file needs decoding it returns None, and the
-caller scores the normal way (the scorer still takes every cached file from the cache). With
-grouping on, a row from before burst grouping (no look stored) needs decoding too, so the scorer
-fills the look in. Reads only; never raises for a file.
+the cache needs none of it. The cache's pass over the walk (:func:`loda_cli.scoring.split_by_cache`)
+gives each cached raw output, mapped here through the checkpoint's calibration, read from its
+metadata header: the rows are those the scorer would give. When files are left to decode, the
+same pass goes to the scorer (``loda score``), which then decodes only those. With grouping on, a
+row from before burst grouping (no look stored) needs decoding too, so the scorer fills the look
+in. Reads only; never raises for a file.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from loda_cli.cache import ScoreCache, default_cache_path
-from loda_cli.images import iter_image_files
-from loda_cli.scoring import ScanSpec, ScoreRow, finished_row, item_complete, lookup_item
+from loda_cli.scoring import ScanSpec, ScoreRow, finished_row, split_by_cache
 from loda_cli.weights import load_model_info
+
+
+def spec_for(paths: Iterable[str | os.PathLike[str]], loaded, *, recursive: bool = True,
+             include: Iterable[str] = (), exclude: Iterable[str] = (), groups: bool = True) -> ScanSpec:
+    """The walk a :class:`~loda_cli.scoring.Scorer` of ``loaded`` (a checkpoint's
+    :class:`~loda_cli.weights.LoadedModel`, its model not needed) would make, for
+    :func:`split_by_cache`."""
+    return ScanSpec(paths=[os.fspath(Path(p).expanduser()) for p in paths], recursive=recursive,
+                    include=tuple(include), exclude=tuple(exclude), preprocess=loaded.preprocess,
+                    model_id=loaded.sha256, groups=groups)
+
+
+def rows_of(items: Iterable[dict[str, Any]], calibration) -> list[ScoreRow]:
+    """The rows of complete lookup items (a :class:`CacheSplit`'s ``done``), as the scorer gives them."""
+    return [finished_row(item, item.get("raw"), calibration, item.get("crop_raws"))[0] for item in items]
 
 
 def scores_from_cache(
@@ -33,8 +47,8 @@ def scores_from_cache(
     groups: bool = True,
 ) -> tuple[list[ScoreRow], list[tuple[str, str]]] | None:
     """Every file's row from the score cache alone, and the paths the walk skipped; or None as
-    soon as one file needs decoding (not cached, or cached before burst grouping while
-    ``groups`` asks for its look), when the caller scores the normal way.
+    soon as one file needs decoding (not cached, or cached before burst grouping while ``groups``
+    asks for its look), when the caller scores the normal way.
 
     Needs neither torch nor the model's weights: ``loaded`` is the checkpoint's
     :class:`~loda_cli.weights.LoadedModel` from :func:`~loda_cli.weights.load_model_info`.
@@ -42,23 +56,12 @@ def scores_from_cache(
     """
     if not os.path.isfile(cache_path):
         return None
-    spec = ScanSpec(paths=[os.fspath(Path(p).expanduser()) for p in paths], recursive=recursive,
-                    include=tuple(include), exclude=tuple(exclude), preprocess=loaded.preprocess,
-                    model_id=loaded.sha256, groups=groups)
-    rows: list[ScoreRow] = []
-    skips: list = []
+    spec = spec_for(paths, loaded, recursive=recursive, include=include, exclude=exclude, groups=groups)
     with ScoreCache(cache_path, readonly=True) as cache:
-        files = iter_image_files([Path(p) for p in spec.paths], recursive=recursive, include=spec.include,
-                                 exclude=spec.exclude, on_skip=skips.append)
-        try:
-            for index, found in enumerate(files):
-                item = lookup_item(found, index, spec, cache)
-                if not item_complete(item):
-                    return None
-                rows.append(finished_row(item, item.get("raw"), loaded.calibration, item.get("crop_raws"))[0])
-        finally:
-            files.close()
-    return rows, [(os.fsdecode(n.path), n.reason) for n in skips]
+        split = split_by_cache(spec, cache, stop_at_miss=True)
+    if split is None:
+        return None
+    return rows_of(split.done, loaded.calibration), split.skipped
 
 
 def cached_rows(

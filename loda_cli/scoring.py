@@ -2,17 +2,21 @@
 
 Data flow (DESIGN.md, "Data flow of loda score"):
 
-1. Each DataLoader worker walks the paths itself (the walk is cheap and deterministic) and takes
-   every n-th file, so files stream to the model before the walk of a large tree has finished.
-2. The cache is asked first, in the worker: known files are never decoded again.
-3. The worker decodes (JPEG draft, EXIF orientation, RGB), resizes to the short side and cuts the
+1. With the cache on, the main process walks the paths and asks the cache for each file first
+   (:func:`split_by_cache`): cached rows come out at once, and the workers get every n-th of the
+   files left to decode. Known files are never decoded again, and they never travel through the
+   workers' queues (a rerun of 40,000 photos with 10 new ones took 38.5-40.6 s that way, against
+   21.0-23.4 s now; the walk resolves each folder once, not each file's whole path). Without the cache each
+   DataLoader worker walks the paths itself (the walk is cheap and deterministic) and takes every
+   n-th file, so files stream to the model before the walk of a large tree has finished.
+2. The worker decodes (JPEG draft, EXIF orientation, RGB), resizes to the short side and cuts the
    fixed crop layout; crops travel as uint8. From the same view and the EXIF the decoder read it
    takes what burst grouping needs (:mod:`loda_cli.bursts`: the look, capture time, camera), so
    grouping costs no second decode. A failure becomes an error row, not an exception.
-4. The main process packs crops from many images into full batches, runs them under
+3. The main process packs crops from many images into full batches, runs them under
    ``inference_mode`` at the chosen precision and averages crop scores per image id, keeping
    each crop's score and where it lies (``ScoreRow.crops``).
-5. Rows stream to the caller and the cache.
+4. Rows stream to the caller and the cache.
 
 On the CPU the workers also score (:func:`cpu_scoring_workers`): one worker per CPU, each with
 one torch thread, decodes an image and runs its crops through the model (forked, so they share
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from loda_cli.cache import CROP_RAW_DIGITS
+from loda_cli.cache import CROP_RAW_DIGITS, ScoreCache
 from loda_cli.errors import ImageError, UsageError
 from loda_cli.images import FoundFile, SkipNotice, decode_image, iter_image_files
 from loda_cli.transforms import MAX_ASPECT_RATIO, crop_weights, scoring_crops, scoring_views
@@ -316,6 +320,9 @@ class ScanSpec:
     # fork only, never pickled.
     runner: Any = None
     prep_id: str = ""  # the preprocessing's cache key, computed once (it took 0.1 ms a file)
+    # The files left to decode, as (file, lookup item) from the main process's cache pass
+    # (loda_cli.cachelookup.split_by_cache): the workers then take these and do not walk.
+    pending: list[tuple[FoundFile, dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         if self.preprocess is not None and not self.prep_id:
@@ -333,15 +340,17 @@ def decode_target(preprocess) -> int:
     return preprocess.short_side
 
 
-def lookup_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> dict[str, Any]:
+def lookup_item(found: FoundFile, index: int, spec: ScanSpec, cache=None,
+                resolved_dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """The part of :func:`prepare_item` that needs no decoding: the file's identity and its
     cached result. The item is complete (nothing left to decode) when it holds an ``error`` (an
-    unreadable file) or a cached result without ``refresh``."""
+    unreadable file) or a cached result without ``refresh``. ``resolved_dirs``: as for
+    :meth:`~loda_cli.cache.FileKey.of`, one dict for a whole walk."""
     from loda_cli.cache import FileKey
 
     item: dict[str, Any] = {"index": index, "path": _display_path(found), "root": os.fsdecode(found.root)}
     try:
-        key = FileKey.of(found.path)
+        key = FileKey.of(found.path, resolved_dirs)
         item["key"] = key
     except OSError as exc:
         item["error"] = f"unreadable: {exc.strerror or exc}"
@@ -363,11 +372,18 @@ def item_complete(item: dict[str, Any]) -> bool:
     return "key" not in item or (bool(item.get("cached")) and not item.get("refresh"))
 
 
-def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None) -> dict[str, Any]:
+def prepare_item(found: FoundFile, index: int, spec: ScanSpec, cache=None,
+                 resolved_dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Cache lookup, else decode and crop one file. Never raises for a bad image."""
-    item = lookup_item(found, index, spec, cache)
+    item = lookup_item(found, index, spec, cache, resolved_dirs)
     if item_complete(item):
         return item
+    return decode_item(found, item, spec)
+
+
+def decode_item(found: FoundFile, item: dict[str, Any], spec: ScanSpec) -> dict[str, Any]:
+    """Decode and crop the file of an incomplete :func:`lookup_item` item (updated and returned).
+    Never raises for a bad image."""
     if spec.device_decode and not item.get("refresh"):
         from loda_cli.devicedecode import jpeg_for_device
 
@@ -420,10 +436,14 @@ def _look_and_capture(view, exif) -> dict[str, Any]:
 def iter_prepared(spec: ScanSpec, worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
     """The items of one worker: file i of the walk belongs to shard ``i % n`` and, within the
     shard, to worker ``(i // n) % num_workers``. Worker 0 also reports skipped paths."""
+    if spec.pending is not None:
+        yield from _iter_pending(spec, worker_id, num_workers)
+        return
     from loda_cli.cache import ScoreCache
 
     cache = ScoreCache(spec.cache_path, readonly=True) if spec.cache_path else None
     skips: list[SkipNotice] = []
+    resolved_dirs: dict[str, str] = {}
     shard_k, shard_n = spec.shard
     try:
         files = iter_image_files(
@@ -440,7 +460,7 @@ def iter_prepared(spec: ScanSpec, worker_id: int = 0, num_workers: int = 1) -> I
                 skips.clear()  # every worker walks the same tree; worker 0 alone reports
             if index % shard_n != shard_k or (index // shard_n) % num_workers != worker_id:
                 continue
-            item = prepare_item(found, index, spec, cache)
+            item = prepare_item(found, index, spec, cache, resolved_dirs)
             if spec.runner is not None and item.get("crops") is not None:
                 score_item(item, spec.preprocess, spec.runner)
             yield item
@@ -449,6 +469,67 @@ def iter_prepared(spec: ScanSpec, worker_id: int = 0, num_workers: int = 1) -> I
     finally:
         if cache is not None:
             cache.close()
+
+
+@dataclass
+class CacheSplit:
+    """A walk's files split by the score cache. ``done``: the lookup items complete without
+    decoding (a cached result, or a file that could not be read), in walk order; ``pending``:
+    (file, lookup item) for each file left to decode; ``skipped``: (path, reason) for what the
+    walk passed over. ``answers(spec)`` says whether it was made for that walk and model."""
+
+    key: tuple
+    done: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[tuple[FoundFile, dict[str, Any]]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0  # what the pass took
+
+    def answers(self, spec: ScanSpec) -> bool:
+        return self.key == _split_key(spec)
+
+
+def _split_key(spec: ScanSpec) -> tuple:
+    return (tuple(spec.paths), spec.recursive, spec.include, spec.exclude, spec.shard, spec.groups,
+            spec.model_id, spec.prep_id)
+
+
+def split_by_cache(spec: ScanSpec, cache: ScoreCache | None, *, stop_at_miss: bool = False) -> CacheSplit | None:
+    """Walk ``spec``'s paths (its shard only) and ask ``cache`` (None: no cache, every file is
+    left to decode) for each file. With ``stop_at_miss``, None as soon as one file is left."""
+    started = time.monotonic()
+    split = CacheSplit(_split_key(spec))
+    skips: list = []
+    resolved_dirs: dict[str, str] = {}
+    shard_k, shard_n = spec.shard
+    files = iter_image_files([Path(p) for p in spec.paths], recursive=spec.recursive, include=spec.include,
+                             exclude=spec.exclude, on_skip=skips.append)
+    try:
+        for index, found in enumerate(files):
+            if index % shard_n != shard_k:
+                continue
+            item = lookup_item(found, index, spec, cache, resolved_dirs)
+            if item_complete(item):
+                split.done.append(item)
+            elif stop_at_miss:
+                return None
+            else:
+                split.pending.append((found, item))
+    finally:
+        files.close()
+    split.skipped = [(os.fsdecode(n.path), n.reason) for n in skips]
+    split.seconds = time.monotonic() - started
+    return split
+
+
+def _iter_pending(spec: ScanSpec, worker_id: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    """The items of one worker when the main process walked and asked the cache already: every
+    n-th of the files left to decode."""
+    for position in range(worker_id, len(spec.pending), num_workers):
+        found, looked = spec.pending[position]
+        item = decode_item(found, dict(looked), spec)
+        if spec.runner is not None and item.get("crops") is not None:
+            score_item(item, spec.preprocess, spec.runner)
+        yield item
 
 
 def score_item(item: dict[str, Any], preprocess, runner) -> None:
@@ -747,8 +828,14 @@ class Scorer:
         exclude: Iterable[str] = (),
         shard: tuple[int, int] = (0, 1),
         on_skip: Callable[[str, str], None] | None = None,
+        split=None,
     ) -> Iterator[ScoreRow]:
         """Score every image file under ``paths``; rows come in completion order.
+
+        With the cache on, this process walks the paths and asks the cache first: the cached
+        rows come out at once, and the workers get only the files left to decode. ``split``: that
+        pass done already (:meth:`split_by_cache`, the same paths and options), not done twice;
+        its ``done`` items are consumed.
 
         Closing the generator early (Ctrl-C, ``break``) keeps everything finished so far in the
         cache.
@@ -757,19 +844,8 @@ class Scorer:
 
         from loda_cli.cache import ScoreCache
 
-        shard_k, shard_n = shard
-        if not (0 <= shard_k < shard_n):
-            raise UsageError(f"invalid shard {shard_k}/{shard_n}")
-        spec = ScanSpec(
-            paths=[os.fspath(Path(p).expanduser()) for p in paths],
-            recursive=recursive, include=tuple(include), exclude=tuple(exclude), shard=shard,
-            preprocess=self.preprocess, model_id=self.model_id, cache_path=self.cache_path,
-            decode_timeout=self.decode_timeout, groups=self.groups, device_decode=self.device_decode,
-            runner=self.runner if self.score_in_workers else None,
-        )
-        writer = ScoreCache(self.cache_path) if self.cache_path else None  # creates the schema
-        loader = self._prepared_items(spec)
-        prep_id = self.preprocess.digest()
+        spec = self.scan_spec(paths, recursive=recursive, include=include, exclude=exclude, shard=shard)
+        prep_id = spec.prep_id
         batcher = _CropBatcher(self.batch_size, self._forward, whole_images=self.runner.per_image)
         on_device = None
         if self.device_decode:
@@ -801,7 +877,25 @@ class Scorer:
             for done, raw, crop_raws in batcher.run():
                 yield self._finish(done, raw, writer, prep_id, crop_raws)
 
+        writer = ScoreCache(self.cache_path) if self.cache_path else None  # creates the schema
         try:
+            if writer is None:
+                split = None
+            elif split is None or not split.answers(spec):
+                split = self._split(spec)
+            if split is not None:
+                spec.pending = split.pending
+            loader = self._prepared_items(spec) if split is None or split.pending else ()
+            if split is not None:
+                for path, reason in split.skipped:
+                    self.skipped.append((path, reason))
+                    if on_skip is not None:
+                        on_skip(path, reason)
+                done, split.done = split.done, []  # consumed: each item gives way to its row
+                done.reverse()
+                while done:
+                    item = done.pop()
+                    yield self._finish(item, item.get("raw"), writer, prep_id, item.get("crop_raws"))
             for item in loader:
                 if "skip" in item:
                     self.skipped.append((item["skip"], item["reason"]))
@@ -821,6 +915,36 @@ class Scorer:
         finally:
             if writer is not None:
                 writer.close()
+
+    def scan_spec(self, paths, *, recursive: bool = True, include: Iterable[str] = (),
+                  exclude: Iterable[str] = (), shard: tuple[int, int] = (0, 1)) -> ScanSpec:
+        """What the walk over ``paths`` and each file's preparation need (:class:`ScanSpec`)."""
+        shard_k, shard_n = shard
+        if not (0 <= shard_k < shard_n):
+            raise UsageError(f"invalid shard {shard_k}/{shard_n}")
+        return ScanSpec(
+            paths=[os.fspath(Path(p).expanduser()) for p in paths],
+            recursive=recursive, include=tuple(include), exclude=tuple(exclude), shard=shard,
+            preprocess=self.preprocess, model_id=self.model_id, cache_path=self.cache_path,
+            decode_timeout=self.decode_timeout, groups=self.groups, device_decode=self.device_decode,
+            runner=self.runner if self.score_in_workers else None,
+        )
+
+    def split_by_cache(self, paths, *, recursive: bool = True, include: Iterable[str] = (),
+                       exclude: Iterable[str] = (), shard: tuple[int, int] = (0, 1)):
+        """The files under ``paths`` split by the score cache (:class:`~loda_cli.cachelookup.CacheSplit`),
+        for :meth:`score_files`; None without a cache."""
+        if not self.cache_path:
+            return None
+        return self._split(self.scan_spec(paths, recursive=recursive, include=include, exclude=exclude, shard=shard))
+
+    def _split(self, spec: ScanSpec):
+        from loda_cli.cache import ScoreCache
+
+        if not os.path.isfile(spec.cache_path):
+            return split_by_cache(spec, None)
+        with ScoreCache(spec.cache_path, readonly=True) as cache:
+            return split_by_cache(spec, cache)
 
     def _prepared_items(self, spec: ScanSpec) -> Iterable[dict[str, Any]]:
         """Decoded, cropped (or cached) items: from worker processes, or this one with 0 workers."""

@@ -175,9 +175,10 @@ def score(
     # checked (cuda, mps) take the normal path, which also reads the cache.
     if cache:
         check_score_cache()
-    from_cache = None
+    from_cache = split = None
     if cache and not shard and dist is None and crops is None and device in ("auto", "cpu"):
-        from_cache = _scores_from_cache(model, paths, walk_kw, groups, quiet)
+        from_cache, split = _scores_from_cache(model, paths, walk_kw, groups, quiet)
+    read_seconds = None
     if from_cache is not None:
         scorer, rows, skipped = from_cache
         interrupted = False
@@ -192,8 +193,10 @@ def score(
             model, device=device, precision=precision, crops=crops, batch_size=batch_size,
             workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups, decode=decode,
         )
-        start = time.monotonic()
-        rows, skipped, interrupted = _score_all(scorer, paths, walk_kw, (shard_k, shard_n), out, quiet)
+        # The cache pass counts as this run's work; loading the model does not.
+        start = time.monotonic() - (split.seconds if split is not None else 0.0)
+        rows, skipped, interrupted, read_seconds = _score_all(scorer, paths, walk_kw, (shard_k, shard_n), out,
+                                                              quiet, split)
     if dist is not None:
         rows = _gather_rows(rows)
         if dist[0] != 0:
@@ -212,7 +215,7 @@ def score(
         raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
     _write_rows(out, rows, scorer, paths, elapsed, interrupted, burst_gap if grouped else None)
     if not quiet:
-        _summary(scorer, rows, skipped, elapsed, out)
+        _summary(scorer, rows, skipped, elapsed, out, read_seconds)
         if own_folders:
             err_console.print(_own_folders_note(own_folders), markup=False, soft_wrap=True)
     if interrupted:
@@ -291,27 +294,33 @@ class _CachedRun:
 
 
 def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups: bool, quiet: bool):
-    """(run, rows, skipped) when every file's row is in the cache, else None."""
-    from loda_cli.cache import default_cache_path
-    from loda_cli.cachelookup import scores_from_cache
+    """((run, rows, skipped), split) when the cache answers every file; else (None, the cache's
+    pass for the scorer to go on from), or (None, None) when there is no cache."""
+    from loda_cli.cache import ScoreCache, default_cache_path
+    from loda_cli.cachelookup import rows_of, spec_for
+    from loda_cli.scoring import split_by_cache
     from loda_cli.weights import load_model_info
 
     cache_path = default_cache_path()
     if not cache_path.is_file():
-        return None
+        return None, None
     loaded = load_model_info(model)
-    spinner = contextlib.nullcontext() if quiet else err_console.status("reading the score cache", spinner="dots")
-    with spinner:
-        found = scores_from_cache(paths, loaded, cache_path=cache_path, groups=groups, **walk_kw)
-    if found is None:
-        return None
-    rows, skipped = found
+    spec = spec_for(paths, loaded, groups=groups, **walk_kw)
+    with _reading_cache(quiet), ScoreCache(cache_path, readonly=True) as cache:
+        split = split_by_cache(spec, cache)
+    if split.pending:
+        return None, split
+    rows = rows_of(split.done, loaded.calibration)
     if not mos_is_meaningful(loaded.calibration, loaded.metadata):
         for row in rows:
             row.mos = None  # as _score_all does
     if not quiet:
         _note_builtin(loaded, model)
-    return _CachedRun(loaded), rows, skipped
+    return (_CachedRun(loaded), rows, split.skipped), split
+
+
+def _reading_cache(quiet: bool):
+    return contextlib.nullcontext() if quiet else err_console.status("reading the score cache", spinner="dots")
 
 
 def _note_passed_over_checkpoints() -> None:
@@ -329,9 +338,12 @@ def _note_passed_over_checkpoints() -> None:
         )
 
 
-def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], out: str | None, quiet: bool):
-    """Every row (JSONL streamed to stdout with --out -), the skipped paths, and whether Ctrl-C
-    or SIGTERM stopped the run (what was scored by then is kept, and cached)."""
+def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], out: str | None, quiet: bool,
+               split=None):
+    """Every row (JSONL streamed to stdout with --out -), the skipped paths, whether Ctrl-C or
+    SIGTERM stopped the run (what was scored by then is kept, and cached), and the seconds spent
+    on the files the cache did not answer (None without the cache). ``split``: the cache's pass
+    over these paths, when made already (:func:`_scores_from_cache`)."""
     from loda_cli.output import JsonlStream
 
     stream = JsonlStream(sys.stdout) if out == "-" else None
@@ -340,39 +352,64 @@ def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], o
     skipped: list[tuple[str, str]] = []
     interrupted = False
     previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    counter = _Counter(paths, **walk_kw)
-    progress = None if quiet else _progress()
+    counter = None
+    progress = None
+    read_started: float | None = None
     try:
-        if progress is not None:
-            counter.start()
-            progress.start()
-            task = progress.add_task("scoring", total=None, errors=0)
+        if scorer.cache_path and (split is None or not split.answers(scorer.scan_spec(paths, **walk_kw, shard=shard))):
+            with _reading_cache(quiet):
+                split = scorer.split_by_cache(paths, **walk_kw, shard=shard)
+        if split is None:
+            counter = _Counter(paths, **walk_kw)  # the bar's total, while the workers walk too
+        elif split.done and split.pending and not quiet:
+            err_console.print(f"{plural(len(split.done), 'file')} from the score cache; "
+                              f"{plural(len(split.pending), 'file')} to read", markup=False, soft_wrap=True)
+        # The bar counts the files read in this run, from when the cached rows are out: they
+        # come at once and would make its rate and its eta meaningless.
+        before = len(split.done) if split is not None else 0
+        progress = None if quiet else _progress()
+        task = None
+
+        def reading() -> None:
+            nonlocal read_started, task
+            read_started = time.monotonic()
+            if progress is not None:
+                if counter is not None:
+                    counter.start()
+                progress.start()
+                task = progress.add_task("scoring", total=len(split.pending) if split is not None else None, errors=0)
+
         generator = scorer.score_files(
-            paths, **walk_kw, shard=shard, on_skip=lambda p, r: skipped.append((p, r))
+            paths, **walk_kw, shard=shard, on_skip=lambda p, r: skipped.append((p, r)), split=split,
         )
         try:
+            if before == 0:
+                reading()
             for row in generator:
                 if not keep_mos:
                     row.mos = None  # it would only repeat score (see "What a score means")
                 rows.append(row)
                 if stream is not None:
                     stream.write(row)
-                if progress is not None:
-                    total = counter.total
-                    progress.update(
-                        task, completed=len(rows), errors=scorer.times.failed,
-                        total=(total + shard[1] - 1) // shard[1] if total is not None else None,
-                    )
+                if len(rows) == before:
+                    reading()
+                elif task is not None and len(rows) > before:
+                    update: dict[str, Any] = {}
+                    if counter is not None and counter.total is not None:
+                        update["total"] = (counter.total + shard[1] - 1) // shard[1]
+                    progress.update(task, completed=len(rows) - before, errors=scorer.times.failed, **update)
         finally:
             generator.close()  # flushes the cache, also on Ctrl-C
     except KeyboardInterrupt:
         interrupted = True
     finally:
         signal.signal(signal.SIGTERM, previous_term)
-        counter.stop()
+        if counter is not None:
+            counter.stop()
         if progress is not None:
             progress.stop()
-    return rows, skipped, interrupted
+    read_seconds = time.monotonic() - read_started if split is not None and read_started is not None else None
+    return rows, skipped, interrupted, read_seconds
 
 
 def _write_rows(out: str | None, rows, scorer, paths, elapsed: float, interrupted: bool, burst_gap=None) -> None:
@@ -380,6 +417,8 @@ def _write_rows(out: str | None, rows, scorer, paths, elapsed: float, interrupte
     them already)."""
     from loda_cli.output import ranked_records, write_scores
 
+    if interrupted and not rows:
+        return  # stopped before any row: an --out file from an earlier run stays as it was
     if out is not None and out != "-":
         header = _header(scorer, paths, elapsed, interrupted)
         header["burst_gap"] = burst_gap  # None: grouping was off (--no-groups)
@@ -393,7 +432,9 @@ def _write_rows(out: str | None, rows, scorer, paths, elapsed: float, interrupte
 
 def _report_interrupted(rows, out: str | None, cached: bool) -> None:
     partial = ""
-    if out is not None and out != "-":
+    if out is not None and out != "-" and not rows:
+        partial = f" {out} was not written."
+    elif out is not None and out != "-":
         partial = (
             f" {out} holds only those rows (a .json says \"complete\": false; a .csv has no "
             "marker, so trust this line)."
@@ -462,9 +503,10 @@ def _header(scorer, paths, elapsed: float, interrupted: bool) -> dict[str, Any]:
     }
 
 
-def summary_counts(rows, elapsed: float) -> str:
+def summary_counts(rows, elapsed: float, read_seconds: float | None = None) -> str:
     """The first summary line's counts: scored now + from cache + failed = files found, and a rate
-    only for the work done in this run (cached rows cost nothing)."""
+    only for the work done in this run (cached rows cost nothing), over ``read_seconds`` (the
+    time spent on those files) where known, else over the whole run."""
     scored = [r for r in rows if r.error is None and r.score is not None]
     cached = sum(1 for r in scored if r.cached)
     failed = len(rows) - len(scored)
@@ -474,12 +516,13 @@ def summary_counts(rows, elapsed: float) -> str:
         parts.append(f"{cached} from cache")
     parts.append(f"{failed} failed")
     text = f"{plural(len(rows), 'file')}: " + ", ".join(parts) + f" in {elapsed:.1f} s"
-    if worked and elapsed > 0:
-        text += f" ({worked / elapsed:.2f} img/s for the {plural(worked, 'file')} read now)"
+    seconds = read_seconds if read_seconds is not None else elapsed
+    if worked and seconds > 0:
+        text += f" ({worked / seconds:.2f} img/s for the {plural(worked, 'file')} read now)"
     return text
 
 
-def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
+def _summary(scorer, rows, skipped, elapsed: float, out: str | None, read_seconds: float | None = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -496,7 +539,7 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None) -> None:
     other_skips = [(p, r) for p, r in skipped if not r.startswith(UNKNOWN_EXTENSION_REASON)]
     ran = f"{scorer.device} {scorer.precision}, " if scorer.device is not None else "all from the cache, "
     err_console.print(
-        summary_counts(rows, elapsed)
+        summary_counts(rows, elapsed, read_seconds)
         + (f", {plural(len(other_skips), 'path')} skipped" if other_skips else "")
         + f"; {ran}model {scorer.name}",
         markup=False, soft_wrap=True,
