@@ -78,7 +78,8 @@ class FileKey:
         """``resolved_dirs``: a dict this call may keep each folder's resolved path in, for a walk
         of many files (resolving the whole path took 6 lstat calls a file): a file that is not a
         symlink resolves to its folder's resolved path and its own name."""
-        if resolved_dirs is None:
+        if resolved_dirs is None or os.name != "posix" or not isinstance(path, (str, Path)):
+            # (elsewhere realpath also settles a name's case; bytes paths keep the long way)
             st = os.stat(path)
             real = os.path.realpath(path)
         else:
@@ -236,6 +237,21 @@ class ScoreCache:
         for name, kind in _ADDED_COLUMNS:
             if name not in present:
                 self._conn.execute(f"ALTER TABLE scores ADD COLUMN {name} {kind}")
+
+    def answers(self, model: str, prep: str) -> bool:
+        """Whether the cache can answer for this model and preprocessing: it has the current
+        schema (a read-only connection cannot migrate an older one, and misses on every row of
+        it) and holds at least one row of theirs."""
+        if self._conn is None:
+            return False
+        try:
+            present = {row[1] for row in self._conn.execute("PRAGMA table_info(scores)")}
+            if not present or any(name not in present for name, _ in _ADDED_COLUMNS):
+                return False
+            return self._conn.execute("SELECT 1 FROM scores WHERE model=? AND prep=? LIMIT 1",
+                                      (model, prep)).fetchone() is not None
+        except sqlite3.DatabaseError:
+            return False
 
     def get(self, key: FileKey, model: str, prep: str) -> CachedResult | None:
         if self._conn is None:

@@ -476,9 +476,10 @@ class CacheSplit:
     """A walk's files split by the score cache. ``done``: the lookup items complete without
     decoding (a cached result, or a file that could not be read), in walk order; ``pending``:
     (file, lookup item) for each file left to decode; ``skipped``: (path, reason) for what the
-    walk passed over. ``answers(spec)`` says whether it was made for that walk and model."""
+    walk passed over. ``answers(spec)`` says whether it was made for that walk and model (not
+    once :meth:`Scorer.score_files` has consumed it)."""
 
-    key: tuple
+    key: tuple | None
     done: list[dict[str, Any]] = field(default_factory=list)
     pending: list[tuple[FoundFile, dict[str, Any]]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -493,9 +494,24 @@ def _split_key(spec: ScanSpec) -> tuple:
             spec.model_id, spec.prep_id)
 
 
-def split_by_cache(spec: ScanSpec, cache: ScoreCache | None, *, stop_at_miss: bool = False) -> CacheSplit | None:
-    """Walk ``spec``'s paths (its shard only) and ask ``cache`` (None: no cache, every file is
-    left to decode) for each file. With ``stop_at_miss``, None as soon as one file is left."""
+# The cache's pass gives up once this many files are left to decode and they outnumber those
+# the cache answered: the workers then walk and stream as without a cache, so a first run over a
+# large (or slow, networked) tree starts scoring at once. Each file left costs a model run (0.3 s
+# on a CPU core) where each cached one spared the workers' way costs 0.5 ms, so past this point the
+# pass saves little and delays the first row.
+GIVE_UP_PENDING = 1000
+
+
+def split_by_cache(spec: ScanSpec, cache: ScoreCache, *, stop_at_miss: bool = False,
+                   give_up_after: int | None = None) -> CacheSplit | None:
+    """Walk ``spec``'s paths (its shard only) and ask ``cache`` for each file. None when the
+    cache cannot answer for this model (:meth:`ScoreCache.answers`: no row of it, or an older
+    schema a read-only connection cannot read); with ``stop_at_miss``, as soon as one file is
+    left to decode; and once ``give_up_after`` (default :data:`GIVE_UP_PENDING`) files are left
+    and they outnumber the answered."""
+    if not cache.answers(spec.model_id, spec.prep_id):
+        return None
+    give_up_after = give_up_after or GIVE_UP_PENDING
     started = time.monotonic()
     split = CacheSplit(_split_key(spec))
     skips: list = []
@@ -514,6 +530,8 @@ def split_by_cache(spec: ScanSpec, cache: ScoreCache | None, *, stop_at_miss: bo
                 return None
             else:
                 split.pending.append((found, item))
+                if len(split.pending) >= give_up_after and len(split.pending) > len(split.done):
+                    return None
     finally:
         files.close()
     split.skipped = [(os.fsdecode(n.path), n.reason) for n in skips]
@@ -829,13 +847,15 @@ class Scorer:
         shard: tuple[int, int] = (0, 1),
         on_skip: Callable[[str, str], None] | None = None,
         split=None,
+        cache_pass: bool = True,
     ) -> Iterator[ScoreRow]:
         """Score every image file under ``paths``; rows come in completion order.
 
         With the cache on, this process walks the paths and asks the cache first: the cached
         rows come out at once, and the workers get only the files left to decode. ``split``: that
         pass done already (:meth:`split_by_cache`, the same paths and options), not done twice;
-        its ``done`` items are consumed.
+        its ``done`` items are consumed. ``cache_pass=False``: no pass (the workers walk and ask
+        the cache), as where :meth:`split_by_cache` found it not worth making.
 
         Closing the generator early (Ctrl-C, ``break``) keeps everything finished so far in the
         cache.
@@ -879,10 +899,10 @@ class Scorer:
 
         writer = ScoreCache(self.cache_path) if self.cache_path else None  # creates the schema
         try:
-            if writer is None:
+            if writer is None or (split is None and not cache_pass):
                 split = None
             elif split is None or not split.answers(spec):
-                split = self._split(spec)
+                split = split_by_cache(spec, writer)  # the writer reads the schema it migrated
             if split is not None:
                 spec.pending = split.pending
             loader = self._prepared_items(spec) if split is None or split.pending else ()
@@ -892,6 +912,7 @@ class Scorer:
                     if on_skip is not None:
                         on_skip(path, reason)
                 done, split.done = split.done, []  # consumed: each item gives way to its row
+                split.key = None  # and the split answers no later run
                 done.reverse()
                 while done:
                     item = done.pop()
@@ -932,19 +953,15 @@ class Scorer:
 
     def split_by_cache(self, paths, *, recursive: bool = True, include: Iterable[str] = (),
                        exclude: Iterable[str] = (), shard: tuple[int, int] = (0, 1)):
-        """The files under ``paths`` split by the score cache (:class:`~loda_cli.cachelookup.CacheSplit`),
-        for :meth:`score_files`; None without a cache."""
+        """The files under ``paths`` split by the score cache (:class:`CacheSplit`), for
+        :meth:`score_files`; None without a cache or where the pass is not worth it
+        (:func:`split_by_cache`). Opens the cache as a writer, which brings an older schema up
+        to date first."""
         if not self.cache_path:
             return None
-        return self._split(self.scan_spec(paths, recursive=recursive, include=include, exclude=exclude, shard=shard))
-
-    def _split(self, spec: ScanSpec):
-        from loda_cli.cache import ScoreCache
-
-        if not os.path.isfile(spec.cache_path):
-            return split_by_cache(spec, None)
-        with ScoreCache(spec.cache_path, readonly=True) as cache:
-            return split_by_cache(spec, cache)
+        with ScoreCache(self.cache_path) as cache:
+            return split_by_cache(self.scan_spec(paths, recursive=recursive, include=include, exclude=exclude,
+                                                 shard=shard), cache)
 
     def _prepared_items(self, spec: ScanSpec) -> Iterable[dict[str, Any]]:
         """Decoded, cropped (or cached) items: from worker processes, or this one with 0 workers."""

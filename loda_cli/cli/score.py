@@ -308,8 +308,8 @@ def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups
     spec = spec_for(paths, loaded, groups=groups, **walk_kw)
     with _reading_cache(quiet), ScoreCache(cache_path, readonly=True) as cache:
         split = split_by_cache(spec, cache)
-    if split.pending:
-        return None, split
+    if split is None or split.pending:
+        return None, split  # (None: the scorer decides, after bringing an older cache up to date)
     rows = rows_of(split.done, loaded.calibration)
     if not mos_is_meaningful(loaded.calibration, loaded.metadata):
         for row in rows:
@@ -355,6 +355,7 @@ def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], o
     counter = None
     progress = None
     read_started: float | None = None
+    failed_before = 0
     try:
         if scorer.cache_path and (split is None or not split.answers(scorer.scan_spec(paths, **walk_kw, shard=shard))):
             with _reading_cache(quiet):
@@ -371,8 +372,9 @@ def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], o
         task = None
 
         def reading() -> None:
-            nonlocal read_started, task
+            nonlocal read_started, task, failed_before
             read_started = time.monotonic()
+            failed_before = scorer.times.failed
             if progress is not None:
                 if counter is not None:
                     counter.start()
@@ -381,6 +383,7 @@ def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], o
 
         generator = scorer.score_files(
             paths, **walk_kw, shard=shard, on_skip=lambda p, r: skipped.append((p, r)), split=split,
+            cache_pass=split is not None,  # tried above: not worth it (or no cache)
         )
         try:
             if before == 0:
@@ -397,7 +400,8 @@ def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], o
                     update: dict[str, Any] = {}
                     if counter is not None and counter.total is not None:
                         update["total"] = (counter.total + shard[1] - 1) // shard[1]
-                    progress.update(task, completed=len(rows) - before, errors=scorer.times.failed, **update)
+                    progress.update(task, completed=len(rows) - before, errors=scorer.times.failed - failed_before,
+                                    **update)
         finally:
             generator.close()  # flushes the cache, also on Ctrl-C
     except KeyboardInterrupt:
@@ -408,7 +412,9 @@ def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], o
             counter.stop()
         if progress is not None:
             progress.stop()
-    read_seconds = time.monotonic() - read_started if split is not None and read_started is not None else None
+    read_seconds = None
+    if split is not None and split.pending and read_started is not None:
+        read_seconds = time.monotonic() - read_started
     return rows, skipped, interrupted, read_seconds
 
 
