@@ -150,6 +150,8 @@ def test_the_command_makes_the_cache_pass_once_and_says_what_is_left(tree, tiny_
     cached = len(tree["good"]) + len(tree["bad"])
     assert f"{cached} files from the score cache; 1 file to read" in result.stderr
     assert "1 scored now" in result.stderr
+    # Not a terminal: no bar, and no empty line where a transient one was taken down.
+    assert "" not in result.stderr.splitlines() and "━" not in result.stderr
     # An option the cache's pass before the model does not cover: the scorer makes its own.
     calls.clear()
     result = runner.invoke(app, ["score", root, "-m", ckpt, "-q", "--workers", "0", "--crops", "2"])

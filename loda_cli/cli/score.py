@@ -368,7 +368,8 @@ def _score_all(scorer, paths, walk_kw: dict[str, Any], shard: tuple[int, int], o
         # The bar counts the files read in this run, from when the cached rows are out: they
         # come at once and would make its rate and its eta meaningless.
         before = len(split.done) if split is not None else 0
-        progress = None if quiet else _progress()
+        # Not in a log or a pipe: rich draws no bar there, and a transient one left an empty line.
+        progress = None if quiet or not err_console.is_terminal else _progress()
         task = None
 
         def reading() -> None:
