@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from loda_cli.cache import ScoreCache, default_cache_path
-from loda_cli.scoring import ScanSpec, ScoreRow, finished_row, split_by_cache
+from loda_cli.scoring import CacheSplit, ScanSpec, ScoreRow, finished_row, split_by_cache
 from loda_cli.weights import load_model_info
 
 
@@ -31,9 +31,17 @@ def spec_for(paths: Iterable[str | os.PathLike[str]], loaded, *, recursive: bool
                     model_id=loaded.sha256, groups=groups)
 
 
-def rows_of(items: Iterable[dict[str, Any]], calibration) -> list[ScoreRow]:
-    """The rows of complete lookup items (a :class:`CacheSplit`'s ``done``), as the scorer gives them."""
-    return [finished_row(item, item.get("raw"), calibration, item.get("crop_raws"))[0] for item in items]
+def rows_of(split: CacheSplit, calibration) -> list[ScoreRow]:
+    """The rows of a split's complete lookup items, as the scorer gives them; consumes its
+    ``done`` (each item gives way to its row: 40,000 of both at once took 120 MB more)."""
+    done, split.done = split.done, []
+    split.key = None
+    done.reverse()
+    rows = []
+    while done:
+        item = done.pop()
+        rows.append(finished_row(item, item.get("raw"), calibration, item.get("crop_raws"))[0])
+    return rows
 
 
 def scores_from_cache(
@@ -61,7 +69,7 @@ def scores_from_cache(
         split = split_by_cache(spec, cache, stop_at_miss=True)
     if split is None:
         return None
-    return rows_of(split.done, loaded.calibration), split.skipped
+    return rows_of(split, loaded.calibration), split.skipped
 
 
 def cached_rows(

@@ -310,7 +310,7 @@ def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups
         split = split_by_cache(spec, cache)
     if split is None or split.pending:
         return None, split  # (None: the scorer decides, after bringing an older cache up to date)
-    rows = rows_of(split.done, loaded.calibration)
+    rows = rows_of(split, loaded.calibration)
     if not mos_is_meaningful(loaded.calibration, loaded.metadata):
         for row in rows:
             row.mos = None  # as _score_all does
