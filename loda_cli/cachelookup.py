@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from loda_cli.cache import ScoreCache, default_cache_path
-from loda_cli.scoring import CacheSplit, ScanSpec, ScoreRow, finished_row, split_by_cache
+from loda_cli import scoring
+from loda_cli.scoring import CacheSplit, ScanSpec, ScoreRow, finished_row
 from loda_cli.weights import load_model_info
 
 
@@ -32,16 +33,22 @@ def spec_for(paths: Iterable[str | os.PathLike[str]], loaded, *, recursive: bool
 
 
 def rows_of(split: CacheSplit, calibration) -> list[ScoreRow]:
-    """The rows of a split's complete lookup items, as the scorer gives them; consumes its
-    ``done`` (each item gives way to its row: 40,000 of both at once took 120 MB more)."""
-    done, split.done = split.done, []
-    split.key = None
-    done.reverse()
-    rows = []
-    while done:
-        item = done.pop()
-        rows.append(finished_row(item, item.get("raw"), calibration, item.get("crop_raws"))[0])
-    return rows
+    """The rows of a split's complete lookup items, as the scorer gives them; consumes them
+    (:meth:`~loda_cli.scoring.CacheSplit.take_done`)."""
+    return [finished_row(item, item.get("raw"), calibration, item.get("crop_raws"))[0] for item in split.take_done()]
+
+
+def cache_split(paths: Iterable[str | os.PathLike[str]], loaded, *, cache_path: str | os.PathLike[str],
+                recursive: bool = True, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                groups: bool = True, stop_at_miss: bool = False) -> CacheSplit | None:
+    """The cache's pass (:func:`~loda_cli.scoring.split_by_cache`) for the walk a scorer of
+    ``loaded`` would make, through a read-only connection; None without a cache file, or where
+    the pass returns None."""
+    if not os.path.isfile(cache_path):
+        return None
+    spec = spec_for(paths, loaded, recursive=recursive, include=include, exclude=exclude, groups=groups)
+    with ScoreCache(cache_path, readonly=True) as cache:
+        return scoring.split_by_cache(spec, cache, stop_at_miss=stop_at_miss)
 
 
 def scores_from_cache(
@@ -62,11 +69,8 @@ def scores_from_cache(
     :class:`~loda_cli.weights.LoadedModel` from :func:`~loda_cli.weights.load_model_info`.
     The rows are those :class:`Scorer` gives for the same files, in walk order.
     """
-    if not os.path.isfile(cache_path):
-        return None
-    spec = spec_for(paths, loaded, recursive=recursive, include=include, exclude=exclude, groups=groups)
-    with ScoreCache(cache_path, readonly=True) as cache:
-        split = split_by_cache(spec, cache, stop_at_miss=True)
+    split = cache_split(paths, loaded, cache_path=cache_path, recursive=recursive, include=include,
+                        exclude=exclude, groups=groups, stop_at_miss=True)
     if split is None:
         return None
     return rows_of(split, loaded.calibration), split.skipped

@@ -5,10 +5,11 @@ Data flow (DESIGN.md, "Data flow of loda score"):
 1. With the cache on, the main process walks the paths and asks the cache for each file first
    (:func:`split_by_cache`): cached rows come out at once, and the workers get every n-th of the
    files left to decode. Known files are never decoded again, and they never travel through the
-   workers' queues (a rerun of 40,000 photos with 10 new ones took 38.5-40.6 s that way, against
-   21.0-23.4 s now; the walk resolves each folder once, not each file's whole path). Without the cache each
-   DataLoader worker walks the paths itself (the walk is cheap and deterministic) and takes every
-   n-th file, so files stream to the model before the walk of a large tree has finished.
+   workers' queues (a rerun of 40,000 photos with 10 new ones took 38.5-42.2 s that way, against
+   21.0-24.5 s now; the walk resolves each folder once, not each file's whole path). Without the
+   cache, or where the pass gives way (:data:`GIVE_UP_PENDING`), each DataLoader worker walks the
+   paths itself (the walk is cheap and deterministic) and takes every n-th file, so files stream
+   to the model before the walk of a large tree has finished.
 2. The worker decodes (JPEG draft, EXIF orientation, RGB), resizes to the short side and cuts the
    fixed crop layout; crops travel as uint8. From the same view and the EXIF the decoder read it
    takes what burst grouping needs (:mod:`loda_cli.bursts`: the look, capture time, camera), so
@@ -321,7 +322,7 @@ class ScanSpec:
     runner: Any = None
     prep_id: str = ""  # the preprocessing's cache key, computed once (it took 0.1 ms a file)
     # The files left to decode, as (file, lookup item) from the main process's cache pass
-    # (loda_cli.cachelookup.split_by_cache): the workers then take these and do not walk.
+    # (split_by_cache): the workers then take these and do not walk.
     pending: list[tuple[FoundFile, dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
@@ -439,8 +440,6 @@ def iter_prepared(spec: ScanSpec, worker_id: int = 0, num_workers: int = 1) -> I
     if spec.pending is not None:
         yield from _iter_pending(spec, worker_id, num_workers)
         return
-    from loda_cli.cache import ScoreCache
-
     cache = ScoreCache(spec.cache_path, readonly=True) if spec.cache_path else None
     skips: list[SkipNotice] = []
     resolved_dirs: dict[str, str] = {}
@@ -487,6 +486,15 @@ class CacheSplit:
 
     def answers(self, spec: ScanSpec) -> bool:
         return self.key == _split_key(spec)
+
+    def take_done(self) -> Iterator[dict[str, Any]]:
+        """The ``done`` items in walk order, each let go as it is taken (a row takes its place:
+        40,000 of both at once took 120 MB more); the split then answers no later run."""
+        done, self.done = self.done, []
+        self.key = None
+        done.reverse()
+        while done:
+            yield done.pop()
 
 
 def _split_key(spec: ScanSpec) -> tuple:
@@ -862,8 +870,6 @@ class Scorer:
         """
         import numpy as np
 
-        from loda_cli.cache import ScoreCache
-
         spec = self.scan_spec(paths, recursive=recursive, include=include, exclude=exclude, shard=shard)
         prep_id = spec.prep_id
         batcher = _CropBatcher(self.batch_size, self._forward, whole_images=self.runner.per_image)
@@ -911,11 +917,7 @@ class Scorer:
                     self.skipped.append((path, reason))
                     if on_skip is not None:
                         on_skip(path, reason)
-                done, split.done = split.done, []  # consumed: each item gives way to its row
-                split.key = None  # and the split answers no later run
-                done.reverse()
-                while done:
-                    item = done.pop()
+                for item in split.take_done():
                     yield self._finish(item, item.get("raw"), writer, prep_id, item.get("crop_raws"))
             for item in loader:
                 if "skip" in item:

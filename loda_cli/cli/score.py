@@ -296,18 +296,16 @@ class _CachedRun:
 def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups: bool, quiet: bool):
     """((run, rows, skipped), split) when the cache answers every file; else (None, the cache's
     pass for the scorer to go on from), or (None, None) when there is no cache."""
-    from loda_cli.cache import ScoreCache, default_cache_path
-    from loda_cli.cachelookup import rows_of, spec_for
-    from loda_cli.scoring import split_by_cache
+    from loda_cli.cache import default_cache_path
+    from loda_cli.cachelookup import cache_split, rows_of
     from loda_cli.weights import load_model_info
 
     cache_path = default_cache_path()
     if not cache_path.is_file():
         return None, None
     loaded = load_model_info(model)
-    spec = spec_for(paths, loaded, groups=groups, **walk_kw)
-    with _reading_cache(quiet), ScoreCache(cache_path, readonly=True) as cache:
-        split = split_by_cache(spec, cache)
+    with _reading_cache(quiet):
+        split = cache_split(paths, loaded, cache_path=cache_path, groups=groups, **walk_kw)
     if split is None or split.pending:
         return None, split  # (None: the scorer decides, after bringing an older cache up to date)
     rows = rows_of(split, loaded.calibration)
