@@ -175,6 +175,22 @@ def test_cull_apply_moves_photos_with_every_companion_and_undo_restores(shoot):
     assert explicit.exit_code == 0 and "Nothing left to undo" in explicit.output
 
 
+def test_undo_given_the_folder_that_was_culled_finds_its_journal_from_anywhere(shoot, monkeypatch):
+    before = snapshot(shoot.root)
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    elsewhere = shoot.tmp / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    nothing = invoke("undo", elsewhere)  # a folder no run touched: the same one-line error as before
+    assert nothing.exit_code != 0 and "no journal to undo under" in nothing.output
+    assert snapshot(shoot.root) != before
+    ok("undo", shoot.root / "ceremony", "--dry-run")  # a folder inside the run's root names it too
+    assert snapshot(shoot.root) != before
+    result = ok("undo", shoot.root)
+    assert "Undoing" in result.output and snapshot(shoot.root, skip_loda=False) == before
+    assert "Nothing left to undo" in ok("undo", shoot.root).output
+
+
 def test_cull_copy_and_link_leave_originals_and_undo_removes_only_what_it_made(shoot):
     before = snapshot(shoot.root)
     ok("cull", "wedding", "--worst", "2", "--scores", shoot.scores, "--copy", "--apply")

@@ -122,7 +122,8 @@ LabelOpt = Annotated[
 JournalArg = Annotated[
     Optional[Path],
     typer.Argument(
-        help="The journal to undo. Default: the newest one under the current folder.",
+        help="The journal to undo, or a folder: the newest journal of a run on it or under "
+        "it. Default: the current folder.",
         show_default=False,
     ),
 ]
@@ -545,7 +546,11 @@ def undo(
     from loda_cli.errors import NothingToUndoError
 
     try:
-        path = str(journal) if journal is not None else organize.latest_journal()
+        if journal is None or journal.is_dir():
+            # `loda undo ~/Photos` after `loda cull ~/Photos`: a folder names the runs on it.
+            path = organize.latest_journal(journal)
+        else:
+            path = str(journal)
         plan = organize.plan_undo(path)
     except NothingToUndoError as done:
         out_console.print(
