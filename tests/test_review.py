@@ -208,7 +208,7 @@ def test_relative_paths_resolve_where_loda_score_ran_and_missing_files_are_count
     monkeypatch.chdir(elsewhere)
     result = runner.invoke(app, ["review", str(scores), "--out", "r.html"])
     assert result.exit_code == 0, result.output
-    assert "1 previews" in result.output
+    assert "2 photos, 1 preview," in result.output
     assert "1 of 2 files were not found" in result.output and str(lib) in result.output
 
 
@@ -238,6 +238,7 @@ def test_bursts_are_rows_with_the_keeper_marked_and_a_crop_map_per_photo(grouped
     report = build_review(scores, tmp / "review.html")
     assert (report.bursts, report.maps) == (1, 4)
     text = Path(report.page).read_text(encoding="utf-8")
+    assert "1 burst or near-duplicate set is shown as rows" in text
     row = text[text.index('<div class="burst"'):text.index("</section>")]
     assert re.findall(r'<figure class="([^"]+)"', row) == ["photo frame keeper", "photo frame", "photo frame"]
     assert row.index("b2.jpg") < row.index("b1.jpg") < row.index("b3.jpg")  # best frame first

@@ -629,7 +629,7 @@ def review(
             scores, out, below=below, thumb_size=thumb_size, force=force, keep=keep,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    details = f": {report.photos} photos, {report.thumbs} previews"
+    details = f": {plural(report.photos, 'photo')}, {plural(report.thumbs, 'preview')}"
     if report.failed:
         details += f", {report.failed} without preview"
     if report.unscored:
@@ -637,7 +637,7 @@ def review(
     if below is not None:
         details += f", {report.below} below {below:g}"
     if report.bursts:
-        details += f", {report.bursts} bursts shown as rows"
+        details += f", {plural(report.bursts, 'burst')} shown as rows"
     if report.maps:
         details += f", {report.maps} crop maps"
     out_console.print(Text("Wrote ").append(_show(report.page)).append(details + "."))
