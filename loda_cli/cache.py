@@ -253,7 +253,10 @@ class ScoreCache:
         except sqlite3.DatabaseError:
             return False
 
-    def get(self, key: FileKey, model: str, prep: str) -> CachedResult | None:
+    def get(self, key: FileKey, model: str, prep: str, *, crops: bool = True) -> CachedResult | None:
+        """The file's cached result, or None. ``crops=False`` leaves its crop scores out (None)
+        unread: decoding them is a third of a cached rerun's time when the output has no use
+        for them (a CSV)."""
         if self._conn is None:
             return None
         try:
@@ -269,7 +272,7 @@ class ScoreCache:
             return None
         if row is None or row[0] != key.size or row[1] != key.mtime_ns:
             return None
-        return CachedResult(*row[2:10], _crops_of(row[10]))
+        return CachedResult(*row[2:10], _crops_of(row[10]) if crops else None)
 
     def put(self, key: FileKey, model: str, prep: str, result: CachedResult) -> None:
         """Queue a row; rows are committed in batches (at most ~1 s old) and on :meth:`flush`."""

@@ -23,13 +23,14 @@ from loda_cli.weights import load_model_info
 
 
 def spec_for(paths: Iterable[str | os.PathLike[str]], loaded, *, recursive: bool = True,
-             include: Iterable[str] = (), exclude: Iterable[str] = (), groups: bool = True) -> ScanSpec:
+             include: Iterable[str] = (), exclude: Iterable[str] = (), groups: bool = True,
+             crops: bool = True) -> ScanSpec:
     """The walk a :class:`~loda_cli.scoring.Scorer` of ``loaded`` (a checkpoint's
     :class:`~loda_cli.weights.LoadedModel`, its model not needed) would make, for
-    :func:`split_by_cache`."""
+    :func:`split_by_cache`. ``crops=False``: the cached rows come without crop scores."""
     return ScanSpec(paths=[os.fspath(Path(p).expanduser()) for p in paths], recursive=recursive,
                     include=tuple(include), exclude=tuple(exclude), preprocess=loaded.preprocess,
-                    model_id=loaded.sha256, groups=groups)
+                    model_id=loaded.sha256, groups=groups, crops=crops)
 
 
 def rows_of(split: CacheSplit, calibration) -> list[ScoreRow]:
@@ -40,13 +41,14 @@ def rows_of(split: CacheSplit, calibration) -> list[ScoreRow]:
 
 def cache_split(paths: Iterable[str | os.PathLike[str]], loaded, *, cache_path: str | os.PathLike[str],
                 recursive: bool = True, include: Iterable[str] = (), exclude: Iterable[str] = (),
-                groups: bool = True, stop_at_miss: bool = False) -> CacheSplit | None:
+                groups: bool = True, stop_at_miss: bool = False, crops: bool = True) -> CacheSplit | None:
     """The cache's pass (:func:`~loda_cli.scoring.split_by_cache`) for the walk a scorer of
     ``loaded`` would make, through a read-only connection; None without a cache file, or where
     the pass returns None."""
     if not os.path.isfile(cache_path):
         return None
-    spec = spec_for(paths, loaded, recursive=recursive, include=include, exclude=exclude, groups=groups)
+    spec = spec_for(paths, loaded, recursive=recursive, include=include, exclude=exclude, groups=groups,
+                    crops=crops)
     with ScoreCache(cache_path, readonly=True) as cache:
         return scoring.split_by_cache(spec, cache, stop_at_miss=stop_at_miss)
 
@@ -60,6 +62,7 @@ def scores_from_cache(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     groups: bool = True,
+    crops: bool = True,
 ) -> tuple[list[ScoreRow], list[tuple[str, str]]] | None:
     """Every file's row from the score cache alone, and the paths the walk skipped; or None as
     soon as one file needs decoding (not cached, or cached before burst grouping while ``groups``
@@ -70,7 +73,7 @@ def scores_from_cache(
     The rows are those :class:`Scorer` gives for the same files, in walk order.
     """
     split = cache_split(paths, loaded, cache_path=cache_path, recursive=recursive, include=include,
-                        exclude=exclude, groups=groups, stop_at_miss=True)
+                        exclude=exclude, groups=groups, stop_at_miss=True, crops=crops)
     if split is None:
         return None
     return rows_of(split, loaded.calibration), split.skipped
@@ -83,13 +86,15 @@ def cached_rows(
     recursive: bool = True,
     exclude: Iterable[str] = (),
     looks: bool = False,
+    crops: bool = True,
 ) -> Optional[list[ScoreRow]]:
     """A row for every image file under ``paths`` from the cache, or None when a file is not
     there (or there is no cache; or, with ``looks``, a scored file has no look stored yet).
+    ``crops=False`` leaves the crop scores out (ScoreRow.crops None), where nothing reads them.
     Raises only what resolving ``model`` raises."""
     cache_path = default_cache_path()
     if not cache_path.is_file():
         return None
     found = scores_from_cache(paths, load_model_info(model), cache_path=cache_path,
-                              recursive=recursive, exclude=exclude, groups=looks)
+                              recursive=recursive, exclude=exclude, groups=looks, crops=crops)
     return None if found is None else found[0]

@@ -324,6 +324,10 @@ class ScanSpec:
     # The files left to decode, as (file, lookup item) from the main process's cache pass
     # (split_by_cache): the workers then take these and do not walk.
     pending: list[tuple[FoundFile, dict[str, Any]]] | None = None
+    # Whether the cached rows need each crop's score (ScoreRow.crops): False leaves them unread
+    # in the cache's pass, for outputs that have no use for them (a CSV, cull, sort, rate).
+    # Not part of a split's key: a split made without them gives its cached rows none.
+    crops: bool = True
 
     def __post_init__(self) -> None:
         if self.preprocess is not None and not self.prep_id:
@@ -357,7 +361,10 @@ def lookup_item(found: FoundFile, index: int, spec: ScanSpec, cache=None,
         item["error"] = f"unreadable: {exc.strerror or exc}"
         return item
     if cache is not None:
-        hit = cache.get(key, spec.model_id, spec.prep_id)
+        hit = cache.get(key, spec.model_id, spec.prep_id, crops=spec.crops)
+        if hit is not None and not spec.crops and spec.groups and hit.error is None and hit.look is None:
+            # decoded again for its look below, this row is stored again: with its crop scores
+            hit = cache.get(key, spec.model_id, spec.prep_id)
         if hit is not None:
             item.update(cached=True, raw=hit.raw, width=hit.width, height=hit.height, format=hit.format,
                         error=hit.error, look=hit.look, taken=hit.taken, camera=hit.camera, crop_raws=hit.crops)

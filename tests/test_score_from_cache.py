@@ -308,3 +308,61 @@ def test_a_crops_score_is_the_same_scored_now_and_read_from_the_cache():
     cached_item = {"index": 0, "path": "a.jpg", "root": ".", "width": 1000, "height": 800, "cached": True}
     cached, _ = finished_row(cached_item, raw, calibration, _crops_of(_crops_text(placed)))
     assert fresh.crops == cached.crops == [[100, 80, 500, 400, round((round(raw, 6) + 1) / 2, 4)]]
+
+
+class _CropReads:
+    """Counts the cached rows whose crop scores were decoded."""
+
+    def __init__(self, monkeypatch):
+        import loda_cli.cache as cache
+
+        self.count = 0
+        real = cache._crops_of
+
+        def counting(text):
+            self.count += 1
+            return real(text)
+
+        monkeypatch.setattr(cache, "_crops_of", counting)
+
+
+def test_crop_scores_are_read_from_the_cache_only_for_outputs_that_write_them(tree, tiny_checkpoint, tmp_path,
+                                                                              monkeypatch):
+    root, ckpt = str(tree["root"]), str(tiny_checkpoint)
+    first = tmp_path / "first.json"
+    assert _score(root, "-m", ckpt, "-o", str(first), "--workers", "0", "-q").exit_code == 0
+    reads = _CropReads(monkeypatch)
+    assert _score(root, "-m", ckpt, "-o", str(tmp_path / "a.csv"), "-q").exit_code == 0
+    assert _score(root, "-m", ckpt, "-q").exit_code == 0  # the listing on stdout
+    assert reads.count == 0
+    second = tmp_path / "second.json"
+    assert _score(root, "-m", ckpt, "-o", str(second), "-q").exit_code == 0
+    rows = json.loads(second.read_text())["rows"]
+    assert reads.count == len(rows) and rows == json.loads(first.read_text())["rows"]
+    reads.count = 0
+    plan = runner.invoke(app, ["cull", root, "--below", "0.9", "--model", ckpt])
+    assert plan.exit_code == 0, plan.output
+    assert "Dry run" in plan.output and reads.count == 0
+
+
+def test_a_row_decoded_again_for_its_look_keeps_its_crop_scores_in_a_csv_run(tree, tiny_checkpoint, tmp_path):
+    from dataclasses import replace
+
+    from loda_cli.cache import FileKey, ScoreCache, default_cache_path
+    from loda_cli.weights import load_model_info
+
+    root, ckpt = str(tree["root"]), str(tiny_checkpoint)
+    assert _score(root, "-m", ckpt, "-q", "--workers", "0", "--no-groups").exit_code == 0
+    loaded = load_model_info(ckpt)
+    good = sorted(tree["good"])[0]
+    key, prep = FileKey.of(good), loaded.preprocess.digest()
+    with ScoreCache(default_cache_path()) as cache:
+        hit = cache.get(key, loaded.sha256, prep)
+        assert hit.crops and hit.look is None  # scored without grouping: crop scores, no look
+    result = _score(root, "-m", ckpt, "-o", str(tmp_path / "grouped.csv"), "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "0 scored now" in result.stderr  # each row decoded again for its look only
+    with ScoreCache(default_cache_path(), readonly=True) as cache:
+        again = cache.get(key, loaded.sha256, prep)
+    assert again.look is not None and again.crops == hit.crops
+    assert replace(again, look=None, taken=None, camera=None) == replace(hit, taken=None, camera=None)

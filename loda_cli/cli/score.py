@@ -18,7 +18,7 @@ import typer
 from loda_cli.cli.common import (check_score_cache, err_console, handle_errors, measuring_precision_notice, plural,
                                  print_precision_choice, shown, write_stdout_line)
 from loda_cli.errors import NoImagesError, UsageError
-from loda_cli.output import check_writable_output, mos_is_meaningful
+from loda_cli.output import check_writable_output, mos_is_meaningful, output_format
 
 
 def register(app: typer.Typer) -> None:
@@ -177,7 +177,8 @@ def score(
         check_score_cache()
     from_cache = split = None
     if cache and not shard and dist is None and crops is None and device in ("auto", "cpu"):
-        from_cache, split = _scores_from_cache(model, paths, walk_kw, groups, quiet)
+        from_cache, split = _scores_from_cache(model, paths, walk_kw, groups, quiet,
+                                               crops=out is not None and output_format(out) != "csv")
     read_seconds = None
     if from_cache is not None:
         scorer, rows, skipped = from_cache
@@ -293,9 +294,12 @@ class _CachedRun:
         return self.loaded.preprocess
 
 
-def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups: bool, quiet: bool):
+def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups: bool, quiet: bool,
+                       crops: bool = True):
     """((run, rows, skipped), split) when the cache answers every file; else (None, the cache's
-    pass for the scorer to go on from), or (None, None) when there is no cache."""
+    pass for the scorer to go on from), or (None, None) when there is no cache. ``crops``:
+    whether the output writes each crop's score (JSON, JSONL); without them the cached rows
+    leave them unread (a third of the time of 40,000 cached rows)."""
     from loda_cli.cache import default_cache_path
     from loda_cli.cachelookup import cache_split, rows_of
     from loda_cli.weights import load_model_info
@@ -305,7 +309,7 @@ def _scores_from_cache(model: str | None, paths, walk_kw: dict[str, Any], groups
         return None, None
     loaded = load_model_info(model)
     with _reading_cache(quiet):
-        split = cache_split(paths, loaded, cache_path=cache_path, groups=groups, **walk_kw)
+        split = cache_split(paths, loaded, cache_path=cache_path, groups=groups, crops=crops, **walk_kw)
     if split is None or split.pending:
         return None, split  # (None: the scorer decides, after bringing an older cache up to date)
     rows = rows_of(split, loaded.calibration)

@@ -80,7 +80,8 @@ def load_scores(
 
     # The cache first: a folder scored before is planned without importing torch (about 6 s).
     found: Iterable[Any] | None = cached_rows(
-        roots, model=model, recursive=True, exclude=tuple(globs), looks=burst_gap is not None
+        roots, model=model, recursive=True, exclude=tuple(globs), looks=burst_gap is not None,
+        crops=False,  # a plan reads scores and groups, never a crop's score
     )
     description = "the score cache" + (f" (model {model})" if model else "")
     if found is None:
