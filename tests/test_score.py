@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +45,6 @@ def test_grid_layout_covers_the_image_deterministically():
 
 
 def test_detail_layouts_place_the_crops_where_their_names_say():
-    from loda_cli.config import Preprocess
     from loda_cli.transforms import detail_positions
 
     grid = Preprocess(num_crops=9, detail_short_side=1500, detail_crops=4, detail_weight=0.5)

@@ -181,7 +181,6 @@ def test_a_home_checkpoint_below_the_builtin_models_srcc_is_not_the_default(tmp_
     SRCC is the default, and `loda score` names the ones it passed over."""
     from PIL import Image
 
-    from loda_cli.config import Preprocess
     from loda_cli.weights import Calibration, home_checkpoints_below_builtin, list_models, save_checkpoint
 
     monkeypatch.setenv("LODA_HOME", str(tmp_path / "home"))
