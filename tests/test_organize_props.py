@@ -182,3 +182,20 @@ def test_after_applies_every_original_exists_exactly_once_somewhere(photos, ops)
             _apply(op, tmp, root, scores)
         found = [v[1] for k, v in _files(tmp).items() if v[0] == "file" and v[1] in originals]
         assert sorted(found) == sorted(originals)
+
+
+_part = st.sampled_from(["a", "b", "ab", "a.b", "é", " x"])
+
+
+@given(st.lists(_part, max_size=4), st.lists(_part, max_size=4), st.booleans())
+def test_the_plans_prefix_test_answers_as_is_under_on_resolved_paths(path, folder, trailing):
+    """groups._inside (a prefix test) stands in for is_under where both paths come from
+    realpath: the two must agree on every such pair, a sibling sharing a prefix ("/a" and
+    "/ab") and the filesystem root included."""
+    from loda_cli.organize.groups import _inside
+    from loda_cli.organize.paths import is_under
+
+    real_path, real_folder = "/" + "/".join(path), "/" + "/".join(folder)
+    assert _inside(real_path, real_folder) == is_under(real_path, real_folder)
+    if trailing and real_folder != "/":
+        assert _inside(real_path, real_folder + "/") == is_under(real_path, real_folder)

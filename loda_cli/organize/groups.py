@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from loda_cli.images import HEIF_EXTENSIONS as HEIC_EXTENSIONS  # .heic, .heif and Canon's .hif
 from loda_cli.images import RAW_EXTENSIONS
 from loda_cli.organize.journal import JOURNAL_PREFIX, TMP_PREFIX
-from loda_cli.organize.paths import Skip, Skipped, is_under
+from loda_cli.organize.paths import Skip, Skipped
 from loda_cli.organize.scores import ScoreSource, failure_kind, is_broken_file_error
 
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
@@ -53,18 +53,28 @@ class Group:
 NOT_FOUND = "not found"
 
 
+def _inside(real_path: str, real_folder: str) -> bool:
+    """:func:`~loda_cli.organize.paths.is_under` for two resolved paths (realpath's: absolute,
+    normalised), as a prefix test: a tenth of its time, asked twice for each of 40,000 photos."""
+    prefix = real_folder if real_folder.endswith(os.sep) else real_folder + os.sep
+    return real_path == real_folder or real_path.startswith(prefix) or real_path + os.sep == prefix
+
+
 def _root_index(real_path: str, roots: Sequence[str]) -> Optional[int]:
     for index, root in enumerate(roots):
-        if is_under(real_path, root):
+        if _inside(real_path, root):
             return index
     return None
 
 
-def _locate(raw: str, roots: Sequence[str], bases: Sequence[str]) -> tuple[str, int]:
+def _locate(raw: str, roots: Sequence[str], bases: Sequence[str],
+            resolved: Optional[dict[str, str]] = None) -> tuple[str, int]:
     """The real location of a scored path and its root, or Skipped with the reason.
 
     The parent folder is resolved by the kernel's rules (symlinks, then ``..``), so neither can
-    lead out of the roots. The file itself is not followed: a symlink is refused.
+    lead out of the roots. The file itself is not followed: a symlink is refused. ``resolved``:
+    a dict that keeps each folder's resolved path for one plan (resolving took two thirds of
+    the time of locating a photo); applying the plan checks each folder again.
     """
     if not raw or "\x00" in raw:
         raise Skipped("not a usable path")
@@ -75,7 +85,12 @@ def _locate(raw: str, roots: Sequence[str], bases: Sequence[str]) -> tuple[str, 
     name = os.path.basename(chosen)
     if name in ("", ".", ".."):
         raise Skipped("not a file")
-    parent = os.path.realpath(os.path.dirname(chosen) or ".")
+    folder = os.path.dirname(chosen) or "."
+    parent = resolved.get(folder) if resolved is not None else None
+    if parent is None:
+        parent = os.path.realpath(folder)
+        if resolved is not None:
+            resolved[folder] = parent
     index = _root_index(parent, roots)
     if index is None:
         raise Skipped("outside the given folders (refused)")
@@ -161,16 +176,18 @@ def collect_groups(
     bursts: dict[str, Optional[int]] = {}
     entries = [(raw, score, None) for raw, score in source.rows]
     entries += [(raw, 0.0, error) for raw, error in source.failed]
+    resolved: dict[str, str] = {}
+    real_exclude = [os.path.realpath(f) for f in exclude]
     for raw, score, error in entries:
         try:
-            full, root = _locate(raw, roots, source.bases)
+            full, root = _locate(raw, roots, source.bases, resolved)
         except Skipped as why:
             skips.append(Skip(raw, str(why)))
             continue
         except OSError as exc:
             skips.append(Skip(raw, f"unreadable: {exc.strerror}"))
             continue
-        if any(is_under(full, folder) for folder in exclude):
+        if any(_inside(full, folder) for folder in real_exclude):
             continue
         located.setdefault(full, (root, score, error))
         if source.bursts is not None and error is None:
