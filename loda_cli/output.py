@@ -106,10 +106,20 @@ def render(records: Sequence[dict[str, Any]], fmt: str, header: dict[str, Any] |
             writer.writerow([_csv_value(rec[c]) for c in COLUMNS])
         return buf.getvalue()
     if fmt == "json":
-        return json.dumps({"header": header or {}, "rows": list(records)}, indent=1) + "\n"
+        return _json_document(records, header or {})
     if fmt == "jsonl":
         return "".join(json.dumps(rec) + "\n" for rec in records)
     raise UsageError(f"unknown output format {fmt!r}")
+
+
+def _json_document(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> str:
+    """``{"header": ..., "rows": [...]}``: the header indented, each row on a line of its own.
+    Indenting the rows too put every crop's number on a line (4.5 million lines, 44 MB for
+    40,000 photos) and took the json module's pure-Python encoder: 6 s of a cached rerun."""
+    # (A JSON text holds no raw newline inside a string, so shifting its lines is safe.)
+    head = json.dumps(header, indent=1).replace("\n", "\n ")
+    rows = ",\n".join("  " + json.dumps(rec) for rec in records)
+    return '{\n "header": ' + head + ',\n "rows": [' + ("\n" + rows + "\n " if rows else "") + "]\n}\n"
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

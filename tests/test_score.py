@@ -103,6 +103,12 @@ def test_json_and_jsonl_outputs_parse(tree, tiny_checkpoint, tmp_path):
     assert doc["header"]["model"] == "tiny" and len(doc["header"]["checkpoint_sha256"]) == 64
     assert doc["header"]["preprocess"]["num_crops"] == 3
     assert len(doc["rows"]) == len(tree["good"]) + len(tree["bad"])
+    # A row a line, its crops on it, after the indented header: a text tool finds a photo's row.
+    text = out.read_text()
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[1] == ' "header": {' and text.endswith("\n ]\n}\n")
+    first = lines.index(' "rows": [') + 1
+    assert [json.loads(line.rstrip(",")) for line in lines[first:first + len(doc["rows"])]] == doc["rows"]
     result = runner.invoke(app, ["score", str(tree["root"]), "-m", str(tiny_checkpoint), "--out", "-"])
     assert result.exit_code == 0
     lines = [json.loads(line) for line in result.stdout.splitlines()]
