@@ -177,7 +177,6 @@ def collect_groups(
     entries = [(raw, score, None) for raw, score in source.rows]
     entries += [(raw, 0.0, error) for raw, error in source.failed]
     resolved: dict[str, str] = {}
-    real_exclude = [os.path.realpath(f) for f in exclude]
     for raw, score, error in entries:
         try:
             full, root = _locate(raw, roots, source.bases, resolved)
@@ -187,7 +186,7 @@ def collect_groups(
         except OSError as exc:
             skips.append(Skip(raw, f"unreadable: {exc.strerror}"))
             continue
-        if any(_inside(full, folder) for folder in real_exclude):
+        if any(_inside(full, folder) for folder in exclude):  # (resolved: _culled and the dests)
             continue
         located.setdefault(full, (root, score, error))
         if source.bursts is not None and error is None:
