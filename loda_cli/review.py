@@ -337,22 +337,25 @@ _SCRIPT = """
     }
     document.documentElement.setAttribute('data-maps-shown', String(visible));
   }
-  function countLoaded() {
-    var imgs = document.querySelectorAll('figure img');
-    var ok = 0;
-    for (var i = 0; i < imgs.length; i++) {
-      if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++;
-    }
-    document.documentElement.setAttribute('data-loaded-images', String(ok));
-    document.getElementById('loaded').textContent = String(ok);
+  // Counted as each preview loads: counting them all again at every load took time growing
+  // with the square of the photos (minutes for 40,000).
+  var loaded = 0;
+  function showLoaded() {
+    document.documentElement.setAttribute('data-loaded-images', String(loaded));
+    document.getElementById('loaded').textContent = String(loaded);
   }
+  function countLoaded() { loaded++; showLoaded(); }
   folder.addEventListener('change', apply);
   onlyCull.addEventListener('change', apply);
   order.addEventListener('change', function () { reorder(); apply(); });
   maps.addEventListener('change', showMaps);
   var imgs = document.querySelectorAll('figure img');
-  for (var i = 0; i < imgs.length; i++) { imgs[i].addEventListener('load', countLoaded); }
-  window.addEventListener('load', countLoaded);
+  for (var i = 0; i < imgs.length; i++) {
+    // (one already loaded fired its load event before this ran; one not yet will fire it later)
+    if (imgs[i].complete && imgs[i].naturalWidth > 0) { loaded++; }
+    else { imgs[i].addEventListener('load', countLoaded); }
+  }
+  showLoaded();
   if (location.hash === '#cropmap' && !maps.disabled) { maps.checked = true; }
   apply();
   showMaps();
