@@ -44,7 +44,9 @@ def cache_split(paths: Iterable[str | os.PathLike[str]], loaded, *, cache_path: 
                 groups: bool = True, stop_at_miss: bool = False, crops: bool = True) -> CacheSplit | None:
     """The cache's pass (:func:`~loda_cli.scoring.split_by_cache`) for the walk a scorer of
     ``loaded`` would make, through a read-only connection; None without a cache file, or where
-    the pass returns None."""
+    the pass returns None. ``crops=False``: the split's cached rows have no crop scores, also
+    when it is handed to :meth:`~loda_cli.scoring.Scorer.score_files` (for an output without
+    them, such as a CSV)."""
     if not os.path.isfile(cache_path):
         return None
     spec = spec_for(paths, loaded, recursive=recursive, include=include, exclude=exclude, groups=groups,

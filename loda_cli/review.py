@@ -461,8 +461,9 @@ def _page_top(items: Sequence[ReviewItem], below: Optional[float], title: str, b
     notes = f" {unscored} could not be scored (marked, shown last)." if unscored else ""
     if bursts:
         kept = "the best frame" if keep == 1 else f"the {keep} best frames"
-        sets = "1 burst or near-duplicate set is" if bursts == 1 else f"{bursts} bursts or near-duplicate sets are"
-        notes += (f" {sets} shown as rows, best first; "
+        sets = ("1 burst or near-duplicate set is shown as a row" if bursts == 1
+                else f"{bursts} bursts or near-duplicate sets are shown as rows")
+        notes += (f" {sets}, best first; "
                   f"{kept} of each (what <code>loda cull --bursts</code> keeps) outlined green.")
     if below is not None:
         notes += f" <strong>{cull_count}</strong> below {below:g} (outlined red) would be culled."

@@ -238,7 +238,7 @@ def test_bursts_are_rows_with_the_keeper_marked_and_a_crop_map_per_photo(grouped
     report = build_review(scores, tmp / "review.html")
     assert (report.bursts, report.maps) == (1, 4)
     text = Path(report.page).read_text(encoding="utf-8")
-    assert "1 burst or near-duplicate set is shown as rows" in text
+    assert "1 burst or near-duplicate set is shown as a row, best first" in text
     row = text[text.index('<div class="burst"'):text.index("</section>")]
     assert re.findall(r'<figure class="([^"]+)"', row) == ["photo frame keeper", "photo frame", "photo frame"]
     assert row.index("b2.jpg") < row.index("b1.jpg") < row.index("b3.jpg")  # best frame first

@@ -122,8 +122,8 @@ LabelOpt = Annotated[
 JournalArg = Annotated[
     Optional[Path],
     typer.Argument(
-        help="The journal to undo, or a folder: the newest journal of a run on it or under "
-        "it. Default: the current folder.",
+        help="The journal to undo, or a folder: the newest run on it, in it, or on a folder "
+        "that holds it (the whole run is undone). Default: the current folder.",
         show_default=False,
     ),
 ]
@@ -637,9 +637,9 @@ def review(
     if below is not None:
         details += f", {report.below} below {below:g}"
     if report.bursts:
-        details += f", {plural(report.bursts, 'burst')} shown as rows"
+        details += f", {plural(report.bursts, 'burst')} shown as {'a row' if report.bursts == 1 else 'rows'}"
     if report.maps:
-        details += f", {report.maps} crop maps"
+        details += f", {plural(report.maps, 'crop map')}"
     out_console.print(Text("Wrote ").append(_show(report.page)).append(details + "."))
     if report.missing:
         looked = ", ".join(organize_display(b) for b in report.bases)

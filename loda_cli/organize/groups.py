@@ -57,7 +57,7 @@ def _inside(real_path: str, real_folder: str) -> bool:
     """:func:`~loda_cli.organize.paths.is_under` for two resolved paths (realpath's: absolute,
     normalised), as a prefix test: a tenth of its time, asked twice for each of 40,000 photos."""
     prefix = real_folder if real_folder.endswith(os.sep) else real_folder + os.sep
-    return real_path == real_folder or real_path.startswith(prefix) or real_path + os.sep == prefix
+    return real_path == real_folder or real_path.startswith(prefix)
 
 
 def _root_index(real_path: str, roots: Sequence[str]) -> Optional[int]:
@@ -74,7 +74,7 @@ def _locate(raw: str, roots: Sequence[str], bases: Sequence[str],
     The parent folder is resolved by the kernel's rules (symlinks, then ``..``), so neither can
     lead out of the roots. The file itself is not followed: a symlink is refused. ``resolved``:
     a dict that keeps each folder's resolved path for one plan (resolving took two thirds of
-    the time of locating a photo); applying the plan checks each folder again.
+    the time of locating a photo); the plan's moves name the resolved paths.
     """
     if not raw or "\x00" in raw:
         raise Skipped("not a usable path")
