@@ -132,6 +132,12 @@ def test_review_cli(scored):
     assert (tmp / "r.html").exists() and len(list((tmp / "r_files").glob("*.jpg"))) == 5
     bad = runner.invoke(app, ["review", str(scores), "--below", "2"])
     assert bad.exit_code == 2
+    # Off a terminal no bar is drawn, so a bad file's error is the first line, not after an
+    # empty one where the bar was taken down.
+    cut = tmp / "cut.json"
+    cut.write_text('{"header": {}, "rows": [', encoding="utf-8")
+    broken = runner.invoke(app, ["review", str(cut), "--out", "c.html"])
+    assert broken.exit_code != 0 and broken.output.startswith("error: scores file"), repr(broken.output)
 
 
 def _chromium() -> str | None:

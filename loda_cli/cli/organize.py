@@ -182,7 +182,8 @@ def _load(
     check_score_cache()
 
     columns = (SpinnerColumn(), TextColumn("scoring: {task.completed} photos"))
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
         task = bar.add_task("scoring", total=None)
         return load_scores(
             roots, None, model=model, exclude=exclude, progress=lambda row: bar.advance(task),
@@ -359,7 +360,8 @@ def _run(plan: "Plan", source: "ScoreSource", apply: bool, list_all: bool = Fals
     columns = (TextColumn(plan.command), BarColumn(), MofNCompleteColumn())
     journal: list[str] = []
     try:
-        with Progress(*columns, console=err_console, transient=True) as bar:
+        with Progress(*columns, console=err_console, transient=True,
+                      disable=not err_console.is_terminal) as bar:
             task = bar.add_task(plan.command, total=len(plan.actions))
             report = apply_plan(
                 plan,
@@ -623,7 +625,8 @@ def review(
     from loda_cli.review import build_review
 
     columns = (TextColumn("thumbnails"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
         task = bar.add_task("thumbnails", total=None)
         report = build_review(
             scores, out, below=below, thumb_size=thumb_size, force=force, keep=keep,
