@@ -142,6 +142,7 @@ def test_train_cli_and_bad_input(small_kadid, tmp_path):
                             "--max-steps", "2", "--workers", "0", "--precision", "fp32", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert out.is_file() and "checkpoint:" in r.output
+    assert "\n\n" not in r.output  # off a terminal no bar is drawn, nor an empty line where it was
     r = runner.invoke(app, ["train", "kadid", "--data", str(tmp_path / "nowhere")])
     assert r.exit_code != 0 and "--data" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["train", "kadidd"])

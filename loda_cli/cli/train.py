@@ -317,6 +317,7 @@ class _Reporter:
                     TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[ips]:.1f} img/s"),
                     TimeRemainingColumn(), console=err_console, transient=True,
+                    disable=not err_console.is_terminal,  # a log gets the epoch lines alone
                 )
                 self.progress.start()
             if self.task is None:
