@@ -711,6 +711,25 @@ def test_rate_darktable_only_and_edges(shoot):
     assert invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "capture-one").exit_code == 2
 
 
+def test_rate_writes_an_existing_sidecar_whose_name_differs_in_case(shoot):
+    """A sidecar named in another case (a camera's or an app's IMG_40.JPG.XMP) is the one updated,
+    not joined by a second; of two such names the first in sorted order. Each folder is listed
+    once per plan, so every photo of a folder must still find its own."""
+    from loda_cli import xmp
+
+    write(shoot.root / "IMG_40.JPG.XMP", xmp.new_sidecar(1))
+    write(shoot.root / "ceremony" / "IMG_6.jpg.XMP", xmp.new_sidecar(1))
+    write(shoot.root / "ceremony" / "IMG_6.JPG.XMP", xmp.new_sidecar(1))
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "darktable", "--apply")
+    assert result.exit_code == 0, result.output
+    assert xmp.read_state((shoot.root / "IMG_40.JPG.XMP").read_bytes()).rating == 4
+    assert xmp.read_state((shoot.root / "ceremony" / "IMG_6.JPG.XMP").read_bytes()).rating == 5
+    assert xmp.read_state((shoot.root / "ceremony" / "IMG_6.jpg.XMP").read_bytes()).rating == 1
+    names = {p.name for p in shoot.root.rglob("*")}
+    assert "IMG_40.jpg.xmp" not in names and "IMG_6.jpg.xmp" not in names
+    assert {"IMG_3.jpg.xmp", "IMG_4.jpg.xmp", "IMG_5.jpg.xmp"} <= names  # their folders' others
+
+
 def test_rate_twice_is_unchanged_and_updates_its_own_rating(shoot):
     from loda_cli import xmp
 
