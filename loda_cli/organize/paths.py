@@ -19,6 +19,8 @@ CULLED_DIRNAME = "_culled"
 def display_path(path: str | os.PathLike[str]) -> str:
     """A path as text that is safe to print: undecodable bytes and control characters escaped."""
     text = os.fsencode(path).decode("utf-8", errors="backslashreplace")
+    if text.isprintable():  # nearly every path: the same text, without a look at each character
+        return text
     return "".join(
         ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
     )
