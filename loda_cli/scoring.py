@@ -362,15 +362,15 @@ def lookup_item(found: FoundFile, index: int, spec: ScanSpec, cache=None,
         return item
     if cache is not None:
         hit = cache.get(key, spec.model_id, spec.prep_id, crops=spec.crops)
-        if hit is not None and not spec.crops and spec.groups and hit.error is None and hit.look is None:
-            # decoded again for its look below, this row is stored again: with its crop scores
-            hit = cache.get(key, spec.model_id, spec.prep_id)
         if hit is not None:
+            # A row from before burst grouping: decode for the look and EXIF only; the score
+            # stays the cached one. It is stored again then, with its crop scores (read for that).
+            refresh = spec.groups and hit.error is None and hit.look is None
+            if refresh and not spec.crops:
+                hit = cache.get(key, spec.model_id, spec.prep_id)
             item.update(cached=True, raw=hit.raw, width=hit.width, height=hit.height, format=hit.format,
                         error=hit.error, look=hit.look, taken=hit.taken, camera=hit.camera, crop_raws=hit.crops)
-            if spec.groups and hit.error is None and hit.look is None:
-                # A row from before burst grouping: decode for the look and EXIF only; the
-                # score stays the cached one, and its crop scores stay unknown.
+            if refresh:
                 item["refresh"] = True
     return item
 
@@ -466,10 +466,7 @@ def iter_prepared(spec: ScanSpec, worker_id: int = 0, num_workers: int = 1) -> I
                 skips.clear()  # every worker walks the same tree; worker 0 alone reports
             if index % shard_n != shard_k or (index // shard_n) % num_workers != worker_id:
                 continue
-            item = prepare_item(found, index, spec, cache, resolved_dirs)
-            if spec.runner is not None and item.get("crops") is not None:
-                score_item(item, spec.preprocess, spec.runner)
-            yield item
+            yield _scored_here(prepare_item(found, index, spec, cache, resolved_dirs), spec)
         if worker_id == 0:
             yield from _drain_skips(skips)
     finally:
@@ -559,10 +556,14 @@ def _iter_pending(spec: ScanSpec, worker_id: int, num_workers: int) -> Iterator[
     n-th of the files left to decode."""
     for position in range(worker_id, len(spec.pending), num_workers):
         found, looked = spec.pending[position]
-        item = decode_item(found, dict(looked), spec)
-        if spec.runner is not None and item.get("crops") is not None:
-            score_item(item, spec.preprocess, spec.runner)
-        yield item
+        yield _scored_here(decode_item(found, dict(looked), spec), spec)
+
+
+def _scored_here(item: dict[str, Any], spec: ScanSpec) -> dict[str, Any]:
+    """The item, scored in this process when the workers score (:func:`score_item`)."""
+    if spec.runner is not None and item.get("crops") is not None:
+        score_item(item, spec.preprocess, spec.runner)
+    return item
 
 
 def score_item(item: dict[str, Any], preprocess, runner) -> None:

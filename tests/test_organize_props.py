@@ -189,11 +189,10 @@ _part = st.sampled_from(["a", "b", "ab", "a.b", "é", " x"])
 
 @given(st.lists(_part, max_size=4), st.lists(_part, max_size=4))
 def test_the_plans_prefix_test_answers_as_is_under_on_resolved_paths(path, folder):
-    """groups._inside (a prefix test) stands in for is_under where both paths come from
+    """is_under_resolved (a prefix test) stands in for is_under where both paths come from
     realpath: the two must agree on every such pair, a sibling sharing a prefix ("/a" and
     "/ab") and the filesystem root included."""
-    from loda_cli.organize.groups import _inside
-    from loda_cli.organize.paths import is_under
+    from loda_cli.organize.paths import is_under, is_under_resolved
 
     real_path, real_folder = "/" + "/".join(path), "/" + "/".join(folder)
-    assert _inside(real_path, real_folder) == is_under(real_path, real_folder)
+    assert is_under_resolved(real_path, real_folder) == is_under(real_path, real_folder)

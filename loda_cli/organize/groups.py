@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from loda_cli.images import HEIF_EXTENSIONS as HEIC_EXTENSIONS  # .heic, .heif and Canon's .hif
 from loda_cli.images import RAW_EXTENSIONS
 from loda_cli.organize.journal import JOURNAL_PREFIX, TMP_PREFIX
-from loda_cli.organize.paths import Skip, Skipped
+from loda_cli.organize.paths import Skip, Skipped, is_under_resolved
 from loda_cli.organize.scores import ScoreSource, failure_kind, is_broken_file_error
 
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
@@ -53,16 +53,9 @@ class Group:
 NOT_FOUND = "not found"
 
 
-def _inside(real_path: str, real_folder: str) -> bool:
-    """:func:`~loda_cli.organize.paths.is_under` for two resolved paths (realpath's: absolute,
-    normalised), as a prefix test: a tenth of its time, asked twice for each of 40,000 photos."""
-    prefix = real_folder if real_folder.endswith(os.sep) else real_folder + os.sep
-    return real_path == real_folder or real_path.startswith(prefix)
-
-
 def _root_index(real_path: str, roots: Sequence[str]) -> Optional[int]:
     for index, root in enumerate(roots):
-        if _inside(real_path, root):
+        if is_under_resolved(real_path, root):
             return index
     return None
 
@@ -186,7 +179,7 @@ def collect_groups(
         except OSError as exc:
             skips.append(Skip(raw, f"unreadable: {exc.strerror}"))
             continue
-        if any(_inside(full, folder) for folder in exclude):  # (resolved: _culled and the dests)
+        if any(is_under_resolved(full, folder) for folder in exclude):  # (resolved: _culled and the dests)
             continue
         located.setdefault(full, (root, score, error))
         if source.bursts is not None and error is None:

@@ -1,7 +1,8 @@
 """Paths in the organize commands: printing them safely, the roots, and what is left alone.
 
 Every path loda acts on lies under a root the user named or a destination they chose;
-:func:`is_under` is the one test for that. Paths are printed through :func:`display_path` only.
+:func:`is_under` is the one test for that (:func:`is_under_resolved`, its faster form, where both
+paths are resolved). Paths are printed through :func:`display_path` only.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def is_under(path: str, folder: str) -> bool:
         return os.path.commonpath([path, folder]) == folder
     except ValueError:
         return False
+
+
+def is_under_resolved(real_path: str, real_folder: str) -> bool:
+    """:func:`is_under` for two resolved paths (realpath's: absolute, normalised), as a prefix
+    test: a tenth of its time, for a plan that asks twice for each of 40,000 photos."""
+    prefix = real_folder if real_folder.endswith(os.sep) else real_folder + os.sep
+    return real_path == real_folder or real_path.startswith(prefix)
 
 
 def resolve_roots(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
