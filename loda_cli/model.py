@@ -80,9 +80,46 @@ class DistortionExtractor(nn.Module):
         )
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        # Each stage gives (B, D, g, g); flattened channels-last to (B, g*g, D) and concatenated.
-        tokens = [stage(f).flatten(2).transpose(1, 2) for stage, f in zip(self.stages, features)]
-        return torch.cat(tokens, dim=1)
+        # Each stage gives (B, D, g, g), as (B, g*g, D) tokens in row-major order; concatenated.
+        return torch.cat([stage_tokens(stage, f) for stage, f in zip(self.stages, features)], dim=1)
+
+
+def stage_tokens(stage: nn.Sequential, feature: torch.Tensor) -> torch.Tensor:
+    """One extractor branch on one CNN feature map: (B, C, H, W) -> (B, g*g, D) tokens.
+
+    The 3x3 convolution and the average pooling after it are both linear, so pooling first and
+    convolving after gives the same tokens. Each pooling cell's mean of the convolution's output
+    is the 3x3 kernel applied to the means of nine windows, the cell shifted by each kernel tap
+    (zeros beyond the border, as the convolution's padding): a (g*g, 9*D) by (9*D, D) product
+    instead of a D-to-D convolution at every position of the map. Where the map divides evenly
+    into the grid (every case of the paper's and the built-in model's 224-pixel crops) that is
+    what runs: for the built-in model it removes 0.29 of 1.22 GFLOP a crop. Exact up to float
+    rounding (README, "Speed"); any other shape runs the branch's own layers.
+    """
+    conv1, act, conv3, pool = stage
+    grid = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+    h, w = feature.shape[-2:]
+    gh, gw = grid
+    exact = (
+        gh is not None and gw is not None and h % gh == 0 and w % gw == 0 and (h, w) != (gh, gw)
+        and conv3.kernel_size == (3, 3) and conv3.padding == (1, 1) and conv3.stride == (1, 1)
+        and conv3.dilation == (1, 1) and conv3.groups == 1 and conv3.padding_mode == "zeros"
+    )
+    if not exact:
+        return stage(feature).flatten(2).transpose(1, 2)
+    sh, sw = h // gh, w // gw
+    y = act(conv1(feature)).permute(0, 2, 3, 1)  # (B, H, W, D): a view where the map is channels-last
+    b, d = y.shape[0], y.shape[-1]
+    padded = F.pad(y, (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, D)
+    # Sums over each cell's columns, shifted by the kernel's column tap j: (B, H+2, gw, D) each.
+    columns = [padded[:, :, j : j + w].reshape(b, h + 2, gw, sw, d).sum(3) for j in range(3)]
+    # Then over its rows, shifted by the row tap i: (B, gh, gw, 9, D), taps in the kernel's order.
+    windows = torch.stack(
+        [columns[j][:, i : i + h].reshape(b, gh, sh, gw, d).sum(2) for i in range(3) for j in range(3)], dim=3
+    )
+    kernel = conv3.weight.permute(0, 2, 3, 1).reshape(conv3.out_channels, 9 * d) / (sh * sw)
+    tokens = windows.reshape(b, gh * gw, 9 * d) @ kernel.t()
+    return tokens if conv3.bias is None else tokens + conv3.bias
 
 
 class DistortionInjector(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from loda_cli.config import LoDaConfig
 from loda_cli.errors import StateDictMismatchError
-from loda_cli.model import LoDa, convert_official_state_dict, to_official_state_dict
+from loda_cli.model import DistortionExtractor, LoDa, convert_official_state_dict, stage_tokens, to_official_state_dict
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_loda.safetensors"
 
@@ -97,6 +97,45 @@ def test_cosine_head_is_bounded_and_scale_invariant(tiny_model):
     torch.testing.assert_close(out, tiny_model.head(f * 7.5))
     expected = F.cosine_similarity(f, tiny_model.head.weight.T.expand_as(f), dim=-1).unsqueeze(1)
     torch.testing.assert_close(out, expected)
+
+
+def _layers_tokens(stage, feature):
+    """A branch's tokens the plain way: its convolution at every position, then the pooling."""
+    return stage(feature).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "shape, grid",
+    [((56, 56), 7), ((28, 28), 7), ((14, 14), 7), ((56, 28), 7), ((32, 24), (4, 3)), ((30, 30), 7), ((7, 7), 7)],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_pooling_before_the_3x3_convolution_gives_the_same_tokens(shape, grid, bias):
+    # Evenly divided maps take the pooled path, the rest (30 into 7, 7 into 7) the layers'.
+    torch.manual_seed(0)
+    extractor = DistortionExtractor([24], latent_dim=16, grid_size=7)
+    stage = extractor.stages[0]
+    stage[3] = torch.nn.AdaptiveAvgPool2d(grid)
+    if bias:
+        stage[2].bias = torch.nn.Parameter(torch.randn(16))
+    feature = torch.randn(3, 24, *shape)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = feature.contiguous(memory_format=layout)
+        torch.testing.assert_close(stage_tokens(stage, x), _layers_tokens(stage, x), rtol=0, atol=2e-5)
+
+
+def test_pooled_tokens_train_as_the_convolution_does():
+    torch.manual_seed(0)
+    extractor = DistortionExtractor([8, 16], latent_dim=12, grid_size=7)
+    features = [torch.randn(2, 8, 56, 56), torch.randn(2, 16, 28, 28)]
+    target = torch.randn(2, 98, 12)
+    grads = []
+    for tokens_of in (stage_tokens, _layers_tokens):
+        extractor.zero_grad()
+        tokens = torch.cat([tokens_of(stage, f) for stage, f in zip(extractor.stages, features)], dim=1)
+        F.mse_loss(tokens, target).backward()
+        grads.append([p.grad.clone() for p in extractor.parameters()])
+    for fast, plain in zip(*grads):
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6)
 
 
 def test_golden_output():
