@@ -328,9 +328,47 @@ _SCRIPT = """
     });
     items.forEach(function (el) { grid.appendChild(el); });
   }
+  // A crop map's cells are made from its data-cells ("left top width height" in percent of
+  // the picture, the colour's hue, the crop's score to 3 and to 2 decimals, 1 for a detail-view
+  // crop; ";" between cells) the first time it is shown near the window, so a page of many
+  // photos carries no spans it may never show.
+  function drawMap(el) {
+    if (el.getAttribute('data-drawn')) { return; }
+    el.setAttribute('data-drawn', '1');
+    var cells = (el.getAttribute('data-cells') || '').split(';');
+    for (var i = 0; i < cells.length; i++) {
+      var v = cells[i].split(' ');
+      if (v.length !== 8) { continue; }
+      var hue = v[4], detail = v[7] === '1';
+      var cell = document.createElement('span');
+      cell.className = detail ? 'cell detail' : 'cell';
+      var style = cell.style;
+      style.left = v[0] + '%'; style.top = v[1] + '%'; style.width = v[2] + '%'; style.height = v[3] + '%';
+      style.background = 'hsla(' + hue + ',85%,45%,' + (detail ? '0.3' : '0.4') + ')';
+      if (detail) { style.borderColor = 'hsl(' + hue + ',85%,40%)'; }
+      cell.title = 'crop score ' + v[5];
+      cell.textContent = v[6];
+      el.appendChild(cell);
+    }
+  }
+  var near = null;
+  if (window.IntersectionObserver) {
+    near = new IntersectionObserver(function (entries) {
+      for (var i = 0; i < entries.length; i++) {
+        if (entries[i].isIntersecting) { drawMap(entries[i].target); near.unobserve(entries[i].target); }
+      }
+    }, {rootMargin: '800px'});
+  }
+  var watching = false;
   function showMaps() {
     document.body.classList.toggle('maps', maps.checked);
     var all = document.querySelectorAll('.map');
+    if (maps.checked && !watching) {
+      watching = true;
+      for (var j = 0; j < all.length; j++) {
+        if (near) { near.observe(all[j]); } else { drawMap(all[j]); }
+      }
+    }
     var visible = 0;
     for (var i = 0; i < all.length; i++) {
       if (all[i].offsetWidth > 0) visible++;
@@ -555,21 +593,22 @@ def _crop_map(item: ReviewItem) -> str:
         for c in crops:
             box = _tile(c, crops, width, height) if tiled else tuple(c[:4])
             cells.append((*box, c[4], number > 0))
-    parts = ['<div class="map">']
+    # The cells are drawn by the page's script when the map is shown, as each photo comes near
+    # the window: 14 spans a photo written out were 85% of a 40,000-photo page (98 MB).
+    encoded = []
     for x, y, w, h, score, detail in cells:
         score = min(1.0, max(0.0, score))
-        hue = round(120 * score)
-        style = (
-            f"left:{100 * x / width:.2f}%;top:{100 * y / height:.2f}%;"
-            f"width:{100 * w / width:.2f}%;height:{100 * h / height:.2f}%;"
-            f"background:hsla({hue},85%,45%,{0.3 if detail else 0.4})"
+        encoded.append(
+            f"{_pct(x, width)} {_pct(y, height)} {_pct(w, width)} {_pct(h, height)} "
+            f"{round(120 * score)} {score:.3f} {score:.2f} {int(detail)}"
         )
-        if detail:
-            style += f";border-color:hsl({hue},85%,40%)"
-        kind = "cell detail" if detail else "cell"
-        parts.append(f'<span class="{kind}" style="{style}" title="crop score {score:.3f}">{score:.2f}</span>')
-    parts.append("</div>")
-    return "".join(parts)
+    return f'<div class="map" data-cells="{";".join(encoded)}"></div>'
+
+
+def _pct(value: float, total: float) -> str:
+    """``value`` as a percentage of ``total``, two decimals, no trailing zeros."""
+    text = f"{100 * value / total:.2f}".rstrip("0").rstrip(".")
+    return text if text != "-0" else "0"
 
 
 def _overlapping(crops) -> bool:

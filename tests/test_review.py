@@ -249,7 +249,11 @@ def test_bursts_are_rows_with_the_keeper_marked_and_a_crop_map_per_photo(grouped
     assert re.findall(r'<figure class="([^"]+)"', row) == ["photo frame keeper", "photo frame", "photo frame"]
     assert row.index("b2.jpg") < row.index("b1.jpg") < row.index("b3.jpg")  # best frame first
     assert "single.jpg" in text[text.index('<main id="grid">'):]
-    assert text.count('class="cell"') == 4 * 9 and text.count('class="cell detail"') == 4 * 2
+    maps = re.findall(r'<div class="map" data-cells="([^"]*)"></div>', text)
+    cells = [cell.split(" ") for encoded in maps for cell in encoded.split(";")]
+    assert len(maps) == 4 and all(len(cell) == 8 for cell in cells)
+    assert [cell[7] for cell in cells].count("0") == 4 * 9 and [cell[7] for cell in cells].count("1") == 4 * 2
+    assert all(0 <= float(v) <= 100 for cell in cells for v in cell[:4]) and 'class="cell' not in text
     two = Path(build_review(scores, tmp / "two.html", keep=2).page).read_text(encoding="utf-8")
     assert two.count("photo frame keeper") == 2
     with pytest.raises(UsageError):
@@ -271,6 +275,10 @@ def test_groups_render_the_keeper_is_marked_and_the_map_toggles_in_headless_chro
     plain, mapped = dom(url), dom(url + "#cropmap")  # #cropmap ticks the toggle, as a click does
     assert 'data-loaded-images="4"' in plain and 'data-maps-shown="0"' in plain, plain[:400]
     assert 'data-maps-shown="4"' in mapped and '<body class="maps">' in mapped, mapped[:400]
+    # the cells are made when the map is shown, not before
+    assert 'class="cell' not in plain
+    assert mapped.count('class="cell"') == 4 * 9 and mapped.count('class="cell detail"') == 4 * 2
+    assert 'title="crop score ' in mapped
     assert plain.count('class="photo frame keeper"') == 1 and plain.count('class="burst"') == 1
     shots = {}
     for name, address in (("plain", url), ("mapped", url + "#cropmap")):
