@@ -658,6 +658,43 @@ def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(s
     assert (shoot.root / "IMG_4.xmp").read_bytes() == human
 
 
+def test_rate_fsyncs_each_folder_once_a_batch_and_every_folder_before_the_journal_ends(shoot, monkeypatch):
+    """Each sidecar is fsynced before its rename; its folder once for many sidecars, and every
+    sidecar's folder after it was written and before the journal's end record."""
+    from loda_cli.organize import apply as apply_mod
+    from loda_cli.organize import fileops
+    from loda_cli.organize.journal import JournalWriter
+
+    events: list[tuple[str, str]] = []
+    real_sync, real_file, real_record = fileops.fsync_dir, fileops.write_file, JournalWriter.write
+
+    def sync(folder):
+        events.append(("sync", folder))
+        return real_sync(folder)
+
+    def write_file(path, *args, **kwargs):
+        real_file(path, *args, **kwargs)
+        events.append(("file", os.path.dirname(path)))
+
+    def record(self, entry, sync=False):
+        events.append((entry["type"], ""))
+        return real_record(self, entry, sync=sync)
+
+    monkeypatch.setattr(fileops, "fsync_dir", sync)
+    monkeypatch.setattr(fileops, "write_file", write_file)
+    monkeypatch.setattr(JournalWriter, "write", record)
+    monkeypatch.setattr(apply_mod, "_FOLDER_SYNC_EVERY", 3)
+    result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "both", "--force", "--apply")
+    assert result.exit_code == 0, result.output
+    end = next(i for i, (kind, _) in enumerate(events) if kind == "end")
+    files = [i for i, (kind, _) in enumerate(events) if kind == "file"]
+    syncs = [i for i in range(files[0], end) if events[i][0] == "sync"]
+    assert len(files) >= 8 and len(syncs) < len(files)  # not one a file
+    for i in files:  # each new name made durable by its folder's fsync before the end record
+        assert any(events[j] == ("sync", events[i][1]) for j in syncs if j > i), events
+    ok("undo", _journal(shoot.root))
+
+
 def test_rate_person_rating_in_either_naming_protects_both_and_force_overrides(shoot):
     """Issue 16.1: a.xmp rated 5 by a person; the default run must not create a.jpg.xmp rated 3."""
     from loda_cli import xmp

@@ -191,16 +191,20 @@ def move(
 
 
 def write_file(
-    path: str, data: bytes, tmp: str, *, replace: bool, mode: Optional[int] = None
+    path: str, data: bytes, tmp: str, *, replace: bool, mode: Optional[int] = None,
+    sync_folder: bool = True,
 ) -> None:
-    """Write ``data`` to ``tmp``, fsync, then name it ``path`` (replacing only if ``replace``)."""
+    """Write ``data`` to ``tmp``, fsync, then name it ``path`` (replacing only if ``replace``).
+    ``sync_folder=False`` leaves the folder's fsync (which makes the new name durable) to the
+    caller, who may then sync a folder once for many files."""
     with _new_file(tmp, 0o644 if mode is None else mode) as fd:
         _write_all(fd, data)
     if replace:
         os.replace(tmp, path)
     else:
         place(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    if sync_folder:
+        fsync_dir(os.path.dirname(path))
 
 
 def symlink(target: str, dst: str) -> None:
