@@ -118,9 +118,16 @@ def test_pooling_before_the_3x3_convolution_gives_the_same_tokens(shape, grid, b
     if bias:
         stage[2].bias = torch.nn.Parameter(torch.randn(16))
     feature = torch.randn(3, 24, *shape)
+    grid_hw = grid if isinstance(grid, tuple) else (grid, grid)
+    pooled = shape != grid_hw and shape[0] % grid_hw[0] == 0 and shape[1] % grid_hw[1] == 0
     for layout in (torch.contiguous_format, torch.channels_last):
         x = feature.contiguous(memory_format=layout)
-        torch.testing.assert_close(stage_tokens(stage, x), _layers_tokens(stage, x), rtol=0, atol=2e-5)
+        convolved = []
+        hook = stage[2].register_forward_hook(lambda *_: convolved.append(1))
+        fast = stage_tokens(stage, x)
+        hook.remove()
+        assert bool(convolved) != pooled  # the pooled path ran exactly where the map divides
+        torch.testing.assert_close(fast, _layers_tokens(stage, x), rtol=0, atol=2e-5)
 
 
 def test_pooled_tokens_train_as_the_convolution_does():

@@ -339,8 +339,8 @@ def _perform(
             raise Skipped("the sidecar changed since it was planned")
         mode = stat.S_IMODE(os.lstat(action.src).st_mode) if current is not None else None
         new = action.new_bytes or b""
+        unsynced.add(os.path.dirname(action.src))  # before: a write that fails halfway still gets it
         fileops.write_file(action.src, new, tmp, replace=current is not None, mode=mode, sync_folder=False)
-        unsynced.add(os.path.dirname(action.src))
         return
     size, mtime_ns, digest = fingerprint
     if not fileops.same_file_state(action.src, size, mtime_ns):
