@@ -359,20 +359,19 @@ _SCRIPT = """
       }
     }, {rootMargin: '800px'});
   }
-  var watching = false;
-  window.addEventListener('beforeprint', function () {
-    if (!maps.checked) { return; }
+  function drawAll() {
     var all = document.querySelectorAll('.map');
     for (var i = 0; i < all.length; i++) { drawMap(all[i]); }
-  });
+  }
+  window.addEventListener('beforeprint', function () { if (maps.checked) { drawAll(); } });
+  var watching = false;
   function showMaps() {
     document.body.classList.toggle('maps', maps.checked);
     var all = document.querySelectorAll('.map');
     if (maps.checked && !watching) {
       watching = true;
-      for (var j = 0; j < all.length; j++) {
-        if (near) { near.observe(all[j]); } else { drawMap(all[j]); }
-      }
+      if (!near) { drawAll(); }
+      for (var j = 0; near && j < all.length; j++) { near.observe(all[j]); }
     }
     var visible = 0;
     for (var i = 0; i < all.length; i++) {

@@ -6,6 +6,7 @@ The files themselves are only touched through :mod:`loda_cli.organize.fileops`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -156,10 +157,8 @@ def apply_plan(
         end = {"type": "end", "time": utc_now(), "done": report.done, "skipped": len(report.skipped)}
         writer.write(end, sync=True)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             _sync_folders(unsynced)  # an interrupted run still makes what it wrote durable
-        except OSError:
-            pass
         writer.close()
     return report
 
