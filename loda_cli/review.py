@@ -368,14 +368,23 @@ _SCRIPT = """
   function showMaps() {
     document.body.classList.toggle('maps', maps.checked);
     var all = document.querySelectorAll('.map');
-    if (maps.checked && !watching) {
-      watching = true;
-      if (!near) { drawAll(); }
-      for (var j = 0; near && j < all.length; j++) { near.observe(all[j]); }
-    }
-    var visible = 0;
+    var visible = 0, close = [], reach = window.innerHeight + 800;
     for (var i = 0; i < all.length; i++) {
-      if (all[i].offsetWidth > 0) visible++;
+      if (all[i].offsetWidth > 0) {
+        visible++;
+        var box = all[i].getBoundingClientRect();
+        if (box.bottom > -800 && box.top < reach) { close.push(all[i]); }
+      }
+    }
+    if (maps.checked) {
+      // Those near the window now are drawn at once (read first, then drawn, so the layout is
+      // worked out once); the observer draws the rest as they come near.
+      for (var k = 0; k < close.length; k++) { drawMap(close[k]); }
+      if (!watching) {
+        watching = true;
+        if (!near) { drawAll(); }
+        for (var j = 0; near && j < all.length; j++) { near.observe(all[j]); }
+      }
     }
     document.documentElement.setAttribute('data-maps-shown', String(visible));
   }
