@@ -661,7 +661,6 @@ def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(s
 def test_rate_fsyncs_each_folder_once_a_batch_and_every_folder_before_the_journal_ends(shoot, monkeypatch):
     """Each sidecar is fsynced before its rename; its folder once for many sidecars, and every
     sidecar's folder after it was written and before the journal's end record."""
-    from loda_cli.organize import apply as apply_mod
     from loda_cli.organize import fileops
     from loda_cli.organize.journal import JournalWriter
 
@@ -683,7 +682,7 @@ def test_rate_fsyncs_each_folder_once_a_batch_and_every_folder_before_the_journa
     monkeypatch.setattr(fileops, "fsync_dir", sync)
     monkeypatch.setattr(fileops, "write_file", write_file)
     monkeypatch.setattr(JournalWriter, "write", record)
-    monkeypatch.setattr(apply_mod, "_FOLDER_SYNC_EVERY", 3)
+    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 3)
     result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "both", "--force", "--apply")
     assert result.exit_code == 0, result.output
     end = next(i for i, (kind, _) in enumerate(events) if kind == "end")
@@ -694,6 +693,61 @@ def test_rate_fsyncs_each_folder_once_a_batch_and_every_folder_before_the_journa
         assert any(events[j] == ("sync", events[i][1]) for j in syncs if j > i), events
     ok("undo", _journal(shoot.root))
 
+
+
+@pytest.mark.parametrize("command", ["rate", "sort"])
+def test_undo_fsyncs_each_folder_once_a_batch_and_every_folder_before_undo_ends(shoot, monkeypatch, command):
+    """Undo of a rate run (sidecars removed or restored) and of a sorted copy (copies removed):
+    each changed folder fsynced once for many files, and after its last change and before the
+    complete "undo-end" record, which makes a later undo say there is nothing left."""
+    from loda_cli.organize import fileops
+    from loda_cli.organize.journal import UndoLog
+
+    human = b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/>"
+    write(shoot.root / "IMG_3.jpg.xmp", human)  # an existing sidecar: undo restores it
+    before = {p: p.read_bytes() for p in shoot.tmp.rglob("*") if p.is_file()}
+    if command == "rate":
+        result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "both", "--force", "--apply")
+    else:
+        result = invoke("sort", "wedding", "--scores", shoot.scores, "--into", "sorted", "--apply")
+    assert result.exit_code == 0, result.output
+
+    events: list[tuple[str, str]] = []
+    real_sync, real_remove, real_file, real_log = (
+        fileops.fsync_dir, fileops.remove, fileops.write_file, UndoLog.write)
+
+    def sync(folder):
+        events.append(("sync", folder))
+        return real_sync(folder)
+
+    def remove(path, **kwargs):
+        real_remove(path, **kwargs)
+        events.append(("file", os.path.dirname(path)))
+
+    def write_file(path, *args, **kwargs):
+        real_file(path, *args, **kwargs)
+        events.append(("file", os.path.dirname(path)))
+
+    def log(self, entry, sync=False):
+        events.append((entry["type"], ""))
+        return real_log(self, entry, sync=sync)
+
+    monkeypatch.setattr(fileops, "fsync_dir", sync)
+    monkeypatch.setattr(fileops, "remove", remove)
+    monkeypatch.setattr(fileops, "write_file", write_file)
+    monkeypatch.setattr(UndoLog, "write", log)
+    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 3)
+    journal = _journal(shoot.root)
+    ok("undo", journal)
+    end = next(i for i, (kind, _) in enumerate(events) if kind == "undo-end")
+    files = [i for i, (kind, _) in enumerate(events) if kind == "file"]
+    syncs = [i for i in range(files[0], end) if events[i][0] == "sync"]
+    assert len(files) >= 8 and len(syncs) < len(files)  # not one a file
+    for i in files:  # each change made durable by its folder's fsync before the end record
+        assert any(events[j] == ("sync", events[i][1]) for j in syncs if j > i), events
+    assert {p: p.read_bytes() for p in shoot.tmp.rglob("*") if p.is_file()} == before
+    assert not (shoot.tmp / "sorted").exists()
+    assert "Nothing left to undo" in ok("undo", journal).output
 
 def test_rate_person_rating_in_either_naming_protects_both_and_force_overrides(shoot):
     """Issue 16.1: a.xmp rated 5 by a person; the default run must not create a.jpg.xmp rated 3."""
@@ -976,11 +1030,11 @@ def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(
     real_undo_one = undo_module._undo_one
     calls = []
 
-    def failing_undo_one(step):
+    def failing_undo_one(step, unsynced):
         calls.append(step)
         if len(calls) == 2:
             raise OSError(5, "Input/output error")
-        return real_undo_one(step)
+        return real_undo_one(step, unsynced)
 
     monkeypatch.setattr(undo_module, "_undo_one", failing_undo_one)
     result = invoke("undo")

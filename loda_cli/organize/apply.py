@@ -143,38 +143,25 @@ def apply_plan(
     report = ApplyReport(journal=writer.path)
     if on_journal:
         on_journal(writer.path)
-    unsynced: set[str] = set()  # folders of sidecars written since their last fsync
+    # Sidecars `loda rate` writes have their folders fsynced once a batch (fileops.FolderSyncs):
+    # a rename lost to a power cut leaves the sidecar's previous content in place, which undo
+    # reads as not written, since it decides a sidecar by its content, never by "done" alone.
+    unsynced = fileops.FolderSyncs()
     try:
         prepared = _write_intents(plan, writer, report)
         for number, item in enumerate(prepared, start=1):
             fileops.pause_before_action()
             _act(item, writer, report, unsynced)
-            if number % _FOLDER_SYNC_EVERY == 0:
-                _sync_folders(unsynced)
             if progress:
                 progress(number, len(prepared))
-        _sync_folders(unsynced)
+        unsynced.flush()
         end = {"type": "end", "time": utc_now(), "done": report.done, "skipped": len(report.skipped)}
         writer.write(end, sync=True)
     finally:
         with contextlib.suppress(OSError):
-            _sync_folders(unsynced)  # an interrupted run still makes what it wrote durable
+            unsynced.flush()  # an interrupted run still makes what it wrote durable
         writer.close()
     return report
-
-
-# Sidecars `loda rate` writes: each file is fsynced before its rename, as always, but each folder
-# only once for this many of them rather than once a file. A folder's fsync makes a rename
-# durable; one lost to a power cut leaves the sidecar's previous content in place (its new
-# content in a ``.loda-tmp-`` file or nowhere), which undo reads as not written: the decision
-# for a sidecar rests on its content, never on the journal's "done" alone.
-_FOLDER_SYNC_EVERY = 256
-
-
-def _sync_folders(folders: set[str]) -> None:
-    for folder in sorted(folders):
-        fileops.fsync_dir(folder)
-    folders.clear()
 
 
 def _missing_folders(destinations: set[str]) -> list[str]:
@@ -208,7 +195,8 @@ def _make_destinations(used: set[str], writer: JournalWriter) -> None:
 _Prepared = tuple[int, Action, tuple[int, int, str], str]  # id, action, (size, mtime, sha), tmp
 
 
-def _act(prepared: _Prepared, writer: JournalWriter, report: ApplyReport, unsynced: set[str]) -> None:
+def _act(prepared: _Prepared, writer: JournalWriter, report: ApplyReport,
+         unsynced: fileops.FolderSyncs) -> None:
     """Carry out one journalled action and record how it went (``unsynced``: see apply_plan)."""
     action_id, action, fingerprint, tmp = prepared
     try:
@@ -330,7 +318,7 @@ def _perform(
     tmp: str,
     writer: JournalWriter,
     action_id: int,
-    unsynced: set[str],
+    unsynced: fileops.FolderSyncs,
 ) -> None:
     if action.kind == "write":
         current = fileops.read_regular(action.src)
@@ -338,8 +326,9 @@ def _perform(
             raise Skipped("the sidecar changed since it was planned")
         mode = stat.S_IMODE(os.lstat(action.src).st_mode) if current is not None else None
         new = action.new_bytes or b""
-        unsynced.add(os.path.dirname(action.src))  # before: a write that fails halfway still gets it
+        unsynced.mark(os.path.dirname(action.src))  # before: a write that fails halfway still gets it
         fileops.write_file(action.src, new, tmp, replace=current is not None, mode=mode, sync_folder=False)
+        unsynced.tick()
         return
     size, mtime_ns, digest = fingerprint
     if not fileops.same_file_state(action.src, size, mtime_ns):

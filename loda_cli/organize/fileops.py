@@ -30,6 +30,39 @@ _CHUNK = 1 << 20
 ACTION_DELAY_ENV = "LODA_TEST_ACTION_DELAY"
 
 
+
+# A folder's fsync makes the names made or removed in it durable. Where loda makes or removes
+# many small files whose fate undo decides by looking at them (sidecars `loda rate` writes, what
+# undo removes or rewrites), it fsyncs each folder once for up to this many of them rather than
+# once a file, and always before the record that says the run (or the undo) is complete. Each
+# new file's content is still fsynced before its rename. A change lost to a power cut in between
+# leaves the previous state, which the next `loda undo` reads from the disk and handles again.
+FOLDER_SYNC_EVERY = 256
+
+
+class FolderSyncs:
+    """The folders changed since their last fsync, synced once a batch by :meth:`tick`, and all
+    by :meth:`flush`. Mark a folder before changing it, so a change that fails halfway is still
+    synced."""
+
+    def __init__(self) -> None:
+        self.folders: set[str] = set()
+        self.changes = 0
+
+    def mark(self, folder: str) -> None:
+        self.folders.add(folder)
+
+    def tick(self) -> None:
+        """One change done: flush once every :data:`FOLDER_SYNC_EVERY`."""
+        self.changes += 1
+        if self.changes % FOLDER_SYNC_EVERY == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        for folder in sorted(self.folders):
+            fsync_dir(folder)
+        self.folders.clear()
+
 # --- reading -------------------------------------------------------------------------------------
 
 
@@ -219,11 +252,13 @@ def symlink(target: str, dst: str) -> None:
 # --- removing ------------------------------------------------------------------------------------
 
 
-def remove(path: str) -> None:
+def remove(path: str, *, sync_folder: bool = True) -> None:
     """Remove a name undo found to be loda's own and redundant: a copy or duplicate whose
-    original is in place, a symlink loda made, a sidecar loda created."""
+    original is in place, a symlink loda made, a sidecar loda created. ``sync_folder=False``
+    leaves the folder's fsync (which makes the removal durable) to the caller."""
     os.unlink(path)
-    fsync_dir(os.path.dirname(path))
+    if sync_folder:
+        fsync_dir(os.path.dirname(path))
 
 
 def remove_tmp(path: str) -> None:

@@ -9,6 +9,7 @@ changes nothing, unless asked for a partial undo.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -186,32 +187,42 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
     journal = plan.journal
     log.write({"type": "undo-start", "time": utc_now(), "journal": os.path.basename(journal.path)})
     remaining_conflicts: list[UndoStep] = []
-    for step in plan.steps:
-        if step.action == "conflict":
-            remaining_conflicts.append(step)
-            continue
-        # Look again right before acting: the disk may have changed since planning.
-        fresh = _decide(step.entry)
-        if fresh.action == "conflict":
-            remaining_conflicts.append(fresh)
-            continue
-        _cleanup_tmp(step.entry)
-        if fresh.action == "none":
-            report.unchanged += 1
-            continue
-        fileops.pause_before_action()
-        try:
-            _undo_one(fresh)
-        except OSError as exc:
-            raise JournalError(
-                f"{display_path(fresh.entry.dst)}: {exc.strerror or exc}; undo stopped. "
-                "What was undone is recorded; run `loda undo` again once this is fixed"
-            ) from None
-        if fresh.action in ("restore", "restore-sidecar"):
-            report.restored += 1
-        else:
-            report.removed += 1
-        log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
+    # Removals and rewritten sidecars have their folders fsynced once a batch, and all of them
+    # before the folders this run made are removed and before the complete "undo-end" record:
+    # one lost to a power cut before then leaves loda's copy or sidecar in place, and the next
+    # undo, which decides from the disk, handles it again. Restored moves sync as they go.
+    unsynced = fileops.FolderSyncs()
+    try:
+        for step in plan.steps:
+            if step.action == "conflict":
+                remaining_conflicts.append(step)
+                continue
+            # Look again right before acting: the disk may have changed since planning.
+            fresh = _decide(step.entry)
+            if fresh.action == "conflict":
+                remaining_conflicts.append(fresh)
+                continue
+            _cleanup_tmp(step.entry)
+            if fresh.action == "none":
+                report.unchanged += 1
+                continue
+            fileops.pause_before_action()
+            try:
+                _undo_one(fresh, unsynced)
+            except OSError as exc:
+                raise JournalError(
+                    f"{display_path(fresh.entry.dst)}: {exc.strerror or exc}; undo stopped. "
+                    "What was undone is recorded; run `loda undo` again once this is fixed"
+                ) from None
+            if fresh.action in ("restore", "restore-sidecar"):
+                report.restored += 1
+            else:
+                report.removed += 1
+            log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
+        unsynced.flush()
+    finally:
+        with contextlib.suppress(OSError):
+            unsynced.flush()  # an interrupted undo still makes what it did durable
     for folder in [*reversed(journal.mkdirs), *reversed(journal.created)]:
         fileops.remove_empty_folder(folder)  # only folders this run made
     report.conflicts = remaining_conflicts
@@ -242,7 +253,7 @@ def _cleanup_tmp(entry: JournalEntry) -> None:
         fileops.remove_tmp(tmp)
 
 
-def _undo_one(step: UndoStep) -> None:
+def _undo_one(step: UndoStep, unsynced: fileops.FolderSyncs) -> None:
     entry = step.entry
     if step.action == "restore":
         folder = os.path.dirname(entry.src)
@@ -258,11 +269,16 @@ def _undo_one(step: UndoStep) -> None:
                 f"{display_path(entry.dst)} stays"
             ) from None
     elif step.action in ("remove-duplicate", "remove-copy", "remove-link", "remove-sidecar"):
-        fileops.remove(entry.dst)
+        unsynced.mark(os.path.dirname(entry.dst))
+        fileops.remove(entry.dst, sync_folder=False)
+        unsynced.tick()
     elif step.action == "restore-sidecar":
         tmp = os.path.join(os.path.dirname(entry.src), f"{TMP_PREFIX}undo-{entry.id}")
         if os.path.lexists(tmp) and not os.path.islink(tmp):
             fileops.remove_tmp(tmp)
         exists = os.path.lexists(entry.src)
         mode = stat.S_IMODE(os.lstat(entry.src).st_mode) if exists else None
-        fileops.write_file(entry.src, entry.old_bytes or b"", tmp, replace=exists, mode=mode)
+        unsynced.mark(os.path.dirname(entry.src))
+        fileops.write_file(entry.src, entry.old_bytes or b"", tmp, replace=exists, mode=mode,
+                           sync_folder=False)
+        unsynced.tick()
