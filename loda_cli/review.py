@@ -363,7 +363,12 @@ _SCRIPT = """
     var all = document.querySelectorAll('.map');
     for (var i = 0; i < all.length; i++) { drawMap(all[i]); }
   }
-  window.addEventListener('beforeprint', function () { if (maps.checked) { drawAll(); } });
+  window.addEventListener('beforeprint', function () {
+    if (maps.checked) { drawAll(); }
+    // A printout shows every preview: those not loaded yet (lazy) start loading now.
+    var lazy = document.querySelectorAll('img[loading="lazy"]');
+    for (var i = 0; i < lazy.length; i++) { lazy[i].loading = 'eager'; }
+  });
   var watching = false;
   function showMaps() {
     document.body.classList.toggle('maps', maps.checked);
@@ -465,6 +470,13 @@ def render_page(
     bursts = _bursts(items)
     in_bursts = {id(item) for frames in bursts for item in frames}
     out = _page_top(items, below, title, len(bursts), keep)
+    shown = 0  # previews so far: those after the first EAGER_PREVIEWS load lazily
+
+    def figure(item: ReviewItem) -> str:
+        nonlocal shown
+        shown += bool(item.thumb)
+        return _figure(item, thumbs_url, below, page_dir, lazy=shown > EAGER_PREVIEWS)
+
     if bursts:
         out.append('<section id="bursts">')
         for frames in bursts:
@@ -472,11 +484,11 @@ def render_page(
                 f'<div class="burst" data-group="{frames[0].group}"><div class="label">'
                 f"group {frames[0].group}<br>{len(frames)} frames</div>"
             )
-            out += [_figure(item, thumbs_url, below, page_dir) for item in frames]
+            out += [figure(item) for item in frames]
             out.append("</div>")
         out += ["</section>", "<h2>Single photos</h2>" if len(in_bursts) < len(items) else ""]
     out.append('<main id="grid">')
-    out += [_figure(i, thumbs_url, below, page_dir) for i in items if id(i) not in in_bursts]
+    out += [figure(i) for i in items if id(i) not in in_bursts]
     out += ["</main>", f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]
     return "\n".join(out)
 
@@ -537,7 +549,8 @@ def _page_top(items: Sequence[ReviewItem], below: Optional[float], title: str, b
         "<div>",
         f"<h1>loda review: {esc(title)}</h1>",
         f"<p>{len(items)} photos, worst first. Score in [0, 1], higher is better.{notes}"
-        f' Previews loaded: <span id="loaded">0</span> of {thumb_count}.</p>',
+        f' Previews loaded: <span id="loaded">0</span> of {thumb_count}'
+        f'{"; the rest load as you scroll to them" if thumb_count > EAGER_PREVIEWS else ""}.</p>',
         '<div class="controls">',
         '<label>Folder <select id="folder"><option value="">All folders</option>',
     ]
@@ -559,7 +572,14 @@ def _page_top(items: Sequence[ReviewItem], below: Optional[float], title: str, b
     return out
 
 
-def _figure(item: ReviewItem, thumbs_url: str, below: Optional[float], page_dir: str) -> str:
+# A page loads its first previews at once and the rest as the window comes near them
+# (``loading="lazy"``): a page of one shoot loads whole, ready to print, and one of a whole library
+# opens at once instead of having the browser read and decode every preview first.
+EAGER_PREVIEWS = 500
+
+
+def _figure(item: ReviewItem, thumbs_url: str, below: Optional[float], page_dir: str,
+            lazy: bool = False) -> str:
     esc = html.escape
     culled = below is not None and item.error is None and item.score < below
     classes = "photo failed" if item.error else "photo cull" if culled else "photo"
@@ -569,9 +589,11 @@ def _figure(item: ReviewItem, thumbs_url: str, below: Optional[float], page_dir:
     link = _file_link(item.path, page_dir)
     if item.thumb:
         w, h = item.thumb_size
+        loading = ' loading="lazy"' if lazy else ""
         picture = (
             f'<div class="pic"><a href="{esc(link)}"><img src="{esc(thumbs_url)}/{esc(item.thumb)}" '
-            f'width="{w}" height="{h}" alt="{esc(name)}"></a>{_crop_map(item)}</div>'
+            f'width="{w}" height="{h}"{loading} alt="{esc(name)}"></a>'
+            f"{_crop_map(item)}</div>"
         )
     else:
         why = "no preview" if item.found else "file not found"

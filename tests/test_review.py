@@ -140,6 +140,27 @@ def test_review_cli(scored):
     assert broken.exit_code != 0 and broken.output.startswith("error: scores file"), repr(broken.output)
 
 
+
+def test_previews_past_the_first_ones_load_lazily_and_a_small_page_loads_whole(scored, monkeypatch):
+    """A page of one shoot loads every preview at once (ready to print); past EAGER_PREVIEWS the
+    browser loads them as the window comes near (a 40,000-photo page opened at once)."""
+    from loda_cli import review
+
+    tmp, scores = scored
+    small = Path(build_review(scores, tmp / "small.html").page).read_text(encoding="utf-8")
+    images = re.findall(r"<img [^>]*>", small)
+    assert len(images) == 5 and not any("loading=" in i for i in images)
+    assert "load as you scroll" not in small
+
+    monkeypatch.setattr(review, "EAGER_PREVIEWS", 2)
+    report = build_review(scores, tmp / "big.html")
+    big = Path(report.page).read_text(encoding="utf-8")
+    images = re.findall(r"<img [^>]*>", big)
+    assert ['loading="lazy"' in i for i in images] == [False, False, True, True, True]
+    assert f"of {report.thumbs}; the rest load as you scroll to them." in big
+    # printing starts loading the rest
+    assert "img[loading=\"lazy\"]" in big and "beforeprint" in big
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         found = shutil.which(name)
