@@ -658,37 +658,50 @@ def test_rate_writes_both_sidecar_styles_keeps_human_ratings_and_undo_restores(s
     assert (shoot.root / "IMG_4.xmp").read_bytes() == human
 
 
-def test_rate_fsyncs_each_folder_once_a_batch_and_every_folder_before_the_journal_ends(shoot, monkeypatch):
-    """Each sidecar is fsynced before its rename; its folder once for many sidecars, and every
-    sidecar's folder after it was written and before the journal's end record."""
+@pytest.mark.parametrize("run", [
+    ("rate", "wedding", "--sidecar", "both", "--force"),
+    ("cull", "wedding", "--below", "0.95", "--copy", "--to", "picked"),
+    ("cull", "wedding", "--below", "0.95", "--link", "--to", "picked"),
+])
+def test_sidecars_copies_and_links_fsync_each_folder_once_a_batch_and_all_before_the_journal_ends(
+    shoot, monkeypatch, run
+):
+    """Each sidecar or copy is fsynced before it is named; its folder once for many of them, and
+    every folder after its last new name and before the journal's end record."""
     from loda_cli.organize import fileops
     from loda_cli.organize.journal import JournalWriter
 
     events: list[tuple[str, str]] = []
-    real_sync, real_file, real_record = fileops.fsync_dir, fileops.write_file, JournalWriter.write
+    real_sync, real_record = fileops.fsync_dir, JournalWriter.write
 
     def sync(folder):
         events.append(("sync", folder))
         return real_sync(folder)
 
-    def write_file(path, *args, **kwargs):
-        real_file(path, *args, **kwargs)
-        events.append(("file", os.path.dirname(path)))
+    def recorded(name):
+        real = getattr(fileops, name)
+
+        def made(*args, **kwargs):
+            real(*args, **kwargs)
+            path = args[0] if name == "write_file" else args[1]  # (path, data) or (src, dst)
+            events.append(("file", os.path.dirname(path)))
+        return made
 
     def record(self, entry, sync=False):
         events.append((entry["type"], ""))
         return real_record(self, entry, sync=sync)
 
     monkeypatch.setattr(fileops, "fsync_dir", sync)
-    monkeypatch.setattr(fileops, "write_file", write_file)
+    for name in ("write_file", "copy_verified", "symlink"):
+        monkeypatch.setattr(fileops, name, recorded(name))
     monkeypatch.setattr(JournalWriter, "write", record)
     monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 3)
-    result = invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "both", "--force", "--apply")
+    result = invoke(*run, "--scores", shoot.scores, "--apply")
     assert result.exit_code == 0, result.output
     end = next(i for i, (kind, _) in enumerate(events) if kind == "end")
     files = [i for i, (kind, _) in enumerate(events) if kind == "file"]
     syncs = [i for i in range(files[0], end) if events[i][0] == "sync"]
-    assert len(files) >= 8 and len(syncs) < len(files)  # not one a file
+    assert len(files) >= 5 and len(syncs) < len(files)  # not one a file
     for i in files:  # each new name made durable by its folder's fsync before the end record
         assert any(events[j] == ("sync", events[i][1]) for j in syncs if j > i), events
     ok("undo", _journal(shoot.root))

@@ -143,9 +143,10 @@ def apply_plan(
     report = ApplyReport(journal=writer.path)
     if on_journal:
         on_journal(writer.path)
-    # Sidecars `loda rate` writes have their folders fsynced once a batch (fileops.FolderSyncs):
-    # a rename lost to a power cut leaves the sidecar's previous content in place, which undo
-    # reads as not written, since it decides a sidecar by its content, never by "done" alone.
+    # Sidecars `loda rate` writes, and copies and links, have their folders fsynced once a batch
+    # (fileops.FolderSyncs): a name lost to a power cut leaves the sidecar's previous content or
+    # no copy, which undo reads as not done, since it decides from the disk, never from "done"
+    # alone. Moves sync as they go.
     unsynced = fileops.FolderSyncs()
     try:
         prepared = _write_intents(plan, writer, report)
@@ -339,8 +340,12 @@ def _perform(
 
         fileops.move(action.src, action.dst, size, digest, tmp, verified)
     elif action.kind == "copy":
-        fileops.copy_verified(action.src, action.dst, size, digest, tmp)
+        unsynced.mark(os.path.dirname(action.dst))
+        fileops.copy_verified(action.src, action.dst, size, digest, tmp, sync_folder=False)
+        unsynced.tick()
     elif action.kind == "link":
-        fileops.symlink(action.src, action.dst)
+        unsynced.mark(os.path.dirname(action.dst))
+        fileops.symlink(action.src, action.dst, sync_folder=False)
+        unsynced.tick()
     else:
         raise UsageError(f"unknown action kind {action.kind!r}")

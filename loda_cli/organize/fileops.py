@@ -32,11 +32,13 @@ ACTION_DELAY_ENV = "LODA_TEST_ACTION_DELAY"
 
 
 # A folder's fsync makes the names made or removed in it durable. Where loda makes or removes
-# many small files whose fate undo decides by looking at them (sidecars `loda rate` writes, what
-# undo removes or rewrites), it fsyncs each folder once for up to this many of them rather than
-# once a file, and always before the record that says the run (or the undo) is complete. Each
-# new file's content is still fsynced before its rename. A change lost to a power cut in between
-# leaves the previous state, which the next `loda undo` reads from the disk and handles again.
+# files whose fate undo decides by looking at them, and whose loss loses nothing (sidecars `loda
+# rate` writes, copies and links `loda sort` makes, what undo removes or rewrites), it fsyncs each
+# folder once for up to this many of them rather than once a file, and always before the record
+# that says the run (or the undo) is complete. Each new file's content is still fsynced before it
+# is named. A change lost to a power cut in between leaves the previous state (no copy, the old
+# sidecar), which the next `loda undo` reads from the disk and handles again. Moves never batch:
+# a photo's new name is durable before its old one is dropped.
 FOLDER_SYNC_EVERY = 256
 
 
@@ -166,9 +168,10 @@ def place(tmp: str, dst: str) -> None:
     os.unlink(tmp)
 
 
-def copy_verified(src: str, dst: str, size: int, sha256: str, tmp: str) -> None:
+def copy_verified(src: str, dst: str, size: int, sha256: str, tmp: str, *, sync_folder: bool = True) -> None:
     """Copy to ``tmp``, fsync, check size and hash (of the bytes read and of the bytes on disk),
-    then name it ``dst``. The source is untouched."""
+    then name it ``dst``. The source is untouched. ``sync_folder=False`` leaves the folder's
+    fsync (which makes the new name durable) to the caller: never for a move."""
     digest = hashlib.sha256()
     written = 0
     mode = stat.S_IMODE(os.stat(src).st_mode)
@@ -190,7 +193,8 @@ def copy_verified(src: str, dst: str, size: int, sha256: str, tmp: str) -> None:
     except OSError:
         os.chmod(tmp, mode)
     place(tmp, dst)
-    fsync_dir(os.path.dirname(dst))
+    if sync_folder:
+        fsync_dir(os.path.dirname(dst))
 
 
 def move(
@@ -240,13 +244,14 @@ def write_file(
         fsync_dir(os.path.dirname(path))
 
 
-def symlink(target: str, dst: str) -> None:
+def symlink(target: str, dst: str, *, sync_folder: bool = True) -> None:
     """Make ``dst`` a symlink to ``target``; Skipped when the name is taken."""
     try:
         os.symlink(target, dst)
     except FileExistsError:
         raise Skipped("the destination name was taken meanwhile") from None
-    fsync_dir(os.path.dirname(dst))
+    if sync_folder:
+        fsync_dir(os.path.dirname(dst))
 
 
 # --- removing ------------------------------------------------------------------------------------
