@@ -698,13 +698,22 @@ def test_sidecars_copies_and_links_fsync_each_folder_once_a_batch_and_all_before
     monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 3)
     result = invoke(*run, "--scores", shoot.scores, "--apply")
     assert result.exit_code == 0, result.output
-    end = next(i for i, (kind, _) in enumerate(events) if kind == "end")
-    files = [i for i, (kind, _) in enumerate(events) if kind == "file"]
-    syncs = [i for i in range(files[0], end) if events[i][0] == "sync"]
-    assert len(files) >= 5 and len(syncs) < len(files)  # not one a file
-    for i in files:  # each new name made durable by its folder's fsync before the end record
-        assert any(events[j] == ("sync", events[i][1]) for j in syncs if j > i), events
+    _assert_synced_in_batches(events, every=3, before=("end",))
     ok("undo", _journal(shoot.root))
+
+
+def _assert_synced_in_batches(events: list[tuple[str, str]], every: int, before: tuple[str, ...]) -> None:
+    """``events``: ("file", folder) for each name made or removed, ("sync", folder) for each folder
+    fsync, and others. Fewer syncs than files; a sync after every ``every`` files; and each file's
+    folder synced after it and before the first event of a kind in ``before``."""
+    deadline = next(i for i, (kind, _) in enumerate(events) if kind in before)
+    files = [i for i, (kind, _) in enumerate(events) if kind == "file"]
+    syncs = [i for i in range(files[0], deadline) if events[i][0] == "sync"]
+    assert len(files) >= 5 and len(syncs) < len(files), events  # not one a file
+    for n in range(every, len(files), every):  # once a batch, not only at the end
+        assert any(events[j][0] == "sync" for j in range(files[n - 1], files[n])), (n, events)
+    for i in files:  # each change made durable by its folder's fsync before the deadline
+        assert any(events[j] == ("sync", events[i][1]) for j in syncs if j > i), events
 
 
 
@@ -745,19 +754,22 @@ def test_undo_fsyncs_each_folder_once_a_batch_and_every_folder_before_undo_ends(
         events.append((entry["type"], ""))
         return real_log(self, entry, sync=sync)
 
+    def rmdir(folder):
+        events.append(("rmdir", folder))
+        return real_rmdir(folder)
+
+    real_rmdir = fileops.remove_empty_folder
     monkeypatch.setattr(fileops, "fsync_dir", sync)
     monkeypatch.setattr(fileops, "remove", remove)
     monkeypatch.setattr(fileops, "write_file", write_file)
+    monkeypatch.setattr(fileops, "remove_empty_folder", rmdir)
     monkeypatch.setattr(UndoLog, "write", log)
-    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 3)
+    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
     journal = _journal(shoot.root)
     ok("undo", journal)
-    end = next(i for i, (kind, _) in enumerate(events) if kind == "undo-end")
-    files = [i for i, (kind, _) in enumerate(events) if kind == "file"]
-    syncs = [i for i in range(files[0], end) if events[i][0] == "sync"]
-    assert len(files) >= 8 and len(syncs) < len(files)  # not one a file
-    for i in files:  # each change made durable by its folder's fsync before the end record
-        assert any(events[j] == ("sync", events[i][1]) for j in syncs if j > i), events
+    # before the folders the run made are removed, and before the complete undo-end record
+    _assert_synced_in_batches(events, every=4, before=("rmdir", "undo-end"))
+    assert ("rmdir", str(shoot.tmp / "sorted")) in events or command == "rate"
     assert {p: p.read_bytes() for p in shoot.tmp.rglob("*") if p.is_file()} == before
     assert not (shoot.tmp / "sorted").exists()
     assert "Nothing left to undo" in ok("undo", journal).output

@@ -327,8 +327,9 @@ def _perform(
             raise Skipped("the sidecar changed since it was planned")
         mode = stat.S_IMODE(os.lstat(action.src).st_mode) if current is not None else None
         new = action.new_bytes or b""
-        unsynced.mark(os.path.dirname(action.src))  # before: a write that fails halfway still gets it
-        fileops.write_file(action.src, new, tmp, replace=current is not None, mode=mode, sync_folder=False)
+        unsynced.mark(os.path.dirname(action.src))  # before: a write that fails halfway is synced too
+        fileops.write_file(action.src, new, tmp, replace=current is not None, mode=mode,
+                           sync_folder=False)
         unsynced.tick()
         return
     size, mtime_ns, digest = fingerprint

@@ -29,8 +29,6 @@ from loda_cli.organize.paths import Skipped, display_path
 _CHUNK = 1 << 20
 ACTION_DELAY_ENV = "LODA_TEST_ACTION_DELAY"
 
-
-
 # A folder's fsync makes the names made or removed in it durable. Where loda makes or removes
 # files whose fate undo decides by looking at them, and whose loss loses nothing (sidecars `loda
 # rate` writes, copies and links `loda sort` makes, what undo removes or rewrites), it fsyncs each
@@ -64,6 +62,7 @@ class FolderSyncs:
         for folder in sorted(self.folders):
             fsync_dir(folder)
         self.folders.clear()
+
 
 # --- reading -------------------------------------------------------------------------------------
 
@@ -168,7 +167,9 @@ def place(tmp: str, dst: str) -> None:
     os.unlink(tmp)
 
 
-def copy_verified(src: str, dst: str, size: int, sha256: str, tmp: str, *, sync_folder: bool = True) -> None:
+def copy_verified(
+    src: str, dst: str, size: int, sha256: str, tmp: str, *, sync_folder: bool = True
+) -> None:
     """Copy to ``tmp``, fsync, check size and hash (of the bytes read and of the bytes on disk),
     then name it ``dst``. The source is untouched. ``sync_folder=False`` leaves the folder's
     fsync (which makes the new name durable) to the caller: never for a move."""
