@@ -123,6 +123,46 @@ def detail_view(image: Image, preprocess: Preprocess) -> np.ndarray:
     return np.asarray(resized.convert("RGB"), dtype=np.uint8)
 
 
+# Scoring resizes with torch's antialiased uint8 resampling, which is Pillow's (the same kernels,
+# supports and fixed-point arithmetic) vectorised, from one copy of the picture for both views.
+# On a 2-core AVX2 CPU a 24 MP photo's 3000x2000 draft becomes the detail view (2250x1500) in
+# 30-60 ms and the 384 view in 9-15 ms, against Pillow's 110 and 55; every value equal to
+# Pillow's or one apart (0.2-0.8% of them; two apart at most). Training keeps Pillow's own.
+_TORCH_RESAMPLING = ("bicubic", "bilinear")
+
+
+def _picture(image: Image):
+    """The RGB picture as a 1x3xHxW uint8 tensor (channels last, torch's vectorised layout), or
+    None where scoring resizes with Pillow (another mode)."""
+    if image.mode != "RGB":
+        return None
+    import warnings
+
+    import torch
+
+    array = np.asarray(image, dtype=np.uint8)  # one copy, read-only: the tensor is only read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": nothing writes to it
+        return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def _resized(picture, image: Image, short_side: int, interpolation: str) -> np.ndarray:
+    """``image`` (``picture``: its tensor, or None) at a short side of ``short_side``, the long
+    side truncated as :func:`loda_cli.images.resize_short_side` does: an HxWx3 uint8 array."""
+    if picture is None or interpolation not in _TORCH_RESAMPLING:
+        return np.asarray(resize_short_side(image, short_side, interpolation).convert("RGB"), dtype=np.uint8)
+    import torch.nn.functional as F
+
+    height, width = picture.shape[-2:]
+    if width <= height:
+        size = (max(1, int(height * short_side / width)), short_side)
+    else:
+        size = (short_side, max(1, int(width * short_side / height)))
+    if size != (height, width):
+        picture = F.interpolate(picture, size=size, mode=interpolation, antialias=True, align_corners=False)
+    return picture[0].permute(1, 2, 0).numpy()
+
+
 def scoring_crops(image: Image, preprocess: Preprocess) -> np.ndarray:
     """The deterministic crops the scorer feeds the model for one image: ``num_crops`` of the
     short-side view, then (for a checkpoint with a detail view) ``detail_crops`` of that view."""
@@ -133,7 +173,11 @@ def scoring_views(image: Image, preprocess: Preprocess) -> tuple[np.ndarray, lis
     """The crops of :func:`scoring_crops`, where each lies as a fraction of the picture
     ``(x, y, w, h)`` (the same in every view, so in displayed pixels too once multiplied by the
     displayed size), and the short-side view they were cut from (an HxWx3 uint8 array)."""
-    array = prepare_image(image, preprocess)
+    w, h = image.size
+    if max(w, h) / max(1, min(w, h)) > MAX_ASPECT_RATIO:
+        raise ImageError(f"aspect ratio too extreme to score ({w}x{h})")
+    picture = _picture(image)
+    array = _resized(picture, image, preprocess.short_side, preprocess.interpolation)
     h, w = array.shape[:2]
     crop = preprocess.crop_size
     positions = grid_positions(h, w, crop, preprocess.num_crops)
@@ -141,7 +185,8 @@ def scoring_views(image: Image, preprocess: Preprocess) -> tuple[np.ndarray, lis
     boxes = [(left / w, top / h, crop / w, crop / h) for top, left in positions]
     if not preprocess.has_detail_view:
         return crops, boxes, array
-    detail = detail_view(image, preprocess)
+    target = max(crop, min(image.size[0], image.size[1], preprocess.detail_short_side))  # never enlarged
+    detail = _resized(picture, image, target, preprocess.interpolation)
     dh, dw = detail.shape[:2]
     places = detail_positions(dh, dw, preprocess)
     detail_crops = cut_crops(detail, places, crop)

@@ -59,6 +59,34 @@ def test_views_and_weights_of_a_detail_preprocessing():
     assert crop_weights(Preprocess(num_crops=3), 3) == pytest.approx([1 / 3] * 3)
 
 
+
+@pytest.mark.parametrize("size", [(3000, 2000), (2000, 3000), (2000, 1500), (1503, 1001), (400, 300), (180, 150)])
+def test_scoring_views_resize_as_pillow_does_to_one_level(size):
+    """Scoring resizes with torch's antialiased resampling (Pillow's, vectorised): the same view
+    sizes, crops and boxes as Pillow's resize gives, every value equal or one or two levels apart,
+    nearly all equal; training's own views (prepare_image, detail_view) stay Pillow's."""
+    from loda_cli.benchmark_speed import photo_like
+    from loda_cli.transforms import cut_crops, detail_positions, detail_view, grid_positions, prepare_image
+    from loda_cli.transforms import scoring_views
+
+    pre = builtin.BUILTIN_PREPROCESS
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    for image in (photo_like(*size, seed=1), Image.fromarray(noise)):
+        crops, boxes, view = scoring_views(image, pre)
+        pil_view, pil_detail = prepare_image(image, pre), detail_view(image, pre)
+        assert view.shape == pil_view.shape
+        pil_crops = np.concatenate([
+            cut_crops(pil_view, grid_positions(*pil_view.shape[:2], 224, pre.num_crops), 224),
+            cut_crops(pil_detail, detail_positions(*pil_detail.shape[:2], pre), 224),
+        ])
+        assert crops.shape == pil_crops.shape and len(boxes) == len(crops)
+        gap = np.abs(crops.astype(int) - pil_crops.astype(int))
+        assert gap.max() <= 2 and (gap > 0).mean() < 0.02, (gap.max(), (gap > 0).mean())
+        assert np.abs(view.astype(int) - pil_view.astype(int)).max() <= 2
+    # A mode torch does not resample here goes through Pillow.
+    gray = Image.fromarray(noise[..., 0])
+    assert scoring_views(gray.convert("RGB"), pre)[0].shape == scoring_views(gray, pre)[0].shape
+
 def test_a_paper_preprocessing_keeps_its_cache_key_and_format_version():
     d = Preprocess().to_dict()
     assert set(d) == {"short_side", "crop_size", "num_crops", "mean", "std", "interpolation"}
