@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from loda_cli.config import Preprocess
-from loda_cli.transforms import MAX_ASPECT_RATIO, detail_positions, grid_positions
+from loda_cli.transforms import MAX_ASPECT_RATIO, detail_positions, detail_target, grid_positions
 
 if TYPE_CHECKING:
     import torch
@@ -118,8 +118,10 @@ def resize_short_side(image: torch.Tensor, short_side: int) -> torch.Tensor:
     import torch
     import torch.nn.functional as F
 
+    from loda_cli.images import short_side_size
+
     h, w = image.shape[-2:]
-    size = (max(1, int(h * short_side / w)), short_side) if w <= h else (short_side, max(1, int(w * short_side / h)))
+    size = short_side_size(w, h, short_side)[::-1]
     if size == (h, w):
         return image
     resized = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
@@ -183,9 +185,7 @@ def device_views(image: torch.Tensor, preprocess: Preprocess):
     crops = [_cut(view, positions, crop)]
     boxes = [(left / w, top / h, crop / w, crop / h) for top, left in positions]
     if preprocess.has_detail_view:
-        short = min(image.shape[-2:])
-        target = max(crop, min(short, preprocess.detail_short_side))
-        detail = image if target == short else resize_short_side(image, target)
+        detail = resize_short_side(image, detail_target(min(image.shape[-2:]), preprocess))
         dh, dw = detail.shape[-2:]
         places = detail_positions(dh, dw, preprocess)
         crops.append(_cut(detail, places, crop))

@@ -913,12 +913,15 @@ def resize_short_side(
         raise ValueError(
             f"unknown interpolation {interpolation!r}; use one of {', '.join(_RESAMPLING_NAMES)}"
         )
-    width, height = img.size
-    if width <= height:
-        size = (short_side, max(1, int(height * short_side / width)))
-    else:
-        size = (max(1, int(width * short_side / height)), short_side)
+    size = short_side_size(*img.size, short_side)
     if size == img.size:
         return img
     resample = Image.Resampling[interpolation.upper()]
     return img.resize(size, resample)
+
+
+def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side ``short_side``, the long side truncated and >= 1."""
+    if width <= height:
+        return short_side, max(1, int(height * short_side / width))
+    return max(1, int(width * short_side / height)), short_side

@@ -15,7 +15,7 @@ import numpy as np
 
 from loda_cli.config import Preprocess
 from loda_cli.errors import ImageError
-from loda_cli.images import resize_short_side
+from loda_cli.images import resize_short_side, short_side_size
 
 if TYPE_CHECKING:
     import torch
@@ -88,11 +88,15 @@ def random_positions(
 
 def prepare_image(image: Image, preprocess: Preprocess) -> np.ndarray:
     """Resize an RGB image so its short side is ``preprocess.short_side``: an HxWx3 uint8 array."""
+    _check_aspect(image)
+    resized = resize_short_side(image, preprocess.short_side, preprocess.interpolation)
+    return np.asarray(resized.convert("RGB"), dtype=np.uint8)
+
+
+def _check_aspect(image: Image) -> None:
     w, h = image.size
     if max(w, h) / max(1, min(w, h)) > MAX_ASPECT_RATIO:
         raise ImageError(f"aspect ratio too extreme to score ({w}x{h})")
-    resized = resize_short_side(image, preprocess.short_side, preprocess.interpolation)
-    return np.asarray(resized.convert("RGB"), dtype=np.uint8)
 
 
 def cut_crops(array: np.ndarray, positions: Sequence[tuple[int, int]], crop: int, flips=None) -> np.ndarray:
@@ -116,11 +120,14 @@ def cut_crops(array: np.ndarray, positions: Sequence[tuple[int, int]], crop: int
 def detail_view(image: Image, preprocess: Preprocess) -> np.ndarray:
     """The detail view: the image at a short side of ``detail_short_side``, never enlarged (a
     smaller photo is used as it is). An HxWx3 uint8 array at least one crop in size."""
-    w, h = image.size
-    short = min(w, h)
-    target = max(preprocess.crop_size, min(short, preprocess.detail_short_side))
-    resized = image if target == short else resize_short_side(image, target, preprocess.interpolation)
+    resized = resize_short_side(image, detail_target(min(image.size), preprocess), preprocess.interpolation)
     return np.asarray(resized.convert("RGB"), dtype=np.uint8)
+
+
+def detail_target(short: int, preprocess: Preprocess) -> int:
+    """The detail view's short side for a picture whose short side is ``short``: never enlarged,
+    but at least one crop."""
+    return max(preprocess.crop_size, min(short, preprocess.detail_short_side))
 
 
 # Scoring resizes with torch's antialiased uint8 resampling, which is Pillow's (the same kernels,
@@ -131,10 +138,10 @@ def detail_view(image: Image, preprocess: Preprocess) -> np.ndarray:
 _TORCH_RESAMPLING = ("bicubic", "bilinear")
 
 
-def _picture(image: Image):
+def _picture(image: Image, interpolation: str):
     """The RGB picture as a 1x3xHxW uint8 tensor (channels last, torch's vectorised layout), or
-    None where scoring resizes with Pillow (another mode)."""
-    if image.mode != "RGB":
+    None where scoring resizes with Pillow (another mode or interpolation)."""
+    if image.mode != "RGB" or interpolation not in _TORCH_RESAMPLING:
         return None
     import warnings
 
@@ -149,15 +156,12 @@ def _picture(image: Image):
 def _resized(picture, image: Image, short_side: int, interpolation: str) -> np.ndarray:
     """``image`` (``picture``: its tensor, or None) at a short side of ``short_side``, the long
     side truncated as :func:`loda_cli.images.resize_short_side` does: an HxWx3 uint8 array."""
-    if picture is None or interpolation not in _TORCH_RESAMPLING:
+    if picture is None:
         return np.asarray(resize_short_side(image, short_side, interpolation).convert("RGB"), dtype=np.uint8)
     import torch.nn.functional as F
 
     height, width = picture.shape[-2:]
-    if width <= height:
-        size = (max(1, int(height * short_side / width)), short_side)
-    else:
-        size = (short_side, max(1, int(width * short_side / height)))
+    size = short_side_size(width, height, short_side)[::-1]
     if size != (height, width):
         picture = F.interpolate(picture, size=size, mode=interpolation, antialias=True, align_corners=False)
     return picture[0].permute(1, 2, 0).numpy()
@@ -173,10 +177,8 @@ def scoring_views(image: Image, preprocess: Preprocess) -> tuple[np.ndarray, lis
     """The crops of :func:`scoring_crops`, where each lies as a fraction of the picture
     ``(x, y, w, h)`` (the same in every view, so in displayed pixels too once multiplied by the
     displayed size), and the short-side view they were cut from (an HxWx3 uint8 array)."""
-    w, h = image.size
-    if max(w, h) / max(1, min(w, h)) > MAX_ASPECT_RATIO:
-        raise ImageError(f"aspect ratio too extreme to score ({w}x{h})")
-    picture = _picture(image)
+    _check_aspect(image)
+    picture = _picture(image, preprocess.interpolation)
     array = _resized(picture, image, preprocess.short_side, preprocess.interpolation)
     h, w = array.shape[:2]
     crop = preprocess.crop_size
@@ -185,8 +187,7 @@ def scoring_views(image: Image, preprocess: Preprocess) -> tuple[np.ndarray, lis
     boxes = [(left / w, top / h, crop / w, crop / h) for top, left in positions]
     if not preprocess.has_detail_view:
         return crops, boxes, array
-    target = max(crop, min(image.size[0], image.size[1], preprocess.detail_short_side))  # never enlarged
-    detail = _resized(picture, image, target, preprocess.interpolation)
+    detail = _resized(picture, image, detail_target(min(image.size), preprocess), preprocess.interpolation)
     dh, dw = detail.shape[:2]
     places = detail_positions(dh, dw, preprocess)
     detail_crops = cut_crops(detail, places, crop)

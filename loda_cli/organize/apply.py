@@ -327,10 +327,9 @@ def _perform(
             raise Skipped("the sidecar changed since it was planned")
         mode = stat.S_IMODE(os.lstat(action.src).st_mode) if current is not None else None
         new = action.new_bytes or b""
-        unsynced.mark(os.path.dirname(action.src))  # before: a write that fails halfway is synced too
-        fileops.write_file(action.src, new, tmp, replace=current is not None, mode=mode,
-                           sync_folder=False)
-        unsynced.tick()
+        with unsynced.changing(os.path.dirname(action.src)):
+            fileops.write_file(action.src, new, tmp, replace=current is not None, mode=mode,
+                               sync_folder=False)
         return
     size, mtime_ns, digest = fingerprint
     if not fileops.same_file_state(action.src, size, mtime_ns):
@@ -341,12 +340,10 @@ def _perform(
 
         fileops.move(action.src, action.dst, size, digest, tmp, verified)
     elif action.kind == "copy":
-        unsynced.mark(os.path.dirname(action.dst))
-        fileops.copy_verified(action.src, action.dst, size, digest, tmp, sync_folder=False)
-        unsynced.tick()
+        with unsynced.changing(os.path.dirname(action.dst)):
+            fileops.copy_verified(action.src, action.dst, size, digest, tmp, sync_folder=False)
     elif action.kind == "link":
-        unsynced.mark(os.path.dirname(action.dst))
-        fileops.symlink(action.src, action.dst, sync_folder=False)
-        unsynced.tick()
+        with unsynced.changing(os.path.dirname(action.dst)):
+            fileops.symlink(action.src, action.dst, sync_folder=False)
     else:
         raise UsageError(f"unknown action kind {action.kind!r}")

@@ -41,19 +41,19 @@ FOLDER_SYNC_EVERY = 256
 
 
 class FolderSyncs:
-    """The folders changed since their last fsync, synced once a batch by :meth:`tick`, and all
-    by :meth:`flush`. Mark a folder before changing it, so a change that fails halfway is still
-    synced."""
+    """The folders changed since their last fsync, synced once every :data:`FOLDER_SYNC_EVERY`
+    changes and all by :meth:`flush`."""
 
     def __init__(self) -> None:
         self.folders: set[str] = set()
         self.changes = 0
 
-    def mark(self, folder: str) -> None:
+    @contextmanager
+    def changing(self, folder: str) -> Iterator[None]:
+        """Around one change in ``folder``: marked before it, so a change that fails halfway is
+        still synced; counted after it."""
         self.folders.add(folder)
-
-    def tick(self) -> None:
-        """One change done: flush once every :data:`FOLDER_SYNC_EVERY`."""
+        yield
         self.changes += 1
         if self.changes % FOLDER_SYNC_EVERY == 0:
             self.flush()

@@ -269,16 +269,14 @@ def _undo_one(step: UndoStep, unsynced: fileops.FolderSyncs) -> None:
                 f"{display_path(entry.dst)} stays"
             ) from None
     elif step.action in ("remove-duplicate", "remove-copy", "remove-link", "remove-sidecar"):
-        unsynced.mark(os.path.dirname(entry.dst))
-        fileops.remove(entry.dst, sync_folder=False)
-        unsynced.tick()
+        with unsynced.changing(os.path.dirname(entry.dst)):
+            fileops.remove(entry.dst, sync_folder=False)
     elif step.action == "restore-sidecar":
         tmp = os.path.join(os.path.dirname(entry.src), f"{TMP_PREFIX}undo-{entry.id}")
         if os.path.lexists(tmp) and not os.path.islink(tmp):
             fileops.remove_tmp(tmp)
         exists = os.path.lexists(entry.src)
         mode = stat.S_IMODE(os.lstat(entry.src).st_mode) if exists else None
-        unsynced.mark(os.path.dirname(entry.src))
-        fileops.write_file(entry.src, entry.old_bytes or b"", tmp, replace=exists, mode=mode,
-                           sync_folder=False)
-        unsynced.tick()
+        with unsynced.changing(os.path.dirname(entry.src)):
+            fileops.write_file(entry.src, entry.old_bytes or b"", tmp, replace=exists, mode=mode,
+                               sync_folder=False)
