@@ -519,6 +519,195 @@ def test_cross_device_cull_copies_verifies_then_removes_and_undo_brings_back(sho
         shutil.rmtree(dest, ignore_errors=True)
 
 
+# --- what a journal knows of a file, and what cull and undo read ---------------------------------
+
+
+def _count_reads(monkeypatch) -> list[int]:
+    """Bytes read through ``open`` inside fileops, one entry per read: the photos' content."""
+    reads: list[int] = []
+    real_open = open
+
+    class Counted:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def read(self, n=-1):
+            data = self.fh.read(n)
+            reads.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        return Counted(fh) if "r" in mode else fh
+
+    monkeypatch.setattr(fileops, "open", counting_open, raising=False)
+    return reads
+
+
+def test_a_cull_on_one_disk_and_its_undo_read_no_photo_whole(shoot, monkeypatch):
+    """A cull journals each file by size, time and its first and last 64 KiB, and renames it; its
+    undo recognises the files by size and time: 5,000 RAWs are not read (125 GB) either way."""
+    write(shoot.root / "IMG_1.CR2", os.urandom(3 << 20))  # a RAW-sized file
+    before = snapshot(shoot.root)
+    reads = _count_reads(monkeypatch)
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    records = [json.loads(line) for line in _journal().read_text().splitlines()]
+    intents = [r for r in records if r["type"] == "intent"]
+    assert records[0]["version"] == 2 and len(intents) == 10
+    assert all(r["mtime_ns"] > 0 and len(r["sample"]) == 64 and "sha256" not in r for r in intents)
+    assert 0 < sum(reads) <= len(intents) * 2 * fileops.SAMPLE_BYTES
+    assert max(reads) <= fileops.SAMPLE_BYTES
+    reads.clear()
+    ok("undo")
+    assert sum(reads) == 0
+    assert snapshot(shoot.root) == before
+
+
+def test_undo_puts_back_a_file_whose_time_alone_changed_and_refuses_one_whose_ends_changed(shoot):
+    before = snapshot(shoot.root)
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    culled = shoot.root / "_culled"
+    os.utime(culled / "IMG_1.JPG", ns=(1, 1))  # touched: same bytes, recognised by the sample
+    edited = bytearray(shoot.files["IMG_2.heic"])
+    edited[-1] ^= 0xFF  # same size, a new last byte, a new time
+    (culled / "IMG_2.heic").write_bytes(bytes(edited))
+    result = invoke("undo")
+    assert result.exit_code == 1 and "IMG_2.heic was changed after the move" in " ".join(result.output.split())
+    ok("undo", "--partial")
+    after = snapshot(shoot.root)
+    assert after[b"IMG_1.JPG"] == before[b"IMG_1.JPG"]
+    assert (culled / "IMG_2.heic").read_bytes() == bytes(edited) and b"IMG_2.heic" not in after
+
+
+def test_undo_removes_a_copy_or_duplicate_only_when_its_bytes_equal_the_original(shoot):
+    """Size, time and sample say which file is which; only a byte-for-byte comparison lets undo
+    remove one. Here the copies keep their size and time but a middle byte differs."""
+    ok("cull", "wedding", "--worst", "2", "--scores", shoot.scores, "--copy", "--apply")
+    culled = shoot.root / "_culled"
+    copy = culled / "IMG_1.CR2"
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stamp = copy.stat().st_mtime_ns
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(stamp, stamp))
+    result = invoke("undo")
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and "no longer holds the same bytes" in out
+    ok("undo", "--partial")
+    assert copy.read_bytes() == bytes(data)  # kept: it is not a copy of the original any more
+    assert (shoot.root / "IMG_1.CR2").read_bytes() == shoot.files["IMG_1.CR2"]
+    assert not (culled / "IMG_1.JPG").exists()  # the true copies were removed
+
+    # A moved file whose original name holds a file of the same size and time: removed as a
+    # duplicate only when the bytes are equal.
+    copy.unlink()
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
+    moved, original = culled / "IMG_1.JPG", shoot.root / "IMG_1.JPG"
+    shutil.copy2(moved, original)
+    other = bytearray(moved.read_bytes())
+    other[len(other) // 2] ^= 0xFF
+    stamp = moved.stat().st_mtime_ns
+    original.write_bytes(bytes(other))
+    os.utime(original, ns=(stamp, stamp))
+    result = invoke("undo")
+    assert result.exit_code == 1 and "holds other bytes; both stay" in " ".join(result.output.split())
+    assert moved.exists() and original.read_bytes() == bytes(other)
+    original.write_bytes(moved.read_bytes())
+    os.utime(original, ns=(stamp, stamp))
+    steps = {s.entry.dst: s.action for s in organize.plan_undo(_journal()).steps}
+    assert steps[str(moved)] == "remove-duplicate"
+
+
+def test_the_sample_covers_the_size_and_both_ends_and_a_copy_is_checked_whole(tmp_path, monkeypatch):
+    from loda_cli.errors import OutputError
+    from loda_cli.organize.paths import Skipped
+
+    big = bytearray(os.urandom(3 * fileops.SAMPLE_BYTES))
+    src = write(tmp_path / "a.raw", bytes(big))
+    first = fileops.sample_sha256(str(src))
+    big[len(big) // 2] ^= 1  # the middle is not sampled: the time tells such edits apart
+    src.write_bytes(bytes(big))
+    assert fileops.sample_sha256(str(src)) == first
+    for where in (0, -1):
+        changed = bytearray(big)
+        changed[where] ^= 1
+        src.write_bytes(bytes(changed))
+        assert fileops.sample_sha256(str(src)) != first
+    src.write_bytes(bytes(big) + b"x")
+    assert fileops.sample_sha256(str(src)) != first
+    src.write_bytes(bytes(big))
+
+    st = src.stat()
+    tmp, dst = str(tmp_path / ".loda-tmp-x"), str(tmp_path / "b.raw")
+    with pytest.raises(Skipped):  # the journal's time is not the file's
+        fileops.copy_verified(str(src), dst, st.st_size, "", tmp, mtime_ns=st.st_mtime_ns + 1)
+    with pytest.raises(Skipped):  # nor its size
+        fileops.copy_verified(str(src), dst, st.st_size + 1, "", tmp, mtime_ns=st.st_mtime_ns)
+    with pytest.raises(Skipped):  # nor its whole-file hash (version 1)
+        fileops.copy_verified(str(src), dst, st.st_size, "0" * 64, tmp)
+    real_hash = fileops.sha256_file
+    monkeypatch.setattr(fileops, "sha256_file", lambda path: "0" * 64)
+    with pytest.raises(OutputError, match="does not read back identical"):
+        fileops.copy_verified(str(src), dst, st.st_size, "", tmp, mtime_ns=st.st_mtime_ns)
+    monkeypatch.setattr(fileops, "sha256_file", real_hash)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.raw"]
+    fileops.copy_verified(str(src), dst, st.st_size, "", tmp, mtime_ns=st.st_mtime_ns)
+    assert Path(dst).read_bytes() == bytes(big) and Path(dst).stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_version_1_journal_with_whole_file_hashes_still_undoes(shoot):
+    """Journals written before version 2 record each file's SHA-256; undo checks it."""
+    import hashlib
+
+    before = snapshot(shoot.root)
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    journal = _journal()
+    culled = shoot.root / "_culled"
+
+    def to_version_1(record):
+        if record["type"] == "header":
+            record["version"] = 1
+        if record["type"] == "intent" and record["kind"] == "move":
+            rel = os.fsdecode(base64.b64decode(record["dst"][2]))
+            record["sha256"] = hashlib.sha256((culled / rel).read_bytes()).hexdigest()
+            if rel == "IMG_2.heic":
+                record["sha256"] = "0" * 64  # not the file's hash: undo must refuse it
+            del record["mtime_ns"], record["sample"]
+        return record
+
+    _edit_journal(journal, to_version_1)
+    result = invoke("undo")
+    assert result.exit_code == 1 and "IMG_2.heic was changed after the move" in " ".join(result.output.split())
+    ok("undo", "--partial")
+    after = snapshot(shoot.root)
+    assert all(after[k] == v for k, v in before.items() if not k.startswith(b"IMG_2.heic"))
+    assert (culled / "IMG_2.heic").exists()
+
+
+def test_a_journal_of_a_newer_version_or_without_fingerprints_is_refused(shoot):
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
+    journal = _journal()
+    original = journal.read_text()
+    _edit_journal(journal, lambda r: {**r, "version": 3} if r["type"] == "header" else r)
+    with pytest.raises(JournalError, match="journal version 3; this loda reads 1 and 2"):
+        organize.plan_undo(journal)
+    journal.write_text(original)
+    _edit_journal(journal, lambda r: {k: v for k, v in r.items() if k != "sample"})
+    with pytest.raises(JournalError, match="damaged intent record"):
+        organize.plan_undo(journal)
+    journal.write_text(original)
+    ok("undo")
+
+
 # --- odd names -------------------------------------------------------------------------------------
 
 
@@ -1039,18 +1228,18 @@ def test_several_roots_each_get_their_culled_folder_or_a_subfolder_of_to(shoot):
 
 def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(shoot, monkeypatch):
     before = snapshot(shoot.root)
-    real_hash = fileops.sha256_file
+    real_hash = fileops.sample_sha256
 
     def failing_hash(path):
         if path.endswith("IMG_2.heic"):
             raise PermissionError(13, "Permission denied")
         return real_hash(path)
 
-    monkeypatch.setattr(fileops, "sha256_file", failing_hash)
+    monkeypatch.setattr(fileops, "sample_sha256", failing_hash)
     result = ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
     assert "Permission denied" in result.output.replace("\n", " ")
     assert (shoot.root / "IMG_2.heic").exists() and not (shoot.root / "IMG_1.JPG").exists()
-    monkeypatch.setattr(fileops, "sha256_file", real_hash)
+    monkeypatch.setattr(fileops, "sample_sha256", real_hash)
 
     real_undo_one = undo_module._undo_one
     calls = []

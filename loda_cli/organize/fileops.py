@@ -21,6 +21,7 @@ import shutil
 import stat
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from loda_cli.errors import OutputError
@@ -75,6 +76,53 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+SAMPLE_BYTES = 64 << 10
+
+
+def sample_sha256(path: str) -> str:
+    """SHA-256 of a file's size, its first and its last 64 KiB: what a journal records of a file
+    instead of reading all of it (128 KiB of a 25 MB RAW)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        digest = hashlib.sha256(size.to_bytes(8, "little"))
+        digest.update(fh.read(SAMPLE_BYTES))
+        if size > SAMPLE_BYTES:
+            fh.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            digest.update(fh.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a journal knows of a file it moves or copies: the size, and either the modification
+    time and :func:`sample_sha256` (journal version 2) or the SHA-256 of all of it (version 1)."""
+
+    size: int
+    mtime_ns: int = -1
+    sample: str = ""
+    sha256: str = ""
+
+
+def same_content(a: str, b: str) -> bool:
+    """Whether two regular files hold the same bytes, compared byte for byte (two names of one
+    file, as a move halfway leaves them, are the same without reading)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size != sb.st_size:
+        return False
+    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+        return True
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            chunk = fa.read(_CHUNK)
+            if chunk != fb.read(_CHUNK):
+                return False
+            if not chunk:
+                return True
+
+
 def fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -108,15 +156,24 @@ def same_file_state(path: str, size: int, mtime_ns: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns == mtime_ns
 
 
-def file_state(path: str, size: int, sha256: str) -> str:
-    """'absent', 'match' (a regular file with that size and hash), or 'other'."""
+def file_state(path: str, expected: Fingerprint) -> str:
+    """'absent', 'match' (a regular file that is still the journalled one), or 'other'.
+
+    With a whole-file SHA-256 (journal version 1) the file is read and hashed. Otherwise the
+    size must be equal and then the modification time (a rename keeps it, so a file moved on one
+    disk is recognised without reading it), or, where only the time changed, the sampled hash.
+    Nothing is removed on this evidence alone: undo compares the bytes of both files first."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return "absent"
-    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+    if not stat.S_ISREG(st.st_mode) or st.st_size != expected.size:
         return "other"
-    return "match" if sha256_file(path) == sha256 else "other"
+    if expected.sha256:
+        return "match" if sha256_file(path) == expected.sha256 else "other"
+    if expected.mtime_ns >= 0 and st.st_mtime_ns == expected.mtime_ns:
+        return "match"
+    return "match" if expected.sample and sample_sha256(path) == expected.sample else "other"
 
 
 # --- writing, never over an existing name --------------------------------------------------------
@@ -168,23 +225,32 @@ def place(tmp: str, dst: str) -> None:
 
 
 def copy_verified(
-    src: str, dst: str, size: int, sha256: str, tmp: str, *, sync_folder: bool = True
+    src: str, dst: str, size: int, sha256: str, tmp: str, *, sync_folder: bool = True,
+    mtime_ns: Optional[int] = None,
 ) -> None:
     """Copy to ``tmp``, fsync, check size and hash (of the bytes read and of the bytes on disk),
-    then name it ``dst``. The source is untouched. ``sync_folder=False`` leaves the folder's
-    fsync (which makes the new name durable) to the caller: never for a move."""
+    then name it ``dst``. The source is untouched. ``sha256`` is the journalled hash of the
+    source, or "" where the journal holds its modification time instead (``mtime_ns``, checked
+    before the read; the source's size and time must also be the same after it). The copy must
+    read back as the bytes that were read. ``sync_folder=False`` leaves the folder's fsync (which
+    makes the new name durable) to the caller: never for a move."""
     digest = hashlib.sha256()
     written = 0
     mode = stat.S_IMODE(os.stat(src).st_mode)
     with open(src, "rb") as fin, _new_file(tmp, 0o600) as fd:
+        before = os.fstat(fin.fileno())
         while chunk := fin.read(_CHUNK):
             digest.update(chunk)
             _write_all(fd, chunk)
             written += len(chunk)
-    if written != size or digest.hexdigest() != sha256:
+        after = os.fstat(fin.fileno())
+    unchanged = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+    if mtime_ns is not None and before.st_mtime_ns != mtime_ns:
+        unchanged = False
+    if written != size or not unchanged or (sha256 and digest.hexdigest() != sha256):
         os.unlink(tmp)
         raise Skipped("the file changed after it was journalled")
-    if os.path.getsize(tmp) != size or sha256_file(tmp) != sha256:
+    if os.path.getsize(tmp) != size or sha256_file(tmp) != digest.hexdigest():
         os.unlink(tmp)
         raise OutputError(
             f"the copy of {display_path(src)} does not read back identical; the source is untouched"
@@ -199,7 +265,8 @@ def copy_verified(
 
 
 def move(
-    src: str, dst: str, size: int, sha256: str, tmp: str, verified: Callable[[], None]
+    src: str, dst: str, size: int, sha256: str, tmp: str, verified: Callable[[], None],
+    mtime_ns: Optional[int] = None,
 ) -> None:
     """Give ``src`` the name ``dst`` and drop the old name. Across filesystems: a verified copy
     (through ``tmp``), ``verified()`` (the caller journals it), then the source's removal."""
@@ -209,7 +276,7 @@ def move(
         raise Skipped("the destination name was taken meanwhile") from None
     except OSError as exc:
         if exc.errno == errno.EXDEV:
-            copy_verified(src, dst, size, sha256, tmp)
+            copy_verified(src, dst, size, sha256, tmp, mtime_ns=mtime_ns)
             verified()
             os.unlink(src)
             fsync_dir(os.path.dirname(src))

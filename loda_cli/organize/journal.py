@@ -1,8 +1,9 @@
 """The journal: what cull, sort and rate write before they act, and what undo reads back.
 
 One journal is a JSON-lines file in ``$LODA_HOME/journals``: a header (the command, the roots and
-destinations, the folders it will create), one ``intent`` record per action with the file's size
-and SHA-256, ``mkdir`` records, ``ready``, then a ``done`` (or ``skipped``, ``verified``,
+destinations, the folders it will create), one ``intent`` record per action with the file's size,
+modification time and sampled SHA-256 (version 2; version 1, still read, held the SHA-256 of the
+whole file), ``mkdir`` records, ``ready``, then a ``done`` (or ``skipped``, ``verified``,
 ``failed``) record per action and an ``end``. Paths are stored as [tag, base index, base64 of the
 path relative to that base], so a journal can name nothing outside its folders. Undo appends its
 own log beside the journal (``.undo.jsonl``), which also says whether the last undo was complete.
@@ -21,14 +22,15 @@ from typing import Any, Iterable, Optional, Sequence
 
 from loda_cli import __version__
 from loda_cli.errors import JournalError, LodaError, NothingToUndoError, OutputError, UnsafePathError
-from loda_cli.organize.fileops import fsync_dir
+from loda_cli.organize.fileops import Fingerprint, fsync_dir
 from loda_cli.organize.paths import CULLED_DIRNAME, display_path, is_under
 
 JOURNAL_PREFIX = ".loda-journal-"
 JOURNAL_SUFFIX = ".jsonl"
 UNDO_SUFFIX = ".undo.jsonl"
 TMP_PREFIX = ".loda-tmp-"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 # --- where journals live, and how paths are written in them ------------------------------------
@@ -171,6 +173,12 @@ class JournalEntry:
     new_sha256: str = ""
     done: bool = False
     bases: tuple[tuple[str, str], ...] = ()  # (base, path) pairs to re-check for symlinks
+    mtime_ns: int = -1  # version 2: the source's modification time and sampled hash
+    sample: str = ""
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint(self.size, self.mtime_ns, self.sample, self.sha256)
 
 
 @dataclass
@@ -262,10 +270,11 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
     if not records or records[0].get("type") != "header":
         raise JournalError(f"{display_path(path)} is not a loda journal")
     header = records[0]
-    if header.get("version") != JOURNAL_VERSION:
+    version = header.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise JournalError(
             f"{display_path(path)} has journal version {header.get('version')!r}; "
-            f"this loda reads {JOURNAL_VERSION}"
+            f"this loda reads {' and '.join(map(str, READABLE_VERSIONS))}"
         )
     try:
         roots = [os.fsdecode(decode_bytes(r)) for r in header["roots"]]
@@ -350,9 +359,15 @@ def _entry_from(record: dict[str, Any], roots: Sequence[str], dests: Sequence[st
         raise JournalError(f"journal holds an unknown action {kind!r}")
     src_base, src = _resolve_ref(record["src"], roots, dests)
     dst_base, dst = _resolve_ref(record["dst"], roots, dests)
+    sha256, sample = str(record.get("sha256") or ""), str(record.get("sample") or "")
+    mtime_ns = record.get("mtime_ns", -1)
+    if not isinstance(mtime_ns, int) or isinstance(mtime_ns, bool):
+        raise ValueError("mtime_ns")
+    if kind != "link" and not (sha256 or (sample and mtime_ns >= 0)):
+        raise ValueError("no fingerprint")  # reported as a damaged record
     return JournalEntry(
-        entry_id, kind, src, dst, int(record["size"]), str(record.get("sha256", "")), tmp,
-        bases=((src_base, src), (dst_base, dst)),
+        entry_id, kind, src, dst, int(record["size"]), sha256, tmp,
+        bases=((src_base, src), (dst_base, dst)), mtime_ns=mtime_ns, sample=sample,
     )
 
 

@@ -84,13 +84,20 @@ def _decide(entry: JournalEntry) -> UndoStep:
         if os.path.lexists(entry.dst) and entry.done:
             return UndoStep(entry, "conflict", f"{dst} is no longer the link loda made")
         return UndoStep(entry, "none", f"no link at {dst}")
-    s = fileops.file_state(entry.src, entry.size, entry.sha256)
-    d = fileops.file_state(entry.dst, entry.size, entry.sha256)
+    s = fileops.file_state(entry.src, entry.fingerprint)
+    d = fileops.file_state(entry.dst, entry.fingerprint)
+    # A journal without the whole file's hash (version 2) knows each file by its size, time and
+    # sampled hash: enough to put a file back, never to remove one. Before a copy or duplicate is
+    # removed, its bytes are compared with the original's.
+    compare = not entry.sha256
     if entry.kind == "copy":
         if d == "absent":
             return UndoStep(entry, "none", f"no copy at {dst}")
         if d == "match":
             if s == "match":
+                if compare and not fileops.same_content(entry.src, entry.dst):
+                    why = f"the copy {dst} no longer holds the same bytes as {src}; both stay"
+                    return UndoStep(entry, "conflict", why)
                 return UndoStep(entry, "remove-copy", f"remove the copy {dst}")
             why = f"the original {src} is missing or changed; keeping the copy {dst}"
             return UndoStep(entry, "conflict", why)
@@ -102,6 +109,9 @@ def _decide(entry: JournalEntry) -> UndoStep:
         if d == "absent":
             return UndoStep(entry, "none", f"{src} is in place")
         if d == "match":
+            if compare and not fileops.same_content(entry.src, entry.dst):
+                why = f"{src} is in place and {dst} holds other bytes; both stay"
+                return UndoStep(entry, "conflict", why)
             why = f"{src} is in place; remove the identical {dst}"
             return UndoStep(entry, "remove-duplicate", why)
         return UndoStep(entry, "none", f"{src} is in place; {dst} is another file, left alone")
@@ -245,8 +255,8 @@ def _cleanup_tmp(entry: JournalEntry) -> None:
         except FileNotFoundError:
             continue
         if entry.kind in ("move", "copy"):
-            intact = fileops.file_state(entry.src, entry.size, entry.sha256) == "match" or (
-                fileops.file_state(entry.dst, entry.size, entry.sha256) == "match"
+            intact = fileops.file_state(entry.src, entry.fingerprint) == "match" or (
+                fileops.file_state(entry.dst, entry.fingerprint) == "match"
             )
             if not intact:
                 continue
