@@ -664,6 +664,43 @@ def test_the_sample_covers_the_size_and_both_ends_and_a_copy_is_checked_whole(tm
     assert Path(dst).read_bytes() == bytes(big) and Path(dst).stat().st_mtime_ns == st.st_mtime_ns
 
 
+def test_undo_of_copies_reads_each_file_once_and_still_sees_a_change_after_planning(shoot, monkeypatch):
+    """The byte comparison made while planning is reused while acting only for files unchanged
+    since (inode, size, times including the change time, which no program sets back)."""
+    import time
+
+    from loda_cli.organize import undo as undo_module
+
+    monkeypatch.setattr(undo_module, "_SETTLED_NS", -10**12)  # the test's files are seconds old
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--copy", "--apply")
+    copies = [p for p in (shoot.root / "_culled").rglob("*") if p.is_file()]
+    reads = _count_reads(monkeypatch)
+    plan = organize.plan_undo(_journal())
+    assert sum(reads) == 2 * sum(p.stat().st_size for p in copies)  # copy and original, once
+    reads.clear()
+    time.sleep(0.05)  # past the clock tick of the comparisons
+    copy = shoot.root / "_culled" / "IMG_1.CR2"
+    data, stamp = bytearray(copy.read_bytes()), copy.stat().st_mtime_ns
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(stamp, stamp))  # same size and time; only the change time moved on
+    report = organize.apply_undo(plan, partial=True)
+    assert sum(reads) == 2 * len(data)  # only the changed pair was read again
+    assert [c.entry.dst for c in report.conflicts] == [str(copy)]
+    assert copy.read_bytes() == bytes(data)
+    assert sorted(p.name for p in (shoot.root / "_culled").rglob("*") if p.is_file()) == ["IMG_1.CR2"]
+
+
+def test_a_comparison_of_files_changed_within_the_last_second_is_not_remembered(tmp_path, monkeypatch):
+    from loda_cli.organize import undo as undo_module
+
+    a, b = write(tmp_path / "a", b"same bytes"), write(tmp_path / "b", b"same bytes")
+    reads = _count_reads(monkeypatch)
+    comparisons = undo_module.Comparisons()
+    assert comparisons.same(str(a), str(b)) and comparisons.same(str(a), str(b))
+    assert sum(reads) == 4 * len(b"same bytes") and not comparisons.known
+
+
 def test_a_version_1_journal_with_whole_file_hashes_still_undoes(shoot):
     """Journals written before version 2 record each file's SHA-256; undo checks it."""
     import hashlib
