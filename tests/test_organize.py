@@ -619,7 +619,7 @@ def test_undo_removes_a_copy_or_duplicate_only_when_its_bytes_equal_the_original
     original.write_bytes(bytes(other))
     os.utime(original, ns=(stamp, stamp))
     result = invoke("undo")
-    assert result.exit_code == 1 and "holds other bytes; both stay" in " ".join(result.output.split())
+    assert result.exit_code == 1 and "is not an identical second copy; both stay" in " ".join(result.output.split())
     assert moved.exists() and original.read_bytes() == bytes(other)
     original.write_bytes(moved.read_bytes())
     os.utime(original, ns=(stamp, stamp))
@@ -634,7 +634,7 @@ def test_the_sample_covers_the_size_and_both_ends_and_a_copy_is_checked_whole(tm
     big = bytearray(os.urandom(3 * fileops.SAMPLE_BYTES))
     src = write(tmp_path / "a.raw", bytes(big))
     first = fileops.sample_sha256(str(src))
-    big[len(big) // 2] ^= 1  # the middle is not sampled: the time tells such edits apart
+    big[len(big) // 2] ^= 1  # the middle is not sampled (undo never removes on the sample alone)
     src.write_bytes(bytes(big))
     assert fileops.sample_sha256(str(src)) == first
     for where in (0, -1):
@@ -699,6 +699,87 @@ def test_a_comparison_of_files_changed_within_the_last_second_is_not_remembered(
     comparisons = undo_module.Comparisons()
     assert comparisons.same(str(a), str(b)) and comparisons.same(str(a), str(b))
     assert sum(reads) == 4 * len(b"same bytes") and not comparisons.known
+
+
+def test_a_photo_dated_before_1970_is_journalled_and_undone(shoot):
+    """Scans dated from their capture (exiftool "-FileModifyDate<DateTimeOriginal") can be older
+    than 1970: a negative modification time."""
+    before = snapshot(shoot.root)
+    old = -(5 * 365 * 86400 * 10**9)  # 1965
+    os.utime(shoot.root / "IMG_1.JPG", ns=(old, old))
+    before = snapshot(shoot.root)
+    ok("cull", "wedding", "--below", "0.4", "--scores", shoot.scores, "--apply")
+    intent = [json.loads(line) for line in _journal().read_text().splitlines()
+              if '"intent"' in line and "IMG_1.JPG" in line][0]
+    assert intent["mtime_ns"] == old
+    ok("undo")
+    assert snapshot(shoot.root) == before
+    assert (shoot.root / "IMG_1.JPG").stat().st_mtime_ns == old
+
+
+def test_same_content_compares_every_byte_and_never_calls_one_name_two_copies(tmp_path):
+    data = bytearray(os.urandom(3 * (1 << 20) + 5))
+    a, b = write(tmp_path / "a.raw", bytes(data)), write(tmp_path / "b.raw", bytes(data))
+    assert fileops.same_content(str(a), str(b))
+    data[len(data) // 2] ^= 1  # past the first chunk read
+    b.write_bytes(bytes(data))
+    assert not fileops.same_content(str(a), str(b))
+    data[-1] ^= 1
+    assert not fileops.same_content(str(a), str(tmp_path / "missing"))
+    os.link(a, tmp_path / "c.raw")  # two names of one file, as a move halfway leaves them
+    assert fileops.same_content(str(a), str(tmp_path / "c.raw"))
+    os.unlink(tmp_path / "c.raw")
+    (tmp_path / "alias").symlink_to(tmp_path)  # one name reached two ways, like IMG.jpg / img.jpg
+    assert not fileops.same_content(str(a), str(tmp_path / "alias" / "a.raw"))
+    assert not fileops.same_content(str(a), str(a))
+
+
+def test_a_source_rewritten_during_a_copy_with_its_time_kept_is_not_moved(tmp_path, monkeypatch):
+    """A writer that changes a file while it is copied and keeps its time (a 2-second FAT clock,
+    a late mmap time update) would leave a torn copy; the source read again shows it."""
+    from loda_cli.organize.paths import Skipped
+
+    data = os.urandom(3 * (1 << 20))
+    src = write(tmp_path / "a.raw", data)
+    st = src.stat()
+    real_open = open
+
+    class Rewriting:
+        def __init__(self, fh):
+            self.fh, self.reads = fh, 0
+
+        def read(self, n=-1):
+            chunk = self.fh.read(n)
+            self.reads += 1
+            if self.reads == 1:
+                with real_open(src, "r+b") as out:  # rewrite the part already copied
+                    out.write(os.urandom(1 << 20))
+                os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return chunk
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    opened = []
+
+    def rewriting_open(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        if path == str(src) and not opened:  # the copy's read of the source
+            opened.append(path)
+            return Rewriting(fh)
+        return fh
+
+    monkeypatch.setattr(fileops, "open", rewriting_open, raising=False)
+    tmp, dst = str(tmp_path / ".loda-tmp-x"), str(tmp_path / "b.raw")
+    with pytest.raises(Skipped, match="changed while it was copied"):
+        fileops.copy_verified(str(src), dst, st.st_size, "", tmp, mtime_ns=st.st_mtime_ns)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.raw"]
 
 
 def test_a_version_1_journal_with_whole_file_hashes_still_undoes(shoot):

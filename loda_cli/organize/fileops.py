@@ -98,14 +98,16 @@ class Fingerprint:
     time and :func:`sample_sha256` (journal version 2) or the SHA-256 of all of it (version 1)."""
 
     size: int
-    mtime_ns: int = -1
+    mtime_ns: Optional[int] = None  # any integer: a file can be dated before 1970
     sample: str = ""
     sha256: str = ""
 
 
 def same_content(a: str, b: str) -> bool:
-    """Whether two regular files hold the same bytes, compared byte for byte (two names of one
-    file, as a move halfway leaves them, are the same without reading)."""
+    """Whether ``a`` and ``b`` are two regular files, or two names of one file, holding the same
+    bytes, compared byte for byte. Two names of one file (a move halfway leaves them) are the
+    same without reading; one name seen twice (a case-insensitive disk: ``IMG.jpg`` and
+    ``img.jpg``) is not two of anything, so never a duplicate to remove."""
     try:
         sa, sb = os.lstat(a), os.lstat(b)
     except FileNotFoundError:
@@ -113,7 +115,7 @@ def same_content(a: str, b: str) -> bool:
     if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size != sb.st_size:
         return False
     if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
-        return True
+        return sa.st_nlink >= 2 and a != b and _two_names(a, b)
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
             chunk = fa.read(_CHUNK)
@@ -121,6 +123,15 @@ def same_content(a: str, b: str) -> bool:
                 return False
             if not chunk:
                 return True
+
+
+def _two_names(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are listed as entries of their folders under exactly these names
+    (a case-insensitive disk answers a lookup of ``img.jpg`` for ``IMG.jpg``, but lists one)."""
+    try:
+        return all(os.path.basename(p) in os.listdir(os.path.dirname(p) or ".") for p in (a, b))
+    except OSError:
+        return False
 
 
 def fsync_dir(folder: str) -> None:
@@ -171,7 +182,7 @@ def file_state(path: str, expected: Fingerprint) -> str:
         return "other"
     if expected.sha256:
         return "match" if sha256_file(path) == expected.sha256 else "other"
-    if expected.mtime_ns >= 0 and st.st_mtime_ns == expected.mtime_ns:
+    if expected.mtime_ns is not None and st.st_mtime_ns == expected.mtime_ns:
         return "match"
     return "match" if expected.sample and sample_sha256(path) == expected.sample else "other"
 
@@ -231,8 +242,9 @@ def copy_verified(
     """Copy to ``tmp``, fsync, check size and hash (of the bytes read and of the bytes on disk),
     then name it ``dst``. The source is untouched. ``sha256`` is the journalled hash of the
     source, or "" where the journal holds its modification time instead (``mtime_ns``, checked
-    before the read; the source's size and time must also be the same after it). The copy must
-    read back as the bytes that were read. ``sync_folder=False`` leaves the folder's fsync (which
+    before the read; the source's size and time must also be the same after it, and the source
+    read again must hash as the bytes copied). The copy must read back as the bytes that were
+    read. ``sync_folder=False`` leaves the folder's fsync (which
     makes the new name durable) to the caller: never for a move."""
     digest = hashlib.sha256()
     written = 0
@@ -255,6 +267,11 @@ def copy_verified(
         raise OutputError(
             f"the copy of {display_path(src)} does not read back identical; the source is untouched"
         )
+    if not sha256 and sha256_file(src) != digest.hexdigest():
+        # Without a journalled hash, the source read again (from the cache, mostly) shows a
+        # writer that changed it during the copy and kept its time: the copy may be torn.
+        os.unlink(tmp)
+        raise Skipped("the file changed while it was copied")
     try:
         shutil.copystat(src, tmp)
     except OSError:

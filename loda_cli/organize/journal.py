@@ -173,7 +173,7 @@ class JournalEntry:
     new_sha256: str = ""
     done: bool = False
     bases: tuple[tuple[str, str], ...] = ()  # (base, path) pairs to re-check for symlinks
-    mtime_ns: int = -1  # version 2: the source's modification time and sampled hash
+    mtime_ns: Optional[int] = None  # version 2: the source's modification time and sampled hash
     sample: str = ""
 
     @property
@@ -360,10 +360,10 @@ def _entry_from(record: dict[str, Any], roots: Sequence[str], dests: Sequence[st
     src_base, src = _resolve_ref(record["src"], roots, dests)
     dst_base, dst = _resolve_ref(record["dst"], roots, dests)
     sha256, sample = str(record.get("sha256") or ""), str(record.get("sample") or "")
-    mtime_ns = record.get("mtime_ns", -1)
-    if not isinstance(mtime_ns, int) or isinstance(mtime_ns, bool):
+    mtime_ns = record.get("mtime_ns")
+    if mtime_ns is not None and (not isinstance(mtime_ns, int) or isinstance(mtime_ns, bool)):
         raise ValueError("mtime_ns")
-    if kind != "link" and not (sha256 or (sample and mtime_ns >= 0)):
+    if kind != "link" and not (sha256 or (sample and mtime_ns is not None)):
         raise ValueError("no fingerprint")  # reported as a damaged record
     return JournalEntry(
         entry_id, kind, src, dst, int(record["size"]), sha256, tmp,

@@ -123,16 +123,16 @@ def _decide(entry: JournalEntry, comparisons: Comparisons) -> UndoStep:
         return UndoStep(entry, "none", f"no link at {dst}")
     s = fileops.file_state(entry.src, entry.fingerprint)
     d = fileops.file_state(entry.dst, entry.fingerprint)
-    # A journal without the whole file's hash (version 2) knows each file by its size, time and
-    # sampled hash: enough to put a file back, never to remove one. Before a copy or duplicate is
-    # removed, its bytes are compared with the original's.
-    compare = not entry.sha256
+    # A journal knows each file by its size, time and sampled hash (version 2; version 1 by the
+    # whole file's hash): enough to put a file back, never to remove one. Before a copy or
+    # duplicate is removed, its bytes are compared with the original's, which also refuses one
+    # name seen twice (a case-insensitive disk).
     if entry.kind == "copy":
         if d == "absent":
             return UndoStep(entry, "none", f"no copy at {dst}")
         if d == "match":
             if s == "match":
-                if compare and not comparisons.same(entry.src, entry.dst):
+                if not comparisons.same(entry.src, entry.dst):
                     why = f"the copy {dst} no longer holds the same bytes as {src}; both stay"
                     return UndoStep(entry, "conflict", why)
                 return UndoStep(entry, "remove-copy", f"remove the copy {dst}")
@@ -146,8 +146,8 @@ def _decide(entry: JournalEntry, comparisons: Comparisons) -> UndoStep:
         if d == "absent":
             return UndoStep(entry, "none", f"{src} is in place")
         if d == "match":
-            if compare and not comparisons.same(entry.src, entry.dst):
-                why = f"{src} is in place and {dst} holds other bytes; both stay"
+            if not comparisons.same(entry.src, entry.dst):
+                why = f"{src} is in place and {dst} is not an identical second copy; both stay"
                 return UndoStep(entry, "conflict", why)
             why = f"{src} is in place; remove the identical {dst}"
             return UndoStep(entry, "remove-duplicate", why)
