@@ -244,8 +244,8 @@ def copy_verified(
     source, or "" where the journal holds its modification time instead (``mtime_ns``, checked
     before the read; the source's size and time must also be the same after it, and the source
     read again must hash as the bytes copied). The copy must read back as the bytes that were
-    read. ``sync_folder=False`` leaves the folder's fsync (which
-    makes the new name durable) to the caller: never for a move."""
+    read. ``sync_folder=False`` leaves the folder's fsync (which makes the new name durable) to
+    the caller: never for a move."""
     digest = hashlib.sha256()
     written = 0
     mode = stat.S_IMODE(os.stat(src).st_mode)
