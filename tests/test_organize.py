@@ -522,32 +522,35 @@ def test_cross_device_cull_copies_verifies_then_removes_and_undo_brings_back(sho
 # --- what a journal knows of a file, and what cull and undo read ---------------------------------
 
 
+class _WatchedFile:
+    """A file object whose every read is passed to ``on_read`` (to count or to interfere)."""
+
+    def __init__(self, fh, on_read):
+        self.fh, self.on_read = fh, on_read
+
+    def read(self, n=-1):
+        data = self.fh.read(n)
+        self.on_read(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
 def _count_reads(monkeypatch) -> list[int]:
     """Bytes read through ``open`` inside fileops, one entry per read: the photos' content."""
     reads: list[int] = []
     real_open = open
 
-    class Counted:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def read(self, n=-1):
-            data = self.fh.read(n)
-            reads.append(len(data))
-            return data
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
     def counting_open(path, mode="r", *args, **kwargs):
         fh = real_open(path, mode, *args, **kwargs)
-        return Counted(fh) if "r" in mode else fh
+        return _WatchedFile(fh, lambda data: reads.append(len(data))) if "r" in mode else fh
 
     monkeypatch.setattr(fileops, "open", counting_open, raising=False)
     return reads
@@ -588,22 +591,29 @@ def test_undo_puts_back_a_file_whose_time_alone_changed_and_refuses_one_whose_en
     assert (culled / "IMG_2.heic").read_bytes() == bytes(edited) and b"IMG_2.heic" not in after
 
 
+def _flip_middle_byte_keeping_size_and_time(path: Path, data: bytes | None = None) -> bytes:
+    """Write ``data`` (default: the file's own bytes) with its middle byte flipped to ``path``,
+    then give it back its modification time: what only a byte comparison can tell."""
+    changed = bytearray(path.read_bytes() if data is None else data)
+    changed[len(changed) // 2] ^= 0xFF
+    stamp = path.stat().st_mtime_ns
+    path.write_bytes(bytes(changed))
+    os.utime(path, ns=(stamp, stamp))
+    return bytes(changed)
+
+
 def test_undo_removes_a_copy_or_duplicate_only_when_its_bytes_equal_the_original(shoot):
     """Size, time and sample say which file is which; only a byte-for-byte comparison lets undo
     remove one. Here the copies keep their size and time but a middle byte differs."""
     ok("cull", "wedding", "--worst", "2", "--scores", shoot.scores, "--copy", "--apply")
     culled = shoot.root / "_culled"
     copy = culled / "IMG_1.CR2"
-    data = bytearray(copy.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stamp = copy.stat().st_mtime_ns
-    copy.write_bytes(bytes(data))
-    os.utime(copy, ns=(stamp, stamp))
+    data = _flip_middle_byte_keeping_size_and_time(copy)
     result = invoke("undo")
     out = " ".join(result.output.split())
     assert result.exit_code == 1 and "no longer holds the same bytes" in out
     ok("undo", "--partial")
-    assert copy.read_bytes() == bytes(data)  # kept: it is not a copy of the original any more
+    assert copy.read_bytes() == data  # kept: it is not a copy of the original any more
     assert (shoot.root / "IMG_1.CR2").read_bytes() == shoot.files["IMG_1.CR2"]
     assert not (culled / "IMG_1.JPG").exists()  # the true copies were removed
 
@@ -613,16 +623,11 @@ def test_undo_removes_a_copy_or_duplicate_only_when_its_bytes_equal_the_original
     ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
     moved, original = culled / "IMG_1.JPG", shoot.root / "IMG_1.JPG"
     shutil.copy2(moved, original)
-    other = bytearray(moved.read_bytes())
-    other[len(other) // 2] ^= 0xFF
-    stamp = moved.stat().st_mtime_ns
-    original.write_bytes(bytes(other))
-    os.utime(original, ns=(stamp, stamp))
+    other = _flip_middle_byte_keeping_size_and_time(original)
     result = invoke("undo")
     assert result.exit_code == 1 and "is not an identical second copy; both stay" in " ".join(result.output.split())
-    assert moved.exists() and original.read_bytes() == bytes(other)
-    original.write_bytes(moved.read_bytes())
-    os.utime(original, ns=(stamp, stamp))
+    assert moved.exists() and original.read_bytes() == other
+    _flip_middle_byte_keeping_size_and_time(original)  # flipped back: the same bytes again
     steps = {s.entry.dst: s.action for s in organize.plan_undo(_journal()).steps}
     assert steps[str(moved)] == "remove-duplicate"
 
@@ -680,14 +685,11 @@ def test_undo_of_copies_reads_each_file_once_and_still_sees_a_change_after_plann
     reads.clear()
     time.sleep(0.05)  # past the clock tick of the comparisons
     copy = shoot.root / "_culled" / "IMG_1.CR2"
-    data, stamp = bytearray(copy.read_bytes()), copy.stat().st_mtime_ns
-    data[len(data) // 2] ^= 0xFF
-    copy.write_bytes(bytes(data))
-    os.utime(copy, ns=(stamp, stamp))  # same size and time; only the change time moved on
+    data = _flip_middle_byte_keeping_size_and_time(copy)  # only the change time moves on
     report = organize.apply_undo(plan, partial=True)
     assert sum(reads) == 2 * len(data)  # only the changed pair was read again
     assert [c.entry.dst for c in report.conflicts] == [str(copy)]
-    assert copy.read_bytes() == bytes(data)
+    assert copy.read_bytes() == data
     assert sorted(p.name for p in (shoot.root / "_culled").rglob("*") if p.is_file()) == ["IMG_1.CR2"]
 
 
@@ -744,27 +746,12 @@ def test_a_source_rewritten_during_a_copy_with_its_time_kept_is_not_moved(tmp_pa
     st = src.stat()
     real_open = open
 
-    class Rewriting:
-        def __init__(self, fh):
-            self.fh, self.reads = fh, 0
-
-        def read(self, n=-1):
-            chunk = self.fh.read(n)
-            self.reads += 1
-            if self.reads == 1:
-                with real_open(src, "r+b") as out:  # rewrite the part already copied
-                    out.write(os.urandom(1 << 20))
-                os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
-            return chunk
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
+    def rewrite_once(data):
+        if not opened[1:]:  # after the first chunk: rewrite the part already copied
+            opened.append("rewritten")
+            with real_open(src, "r+b") as out:
+                out.write(os.urandom(1 << 20))
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     opened = []
 
@@ -772,7 +759,7 @@ def test_a_source_rewritten_during_a_copy_with_its_time_kept_is_not_moved(tmp_pa
         fh = real_open(path, mode, *args, **kwargs)
         if path == str(src) and not opened:  # the copy's read of the source
             opened.append(path)
-            return Rewriting(fh)
+            return _WatchedFile(fh, rewrite_once)
         return fh
 
     monkeypatch.setattr(fileops, "open", rewriting_open, raising=False)
