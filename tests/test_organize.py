@@ -1011,6 +1011,130 @@ def _assert_synced_in_batches(events: list[tuple[str, str]], every: int, before:
 
 
 
+def test_moves_on_one_disk_make_new_names_durable_before_dropping_old_ones_a_batch_at_a_time(
+    shoot, monkeypatch
+):
+    """Hard links for a batch of photos, their folders fsynced, then the old names dropped and
+    their folders fsynced: two folder fsyncs a folder and batch, not two a photo, and no photo
+    loses its old name before its new one is durable. Undo moves back the same way."""
+    events = _record_links_and_syncs(monkeypatch)
+    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
+    before = snapshot(shoot.root)
+    ok("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    records = [json.loads(line) for line in _journal().read_text().splitlines()]
+    intents = {r["id"]: r for r in records if r["type"] == "intent"}
+    assert len(intents) == 11 and sum(r["type"] == "done" for r in records) == 11
+    _assert_new_names_durable_before_old_ones_go(events, moves=11, batch=4)
+    culled = str(shoot.root / "_culled")
+    assert all(path.startswith(culled) for kind, path in events if kind == "link")
+    events.clear()
+    ok("undo")
+    assert snapshot(shoot.root) == before
+    _assert_new_names_durable_before_old_ones_go(events, moves=11, batch=4)
+
+
+def _record_links_and_syncs(monkeypatch) -> list[tuple[str, str]]:
+    """("link", new name), ("unlink", name) and ("sync", folder) as fileops makes them."""
+    events: list[tuple[str, str]] = []
+    real_sync, real_link, real_unlink = fileops.fsync_dir, os.link, os.unlink
+
+    def sync(folder):
+        events.append(("sync", folder))
+        return real_sync(folder)
+
+    def link(src, dst, *args, **kwargs):
+        real_link(src, dst, *args, **kwargs)
+        events.append(("link", dst))
+
+    def unlink(path, *args, **kwargs):
+        events.append(("unlink", path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(fileops, "fsync_dir", sync)
+    monkeypatch.setattr(fileops.os, "link", link)
+    monkeypatch.setattr(fileops.os, "unlink", unlink)
+    return events
+
+
+def _assert_new_names_durable_before_old_ones_go(events, moves: int, batch: int) -> None:
+    links = [i for i, (kind, _) in enumerate(events) if kind == "link"]
+    unlinks = [i for i, (kind, _) in enumerate(events) if kind == "unlink"]
+    assert len(links) == len(unlinks) == moves
+    batches = -(-moves // batch)
+    assert sum(kind == "sync" for kind, _ in events) <= 2 * 3 * batches  # folders x batches, not 2 a move
+    assert links[batch] > unlinks[0] and links[batch - 1] < unlinks[0]  # a batch of links, then drops
+    for n, i in enumerate(links):  # each new name's folder synced after it, before its old name goes
+        folder = os.path.dirname(events[i][1])
+        assert any(events[j] == ("sync", folder) for j in range(i, unlinks[n])), (n, events)
+    for i in unlinks:  # each old name's folder synced after it (its removal made durable)
+        assert any(events[j] == ("sync", os.path.dirname(events[i][1])) for j in range(i, len(events)))
+
+
+def test_ctrl_c_or_a_failed_removal_in_a_batch_of_moves_leaves_every_photo_recoverable(shoot, monkeypatch):
+    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
+    before = snapshot(shoot.root)
+    real_perform = apply_module._perform
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # 4 moves done as a batch, 2 linked and waiting
+            raise KeyboardInterrupt
+        return real_perform(*args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "_perform", interrupted)
+    result = invoke("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 130
+    # The two waiting moves were finished: every photo has one name, 6 in _culled.
+    files = [p for p in shoot.root.rglob("*") if p.is_file()]
+    assert all(p.stat().st_nlink == 1 for p in files)
+    assert len([p for p in files if "_culled" in p.parts]) == 6
+    assert sum('"type":"done"' in line for line in _journal().read_text().splitlines()) == 6
+    monkeypatch.setattr(apply_module, "_perform", real_perform)
+    ok("undo")
+    assert snapshot(shoot.root) == before
+
+    # The same for undo: moves back whose old names are made are finished on Ctrl-C.
+    ok("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    real_undo_one, steps = undo_module._undo_one, []
+
+    def interrupted_undo(step, unsynced, pending):
+        steps.append(step)
+        if len(steps) == 7:
+            raise KeyboardInterrupt
+        return real_undo_one(step, unsynced, pending)
+
+    monkeypatch.setattr(undo_module, "_undo_one", interrupted_undo)
+    result = invoke("undo")
+    assert result.exit_code == 130, result.output
+    files = [p for p in shoot.root.rglob("*") if p.is_file()]
+    assert all(p.stat().st_nlink == 1 for p in files)
+    assert len([p for p in files if "_culled" in p.parts]) == 11 - 6
+    monkeypatch.setattr(undo_module, "_undo_one", real_undo_one)
+    ok("undo")
+    assert snapshot(shoot.root) == before
+
+    real_unlink = os.unlink
+    removals = []
+
+    def failing_unlink(path, *args, **kwargs):
+        if ".loda-" not in os.fsdecode(path):
+            removals.append(path)
+            if len(removals) == 2:
+                raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(fileops.os, "unlink", failing_unlink)
+    result = invoke("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 1 and "Permission denied; stopped" in " ".join(result.output.split())
+    records = [json.loads(line) for line in _journal().read_text().splitlines()]
+    assert sum(r["type"] == "done" for r in records) == 1 and sum(r["type"] == "failed" for r in records) == 1
+    monkeypatch.setattr(fileops.os, "unlink", real_unlink)
+    ok("undo")  # the 3 photos left with two names lose their new one again
+    assert snapshot(shoot.root) == before
+    assert not [p for p in shoot.root.rglob("*") if p.is_file() and p.stat().st_nlink != 1]
+
+
 @pytest.mark.parametrize("command", ["rate", "sort"])
 def test_undo_fsyncs_each_folder_once_a_batch_and_every_folder_before_undo_ends(shoot, monkeypatch, command):
     """Undo of a rate run (sidecars removed or restored) and of a sorted copy (copies removed):
@@ -1349,11 +1473,11 @@ def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(
     real_undo_one = undo_module._undo_one
     calls = []
 
-    def failing_undo_one(step, unsynced):
+    def failing_undo_one(step, unsynced, pending):
         calls.append(step)
         if len(calls) == 2:
             raise OSError(5, "Input/output error")
-        return real_undo_one(step, unsynced)
+        return real_undo_one(step, unsynced, pending)
 
     monkeypatch.setattr(undo_module, "_undo_one", failing_undo_one)
     result = invoke("undo")

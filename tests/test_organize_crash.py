@@ -2,7 +2,7 @@
 every file byte-identical, even when the journal's last line is cut in half.
 
 The runs are slowed with the test hook ``LODA_TEST_ACTION_DELAY`` (organize/fileops.py) so the kill lands
-halfway; the kill comes once the journal shows about half the actions done.
+halfway; the kill comes once about half the new names are made.
 """
 
 from __future__ import annotations
@@ -42,23 +42,23 @@ def _tree(tmp: Path, count: int = 200) -> tuple[Path, Path]:
     return root, write_scores(tmp / "scores.csv", rows)
 
 
-def _done_count(journal_dir: Path) -> int:
-    from loda_cli import organize
-
-    journal_dir = Path(organize.journals_dir())  # every journal lives there (issue 16.13)
-    journals = list(journal_dir.glob(".loda-journal-*.jsonl")) if journal_dir.exists() else []
-    if not journals:
-        return 0
-    return journals[0].read_bytes().count(b'"type":"done"')
+def _names(dest: Path) -> int:
+    """Files under ``dest`` (loda's journals and temporary files aside)."""
+    return sum(1 for p in dest.rglob("*") if p.is_file() and not p.name.startswith(".loda-")) if dest.exists() else 0
 
 
-def _run_and_kill(args: list[str], cwd: Path, journal_dir: Path, kill_after: int) -> None:
+def _run_and_kill(args: list[str], cwd: Path, dest: Path, kill_after: int) -> None:
+    """Run loda, slowed, and SIGKILL it once ``kill_after`` new names exist under ``dest``. Moves
+    on one filesystem make their new names for a batch of photos before dropping the old ones,
+    so the kill lands with many photos under two names, or, across filesystems, halfway through
+    the copies."""
     env = dict(os.environ, LODA_TEST_ACTION_DELAY="0.01", PYTHONPATH=str(REPO))
+    start = _names(dest)
     proc = subprocess.Popen([sys.executable, "-m", "loda_cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     try:
-        while _done_count(journal_dir) < kill_after:
+        while _names(dest) - start < kill_after:
             if proc.poll() is not None:
                 pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
@@ -95,7 +95,8 @@ def test_killed_cull_is_undone_completely(tmp_path, monkeypatch, cut):
     assert not any(r["type"] == "end" for r in records)  # really killed halfway
     done = sum(r["type"] == "done" for r in records)
     intents = sum(r["type"] == "intent" for r in records)
-    assert 0 < done < intents
+    assert done < intents and _names(root / "_culled") > 50
+    assert any(p.stat().st_nlink == 2 for p in (root / "_culled").rglob("*") if p.is_file())
     if cut:
         _cut_last_line(journal)
     monkeypatch.chdir(tmp_path)
@@ -103,6 +104,7 @@ def test_killed_cull_is_undone_completely(tmp_path, monkeypatch, cut):
     assert result.exit_code == 0, result.output
     assert snapshot(root) == before
     assert (root / "_culled" / "day0" / "IMG_0000.jpg").read_bytes() == older
+    assert _names(root / "_culled") == 1  # every name the killed run made is gone again
     assert not list(root.rglob(".loda-tmp-*"))
 
 
@@ -133,12 +135,19 @@ def test_killed_undo_is_finished_by_running_undo_again(tmp_path, monkeypatch):
     proc = subprocess.Popen([sys.executable, "-m", "loda_cli", "undo", str(journal)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not (undo_log.exists() and undo_log.read_bytes().count(b'"type":"undone"') >= 30):
+
+    def back_in_place() -> int:  # photos with their old name again (moves back go in batches)
+        return sum(1 for p in root.rglob("*.jpg") if "_culled" not in p.relative_to(root).parts)
+
+    culled = sum(1 for _ in (root / "_culled").rglob("*.jpg")) - 1  # less the older cull's photo
+    start = back_in_place()
+    while back_in_place() - start < 30:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert snapshot(root) != before  # really halfway
+    assert back_in_place() - start < culled and snapshot(root) != before  # really halfway
+    assert undo_log.exists()
     result = runner.invoke(app, ["undo"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert snapshot(root) == before

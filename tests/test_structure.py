@@ -167,6 +167,7 @@ PHOTO_SITES = {
     ("organize/fileops.py", "place"): {"os.link", "os.unlink", "os.rename"},
     ("organize/fileops.py", "copy_verified"): {"os.unlink"},
     ("organize/fileops.py", "move"): {"os.link", "os.unlink", "os.rename"},
+    ("organize/fileops.py", "drop"): {"os.unlink"},  # PendingDrops: a moved photo's old name
     ("organize/fileops.py", "_new_file"): {"os.unlink"},
     ("organize/fileops.py", "write_file"): {"os.replace"},
     ("organize/fileops.py", "symlink"): {"os.symlink"},

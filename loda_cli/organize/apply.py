@@ -12,9 +12,9 @@ import os
 import shutil
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
-from loda_cli.errors import OutputError, UnsafePathError, UsageError
+from loda_cli.errors import LodaError, OutputError, UnsafePathError, UsageError
 from loda_cli.organize import fileops
 from loda_cli.organize.journal import (
     TMP_PREFIX,
@@ -146,23 +146,62 @@ def apply_plan(
     # Sidecars `loda rate` writes, and copies and links, have their folders fsynced once a batch
     # (fileops.FolderSyncs): a name lost to a power cut leaves the sidecar's previous content or
     # no copy, which undo reads as not done, since it decides from the disk, never from "done"
-    # alone. Moves sync as they go.
+    # alone. Moves on one filesystem make their new names (hard links) for up to
+    # FOLDER_SYNC_EVERY photos, fsync those folders, then drop the old names (fileops.
+    # PendingDrops): each new name is durable before its old one goes. Other moves sync as they go.
     unsynced = fileops.FolderSyncs()
+    pending = fileops.PendingDrops()
     try:
         prepared = _write_intents(plan, writer, report)
         for number, item in enumerate(prepared, start=1):
             fileops.pause_before_action()
-            _act(item, writer, report, unsynced)
+            _act(item, writer, report, unsynced, pending)
+            if len(pending) >= fileops.FOLDER_SYNC_EVERY:
+                _drop_old_names(pending, writer, report)
             if progress:
                 progress(number, len(prepared))
+        _drop_old_names(pending, writer, report)
         unsynced.flush()
         end = {"type": "end", "time": utc_now(), "done": report.done, "skipped": len(report.skipped)}
         writer.write(end, sync=True)
+    except KeyboardInterrupt:
+        # Ctrl-C: finish the moves whose new names are made (a moment), so the photos they
+        # concern each have one name, as after moves made one by one; then stop.
+        with contextlib.suppress(OSError, LodaError):
+            _drop_old_names(pending, writer, report)
+        raise
     finally:
         with contextlib.suppress(OSError):
             unsynced.flush()  # an interrupted run still makes what it wrote durable
         writer.close()
     return report
+
+
+def _drop_old_names(pending: fileops.PendingDrops, writer: JournalWriter, report: ApplyReport) -> None:
+    """Drop the old names of the moves in ``pending`` (keyed by (action id, size)) and journal
+    each as done."""
+
+    def dropped(key: object) -> None:
+        action_id, size = key  # type: ignore[misc]
+        report.done += 1
+        report.bytes_done += size
+        writer.write({"type": "done", "id": action_id})
+
+    try:
+        pending.drop(dropped)
+    except OSError as exc:
+        (action_id, _), src, _ = pending.moves[0]
+        _stop(writer, action_id, src, exc)
+
+
+def _stop(writer: JournalWriter, action_id: int, src: str, exc: OSError) -> NoReturn:
+    """Journal an action that failed with ``exc`` and stop the run: OutputError."""
+    error = exc.strerror or str(exc)
+    writer.write({"type": "failed", "id": action_id, "error": error}, sync=True)
+    raise OutputError(
+        f"{display_path(src)}: {error}; stopped. What was done so far is in "
+        f"{display_path(writer.path)}, and `loda undo` reverses it"
+    ) from None
 
 
 def _missing_folders(destinations: set[str]) -> list[str]:
@@ -197,25 +236,22 @@ _Prepared = tuple[int, Action, tuple[int, int], str]  # id, action, (size, mtime
 
 
 def _act(prepared: _Prepared, writer: JournalWriter, report: ApplyReport,
-         unsynced: fileops.FolderSyncs) -> None:
-    """Carry out one journalled action and record how it went (``unsynced``: see apply_plan)."""
+         unsynced: fileops.FolderSyncs, pending: fileops.PendingDrops) -> None:
+    """Carry out one journalled action and record how it went (``unsynced``, ``pending``: see
+    apply_plan; a move left in ``pending`` is journalled as done when its old name is dropped)."""
     action_id, action, fingerprint, tmp = prepared
     try:
-        _perform(action, fingerprint, tmp, writer, action_id, unsynced)
+        complete = _perform(action, fingerprint, tmp, writer, action_id, unsynced, pending)
     except Skipped as why:
         report.skipped.append(Skip(action.src, str(why)))
         writer.write({"type": "skipped", "id": action_id, "reason": str(why)})
     except OSError as exc:
-        error = exc.strerror or str(exc)
-        writer.write({"type": "failed", "id": action_id, "error": error}, sync=True)
-        raise OutputError(
-            f"{display_path(action.src)}: {error}; stopped. What was done so far is in "
-            f"{display_path(writer.path)}, and `loda undo` reverses it"
-        ) from None
+        _stop(writer, action_id, action.src, exc)
     else:
-        report.done += 1
-        report.bytes_done += action.size
-        writer.write({"type": "done", "id": action_id})
+        if complete:
+            report.done += 1
+            report.bytes_done += action.size
+            writer.write({"type": "done", "id": action_id})
 
 
 def _write_intents(plan: Plan, writer: JournalWriter, report: ApplyReport) -> list[_Prepared]:
@@ -327,7 +363,9 @@ def _perform(
     writer: JournalWriter,
     action_id: int,
     unsynced: fileops.FolderSyncs,
-) -> None:
+    pending: fileops.PendingDrops,
+) -> bool:
+    """Carry out one action; False when it is a move whose old name waits in ``pending``."""
     if action.kind == "write":
         current = fileops.read_regular(action.src)
         if current != action.old_bytes:
@@ -337,7 +375,7 @@ def _perform(
         with unsynced.changing(os.path.dirname(action.src)):
             fileops.write_file(action.src, new, tmp, replace=current is not None, mode=mode,
                                sync_folder=False)
-        return
+        return True
     size, mtime_ns = fingerprint
     if not fileops.same_file_state(action.src, size, mtime_ns):
         raise Skipped("the file changed after it was journalled")
@@ -345,8 +383,9 @@ def _perform(
         def verified() -> None:
             writer.write({"type": "verified", "id": action_id}, sync=True)
 
-        fileops.move(action.src, action.dst, size, "", tmp, verified, mtime_ns=mtime_ns)
-    elif action.kind == "copy":
+        return fileops.move(action.src, action.dst, size, "", tmp, verified, mtime_ns=mtime_ns,
+                            pending=pending, key=(action_id, size))
+    if action.kind == "copy":
         with unsynced.changing(os.path.dirname(action.dst)):
             fileops.copy_verified(action.src, action.dst, size, "", tmp, sync_folder=False,
                                   mtime_ns=mtime_ns)
@@ -355,3 +394,4 @@ def _perform(
             fileops.symlink(action.src, action.dst, sync_folder=False)
     else:
         raise UsageError(f"unknown action kind {action.kind!r}")
+    return True

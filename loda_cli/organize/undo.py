@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from loda_cli.errors import JournalError, NothingToUndoError, UnsafePathError
+from loda_cli.errors import JournalError, LodaError, NothingToUndoError, UnsafePathError
 from loda_cli.organize import fileops
 from loda_cli.organize.journal import (
     TMP_PREFIX,
@@ -238,8 +238,16 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
     # Removals and rewritten sidecars have their folders fsynced once a batch, and all of them
     # before the folders this run made are removed and before the complete "undo-end" record:
     # one lost to a power cut before then leaves loda's copy or sidecar in place, and the next
-    # undo, which decides from the disk, handles it again. Restored moves sync as they go.
+    # undo, which decides from the disk, handles it again. Moves back on one filesystem make the
+    # old names again (hard links) for a batch of photos, fsync those folders, then drop the
+    # culled names (fileops.PendingDrops), as the run's own moves did; others sync as they go.
     unsynced = fileops.FolderSyncs()
+    pending = fileops.PendingDrops()
+
+    def restored(step: object) -> None:
+        report.restored += 1
+        log.write({"type": "undone", "id": step.entry.id, "action": step.action})  # type: ignore[attr-defined]
+
     try:
         for step in plan.steps:
             if step.action == "conflict":
@@ -255,19 +263,22 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
                 report.unchanged += 1
                 continue
             fileops.pause_before_action()
-            try:
-                _undo_one(fresh, unsynced)
-            except OSError as exc:
-                raise JournalError(
-                    f"{display_path(fresh.entry.dst)}: {exc.strerror or exc}; undo stopped. "
-                    "What was undone is recorded; run `loda undo` again once this is fixed"
-                ) from None
+            with _stopping_on_os_error(fresh.entry.dst):
+                if not _undo_one(fresh, unsynced, pending):
+                    if len(pending) >= fileops.FOLDER_SYNC_EVERY:
+                        _drop(pending, restored)
+                    continue
             if fresh.action in ("restore", "restore-sidecar"):
                 report.restored += 1
             else:
                 report.removed += 1
             log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
+        _drop(pending, restored)
         unsynced.flush()
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError, LodaError):
+            _drop(pending, restored)  # each photo moved back has one name again; then stop
+        raise
     finally:
         with contextlib.suppress(OSError):
             unsynced.flush()  # an interrupted undo still makes what it did durable
@@ -277,6 +288,24 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
     report.complete = not remaining_conflicts
     log.write({"type": "undo-end", "time": utc_now(), "complete": report.complete}, sync=True)
     return remaining_conflicts
+
+
+@contextlib.contextmanager
+def _stopping_on_os_error(path: str):
+    try:
+        yield
+    except OSError as exc:
+        raise JournalError(
+            f"{display_path(path)}: {exc.strerror or exc}; undo stopped. "
+            "What was undone is recorded; run `loda undo` again once this is fixed"
+        ) from None
+
+
+def _drop(pending: fileops.PendingDrops, restored) -> None:
+    """Drop the culled names of the photos moved back whose old names are made again."""
+    if pending:
+        with _stopping_on_os_error(pending.moves[0][1]):
+            pending.drop(restored)
 
 
 def _cleanup_tmp(entry: JournalEntry) -> None:
@@ -301,7 +330,9 @@ def _cleanup_tmp(entry: JournalEntry) -> None:
         fileops.remove_tmp(tmp)
 
 
-def _undo_one(step: UndoStep, unsynced: fileops.FolderSyncs) -> None:
+def _undo_one(step: UndoStep, unsynced: fileops.FolderSyncs, pending: fileops.PendingDrops) -> bool:
+    """Carry out one undo step; False when it is a move back whose culled name waits in
+    ``pending`` (logged as undone once that name is dropped)."""
     entry = step.entry
     if step.action == "restore":
         folder = os.path.dirname(entry.src)
@@ -310,7 +341,8 @@ def _undo_one(step: UndoStep, unsynced: fileops.FolderSyncs) -> None:
         if os.path.lexists(tmp) and not os.path.islink(tmp):
             fileops.remove_tmp(tmp)
         try:
-            fileops.move(entry.dst, entry.src, entry.size, entry.sha256, tmp, lambda: None)
+            return fileops.move(entry.dst, entry.src, entry.size, entry.sha256, tmp, lambda: None,
+                                pending=pending, key=step)
         except Skipped:
             raise JournalError(
                 f"{display_path(entry.src)} was taken while undoing; "
@@ -328,3 +360,4 @@ def _undo_one(step: UndoStep, unsynced: fileops.FolderSyncs) -> None:
         with unsynced.changing(os.path.dirname(entry.src)):
             fileops.write_file(entry.src, entry.old_bytes or b"", tmp, replace=exists, mode=mode,
                                sync_folder=False)
+    return True
