@@ -1017,7 +1017,12 @@ def test_moves_on_one_disk_make_new_names_durable_before_dropping_old_ones_a_bat
     """Hard links for a batch of photos, their folders fsynced, then the old names dropped and
     their folders fsynced: two folder fsyncs a folder and batch, not two a photo, and no photo
     loses its old name before its new one is durable. Undo moves back the same way."""
+    from loda_cli.organize.journal import JournalWriter
+
     events = _record_links_and_syncs(monkeypatch)
+    real_record = JournalWriter.write
+    monkeypatch.setattr(JournalWriter, "write", lambda self, entry, sync=False: (
+        events.append((entry["type"], "")), real_record(self, entry, sync=sync))[1])
     monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
     before = snapshot(shoot.root)
     ok("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
@@ -1025,12 +1030,97 @@ def test_moves_on_one_disk_make_new_names_durable_before_dropping_old_ones_a_bat
     intents = {r["id"]: r for r in records if r["type"] == "intent"}
     assert len(intents) == 11 and sum(r["type"] == "done" for r in records) == 11
     _assert_new_names_durable_before_old_ones_go(events, moves=11, batch=4)
+    end = events.index(("end", ""))
+    assert max(i for i, (kind, _) in enumerate(events) if kind in ("unlink", "sync")) < end
     culled = str(shoot.root / "_culled")
     assert all(path.startswith(culled) for kind, path in events if kind == "link")
     events.clear()
     ok("undo")
     assert snapshot(shoot.root) == before
     _assert_new_names_durable_before_old_ones_go(events, moves=11, batch=4)
+
+
+def test_a_move_waits_at_most_a_second_for_its_batch(shoot, monkeypatch):
+    """A run that also copies across disks (one by one) must not hold photos under two names
+    for long: a pending move is finished once it has waited PENDING_SECONDS."""
+    events = _record_links_and_syncs(monkeypatch)
+    monkeypatch.setattr(fileops, "PENDING_SECONDS", 0.0)
+    ok("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    _assert_new_names_durable_before_old_ones_go(events, moves=11, batch=1)
+
+
+def test_a_photo_replaced_while_its_move_waits_keeps_both_versions(shoot, monkeypatch):
+    """An editor saving a new version over a photo (a new file renamed over the old name) while
+    the photo's move waits for its batch: the old name is not removed, both versions stay."""
+    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
+    real_perform, calls = apply_module._perform, []
+
+    def editing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # IMG_1.JPG's move is made and waits: a new version is saved
+            write(shoot.tmp / "saved.jpg", b"the edited version")
+            os.replace(shoot.tmp / "saved.jpg", shoot.root / "IMG_1.JPG")
+        return real_perform(*args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "_perform", editing)
+    result = invoke("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 0, result.output
+    assert "replaced while it moved" in " ".join(result.output.split())
+    assert (shoot.root / "IMG_1.JPG").read_bytes() == b"the edited version"
+    assert (shoot.root / "_culled" / "IMG_1.JPG").read_bytes() == shoot.files["IMG_1.JPG"]
+    monkeypatch.setattr(apply_module, "_perform", real_perform)
+    result = invoke("undo", "--partial")
+    assert result.exit_code == 0, result.output
+    assert (shoot.root / "IMG_1.JPG").read_bytes() == b"the edited version"
+    assert (shoot.root / "_culled" / "IMG_1.JPG").read_bytes() == shoot.files["IMG_1.JPG"]
+    assert (shoot.root / "IMG_1.CR2").read_bytes() == shoot.files["IMG_1.CR2"]  # the rest went back
+
+
+def test_a_run_stopped_by_an_error_first_finishes_the_moves_whose_names_are_made(shoot, monkeypatch):
+    """So a second cull after fixing the problem does not find photos under two names (which
+    would get second names in _culled)."""
+    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
+    real_link, links = os.link, []
+
+    def failing_link(src, dst, *args, **kwargs):
+        links.append(dst)
+        if len(links) == 7:
+            raise OSError(5, "Input/output error")
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(fileops.os, "link", failing_link)
+    before = snapshot(shoot.root)
+    result = invoke("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    assert result.exit_code == 1 and "Input/output error; stopped" in " ".join(result.output.split())
+    files = [p for p in shoot.root.rglob("*") if p.is_file()]
+    assert all(p.stat().st_nlink == 1 for p in files)
+    assert len([p for p in files if "_culled" in p.parts]) == 6
+    monkeypatch.setattr(fileops.os, "link", real_link)
+    ok("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    culled = [p for p in (shoot.root / "_culled").rglob("*") if p.is_file()]
+    assert len(culled) > 6 and not any("-1." in p.name or p.stat().st_nlink != 1 for p in culled)
+    ok("undo")
+    ok("undo")
+    assert snapshot(shoot.root) == before
+
+
+def test_a_culled_photo_replaced_while_it_moves_back_keeps_both_versions(shoot, monkeypatch):
+    ok("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    real_undo_one, steps = undo_module._undo_one, []
+
+    def editing(step, unsynced, pending):
+        steps.append(step)
+        if len(steps) == 2:  # the first photo's old name is made again and waits: a new version
+            write(shoot.tmp / "saved.bin", b"the edited version")
+            os.replace(shoot.tmp / "saved.bin", steps[0].entry.dst)
+        return real_undo_one(step, unsynced, pending)
+
+    monkeypatch.setattr(undo_module, "_undo_one", editing)
+    result = invoke("undo")
+    assert result.exit_code == 1 and "left alone" in result.output
+    first = steps[0].entry
+    assert Path(first.dst).read_bytes() == b"the edited version"
+    assert Path(first.src).read_bytes() == shoot.files[os.path.relpath(first.src, shoot.root)]
 
 
 def _record_links_and_syncs(monkeypatch) -> list[tuple[str, str]]:
@@ -1061,6 +1151,8 @@ def _assert_new_names_durable_before_old_ones_go(events, moves: int, batch: int)
     unlinks = [i for i, (kind, _) in enumerate(events) if kind == "unlink"]
     assert len(links) == len(unlinks) == moves
     batches = -(-moves // batch)
+    if batch == 1:  # one at a time: each old name goes before the next new name is made
+        assert all(unlinks[n] < links[n + 1] for n in range(moves - 1))
     assert sum(kind == "sync" for kind, _ in events) <= 2 * 3 * batches  # folders x batches, not 2 a move
     assert links[batch] > unlinks[0] and links[batch - 1] < unlinks[0]  # a batch of links, then drops
     for n, i in enumerate(links):  # each new name's folder synced after it, before its old name goes
@@ -1128,9 +1220,16 @@ def test_ctrl_c_or_a_failed_removal_in_a_batch_of_moves_leaves_every_photo_recov
     result = invoke("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
     assert result.exit_code == 1 and "Permission denied; stopped" in " ".join(result.output.split())
     records = [json.loads(line) for line in _journal().read_text().splitlines()]
-    assert sum(r["type"] == "done" for r in records) == 1 and sum(r["type"] == "failed" for r in records) == 1
+    # The batch's other moves were finished; the one whose old name could not go is journalled
+    # as failed and keeps both names.
+    assert sum(r["type"] == "done" for r in records) == 3
+    failed = [r for r in records if r["type"] == "failed"]
+    intent = next(r for r in records if r["type"] == "intent" and r["id"] == failed[0]["id"])
+    assert len(failed) == 1 and os.fsencode(shoot.root / "x")[:-1] + base64.b64decode(intent["src"][2]) == os.fsencode(removals[1])
+    assert [p.name for p in shoot.root.rglob("*") if p.is_file() and p.stat().st_nlink == 2] == [
+        os.path.basename(removals[1])] * 2
     monkeypatch.setattr(fileops.os, "unlink", real_unlink)
-    ok("undo")  # the 3 photos left with two names lose their new one again
+    ok("undo")  # the photo left with two names loses its new one again
     assert snapshot(shoot.root) == before
     assert not [p for p in shoot.root.rglob("*") if p.is_file() and p.stat().st_nlink != 1]
 
@@ -1482,6 +1581,7 @@ def test_unreadable_source_is_skipped_and_an_io_error_during_undo_stops_cleanly(
     monkeypatch.setattr(undo_module, "_undo_one", failing_undo_one)
     result = invoke("undo")
     assert result.exit_code == 1 and "Input/output error" in result.output and "again" in result.output
+    assert all(p.stat().st_nlink == 1 for p in shoot.root.rglob("*") if p.is_file())  # the first went back
     monkeypatch.setattr(undo_module, "_undo_one", real_undo_one)
     ok("undo")
     assert snapshot(shoot.root) == before

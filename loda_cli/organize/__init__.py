@@ -16,7 +16,8 @@ How the pieces fit (each module imports only those above it):
    ``plan_rate`` build a ``Plan``; planning reads, never writes.
 7. ``apply``: ``apply_plan`` checks the plan (``preflight``: permissions, free space), writes the
    journal (a header and one ``intent`` record per action, fsynced, file and folder) before the
-   first action, then acts, appending a ``done`` record after each.
+   first action, then acts, appending a ``done`` record after each (moves on one filesystem:
+   new names for a batch, their folders fsynced, then the old names dropped).
 8. ``undo``: ``plan_undo`` / ``apply_undo`` reverse each action whose state on disk is
    unambiguous, so a killed run or a killed undo is undone by running undo (again).
 

@@ -1,5 +1,6 @@
 """Applying a plan: preflight, the journal written and fsynced before anything moves, then the
-actions one by one, each followed by its ``done`` record.
+actions one by one, each followed by its ``done`` record (a move on one filesystem once its old
+name is dropped, a batch at a time).
 
 The files themselves are only touched through :mod:`loda_cli.organize.fileops`.
 """
@@ -156,7 +157,7 @@ def apply_plan(
         for number, item in enumerate(prepared, start=1):
             fileops.pause_before_action()
             _act(item, writer, report, unsynced, pending)
-            if len(pending) >= fileops.FOLDER_SYNC_EVERY:
+            if pending.due():
                 _drop_old_names(pending, writer, report)
             if progress:
                 progress(number, len(prepared))
@@ -164,9 +165,9 @@ def apply_plan(
         unsynced.flush()
         end = {"type": "end", "time": utc_now(), "done": report.done, "skipped": len(report.skipped)}
         writer.write(end, sync=True)
-    except KeyboardInterrupt:
-        # Ctrl-C: finish the moves whose new names are made (a moment), so the photos they
-        # concern each have one name, as after moves made one by one; then stop.
+    except (Exception, KeyboardInterrupt):
+        # Ctrl-C or an error: finish the moves whose new names are made (a moment), so the
+        # photos they concern each have one name, as after moves made one by one; then stop.
         with contextlib.suppress(OSError, LodaError):
             _drop_old_names(pending, writer, report)
         raise
@@ -178,20 +179,24 @@ def apply_plan(
 
 
 def _drop_old_names(pending: fileops.PendingDrops, writer: JournalWriter, report: ApplyReport) -> None:
-    """Drop the old names of the moves in ``pending`` (keyed by (action id, size)) and journal
-    each as done."""
+    """Drop the old names of the moves in ``pending`` (keyed by (action id, size, source)) and
+    journal each as done, or as skipped where the old name now holds another file."""
 
     def dropped(key: object) -> None:
-        action_id, size = key  # type: ignore[misc]
+        action_id, size, _ = key  # type: ignore[misc]
         report.done += 1
         report.bytes_done += size
         writer.write({"type": "done", "id": action_id})
 
+    def kept(key: object, why: str) -> None:
+        action_id, _, src = key  # type: ignore[misc]
+        report.skipped.append(Skip(src, why))
+        writer.write({"type": "skipped", "id": action_id, "reason": why})
+
     try:
-        pending.drop(dropped)
-    except OSError as exc:
-        (action_id, _), src, _ = pending.moves[0]
-        _stop(writer, action_id, src, exc)
+        pending.drop(dropped, kept)
+    except fileops.DropError as failure:
+        _stop(writer, failure.key[0], failure.path, failure.error)  # type: ignore[index]
 
 
 def _stop(writer: JournalWriter, action_id: int, src: str, exc: OSError) -> NoReturn:
@@ -384,7 +389,7 @@ def _perform(
             writer.write({"type": "verified", "id": action_id}, sync=True)
 
         return fileops.move(action.src, action.dst, size, "", tmp, verified, mtime_ns=mtime_ns,
-                            pending=pending, key=(action_id, size))
+                            pending=pending, key=(action_id, size, action.src))
     if action.kind == "copy":
         with unsynced.changing(os.path.dirname(action.dst)):
             fileops.copy_verified(action.src, action.dst, size, "", tmp, sync_folder=False,

@@ -7,9 +7,9 @@ is removed: the only place a source file is removed. New content is written to a
 what undo found to be loda's own copy, link or sidecar. An operation that cannot be done safely
 raises :class:`~loda_cli.organize.paths.Skipped`; the run records it and goes on.
 
-Test hook: the environment variable ``LODA_TEST_ACTION_DELAY`` (seconds, a float) makes
-:func:`pause_before_action` sleep, so tests can kill a run or an undo halfway. It has no other
-effect.
+Test hooks: the environment variable ``LODA_TEST_ACTION_DELAY`` (seconds, a float) makes
+:func:`pause_before_action` sleep, so tests can kill a run or an undo halfway, and
+``LODA_TEST_FOLDER_SYNC_EVERY`` makes the batches smaller. They have no other effect.
 """
 
 from __future__ import annotations
@@ -36,9 +36,16 @@ ACTION_DELAY_ENV = "LODA_TEST_ACTION_DELAY"
 # folder once for up to this many of them rather than once a file, and always before the record
 # that says the run (or the undo) is complete. Each new file's content is still fsynced before it
 # is named. A change lost to a power cut in between leaves the previous state (no copy, the old
-# sidecar), which the next `loda undo` reads from the disk and handles again. Moves never batch:
-# a photo's new name is durable before its old one is dropped.
+# sidecar), which the next `loda undo` reads from the disk and handles again. Moves on one
+# filesystem batch differently (PendingDrops): a photo's new name is durable before its old one
+# is dropped.
 FOLDER_SYNC_EVERY = 256
+PENDING_SECONDS = 1.0
+SYNC_EVERY_ENV = "LODA_TEST_FOLDER_SYNC_EVERY"  # a smaller batch, for tests that kill a run
+try:
+    FOLDER_SYNC_EVERY = max(1, int(os.environ.get(SYNC_EVERY_ENV) or FOLDER_SYNC_EVERY))
+except ValueError:
+    pass
 
 
 class FolderSyncs:
@@ -320,38 +327,70 @@ def move(
     return True
 
 
+class DropError(Exception):
+    """An old name :meth:`PendingDrops.drop` could not remove: ``key`` and ``path`` say which,
+    ``error`` why."""
+
+    def __init__(self, key: object, path: str, error: OSError) -> None:
+        super().__init__(str(error))
+        self.key, self.path, self.error = key, path, error
+
+
 class PendingDrops:
     """Moves on one filesystem whose new name (a hard link) is made and whose old name is still
     there. :meth:`drop` fsyncs every new name's folder, then removes the old names, then fsyncs
     their folders: each photo's new name is durable before its old one is dropped, as when moves
     go one by one, with two folder fsyncs a folder and batch instead of two a photo (on a USB
-    hard disk, 10-30 ms each). Until then both names hold the same file, which undo resolves."""
+    hard disk, 10-30 ms each). Until then both names hold the same file, which undo resolves.
+    :meth:`due` says when to drop: :data:`FOLDER_SYNC_EVERY` moves, or the oldest waiting
+    :data:`PENDING_SECONDS` (a run that also copies across disks does not hold names long)."""
 
     def __init__(self) -> None:
         self.moves: list[tuple[object, str, str]] = []
+        self.since = 0.0
 
     def __len__(self) -> int:
         return len(self.moves)
 
     def add(self, key: object, src: str, dst: str) -> None:
+        if not self.moves:
+            self.since = time.monotonic()
         self.moves.append((key, src, dst))
 
-    def drop(self, dropped: Callable[[object], None]) -> None:
-        """Drop every old name, calling ``dropped(key)`` after each; an OSError stops it, the
-        moves not dropped stay pending."""
+    def due(self) -> bool:
+        return bool(self.moves) and (
+            len(self.moves) >= FOLDER_SYNC_EVERY or time.monotonic() - self.since >= PENDING_SECONDS
+        )
+
+    def drop(self, dropped: Callable[[object], None], kept: Callable[[object, str], None]) -> None:
+        """Drop every old name, calling ``dropped(key)`` after each. An old name that no longer
+        holds the linked file (an editor saved a new version over it meanwhile) stays, and so
+        does the new name: ``kept(key, why)``. An OSError stops it (DropError); that move keeps
+        both names, the ones after it stay pending."""
         for folder in sorted({os.path.dirname(dst) for _, _, dst in self.moves}):
             fsync_dir(folder)
         synced: set[str] = set()
         try:
             while self.moves:
-                key, src, _ = self.moves[0]
+                key, src, dst = self.moves.pop(0)
                 synced.add(os.path.dirname(src))
-                os.unlink(src)
-                self.moves.pop(0)
+                try:
+                    if not _one_file(src, dst):
+                        kept(key, "the photo was replaced while it moved; both versions stay")
+                        continue
+                    os.unlink(src)
+                except OSError as exc:
+                    raise DropError(key, src, exc) from None
                 dropped(key)
         finally:
             for folder in sorted(synced):
                 fsync_dir(folder)
+
+
+def _one_file(a: str, b: str) -> bool:
+    """Whether names ``a`` and ``b`` are links to one file (same device and inode)."""
+    sa, sb = os.lstat(a), os.lstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def write_file(

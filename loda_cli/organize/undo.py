@@ -248,6 +248,11 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
         report.restored += 1
         log.write({"type": "undone", "id": step.entry.id, "action": step.action})  # type: ignore[attr-defined]
 
+    def kept(step: object, why: str) -> None:
+        entry = step.entry  # type: ignore[attr-defined]
+        message = f"{display_path(entry.dst)} was replaced while it moved back; both versions stay"
+        remaining_conflicts.append(UndoStep(entry, "conflict", message))
+
     try:
         for step in plan.steps:
             if step.action == "conflict":
@@ -265,19 +270,19 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
             fileops.pause_before_action()
             with _stopping_on_os_error(fresh.entry.dst):
                 if not _undo_one(fresh, unsynced, pending):
-                    if len(pending) >= fileops.FOLDER_SYNC_EVERY:
-                        _drop(pending, restored)
+                    if pending.due():
+                        _drop(pending, restored, kept)
                     continue
             if fresh.action in ("restore", "restore-sidecar"):
                 report.restored += 1
             else:
                 report.removed += 1
             log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
-        _drop(pending, restored)
+        _drop(pending, restored, kept)
         unsynced.flush()
-    except KeyboardInterrupt:
+    except (Exception, KeyboardInterrupt):
         with contextlib.suppress(OSError, LodaError):
-            _drop(pending, restored)  # each photo moved back has one name again; then stop
+            _drop(pending, restored, kept)  # each photo moved back has one name again; then stop
         raise
     finally:
         with contextlib.suppress(OSError):
@@ -301,11 +306,15 @@ def _stopping_on_os_error(path: str):
         ) from None
 
 
-def _drop(pending: fileops.PendingDrops, restored) -> None:
-    """Drop the culled names of the photos moved back whose old names are made again."""
+def _drop(pending: fileops.PendingDrops, restored, kept) -> None:
+    """Drop the culled names of the photos moved back whose old names are made again. One whose
+    culled name now holds another file keeps both names: a conflict (``kept``)."""
     if pending:
-        with _stopping_on_os_error(pending.moves[0][1]):
-            pending.drop(restored)
+        try:
+            pending.drop(restored, kept)
+        except fileops.DropError as failure:
+            with _stopping_on_os_error(failure.path):
+                raise failure.error from None
 
 
 def _cleanup_tmp(entry: JournalEntry) -> None:
