@@ -1123,6 +1123,19 @@ def test_a_culled_photo_replaced_while_it_moves_back_keeps_both_versions(shoot, 
     assert Path(first.src).read_bytes() == shoot.files[os.path.relpath(first.src, shoot.root)]
 
 
+def test_undo_makes_a_removed_folder_durable_before_moving_a_photo_back_into_it(shoot, monkeypatch):
+    before = snapshot(shoot.root)
+    ok("cull", "wedding", "--below", "0.31", "--scores", shoot.scores, "--apply")  # IMG_5, ceremony/
+    for name in os.listdir(shoot.root / "ceremony"):  # the user moves the rest away and removes it
+        os.rename(shoot.root / "ceremony" / name, shoot.tmp / name)
+    (shoot.root / "ceremony").rmdir()
+    events = _record_links_and_syncs(monkeypatch)
+    ok("undo")
+    link = events.index(("link", str(shoot.root / "ceremony" / "IMG_5.jpg")))
+    assert ("sync", str(shoot.root)) in events[:link]  # the new folder's name is durable first
+    assert (shoot.root / "ceremony" / "IMG_5.jpg").read_bytes() == before[b"ceremony/IMG_5.jpg"][1]
+
+
 def _record_links_and_syncs(monkeypatch) -> list[tuple[str, str]]:
     """("link", new name), ("unlink", name) and ("sync", folder) as fileops makes them."""
     events: list[tuple[str, str]] = []

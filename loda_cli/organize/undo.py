@@ -295,6 +295,18 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
     return remaining_conflicts
 
 
+def _make_folder(folder: str) -> None:
+    """Make ``folder`` (a photo's old folder, removed since the run) and the missing folders
+    above it, each made durable in its parent before a photo is moved into it."""
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for made in reversed(missing):
+        os.makedirs(made, exist_ok=True)
+        fileops.fsync_dir(os.path.dirname(made))
+
+
 @contextlib.contextmanager
 def _stopping_on_os_error(path: str):
     try:
@@ -345,7 +357,7 @@ def _undo_one(step: UndoStep, unsynced: fileops.FolderSyncs, pending: fileops.Pe
     entry = step.entry
     if step.action == "restore":
         folder = os.path.dirname(entry.src)
-        os.makedirs(folder, exist_ok=True)
+        _make_folder(folder)
         tmp = os.path.join(folder, f"{TMP_PREFIX}undo-{entry.id}")
         if os.path.lexists(tmp) and not os.path.islink(tmp):
             fileops.remove_tmp(tmp)
