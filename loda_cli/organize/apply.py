@@ -179,22 +179,11 @@ def apply_plan(
 
 
 def _drop_old_names(pending: fileops.PendingDrops, writer: JournalWriter, report: ApplyReport) -> None:
-    """Drop the old names of the moves in ``pending`` (keyed by (action id, size, source)) and
-    journal each as done, or as skipped where the old name now holds another file."""
-
-    def dropped(key: object) -> None:
-        action_id, size, _ = key  # type: ignore[misc]
-        report.done += 1
-        report.bytes_done += size
-        writer.write({"type": "done", "id": action_id})
-
-    def kept(key: object, why: str) -> None:
-        action_id, _, src = key  # type: ignore[misc]
-        report.skipped.append(Skip(src, why))
-        writer.write({"type": "skipped", "id": action_id, "reason": why})
-
+    """Drop the old names of the moves in ``pending`` (keyed by (action id, action)) and journal
+    each as done, or as skipped where the old name now holds another file."""
     try:
-        pending.drop(dropped, kept)
+        pending.drop(lambda key: _record_done(writer, report, key),
+                     lambda key, why: _record_skipped(writer, report, key, why))
     except fileops.DropError as failure:
         _stop(writer, failure.key[0], failure.path, failure.error)  # type: ignore[index]
 
@@ -248,15 +237,25 @@ def _act(prepared: _Prepared, writer: JournalWriter, report: ApplyReport,
     try:
         complete = _perform(action, fingerprint, tmp, writer, action_id, unsynced, pending)
     except Skipped as why:
-        report.skipped.append(Skip(action.src, str(why)))
-        writer.write({"type": "skipped", "id": action_id, "reason": str(why)})
+        _record_skipped(writer, report, (action_id, action), str(why))
     except OSError as exc:
         _stop(writer, action_id, action.src, exc)
     else:
         if complete:
-            report.done += 1
-            report.bytes_done += action.size
-            writer.write({"type": "done", "id": action_id})
+            _record_done(writer, report, (action_id, action))
+
+
+def _record_done(writer: JournalWriter, report: ApplyReport, key: tuple[int, Action]) -> None:
+    action_id, action = key
+    report.done += 1
+    report.bytes_done += action.size
+    writer.write({"type": "done", "id": action_id})
+
+
+def _record_skipped(writer: JournalWriter, report: ApplyReport, key: tuple[int, Action], why: str) -> None:
+    action_id, action = key
+    report.skipped.append(Skip(action.src, why))
+    writer.write({"type": "skipped", "id": action_id, "reason": why})
 
 
 def _write_intents(plan: Plan, writer: JournalWriter, report: ApplyReport) -> list[_Prepared]:
@@ -389,7 +388,7 @@ def _perform(
             writer.write({"type": "verified", "id": action_id}, sync=True)
 
         return fileops.move(action.src, action.dst, size, "", tmp, verified, mtime_ns=mtime_ns,
-                            pending=pending, key=(action_id, size, action.src))
+                            pending=pending, key=(action_id, action))
     if action.kind == "copy":
         with unsynced.changing(os.path.dirname(action.dst)):
             fileops.copy_verified(action.src, action.dst, size, "", tmp, sync_folder=False,

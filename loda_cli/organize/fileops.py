@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -346,7 +347,7 @@ class PendingDrops:
     :data:`PENDING_SECONDS` (a run that also copies across disks does not hold names long)."""
 
     def __init__(self) -> None:
-        self.moves: list[tuple[object, str, str]] = []
+        self.moves: deque[tuple[object, str, str]] = deque()
         self.since = 0.0
 
     def __len__(self) -> int:
@@ -372,7 +373,7 @@ class PendingDrops:
         synced: set[str] = set()
         try:
             while self.moves:
-                key, src, dst = self.moves.pop(0)
+                key, src, dst = self.moves.popleft()
                 synced.add(os.path.dirname(src))
                 try:
                     if not _one_file(src, dst):

@@ -244,14 +244,16 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
     unsynced = fileops.FolderSyncs()
     pending = fileops.PendingDrops()
 
-    def restored(step: object) -> None:
-        report.restored += 1
-        log.write({"type": "undone", "id": step.entry.id, "action": step.action})  # type: ignore[attr-defined]
+    def finished(step: UndoStep) -> None:
+        if step.action in ("restore", "restore-sidecar"):
+            report.restored += 1
+        else:
+            report.removed += 1
+        log.write({"type": "undone", "id": step.entry.id, "action": step.action})
 
-    def kept(step: object, why: str) -> None:
-        entry = step.entry  # type: ignore[attr-defined]
-        message = f"{display_path(entry.dst)} was replaced while it moved back; both versions stay"
-        remaining_conflicts.append(UndoStep(entry, "conflict", message))
+    def kept(step: UndoStep, why: str) -> None:
+        message = f"{display_path(step.entry.dst)} was replaced while it moved back; both versions stay"
+        remaining_conflicts.append(UndoStep(step.entry, "conflict", message))
 
     try:
         for step in plan.steps:
@@ -268,21 +270,19 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
                 report.unchanged += 1
                 continue
             fileops.pause_before_action()
-            with _stopping_on_os_error(fresh.entry.dst):
-                if not _undo_one(fresh, unsynced, pending):
-                    if pending.due():
-                        _drop(pending, restored, kept)
-                    continue
-            if fresh.action in ("restore", "restore-sidecar"):
-                report.restored += 1
-            else:
-                report.removed += 1
-            log.write({"type": "undone", "id": fresh.entry.id, "action": fresh.action})
-        _drop(pending, restored, kept)
+            try:
+                complete = _undo_one(fresh, unsynced, pending)
+            except OSError as exc:
+                raise _stopped(fresh.entry.dst, exc) from None
+            if complete:
+                finished(fresh)
+            elif pending.due():
+                _drop(pending, finished, kept)
+        _drop(pending, finished, kept)
         unsynced.flush()
     except (Exception, KeyboardInterrupt):
         with contextlib.suppress(OSError, LodaError):
-            _drop(pending, restored, kept)  # each photo moved back has one name again; then stop
+            _drop(pending, finished, kept)  # each photo moved back has one name again; then stop
         raise
     finally:
         with contextlib.suppress(OSError):
@@ -307,26 +307,20 @@ def _make_folder(folder: str) -> None:
         fileops.fsync_dir(os.path.dirname(made))
 
 
-@contextlib.contextmanager
-def _stopping_on_os_error(path: str):
-    try:
-        yield
-    except OSError as exc:
-        raise JournalError(
-            f"{display_path(path)}: {exc.strerror or exc}; undo stopped. "
-            "What was undone is recorded; run `loda undo` again once this is fixed"
-        ) from None
+def _stopped(path: str, exc: OSError) -> JournalError:
+    return JournalError(
+        f"{display_path(path)}: {exc.strerror or exc}; undo stopped. "
+        "What was undone is recorded; run `loda undo` again once this is fixed"
+    )
 
 
-def _drop(pending: fileops.PendingDrops, restored, kept) -> None:
+def _drop(pending: fileops.PendingDrops, finished, kept) -> None:
     """Drop the culled names of the photos moved back whose old names are made again. One whose
     culled name now holds another file keeps both names: a conflict (``kept``)."""
-    if pending:
-        try:
-            pending.drop(restored, kept)
-        except fileops.DropError as failure:
-            with _stopping_on_os_error(failure.path):
-                raise failure.error from None
+    try:
+        pending.drop(finished, kept)
+    except fileops.DropError as failure:
+        raise _stopped(failure.path, failure.error) from None
 
 
 def _cleanup_tmp(entry: JournalEntry) -> None:
