@@ -1040,6 +1040,75 @@ def test_moves_on_one_disk_make_new_names_durable_before_dropping_old_ones_a_bat
     _assert_new_names_durable_before_old_ones_go(events, moves=11, batch=4)
 
 
+def test_moves_without_hard_links_are_renames_whose_folders_are_fsynced_a_batch_at_a_time(shoot, monkeypatch):
+    """exFAT and FAT have no hard links, so a move is a rename. Its new folder is fsynced before
+    it is journalled as done, and its old folder before the run's end record, once a folder and
+    batch instead of twice a photo. Ctrl-C first syncs the renames made; undo moves back the
+    same way."""
+    from loda_cli.organize.journal import JournalWriter
+
+    events: list[tuple[str, str, str]] = []
+    real_sync, real_rename = fileops.fsync_dir, os.rename
+
+    def no_link(src, dst, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    def rename(src, dst, *args, **kwargs):
+        real_rename(src, dst, *args, **kwargs)
+        events.append(("rename", os.fsdecode(src), os.fsdecode(dst)))
+
+    monkeypatch.setattr(fileops.os, "link", no_link)
+    monkeypatch.setattr(fileops.os, "rename", rename)
+    monkeypatch.setattr(fileops, "fsync_dir", lambda folder: (events.append(("sync", folder, "")), real_sync(folder)))
+    real_record = JournalWriter.write
+    monkeypatch.setattr(JournalWriter, "write", lambda self, entry, sync=False: (
+        events.append((entry["type"], "", "")), real_record(self, entry, sync=sync))[1])
+    monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
+
+    def check_renames(moves: int, done: str, end: str) -> None:
+        renames = [i for i, event in enumerate(events) if event[0] == "rename"]
+        dones = [i for i, event in enumerate(events) if event[0] == done]
+        assert len(renames) == len(dones) == moves
+        assert sum(event[0] == "sync" for event in events) <= 2 * 2 * 3  # 2 folders each way, 3 batches
+        assert renames[4] > dones[0] and renames[3] < dones[0]  # a batch of renames, then synced
+        last = events.index((end, "", ""))
+        for n, i in enumerate(renames):
+            _, src, dst = events[i]
+            assert ("sync", os.path.dirname(dst), "") in events[i:dones[n]], (n, events)
+            assert ("sync", os.path.dirname(src), "") in events[i:last], (n, events)
+
+    before = snapshot(shoot.root)
+    ok("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
+    check_renames(11, "done", "end")
+    events.clear()
+    monkeypatch.setattr(JournalWriter, "write", real_record)
+    real_append = undo_module.UndoLog.write
+    monkeypatch.setattr(undo_module.UndoLog, "write", lambda self, entry, sync=False: (
+        events.append((entry["type"], "", "")), real_append(self, entry, sync=sync))[1])
+    ok("undo")
+    assert snapshot(shoot.root) == before
+    check_renames(11, "undone", "undo-end")
+
+    real_perform, calls = apply_module._perform, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # 4 renames synced as a batch, 2 made and waiting
+            raise KeyboardInterrupt
+        return real_perform(*args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "_perform", interrupted)
+    events.clear()
+    assert invoke("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply").exit_code == 130
+    records = [json.loads(line) for line in _journal().read_text().splitlines()]
+    assert sum(r["type"] == "done" for r in records) == 6
+    renamed = [event for event in events if event[0] == "rename"]
+    assert len(renamed) == 6 and all(("sync", os.path.dirname(dst), "") in events for _, _, dst in renamed[4:])
+    monkeypatch.setattr(apply_module, "_perform", real_perform)
+    ok("undo")
+    assert snapshot(shoot.root) == before
+
+
 def test_a_move_waits_at_most_a_second_for_its_batch(shoot, monkeypatch):
     """A run that also copies across disks (one by one) must not hold photos under two names
     for long: a pending move is finished once it has waited PENDING_SECONDS."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -212,7 +213,7 @@ def _plan(root: Path, scores: Path, to: Path | None = None):
     return organize.plan_cull(roots, organize.select_worst(groups, below=0.5), to=to)
 
 
-@pytest.mark.parametrize("point", ["after-link", "after-verified-copy", "partial-tmp", "sidecar-tmp"])
+@pytest.mark.parametrize("point", ["after-link", "after-verified-copy", "partial-tmp", "sidecar-tmp", "renames-unsynced"])
 def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatch, point):
     import base64
 
@@ -243,7 +244,23 @@ def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatc
             raise _Killed
         return real_fsync(fd)
 
+    def no_link(src, dst, *a, **k):  # exFAT: a move is a rename
+        if ".loda-tmp-" not in os.fsdecode(src):
+            raise PermissionError(1, "Operation not permitted")
+        return real_link(src, dst, *a, **k)
+
+    def dying_folder_fsync(fd):  # dies among the folder fsyncs of a later batch of renames
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            calls["fsync"] += 1
+            if calls["fsync"] == 9:
+                raise _Killed
+        return real_fsync(fd)
+
     plan = _plan(root, scores)
+    if point == "renames-unsynced":
+        monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
+        monkeypatch.setattr(fileops.os, "link", no_link)
+        dying_fsync = dying_folder_fsync
     if point == "sidecar-tmp":
         plan = organize.plan_rate(organize.resolve_roots([root]), plan.groups)
     if point in ("after-verified-copy", "partial-tmp"):
@@ -262,6 +279,10 @@ def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatc
     base = root if point == "sidecar-tmp" else root / "_culled"
     journal = _journal(base)
     records = [json.loads(line) for line in journal.read_text().splitlines()]
+    if point == "renames-unsynced":  # renames made and not yet journalled as done
+        moved = [p for p in (root / "_culled").rglob("*") if p.is_file()]
+        done = sum(r["type"] == "done" for r in records)
+        assert 4 <= done < len(moved) < sum(r["type"] == "intent" for r in records)
     if point == "after-link":  # one file has both names
         assert any(p.stat().st_nlink == 2 for p in root.rglob("*") if p.is_file() and "_culled" not in p.parts)
     if point == "after-verified-copy":  # a verified copy exists and its source does too

@@ -4,8 +4,9 @@ How the pieces fit (each module imports only those above it):
 
 1. ``paths``: printing paths safely, the roots, :func:`is_under`.
 2. ``fileops``: the only place that moves, links, copies or removes a file. A move is a hard
-   link then an unlink on one filesystem (a link never replaces an existing name), or a copy,
-   fsync, size and hash check, then the source's removal across filesystems.
+   link then an unlink on one filesystem (a link never replaces an existing name), a rename
+   where the filesystem has no hard links (exFAT), or a copy, fsync, size and hash check, then
+   the source's removal across filesystems.
 3. ``journal``: the journal format; writing it, reading it back (a half-written last line is
    tolerated), finding journals, and undo's own log.
 4. ``scores``: (path, score) pairs from a scores file or from the scoring library.
@@ -17,7 +18,8 @@ How the pieces fit (each module imports only those above it):
 7. ``apply``: ``apply_plan`` checks the plan (``preflight``: permissions, free space), writes the
    journal (a header and one ``intent`` record per action, fsynced, file and folder) before the
    first action, then acts, appending a ``done`` record after each (moves on one filesystem:
-   new names for a batch, their folders fsynced, then the old names dropped).
+   new names for a batch, their folders fsynced, then the old names dropped; renames for a
+   batch, then their folders fsynced).
 8. ``undo``: ``plan_undo`` / ``apply_undo`` reverse each action whose state on disk is
    unambiguous, so a killed run or a killed undo is undone by running undo (again).
 

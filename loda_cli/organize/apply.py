@@ -149,7 +149,9 @@ def apply_plan(
     # no copy, which undo reads as not done, since it decides from the disk, never from "done"
     # alone. Moves on one filesystem make their new names (hard links) for up to
     # FOLDER_SYNC_EVERY photos, fsync those folders, then drop the old names (fileops.
-    # PendingDrops): each new name is durable before its old one goes. Other moves sync as they go.
+    # PendingDrops): each new name is durable before its old one goes. Where there are no hard
+    # links (exFAT) the moves are renames, and their folders are fsynced the same way, once a
+    # batch. Moves across filesystems sync as they go.
     unsynced = fileops.FolderSyncs()
     pending = fileops.PendingDrops()
     try:

@@ -240,7 +240,8 @@ def _undo_steps(plan: UndoPlan, report: UndoReport, log: UndoLog) -> list[UndoSt
     # one lost to a power cut before then leaves loda's copy or sidecar in place, and the next
     # undo, which decides from the disk, handles it again. Moves back on one filesystem make the
     # old names again (hard links) for a batch of photos, fsync those folders, then drop the
-    # culled names (fileops.PendingDrops), as the run's own moves did; others sync as they go.
+    # culled names (fileops.PendingDrops), as the run's own moves did (renames without hard
+    # links, synced a batch at a time too); moves across filesystems sync as they go.
     unsynced = fileops.FolderSyncs()
     pending = fileops.PendingDrops()
 
