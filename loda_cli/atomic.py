@@ -15,6 +15,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterator
+from typing import IO
 from pathlib import Path
 
 
@@ -39,6 +40,25 @@ def temp_beside(path: Path) -> tuple[int, str]:
     except (OSError, AttributeError):  # no fchmod (Windows) or a file system without modes
         pass
     return fd, tmp
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str], mode: str = "wb", *, sync: bool = True, **open_kw) -> Iterator[IO]:
+    """A new temporary file beside ``path`` (a name of its own, made with O_EXCL, so never an
+    existing file and never through a link someone left at a fixed name), open in ``mode``;
+    fsynced (``sync``) and renamed onto ``path`` when the block ends, removed if it raises."""
+    path = Path(path)
+    fd, tmp = temp_beside(path)
+    try:
+        with os.fdopen(fd, mode, **open_kw) as fh:
+            yield fh
+            fh.flush()
+            if sync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # our own temporary file, never the output
+        raise
 
 
 @contextlib.contextmanager

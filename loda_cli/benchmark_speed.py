@@ -8,7 +8,6 @@ machine; absolute numbers only compare on the same hardware.
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from loda_cli.atomic import replacing
 from loda_cli.config import LoDaConfig, Preprocess
 
 SYNTHETIC_SIZE = (6000, 4000)  # 24 megapixels
@@ -65,9 +65,8 @@ def make_synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = SYNTHETIC
             draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
         arr = np.asarray(image, dtype=np.int16)
         arr = arr + rng.normal(0, 4, arr.shape).astype(np.int16)
-        tmp = path.with_suffix(".tmp")
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=90)
-        os.replace(tmp, path)
+        with replacing(path, sync=False) as fh:  # generated test images
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(fh, "JPEG", quality=90)
     return paths
 
 

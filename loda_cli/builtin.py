@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from loda_cli.atomic import replacing
 from loda_cli.config import LoDaConfig, Preprocess
 from loda_cli.errors import DatasetError
 from loda_cli.weights import BUILTIN_NAME
@@ -923,11 +924,10 @@ def fit_resumable(bank: CropBank, mos: np.ndarray, recipe: BuiltinRecipe, out: P
             raise UsageError(f"{path} was written by another recipe; remove it or drop --resume")
 
     def save(epoch: int, optimizer, rng) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
-                    "recipe": json.dumps(recipe.to_dict())}, tmp)
-        tmp.replace(path)
+        with replacing(path) as fh:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+                        "recipe": json.dumps(recipe.to_dict())}, fh)
 
     return fit(bank, mos, np.arange(len(mos)), recipe, BUILTIN_PREPROCESS, on_epoch=on_epoch, model=model,
                state=state, save_state=save)

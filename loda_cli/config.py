@@ -45,8 +45,14 @@ class LoDaConfig:
         self.cnn_out_indices = tuple(int(i) for i in self.cnn_out_indices)
         if self.trainable not in ("adapters", "vit", "full"):
             raise ValueError(f"trainable must be 'adapters', 'vit' or 'full', not {self.trainable!r}")
+        for name in ("latent_dim", "grid_size", "cross_attn_heads", "img_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, not {value!r}")
         if self.latent_dim % self.cross_attn_heads:
             raise ValueError("latent_dim must be divisible by cross_attn_heads")
+        for name in ("vit_kwargs", "cnn_kwargs"):
+            _check_backbone_kwargs(name, getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -60,6 +66,26 @@ class LoDaConfig:
         if unknown:
             raise ValueError(f"unknown LoDaConfig fields: {sorted(unknown)}")
         return cls(**d)
+
+
+# What a checkpoint's metadata may pass to timm when it builds a backbone: the sizes of its
+# layers, as plain numbers or flags. timm also takes arguments that fetch or read weights
+# (``pretrained_cfg_overlay`` with a URL, ``checkpoint_path``); a checkpoint never chooses those.
+BACKBONE_KWARGS = frozenset({
+    "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+    "class_token", "global_pool", "reg_tokens", "no_embed_class", "pre_norm", "fc_norm",
+    "init_values", "drop_rate", "drop_path_rate", "output_stride",
+})
+
+
+def _check_backbone_kwargs(name: str, kwargs: Any) -> None:
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{name} must be a mapping, not {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if key not in BACKBONE_KWARGS:
+            raise ValueError(f"{name}: {key!r} is not a backbone size loda passes on")
+        if not isinstance(value, (bool, int, float, str)) or value != value:
+            raise ValueError(f"{name}: {key} must be a plain number, flag or name, not {value!r}")
 
 
 DETAIL_LAYOUTS = ("grid", "centre")

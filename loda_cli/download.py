@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import quote, urlparse
 from urllib.request import url2pathname
 
+from loda_cli.atomic import replacing
 from loda_cli.datasets.archives import ARCHIVES, NO_DIRECT_DOWNLOAD, Archive, downloadable  # noqa: F401
 from loda_cli.errors import DownloadError, UsageError
 from loda_cli.unpack import (CHUNK, RAR_TOOLS, content_root, discard, disk_error, extract_with_tool,
@@ -192,9 +193,8 @@ def mark_checked(dest: Path) -> None:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with replacing(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(doc, indent=1) + "\n")
 
 
 def _read_json(path: Path) -> dict:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from loda_cli.atomic import replacing
 from loda_cli import __version__
 from loda_cli.errors import OutputError, UsageError
 from loda_cli.scoresfile import read_scores, scores_bases
@@ -96,9 +97,8 @@ def _make_thumb(source: str, target: str, size: int) -> tuple[int, int]:
 
     img = decode_image(source, target_short_side=size).image
     img.thumbnail((size, size))
-    tmp = target + ".part"
-    img.save(tmp, "JPEG", quality=82)
-    os.replace(tmp, target)
+    with replacing(target, sync=False) as fh:  # a preview: losing it to a power cut costs nothing
+        img.save(fh, "JPEG", quality=82)
     return img.size
 
 
@@ -192,11 +192,9 @@ def build_review(
         title=_printable(os.path.basename(os.fspath(scores_file))),
         keep=keep,
     )
-    tmp = page + ".part"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with replacing(page, "w", encoding="utf-8") as fh:
             fh.write(html_text)
-        os.replace(tmp, page)
     except OSError as exc:
         raise OutputError(f"cannot write {_printable(page)}: {exc.strerror}") from None
     thumbs = sum(1 for i in items if i.thumb)

@@ -106,7 +106,8 @@ def scores_bases(path: os.PathLike[str] | str, header: dict[str, Any]) -> list[s
     ran_in = header.get("cwd") if isinstance(header, dict) else None
     if isinstance(ran_in, str) and os.path.isabs(ran_in):
         bases.append(ran_in)
-        for root in header.get("roots") or []:
+        roots = header.get("roots")
+        for root in roots if isinstance(roots, list) else []:
             if isinstance(root, str) and os.path.isdir(os.path.join(ran_in, root)):
                 bases.append(os.path.normpath(os.path.join(ran_in, root)))
     bases.append(os.path.dirname(os.path.abspath(os.fspath(path))))
@@ -149,6 +150,8 @@ def _json_rows(text: str, source: Path, result: ScoresFile) -> list[dict[str, An
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"scores file {source} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"scores file {source} nests too deep to be a scores file") from None
     if isinstance(doc, dict):
         header = doc.get("header")
         if isinstance(header, dict):
@@ -168,7 +171,7 @@ def _jsonl_rows(text: str, source: Path, result: ScoresFile) -> Iterator[dict[st
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             # A stream cut off mid-line (Ctrl-C, a full disk) leaves a partial last line: the rows
             # before it are still good. A bad line anywhere else means the file is damaged.
             if all(not rest.strip() for rest in lines[number:]):

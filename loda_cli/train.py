@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from loda_cli.atomic import replacing
 from loda_cli.config import Preprocess, TrainConfig
 from loda_cli.errors import DatasetError, UsageError
 
@@ -679,9 +680,8 @@ def _save_state(out: Path, model, optimizer, epoch: int, step: int, history: lis
     }
     path = state_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as fh:
+        torch.save(state, fh)
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:

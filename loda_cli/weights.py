@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loda_cli import __version__
-from loda_cli.atomic import temp_beside
+from loda_cli.atomic import replacing
 from loda_cli.config import LoDaConfig, Preprocess
 from loda_cli.errors import CheckpointError, ModelNotFoundError, StateDictMismatchError, UsageError
 from loda_cli.home import checkpoints_dir
@@ -218,14 +218,15 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             header = json.loads(fh.read(size))
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint not found: {path}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from exc
-    raw = (header.get("__metadata__") or {}).get("loda") if isinstance(header, dict) else None
-    if raw is None:
+    block = header.get("__metadata__") if isinstance(header, dict) else None
+    raw = block.get("loda") if isinstance(block, dict) else None
+    if not isinstance(raw, str):  # safetensors metadata values are strings
         raise CheckpointError(f"{path} is not a loda checkpoint (no loda metadata header)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON") from exc
     return _validate_metadata(meta, path)
 
@@ -244,16 +245,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as fh:
+        fh.write(data)
 
 
 def checkpoint_kind(model: LoDa) -> str:
@@ -309,18 +302,45 @@ def load_checkpoint(
         raise CheckpointError(f"{path} is damaged: {exc}") from exc
     adapters_only = meta["kind"] == "adapters"
     method = meta.get("method") or "loda"
-    if method == "loda":
-        model = LoDa(config, pretrained=adapters_only)
-    else:
+
+    def build(pretrained: bool):
+        if method == "loda":
+            return LoDa(config, pretrained=pretrained)
         from loda_cli.baselines import build_method  # the paper's Table 6/7 comparison methods
 
-        model = build_method(method, config, pretrained=adapters_only)
+        return build_method(method, config, pretrained=pretrained)
+
+    _check_buildable(path, build)
+    model = build(adapters_only)
     try:
         model.load_loda_state_dict(tensors, adapters_only=adapters_only)
     except StateDictMismatchError as exc:
         raise StateDictMismatchError(f"{path}: tensors do not match its metadata ({exc})") from exc
     model.pretrained = bool(meta.get("backbones", {}).get("pretrained", adapters_only))
     return model.to(device).eval(), meta
+
+
+def _check_buildable(path: Path, build) -> None:
+    """Build the model a checkpoint describes without memory (torch's meta device) first: a
+    config timm cannot build becomes a CheckpointError, and one whose weights would not fit in
+    this machine's memory is refused before it is allocated."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            shell = build(False)
+    except (ArithmeticError, AssertionError, LookupError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its architecture cannot be built: {exc}") from exc
+    need = sum(t.numel() * t.element_size() for t in (*shell.parameters(), *shell.buffers()))
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return  # not known here (Windows): the build itself will say
+    if need > have:
+        raise CheckpointError(
+            f"{path} describes a model of {need / 2**30:.1f} GiB of weights; this machine has "
+            f"{have / 2**30:.1f} GiB of memory"
+        )
 
 
 @dataclass

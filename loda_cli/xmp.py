@@ -187,10 +187,13 @@ def update_sidecar(data: bytes, rating: Optional[int], label: Optional[str] = No
 # --- parsing -----------------------------------------------------------------------------------
 
 
+_XML_CODECS = ("utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")  # the encodings XMP allows
+
+
 def _parse(data: bytes) -> tuple[ET.Element, dict[str, str]]:
     """The root element and the URI -> prefix map the document declares (first prefix wins)."""
-    lowered = data.lower()
-    if b"<!doctype" in lowered or b"<!entity" in lowered:
+    lowered = data.lower()  # ASCII letters only, so UTF-16 and UTF-32 text is lowered too
+    if any(mark.encode(codec) in lowered for mark in ("<!doctype", "<!entity") for codec in _XML_CODECS):
         raise XmpError("sidecar has a DOCTYPE or entity declaration; XMP never does")
     builder = _NamespaceKeepingBuilder()
     parser = ET.XMLParser(target=builder)
@@ -253,7 +256,7 @@ def _parse_rating(value: Optional[str]) -> Optional[int]:
         return None
     try:
         return int(float(value.strip()))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, NaN, or 1e999
         return None
 
 

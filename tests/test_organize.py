@@ -22,6 +22,7 @@ from loda_cli.organize import apply as apply_module
 from loda_cli.organize import fileops
 from loda_cli.organize import undo as undo_module
 from loda_cli.errors import JournalError, UnsafePathError
+from loda_cli.organize.paths import Skipped
 
 runner = CliRunner()
 
@@ -386,6 +387,83 @@ def test_undo_refuses_a_journal_whose_roots_were_edited_or_that_sits_elsewhere(s
     _edit_journal(journal, edit)
     with pytest.raises(UnsafePathError):
         organize.plan_undo(journal)
+
+
+def test_undo_never_picks_up_a_journal_that_arrived_among_the_photos(shoot):
+    """A journal says where files go and what to write. One that came with a folder of photos (a
+    download, a client's zip) is not loda's own: `loda undo` does not find it, and named by its
+    path it may rewrite nothing but an XMP sidecar."""
+    victim = shoot.tmp / "home"
+    victim.mkdir()
+    ok("rate", "wedding", "--scores", shoot.scores, "--apply")
+    real = _journal()
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+
+    def hostile(record):
+        if record.get("type") == "header":
+            record.update(command="sort", dests=[b64(os.fsencode(victim))])
+        elif record.get("kind") == "write":
+            record.update(path=["d", 0, b64(b".bash_aliases")], old=b64(b"echo pwned\n"))
+        return record
+
+    stranger = shoot.root / ".loda-journal-29990101T000000000000Z.jsonl"  # newer than any run
+    stranger.write_text("".join(json.dumps(hostile(json.loads(line))) + "\n" for line in real.read_text().splitlines()))
+    ok("undo")  # the real run, not the stranger
+    result = ok("undo")
+    assert "Nothing left to undo" in result.output and stranger.name not in result.output
+    result = invoke("undo", stranger)
+    assert result.exit_code != 0 and "not an XMP sidecar; refusing to undo" in " ".join(result.output.split())
+    assert not (victim / ".bash_aliases").exists()
+
+    # A journal of loda's own, copied among the photos and named there, is followed, with a word.
+    before = snapshot(shoot.root)
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
+    copy = shoot.root / "_culled" / "kept.jsonl"
+    shutil.move(_journal(), copy)
+    result = ok("undo", copy)
+    assert "not in loda's journal folder; undo follows it because you named it" in " ".join(result.output.split())
+    copy.unlink()
+    assert snapshot(shoot.root) == before
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: {**r, "size": float("inf")} if r.get("type") == "intent" else r,
+    lambda r: {**r, "roots": [base64.b64encode(b"/a\x00b").decode()]} if r.get("type") == "header" else r,
+    lambda r: {**r, "tmp": base64.b64encode(b".loda-tmp-" + b"x" * 300).decode()} if r.get("type") == "intent" else r,
+    lambda r: {**r, "dst": [r["dst"][0], r["dst"][1], base64.b64encode(b"y" * 300).decode()]}
+    if r.get("type") == "intent" else r,
+], ids=["infinite-size", "nul-in-root", "long-tmp-name", "long-name"])
+def test_a_damaged_journal_is_one_line_and_does_not_hide_the_others(shoot, damage):
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
+    journal = _journal()
+    text = journal.read_text()
+    journal.write_text("".join(json.dumps(damage(json.loads(line)), allow_nan=True) + "\n" for line in text.splitlines()))
+    result = invoke("undo", journal)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.count("\n") <= 2, result.output
+    newer = journal.with_name(".loda-journal-29990101T000000000000Z.jsonl")
+    journal.rename(newer)  # the damaged journal is now the newest; the next run's undo still works
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
+    assert "Restored" in ok("undo").output
+
+
+@pytest.mark.parametrize("header", ['{"type":"header","dests":null}', "[" * 100_000, '{"type":"header","dests":[5]}'],
+                         ids=["null-dests", "deep-nesting", "number-dest"])
+def test_a_damaged_journal_hides_no_folder_from_scoring(shoot, header):
+    """`loda score` leaves out the folders live runs filled, read from every journal; one
+    damaged journal must not stop it."""
+    ok("cull", "wedding", "--worst", "1", "--scores", shoot.scores, "--apply")
+    broken = Path(organize.journals_dir()) / ".loda-journal-20000101T000000000000Z.jsonl"
+    broken.write_text(header + "\n")
+    assert organize.own_folders([shoot.root]) == [str(shoot.root / "_culled")]
+
+
+@pytest.mark.parametrize("text", ['{"header": {"cwd": "/", "roots": 5}, "rows": []}', "[" * 100_000,
+                                  '{"header": 1}\n' + "[" * 100_000 + "\n{}"], ids=["number-roots", "deep-json", "deep-jsonl"])
+def test_a_hostile_scores_file_gives_a_one_line_answer(shoot, text):
+    bad = write(shoot.tmp / ("bad.jsonl" if "\n" in text else "bad.json"), text.encode())
+    result = invoke("cull", "wedding", "--below", "0.5", "--scores", bad)  # raises if it crashed
+    assert result.exit_code == 0 or result.output.count("\n") <= 2, result.output
 
 
 def test_undo_refuses_a_modified_destination_and_partial_restores_the_rest(shoot):
@@ -1048,17 +1126,17 @@ def test_moves_without_hard_links_are_renames_whose_folders_are_fsynced_a_batch_
     from loda_cli.organize.journal import JournalWriter
 
     events: list[tuple[str, str, str]] = []
-    real_sync, real_rename = fileops.fsync_dir, os.rename
+    real_sync, real_rename = fileops.fsync_dir, fileops.rename_new
 
     def no_link(src, dst, *args, **kwargs):
         raise PermissionError(1, "Operation not permitted")
 
-    def rename(src, dst, *args, **kwargs):
-        real_rename(src, dst, *args, **kwargs)
-        events.append(("rename", os.fsdecode(src), os.fsdecode(dst)))
+    def rename(src, dst):
+        real_rename(src, dst)
+        events.append(("rename", src, dst))
 
     monkeypatch.setattr(fileops.os, "link", no_link)
-    monkeypatch.setattr(fileops.os, "rename", rename)
+    monkeypatch.setattr(fileops, "rename_new", rename)
     monkeypatch.setattr(fileops, "fsync_dir", lambda folder: (events.append(("sync", folder, "")), real_sync(folder)))
     real_record = JournalWriter.write
     monkeypatch.setattr(JournalWriter, "write", lambda self, entry, sync=False: (
@@ -1107,6 +1185,23 @@ def test_moves_without_hard_links_are_renames_whose_folders_are_fsynced_a_batch_
     monkeypatch.setattr(apply_module, "_perform", real_perform)
     ok("undo")
     assert snapshot(shoot.root) == before
+
+
+@pytest.mark.parametrize("exclusive", [True, False], ids=["renameat2", "look-then-rename"])
+def test_a_rename_without_hard_links_never_replaces_a_file(tmp_path, monkeypatch, exclusive):
+    """Where the system cannot refuse an existing name in the rename itself (FUSE, old kernels
+    return EINVAL), loda looks first; either way a file at the destination stays."""
+    if not exclusive:
+        monkeypatch.setattr(fileops, "_renamer", lambda src, dst: 22)  # EINVAL
+    elif fileops._exclusive_renamer()(str(tmp_path / "none"), str(tmp_path / "none2")) in (22, 38, 95):
+        pytest.skip("no exclusive rename on this system")
+    write(tmp_path / "a.jpg", b"moving")
+    write(tmp_path / "b.jpg", b"already there")
+    with pytest.raises(Skipped):
+        fileops.rename_new(str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"))
+    assert (tmp_path / "a.jpg").read_bytes() == b"moving" and (tmp_path / "b.jpg").read_bytes() == b"already there"
+    fileops.rename_new(str(tmp_path / "a.jpg"), str(tmp_path / "c.jpg"))
+    assert (tmp_path / "c.jpg").read_bytes() == b"moving" and not (tmp_path / "a.jpg").exists()
 
 
 def test_a_move_waits_at_most_a_second_for_its_batch(shoot, monkeypatch):

@@ -260,7 +260,6 @@ def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatc
     if point == "renames-unsynced":
         monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
         monkeypatch.setattr(fileops.os, "link", no_link)
-        dying_fsync = dying_folder_fsync
     if point == "sidecar-tmp":
         plan = organize.plan_rate(organize.resolve_roots([root]), plan.groups)
     if point in ("after-verified-copy", "partial-tmp"):
@@ -268,7 +267,7 @@ def test_kill_inside_an_action_leaves_a_state_undo_resolves(tmp_path, monkeypatc
     if point in ("after-link", "after-verified-copy"):
         monkeypatch.setattr(fileops.os, "unlink", dying_unlink)
     else:
-        monkeypatch.setattr(fileops.os, "fsync", dying_fsync)
+        monkeypatch.setattr(fileops.os, "fsync", dying_folder_fsync if point == "renames-unsynced" else dying_fsync)
     home = os.environ["LODA_HOME"]
     with pytest.raises(_Killed):
         organize.apply_plan(plan)

@@ -123,6 +123,18 @@ def test_rerun_reuses_thumbnails_and_never_overwrites_foreign_files(scored):
     assert not (tmp / "other.html").exists()
 
 
+def test_a_link_left_at_a_temporary_name_is_never_written_through(scored):
+    """The page and its previews are written to new files of their own (O_EXCL), never to a
+    fixed name such as ``review.html.part`` that a link could already hold."""
+    tmp, scores = scored
+    victim = tmp / "victim.txt"
+    victim.write_text("mine")
+    (tmp / "review.html.part").symlink_to(victim)
+    build_review(scores, tmp / "review.html")
+    assert victim.read_text() == "mine" and not (tmp / "review.html").is_symlink()
+    assert "<html" in (tmp / "review.html").read_text()
+
+
 def test_review_cli(scored):
     tmp, scores = scored
     result = runner.invoke(app, ["review", str(scores), "--out", "r.html", "--below", "0.3", "--thumb-size", "64"])

@@ -164,9 +164,12 @@ _PATH_METHODS = {"unlink", "rename", "rmdir", "symlink_to", "hardlink_to"}  # no
 # in organize/fileops.py (README, "Guarantees": nothing is deleted, every move is journalled);
 # everywhere else loda renames its own temporary file into place, or removes its own file.
 PHOTO_SITES = {
-    ("organize/fileops.py", "place"): {"os.link", "os.unlink", "os.rename"},
+    ("organize/fileops.py", "place"): {"os.link", "os.unlink"},
     ("organize/fileops.py", "copy_verified"): {"os.unlink"},
-    ("organize/fileops.py", "move"): {"os.link", "os.unlink", "os.rename"},
+    ("organize/fileops.py", "move"): {"os.link", "os.unlink"},
+    # Without hard links: the C library's rename that refuses an existing name (renameat2,
+    # renamex_np, through ctypes; see test_only_fileops_renames_through_the_c_library), else this.
+    ("organize/fileops.py", "rename_new"): {"os.rename"},
     ("organize/fileops.py", "drop"): {"os.unlink"},  # PendingDrops: a moved photo's old name
     ("organize/fileops.py", "_new_file"): {"os.unlink"},
     ("organize/fileops.py", "write_file"): {"os.replace"},
@@ -176,17 +179,12 @@ PHOTO_SITES = {
     ("organize/fileops.py", "remove_empty_folder"): {"os.rmdir"},
 }
 OWN_FILE_SITES = {  # a temporary file renamed into place (and removed when writing it failed)
+    ("atomic.py", "replacing"): {"os.replace", ".unlink"},  # what the other writers use
     ("output.py", "atomic_write_text"): {"os.replace", ".unlink"},
-    ("weights.py", "_atomic_write_bytes"): {"os.replace", ".unlink"},
-    ("train.py", "_save_state"): {"os.replace"},
     ("builtin.py", "train_builtin"): {".unlink"},  # the finished run's resume state
     ("precision.py", "_write_entry"): {"os.replace", "os.unlink"},
-    ("review.py", "_make_thumb"): {"os.replace"},
-    ("review.py", "build_review"): {"os.replace"},
-    ("benchmark/report.py", "write_json"): {"os.replace", ".unlink"},
-    ("benchmark_speed.py", "make_synthetic_jpegs"): {"os.replace", "shutil.copyfile"},
+    ("benchmark_speed.py", "make_synthetic_jpegs"): {"shutil.copyfile"},
     ("datasets/prepare.py", "_prepare_one"): {"os.replace", "os.unlink"},
-    ("synthetic/dataset.py", "write_dataset"): {"os.replace"},
     ("cache.py", "set_aside_if_damaged"): {"os.replace"},  # a damaged score cache, renamed aside
 }
 # loda data download works only inside the `<dest>.part` folder it made and marked (a folder of that
@@ -196,7 +194,6 @@ DOWNLOAD_SITES = {
     ("download.py", "_download_once"): {".unlink"},  # a partial archive that cannot be resumed
     ("download.py", "_tidy_part"): {"shutil.rmtree"},
     ("download.py", "_unpack_all"): {"shutil.rmtree"},
-    ("download.py", "_write_json"): {"os.replace"},
     ("download.py", "fetch"): {"shutil.rmtree"},  # the .part folder, once the dataset is in place
     ("unpack.py", "discard"): {".unlink"},
     ("unpack.py", "into_place"): {"os.rename", ".rmdir"},
@@ -243,6 +240,13 @@ def _file_operation_sites() -> dict[tuple[str, str], set[str]]:
 
 def test_files_are_moved_linked_and_removed_only_at_the_known_sites():
     assert _file_operation_sites() == {**PHOTO_SITES, **OWN_FILE_SITES, **DOWNLOAD_SITES}
+
+
+def test_only_fileops_renames_through_the_c_library():
+    users = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+             if any(name in path.read_text(encoding="utf-8") for name in ("renameat2", "renamex_np", "ctypes.CDLL"))}
+    # The others: glibc's mallopt (allocator.py) and prctl (scoring.py's workers); no files.
+    assert users == {"organize/fileops.py", "allocator.py", "scoring.py"}
 
 
 def test_the_organize_commands_touch_files_only_through_fileops():

@@ -113,6 +113,56 @@ def test_truncated_and_tampered_checkpoints_are_clear_errors(tmp_path, tiny_chec
         load_checkpoint(plain)
 
 
+def _with_header(path, header: dict):
+    """``path`` rewritten with a safetensors header of our own making (its tensors' bytes kept)."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    old = json.loads(data[8 : 8 + size])
+    new = json.dumps({**{k: v for k, v in old.items() if k != "__metadata__"}, **header}).encode()
+    path.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + size :])
+    return path
+
+
+@pytest.mark.parametrize("metadata", [["a", "list"], {"loda": 5}, {"loda": "[" * 100_000}],
+                         ids=["list", "number", "deep-nesting"])
+def test_a_checkpoint_with_a_malformed_metadata_block_is_refused_in_one_line(tiny_checkpoint, metadata):
+    with pytest.raises(CheckpointError):
+        read_metadata(_with_header(tiny_checkpoint, {"__metadata__": metadata}))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"cross_attn_heads": 0}, "positive whole number"),
+    ({"latent_dim": -64}, "positive whole number"),
+    ({"vit_kwargs": {"pretrained_cfg_overlay": {"url": "http://127.0.0.1:9/evil.pth"}}}, "not a backbone size"),
+    ({"vit_kwargs": {"checkpoint_path": "/etc/passwd"}}, "not a backbone size"),
+    ({"vit_kwargs": {"depth": [1, 2]}}, "plain number"),
+    ({"vit_kwargs": {"embed_dim": 1 << 17, "num_heads": 4}}, "GiB of weights"),
+    ({"vit_kwargs": {"embed_dim": 190, "num_heads": 4}}, "cannot be built"),
+], ids=["no-heads", "negative", "weights-url", "checkpoint-path", "list", "too-large", "unbuildable"])
+def test_a_checkpoint_whose_architecture_is_hostile_is_refused_before_it_is_built(
+    tmp_path, tiny_checkpoint, monkeypatch, change, message
+):
+    """Its metadata chooses only sizes, never where weights come from, and a model that would not
+    fit in memory is refused before a byte of it is allocated."""
+    from safetensors.torch import load_file, save_file
+
+    import loda_cli.model as model_module
+
+    built = []
+    real_create = model_module._create_backbone
+    monkeypatch.setattr(model_module, "_create_backbone", lambda *a, **k: built.append(k) or real_create(*a, **k))
+    meta = read_metadata(tiny_checkpoint)
+    meta["config"].update(change)
+    if "vit_kwargs" in change:
+        meta["config"]["vit_kwargs"] = {**read_metadata(tiny_checkpoint)["config"]["vit_kwargs"], **change["vit_kwargs"]}
+    hostile = tmp_path / "hostile.safetensors"
+    save_file(load_file(str(tiny_checkpoint)), str(hostile), metadata={"loda": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(hostile)
+    if message in ("not a backbone size", "plain number", "positive whole number"):
+        assert not built  # refused as it was read: timm never saw it
+
+
 def test_calibration_is_monotonic_and_respects_direction():
     raws = [i / 50 - 1 for i in range(101)]
     up = Calibration("logistic4", [5.0, 1.0, 0.1, 0.2], 1.0, 5.0, False)

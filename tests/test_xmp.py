@@ -134,11 +134,22 @@ def test_empty_xmpmeta_gets_an_rdf_body():
         b"<html><body>not xmp</body></html>",
         b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><x:xmpmeta xmlns:x="adobe:ns:meta/">&a;</x:xmpmeta>',
         b"<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF",
+        # The same entity in UTF-16, which a look for the ASCII bytes of "<!DOCTYPE" misses.
+        '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE x [<!ENTITY a "aaaa">]>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">&a;</x:xmpmeta>'.encode("utf-16"),
     ],
+    ids=["text", "html", "entity", "cut-short", "utf-16-entity"],
 )
 def test_unreadable_or_hostile_sidecars_are_refused(data):
     with pytest.raises(xmp.XmpError):
         xmp.plan_rating(data, 3)
+
+
+@pytest.mark.parametrize("value", ["1e999", "nan", "-inf", "three"])
+def test_a_rating_that_is_no_whole_number_reads_as_none(value):
+    sidecar = f"<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF xmlns:rdf='http://www.w3.org/1999/02/22-rdf-syntax-ns#'>" \
+              f"<rdf:Description xmlns:xmp='http://ns.adobe.com/xap/1.0/' xmp:Rating='{value}'/></rdf:RDF></x:xmpmeta>"
+    assert xmp.read_state(sidecar.encode()).rating is None
 
 
 def test_bad_ratings_are_refused():

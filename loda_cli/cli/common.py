@@ -149,6 +149,14 @@ def measuring_precision_notice() -> None:
                       "(once per model and machine) ...", markup=False, soft_wrap=True)
 
 
+def _os_error_line(exc: OSError) -> str:
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return what
+    name = shown(os.fsdecode(exc.filename)) if isinstance(exc.filename, (str, bytes)) else str(exc.filename)
+    return f"{name}: {what}"
+
+
 def _one_line(message: str) -> str:
     """The message itself when a DataLoader worker raised it: torch re-raises the error in the
     main process as "Caught X in DataLoader worker process N.", the worker's traceback, and last
@@ -175,5 +183,9 @@ def handle_errors(fn: F) -> F:
         except BrokenPipeError:
             sys.stderr.close()
             raise typer.Exit(0) from None
+        except OSError as exc:
+            # What the system refused where loda has no error of its own for it (a name too
+            # long for the disk, a disk gone): one line that names the file, not a traceback.
+            raise fail(_os_error_line(exc)) from None
 
     return wrapper  # type: ignore[return-value]

@@ -563,6 +563,8 @@ def undo(
         return
     found = plan.journal
     notice(f"Undoing {organize.display_path(found.path)} ({found.command}, {found.time})")
+    if not organize.is_under(os.path.realpath(found.path), os.path.realpath(organize.journals_dir())):
+        notice("It is not in loda's journal folder; undo follows it because you named it.")
     if found.truncated:
         notice("Its last line was cut short (the run was killed); undo works from the disk.")
     _print_undo_plan(plan, dry_run, partial)

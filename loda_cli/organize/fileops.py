@@ -224,6 +224,57 @@ _NO_HARDLINKS = {
 }
 
 
+_AT_FDCWD = -100
+_renamer: Optional[Callable[[str, str], int]] = None
+
+
+def _exclusive_renamer() -> Callable[[str, str], int]:
+    """The C library's rename that refuses an existing destination (Linux ``renameat2`` with
+    RENAME_NOREPLACE, macOS ``renamex_np`` with RENAME_EXCL) as f(src, dst) -> errno (0: done);
+    ENOSYS where there is none."""
+    global _renamer
+    if _renamer is None:
+        import ctypes
+        import ctypes.util
+        import sys
+
+        _renamer = lambda src, dst: errno.ENOSYS  # noqa: E731
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+                call = libc.renameat2
+                call.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+
+                def _renamer(src: str, dst: str) -> int:
+                    ok = call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), 1) == 0
+                    return 0 if ok else ctypes.get_errno()
+            elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+                call = libc.renamex_np
+                call.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint)
+
+                def _renamer(src: str, dst: str) -> int:
+                    return 0 if call(os.fsencode(src), os.fsencode(dst), 0x4) == 0 else ctypes.get_errno()
+        except (OSError, AttributeError):
+            pass
+    return _renamer
+
+
+def rename_new(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` where the filesystem has no hard links, never replacing a file
+    at ``dst``: in one step where the system can refuse an existing name, else by looking first
+    (a file made at ``dst`` in between would be replaced: FAT through FUSE, old kernels)."""
+    error = _exclusive_renamer()(src, dst)
+    if error == 0:
+        return
+    if error == errno.EEXIST:
+        raise Skipped("the destination name was taken meanwhile")
+    if error not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        raise OSError(error, os.strerror(error), src, None, dst)
+    if os.path.lexists(dst):
+        raise Skipped("the destination name was taken meanwhile")
+    os.rename(src, dst)
+
+
 def place(tmp: str, dst: str) -> None:
     """Give the finished file ``tmp`` the name ``dst``, never replacing an existing ``dst``."""
     try:
@@ -234,11 +285,12 @@ def place(tmp: str, dst: str) -> None:
     except OSError as exc:
         if exc.errno not in _NO_HARDLINKS:
             raise
-        # Filesystems without hard links (FAT, exFAT, some shares): check, then rename.
-        if os.path.lexists(dst):
+        # Filesystems without hard links (FAT, exFAT, some shares).
+        try:
+            rename_new(tmp, dst)
+        except Skipped:
             os.unlink(tmp)
-            raise Skipped("the destination name was taken meanwhile") from None
-        os.rename(tmp, dst)
+            raise
         return
     os.unlink(tmp)
 
@@ -314,9 +366,7 @@ def move(
             return True
         if exc.errno not in _NO_HARDLINKS:
             raise
-        if os.path.lexists(dst):
-            raise Skipped("the destination name was taken meanwhile") from None
-        os.rename(src, dst)
+        rename_new(src, dst)
         if pending is not None:
             pending.add(key, src, dst, renamed=True)
             return False

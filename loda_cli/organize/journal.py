@@ -18,7 +18,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from loda_cli import __version__
 from loda_cli.errors import JournalError, LodaError, NothingToUndoError, OutputError, UnsafePathError
@@ -29,6 +29,7 @@ JOURNAL_PREFIX = ".loda-journal-"
 JOURNAL_SUFFIX = ".jsonl"
 UNDO_SUFFIX = ".undo.jsonl"
 TMP_PREFIX = ".loda-tmp-"
+NAME_MAX = 255  # bytes in one file name, on Linux and macOS filesystems alike
 JOURNAL_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
@@ -216,7 +217,7 @@ def _parse_lines(data: bytes, what: str) -> tuple[list[dict[str, Any]], bool]:
             record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):
             # Only the last line can be cut short by a crash; damage anywhere else is refused.
             if number == last and records:
                 truncated = True
@@ -243,6 +244,8 @@ def _resolve_ref(ref: Any, roots: Sequence[str], dests: Sequence[str]) -> tuple[
             f"journal entry {display_path(rel)} points outside the journal's folders; "
             "refusing to undo"
         )
+    if any(len(p) > NAME_MAX for p in parts):
+        raise JournalError(f"journal entry {display_path(rel)} names a file no folder can hold")
     base = bases[ref[1]]
     return base, os.path.join(base, os.fsdecode(rel))
 
@@ -281,7 +284,9 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
         dests = [os.fsdecode(decode_bytes(d)) for d in header["dests"]]
     except (KeyError, TypeError):
         raise JournalError(f"{display_path(path)} has a damaged header") from None
-    if not roots or not all(os.path.isabs(p) and os.path.normpath(p) == p for p in roots + dests):
+    if not roots or not all(
+        os.path.isabs(p) and os.path.normpath(p) == p and "\x00" not in p for p in roots + dests
+    ):
         raise UnsafePathError(
             f"{display_path(path)} names folders that are not absolute, normalised paths"
         )
@@ -330,7 +335,7 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
                 mkdirs.append(_resolve_ref(record.get("dir"), roots, dests)[1])
             elif kind == "end":
                 finished = True
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise JournalError(f"{display_path(path)} has a damaged {kind} record") from None
     undone_at = _undo_complete(path)
     return Journal(
@@ -343,12 +348,17 @@ def _entry_from(record: dict[str, Any], roots: Sequence[str], dests: Sequence[st
     kind = record["kind"]
     entry_id = int(record["id"])
     tmp = os.fsdecode(decode_bytes(record["tmp"])) if record.get("tmp") else None
-    if tmp is not None and (os.sep in tmp or not tmp.startswith(TMP_PREFIX)):
+    if tmp is not None and (os.sep in tmp or "\x00" in tmp or len(os.fsencode(tmp)) > NAME_MAX
+                            or not tmp.startswith(TMP_PREFIX)):
         raise UnsafePathError(
             "journal names a temporary file outside loda's naming; refusing to undo"
         )
     if kind == "write":
         base, path = _resolve_ref(record["path"], roots, dests)
+        if not path.lower().endswith(".xmp"):  # `loda rate` writes XMP sidecars, nothing else
+            raise UnsafePathError(
+                f"journal rewrites {display_path(path)}, which is not an XMP sidecar; refusing to undo"
+            )
         old = record.get("old")
         return JournalEntry(
             entry_id, kind, path, path, 0, "", tmp,
@@ -424,40 +434,17 @@ class UndoLog:
 # --- finding journals ----------------------------------------------------------------------------
 
 
-def find_journals(start: str | os.PathLike[str] | None = None, depth: int = 3) -> list[str]:
-    """Journals in ``start`` (default: the current folder) and up to ``depth`` levels below it,
-    plus those in each parent folder and its ``_culled``; newest first."""
-    start = os.path.abspath(os.fspath(start or os.getcwd()))
-    found: set[str] = set()
+def find_journals() -> list[str]:
+    """The journals in :func:`journals_dir`, the one place loda writes them; newest first.
 
-    def scan(folder: str) -> Iterable[os.DirEntry[str]]:
-        try:
-            with os.scandir(folder) as entries:
-                return list(entries)
-        except OSError:
-            return []
-
-    def add(folder: str) -> None:
-        for entry in scan(folder):
-            if _is_journal_name(entry.name) and entry.is_file(follow_symlinks=False):
-                found.add(entry.path)
-
-    frontier = [start]
-    for _ in range(depth + 1):
-        next_frontier = []
-        for folder in frontier:
-            for entry in scan(folder):
-                if _is_journal_name(entry.name) and entry.is_file(follow_symlinks=False):
-                    found.add(entry.path)
-                elif entry.is_dir(follow_symlinks=False):
-                    next_frontier.append(entry.path)
-        frontier = next_frontier
-    parent = os.path.dirname(start)
-    while parent and parent != os.path.dirname(parent):
-        add(parent)
-        add(os.path.join(parent, CULLED_DIRNAME))
-        parent = os.path.dirname(parent)
-    add(journals_dir())
+    Journals elsewhere (among photos, from a download) are never picked up by themselves: a
+    journal says where files go, so only one the user names is trusted from another place."""
+    folder = journals_dir()
+    try:
+        with os.scandir(folder) as entries:
+            found = [e.path for e in entries if _is_journal_name(e.name) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
     return sorted(found, key=lambda p: (os.path.basename(p), p), reverse=True)
 
 
@@ -478,8 +465,8 @@ def own_folders(roots: Sequence[str | os.PathLike[str]]) -> list[str]:
             with open(path, "rb") as fh:
                 header = json.loads(fh.readline())
             dests = [os.fsdecode(decode_bytes(d)) for d in header.get("dests", [])]
-        except (OSError, ValueError, AttributeError, JournalError):
-            continue
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError, JournalError):
+            continue  # a damaged journal (undo says so when it is named) hides no folder
         if _undo_complete(path):
             continue
         for dest in dests:
@@ -497,15 +484,16 @@ def _is_journal_name(name: str) -> bool:
 
 
 def latest_journal(start: str | os.PathLike[str] | None = None) -> str:
-    """The newest journal near ``start`` that is not fully undone; JournalError when none."""
+    """The newest journal in :func:`journals_dir` that is not fully undone and whose folders hold
+    ``start`` (default: the current folder) or lie under it; JournalError when none."""
     here = os.path.realpath(os.fspath(start or os.getcwd()))
     undone: Optional[Journal] = None
-    for path in find_journals(here):
+    for path in find_journals():
         try:
             journal = read_journal(path)
-        except LodaError:
+            folders = [os.path.realpath(f) for f in journal.roots + journal.dests]
+        except (LodaError, OSError, ValueError):
             continue
-        folders = [os.path.realpath(f) for f in journal.roots + journal.dests]
         if not any(is_under(here, f) or is_under(f, here) for f in folders):
             continue
         if not journal.undo_complete:

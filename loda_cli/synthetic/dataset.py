@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from loda_cli.atomic import replacing
 from loda_cli import datasets
 from loda_cli.errors import DatasetError, OutputError, UsageError
 from loda_cli.synthetic.arrays import LEVELS, check_image, check_level
@@ -344,11 +345,6 @@ def write_dataset(
             jobs = [(root, chunk, folders, seed, suffix, save_params, generate_kwargs) for chunk in chunks]
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 rows = [row for part in pool.map(_write_samples_star, jobs) for row in part]
-        tmp = labels_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "mos", "ref", "distortions"])
-            writer.writerows(rows)
         manifest = {
             "generator": "loda_cli.synthetic",
             "seed": seed,
@@ -362,8 +358,12 @@ def write_dataset(
             "images": len(rows),
             **(manifest_extra or {}),
         }
-        (root / "synthetic.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        os.replace(tmp, labels_path)
+        with replacing(root / "synthetic.json", "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(manifest, indent=2, default=str) + "\n")
+        with replacing(labels_path, "w", newline="", encoding="utf-8") as handle:  # last: the set is whole
+            writer = csv.writer(handle)
+            writer.writerow(["path", "mos", "ref", "distortions"])
+            writer.writerows(rows)
     except OSError as exc:
         raise OutputError(f"could not write the synthetic dataset to {root}: {exc}") from exc
     return labels_path
