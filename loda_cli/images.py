@@ -177,6 +177,11 @@ def _reason(error: OSError) -> str:
     return (error.strerror or type(error).__name__).lower()
 
 
+# The file `loda review` leaves in its previews folder (``<page>_files/``). A folder that holds it
+# is not walked unless it is named itself: its JPEGs are previews, not photos.
+REVIEW_MARKER = ".loda-review"
+
+
 def iter_image_files(
     paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     *,
@@ -284,6 +289,9 @@ def _walk(
             report(folder.path, _reason(error))
             continue
 
+        if folder.relative and any(entry.name == REVIEW_MARKER for entry in entries):
+            report(folder.path, "loda review's previews")  # a page written inside the library
+            continue
         real_subfolders: list[tuple[_PendingFolder, tuple[tuple[int, int], ...]]] = []
         for entry in entries:
             name = entry.name

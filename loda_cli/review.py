@@ -27,13 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from loda_cli.atomic import replacing
 from loda_cli import __version__
+from loda_cli.atomic import replacing
 from loda_cli.errors import OutputError, UsageError
+from loda_cli.images import REVIEW_MARKER
 from loda_cli.scoresfile import read_scores, scores_bases
 
 GENERATOR = f"loda review {__version__}"
-_MARKER = ".loda-review"
+_MARKER = REVIEW_MARKER
 _BINS = 20
 
 

@@ -67,6 +67,18 @@ def collect(paths, **options) -> tuple[list[FoundFile], list[SkipNotice]]:
     return found, skips
 
 
+def test_a_folder_of_review_previews_is_walked_only_when_named(tmp_path):
+    Image.new("RGB", (300, 300)).save(tmp_path / "photo.jpg")
+    previews = tmp_path / "review_files"
+    previews.mkdir()
+    Image.new("RGB", (300, 300)).save(previews / "0a1b.jpg")
+    (previews / images.REVIEW_MARKER).write_text("loda review")
+    found, skips = collect([tmp_path])
+    assert relative_paths(found, tmp_path) == ["photo.jpg"]
+    assert [(s.path, s.reason) for s in skips] == [(previews, "loda review's previews")]
+    assert relative_paths(collect([previews])[0], previews) == ["0a1b.jpg"]
+
+
 def relative_paths(found: list[FoundFile], root: Path) -> list[str]:
     return [f.path.relative_to(root).as_posix() for f in found]
 

@@ -990,6 +990,48 @@ def test_sort_into_a_folder_inside_the_root_skips_what_is_already_sorted(shoot):
     assert "Nothing to do" in again.output
 
 
+def test_cull_sort_and_rate_leave_out_the_folders_earlier_runs_filled_inside_the_library(shoot):
+    """As `loda score` does: sorted copies inside the library are not culled, sorted again or
+    rated, and the plan says which folder it left out; named as a path, such a folder is used."""
+    ok("sort", "wedding", "--into", shoot.root / "Sorted", "--scores", shoot.scores, "--apply")
+    rows = [(f"wedding/Sorted/{stars}/{name}", score) for stars, name, score in
+            [("1-star", "IMG_1.JPG", 0.1), ("2-stars", "IMG_2.heic", 0.2), ("5-stars", "IMG_3.jpg", 0.9)]]
+    both = write_scores(shoot.tmp / "both.csv", [("wedding/IMG_1.JPG", 0.1), ("wedding/IMG_3.jpg", 0.9), *rows])
+    for command in (["cull", "wedding", "--below", "0.6"], ["sort", "wedding", "--into", shoot.root / "Sorted2"],
+                    ["rate", "wedding"]):
+        result = ok(*command, "--scores", both, "--list")
+        out = " ".join(result.output.split())
+        assert "Sorted/" not in out.replace("Sorted2/", ""), out
+        assert "not acted on: loda's own folder" in out and "Sorted" in out
+    named = ok("cull", shoot.root / "Sorted", "--below", "0.6", "--scores", both, "--list")
+    assert "IMG_1.JPG" in named.output and "loda's own folder" not in named.output
+
+
+def test_cull_or_sort_refuse_a_destination_inside_the_library_that_holds_photos(shoot):
+    """`--to wedding/ceremony` would mix the culled photos with the ceremony's own, and the folder,
+    now a loda destination, would drop out of every later score."""
+    for command in (["cull", "wedding", "--below", "0.6", "--to", shoot.root / "ceremony"],
+                    ["sort", "wedding", "--into", shoot.root / "ceremony"]):
+        result = invoke(*command, "--scores", shoot.scores)
+        assert result.exit_code == 2 and "already holds files of yours" in " ".join(result.output.split())
+    (shoot.root / "rejects").mkdir()
+    (shoot.root / "rejects" / ".DS_Store").write_bytes(b"")
+    ok("cull", "wedding", "--below", "0.4", "--to", shoot.root / "rejects", "--scores", shoot.scores, "--apply")
+    # Its own destination, not undone yet, takes a second cull.
+    ok("cull", "wedding", "--below", "0.6", "--to", shoot.root / "rejects", "--scores", shoot.scores)
+
+
+def test_previews_of_a_review_page_inside_the_library_are_never_culled(shoot):
+    thumbs = shoot.root / "review_files"
+    thumbs.mkdir()
+    (thumbs / ".loda-review").write_text("loda review")
+    write(thumbs / "09b03664.jpg", photo_bytes(7))
+    scores = write_scores(shoot.tmp / "with-previews.csv", [("wedding/review_files/09b03664.jpg", 0.01),
+                                                            ("wedding/IMG_1.JPG", 0.1)])
+    result = ok("cull", "wedding", "--below", "0.5", "--scores", scores, "--list")
+    assert "IMG_1.JPG" in result.output and "09b03664" not in result.output.split("not acted on")[0]
+
+
 # --- rate --------------------------------------------------------------------------------------------
 
 

@@ -144,6 +144,8 @@ def test_review_cli(scored):
     assert (tmp / "r.html").exists() and len(list((tmp / "r_files").glob("*.jpg"))) == 5
     bad = runner.invoke(app, ["review", str(scores), "--below", "2"])
     assert bad.exit_code == 2
+    nowhere = runner.invoke(app, ["review", str(scores), "--out", str(tmp / "no" / "such" / "r.html")])
+    assert nowhere.exit_code == 2 and "does not exist" in nowhere.output and not (tmp / "no").exists()
     # Off a terminal no bar is drawn, so a bad file's error is the first line, not after an
     # empty one where the bar was taken down.
     cut = tmp / "cut.json"

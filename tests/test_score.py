@@ -95,6 +95,19 @@ def test_score_cli_accounts_for_every_file(tree, tiny_checkpoint, tmp_path):
     assert "failed" in result.stderr
 
 
+def test_a_run_that_scores_nothing_writes_its_rows_and_exits_1(tree, tiny_checkpoint, tmp_path):
+    """`loda score broken.jpg && ...` must not go on; a run with a good photo among bad ones does."""
+    bad = sorted(tree["bad"])
+    out = tmp_path / "bad.csv"
+    result = runner.invoke(app, ["score", *map(str, bad), "-m", str(tiny_checkpoint), "-o", str(out), "--workers", "0"])
+    assert result.exit_code == 1 and "error: no file could be scored" in result.stderr
+    assert len(list(csv.DictReader(out.open(newline="", encoding="utf-8")))) == len(bad)
+    good = sorted(tree["good"])[0]
+    mixed = runner.invoke(app, ["score", str(good), *map(str, bad), "-m", str(tiny_checkpoint), "-o", str(out),
+                                "--workers", "0"])
+    assert mixed.exit_code == 0, mixed.output
+
+
 def test_json_and_jsonl_outputs_parse(tree, tiny_checkpoint, tmp_path):
     out = tmp_path / "scores.json"
     result = runner.invoke(app, ["score", str(tree["root"]), "-m", str(tiny_checkpoint), "-o", str(out), "-q"])

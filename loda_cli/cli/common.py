@@ -118,6 +118,13 @@ def write_stdout_line(line: str) -> None:
         sys.stdout.write(shown(line) + "\n")
 
 
+def own_folders_note(folders: list[str], what: str) -> str:
+    """The line that says which of loda's own folders (culled or sorted photos) a command left out."""
+    return (f"not {what}: loda's own {'folder' if len(folders) == 1 else 'folders'} "
+            + ", ".join(shown(f) for f in folders)
+            + " (culled or sorted photos; name a folder as a path to include it)")
+
+
 def notice(message: str, quiet: bool = False) -> None:
     if not quiet:
         err_console.print(message, soft_wrap=True)

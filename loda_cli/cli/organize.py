@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from loda_cli.cli.common import PathCell, err_console, handle_errors, notice, out_console, plural
+from loda_cli.cli.common import PathCell, err_console, handle_errors, notice, out_console, own_folders_note, plural
 
 if TYPE_CHECKING:
     from loda_cli.organize import Plan, ScoreSource
@@ -400,7 +400,15 @@ def _scored_groups(roots: list[str], dests: list[str], scores, model, burst_gap=
     _culled and the destinations are left out. With ``burst_gap``, each group knows its burst."""
     from loda_cli import organize
 
-    excludes = organize.cull_excludes(roots, dests)
+    # The destinations of earlier cull and sort runs not undone yet (`loda sort --into Sorted`
+    # inside the library): their photos are copies or rejects, left out as `loda score` leaves
+    # them out, unless one of them is named as a path.
+    own = [folder for folder in organize.own_folders(roots)
+           if folder not in dests and not any(organize.is_under(os.path.realpath(r), folder) for r in roots)]
+    if [f for f in own if os.path.isdir(f)]:
+        err_console.print(own_folders_note([f for f in own if os.path.isdir(f)], "acted on"), markup=False,
+                          soft_wrap=True)
+    excludes = organize.cull_excludes(roots, dests) + own
     source = _load(roots, scores, model, excludes, burst_gap)
     groups, skips = organize.collect_groups(roots, source, exclude=excludes, **group_kw)
     return source, groups, skips
@@ -624,8 +632,10 @@ def review(
     or network."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from loda_cli.output import check_writable_output
     from loda_cli.review import build_review
 
+    check_writable_output(os.fspath(out))  # its folder must exist: a typo makes no folders
     columns = (TextColumn("thumbnails"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=err_console, transient=True,
                   disable=not err_console.is_terminal) as bar:

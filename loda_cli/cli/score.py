@@ -15,8 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loda_cli.cli.common import (check_score_cache, err_console, handle_errors, measuring_precision_notice, plural,
-                                 print_precision_choice, shown, write_stdout_line)
+from loda_cli.cli.common import (check_score_cache, err_console, fail, handle_errors, measuring_precision_notice,
+                                 own_folders_note, plural, print_precision_choice, shown, write_stdout_line)
 from loda_cli.errors import NoImagesError, UsageError
 from loda_cli.output import check_writable_output, mos_is_meaningful, output_format
 
@@ -92,12 +92,6 @@ def _own_folder_globs(paths: list[Path]) -> tuple[tuple[str, ...], list[str]]:
     return tuple(sorted(globs)), folders
 
 
-def _own_folders_note(folders: list[str]) -> str:
-    return (f"not scored: loda's own {'folder' if len(folders) == 1 else 'folders'} "
-            + ", ".join(shown(f) for f in folders)
-            + " (culled or sorted photos; name a folder as a path to score it)")
-
-
 def _check_some_image(paths: list[Path], walk_kw: dict, own_folders: list[str]) -> None:
     """Fail before torch and the model load (seconds) when there is nothing to score."""
     from loda_cli.images import iter_image_files
@@ -112,7 +106,7 @@ def _check_some_image(paths: list[Path], walk_kw: dict, own_folders: list[str]) 
     for notice in skipped[:5]:
         err_console.print(f"skipped {shown(str(notice.path))}: {notice.reason}", markup=False)
     if own_folders:
-        err_console.print(_own_folders_note(own_folders), markup=False, soft_wrap=True)
+        err_console.print(own_folders_note(own_folders, "scored"), markup=False, soft_wrap=True)
     raise NoImagesError(f"no image files found under {', '.join(str(p) for p in paths)}")
 
 
@@ -218,10 +212,14 @@ def score(
     if not quiet:
         _summary(scorer, rows, skipped, elapsed, out, read_seconds)
         if own_folders:
-            err_console.print(_own_folders_note(own_folders), markup=False, soft_wrap=True)
+            err_console.print(own_folders_note(own_folders, "scored"), markup=False, soft_wrap=True)
     if interrupted:
         _report_interrupted(rows, out, cache)
         raise typer.Exit(130)
+    if all(row.error is not None for row in rows):
+        # Each file is a row with its error, and the output is written; but a run that scored
+        # nothing did not do its job (`loda score broken.jpg && ...` must not go on).
+        raise fail("no file could be scored" if len(rows) > 1 else "the file could not be scored")
 
 
 def _check_out(out: str | None) -> None:

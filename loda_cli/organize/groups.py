@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from loda_cli.images import HEIF_EXTENSIONS as HEIC_EXTENSIONS  # .heic, .heif and Canon's .hif
-from loda_cli.images import RAW_EXTENSIONS
+from loda_cli.images import RAW_EXTENSIONS, REVIEW_MARKER
 from loda_cli.organize.journal import JOURNAL_PREFIX, TMP_PREFIX
 from loda_cli.organize.paths import Skip, Skipped, is_under_resolved
 from loda_cli.organize.scores import ScoreSource, failure_kind, is_broken_file_error
@@ -204,6 +204,9 @@ def collect_groups(
                 skips.extend(Skip(os.path.join(folder, n), reason) for n in names)
                 continue
         listing = listings[folder]
+        if REVIEW_MARKER in listing and os.path.realpath(folder) not in {os.path.realpath(r) for r in roots}:
+            skips.extend(Skip(os.path.join(folder, n), "a preview `loda review` made") for n in names)
+            continue
         claimed: set[str] = set()
 
         def order(name: str) -> tuple[bool, int, str]:

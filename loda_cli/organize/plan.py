@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 from loda_cli import xmp
 from loda_cli.errors import UnsafePathError, UsageError
 from loda_cli.organize.groups import IMAGE_COMPANION_EXTENSIONS, Group, list_folder
-from loda_cli.organize.journal import journals_dir
+from loda_cli.organize.journal import journals_dir, own_folders
 from loda_cli.organize.paths import CULLED_DIRNAME, Skip, Skipped, display_path, is_under
 
 DEFAULT_EDGES = (0.2, 0.4, 0.6, 0.8)
@@ -226,7 +226,24 @@ def _checked_dest(dest: str | os.PathLike[str], roots: Sequence[str]) -> str:
         raise UsageError(f"the destination {display_path(dest)} must not be a root or contain one")
     if os.path.lexists(real) and not os.path.isdir(real):
         raise UsageError(f"the destination {display_path(dest)} is not a folder")
+    inside = [root for root in roots if is_under(real, root)]
+    if inside and _holds_files(real) and real not in own_folders(inside):
+        # Its photos would be mixed with the culled or sorted ones, and `loda score` and the next
+        # cull leave loda's destinations out: they would drop out of the library's scores.
+        raise UsageError(
+            f"the destination {display_path(dest)} lies inside {display_path(inside[0])} and already "
+            "holds files of yours; name a new or empty folder (or one outside the photos)"
+        )
     return real
+
+
+def _holds_files(folder: str) -> bool:
+    """Whether ``folder`` holds anything but hidden names (``.DS_Store``, loda's temporaries)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(not entry.name.startswith(".") for entry in entries)
+    except OSError:
+        return False
 
 
 def _default_culled(root: str) -> str:

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from loda_cli.atomic import replacing
 from loda_cli import datasets
+from loda_cli.atomic import replacing
 from loda_cli.errors import DatasetError, OutputError, UsageError
 from loda_cli.synthetic.arrays import LEVELS, check_image, check_level
 from loda_cli.synthetic.distortions import (
