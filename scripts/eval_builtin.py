@@ -13,7 +13,11 @@
 3. Full-size pairs (``--fullsize DIR``): photos of 3 MP or more at their own resolution against
    Gaussian blur with sigma = long side / 1000, Gaussian noise sigma 20 and JPEG quality 10, made
    at full size and scored from files through `loda score`'s own path (decode, views, crops).
-4. ``--crops-compare``: the rank agreement (SRCC) of the default crops with 15 crops of the
+4. ``--noise-sweep DIR``: each distinct photo of 3 MP or more under DIR (the same picture at
+   several resolutions counts once, at its largest) saved as a camera would, JPEG quality 92,
+   against itself with Gaussian noise of sigma 10, 20 and 35 added at full size, saved the same
+   way: the share in which the clean photo scores higher, by sigma, and the misses.
+5. ``--crops-compare``: the rank agreement (SRCC) of the default crops with 15 crops of the
    384-pixel view, over every image of 2 and 3.
 
 Scores go through the scorer (``Scorer.preprocess``: both views, the fixed grids of crops, the
@@ -215,6 +219,52 @@ def score_fullsize(scorer, photos: list[Path]) -> dict:
     }
 
 
+NOISE_SIGMAS = (10, 20, 35)
+
+
+def distinct_photos(photos: list[Path]) -> list[Path]:
+    """One file per picture: the largest of those whose 16 x 16 grey thumbnails differ by less
+    than 4 of 255 on average (a wallpaper package ships one picture at a dozen resolutions and
+    crops of slightly different aspect)."""
+    kept: list[tuple[np.ndarray, int, Path]] = []
+    for path in photos:
+        with Image.open(path) as im:
+            pixels = im.size[0] * im.size[1]
+            thumb = np.asarray(im.convert("L").resize((16, 16), Image.BOX), dtype=np.float32)
+        same = next((k for k, (other, _, _) in enumerate(kept) if np.abs(other - thumb).mean() < 4), None)
+        if same is None:
+            kept.append((thumb, pixels, path))
+        elif pixels > kept[same][1]:
+            kept[same] = (thumb, pixels, path)
+    return sorted(path for _, _, path in kept)
+
+
+def noise_sweep(scorer, photos: list[Path]) -> dict:
+    """Clean JPEG (quality 92) against noisy JPEGs (sigma 10, 20, 35), all made at full size."""
+    from loda_cli.images import decode_image
+
+    wins: dict[int, list[bool]] = {s: [] for s in NOISE_SIGMAS}
+    misses: dict[int, list[str]] = {s: [] for s in NOISE_SIGMAS}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for i, path in enumerate(photos):
+            image = np.asarray(decode_image(path, target_short_side=None).image)
+            Image.fromarray(image).save(folder / f"{i:03d}_clean.jpg", quality=92)
+            rng = np.random.default_rng(i)
+            for sigma in NOISE_SIGMAS:
+                noisy = np.clip(image.astype(np.float32) + rng.normal(0.0, sigma, image.shape), 0, 255)
+                Image.fromarray(noisy.round().astype(np.uint8)).save(folder / f"{i:03d}_noise{sigma}.jpg", quality=92)
+        scores = {Path(row.path).stem: row.score for row in scorer.score_files([folder])}
+    for i, path in enumerate(photos):
+        clean = scores[f"{i:03d}_clean"]
+        for sigma in NOISE_SIGMAS:
+            noisy = scores[f"{i:03d}_noise{sigma}"]
+            wins[sigma].append(clean > noisy)
+            if not clean > noisy:
+                misses[sigma].append(f"{path.name} ({clean:.3f} vs {noisy:.3f})")
+    return {"photos": len(photos), "clean_wins": {s: float(np.mean(w)) for s, w in wins.items()}, "misses": misses}
+
+
 SHARE_THRESHOLDS = (0.2, 0.4, 0.6)  # the --below values the README's shares are given for
 
 
@@ -347,7 +397,7 @@ def merge_cross_validations(parts: list[dict]) -> dict:
 
 def evaluate(model: str | None, fullsize: Path | None, crops_compare: bool, device: str = "cpu",
              livec: Path | None = None, cv: Path | None = None, cv_folds: list[int] | None = None,
-             cv_models: Path | None = None) -> dict:
+             cv_models: Path | None = None, noise: Path | None = None) -> dict:
     from loda_cli.metrics import srcc
     from loda_cli.weights import load_checkpoint, read_metadata
 
@@ -372,6 +422,11 @@ def evaluate(model: str | None, fullsize: Path | None, crops_compare: bool, devi
         if not photos:
             raise SystemExit(f"no photos of {FULLSIZE_MIN_PIXELS / 1e6:.0f} MP or more under {fullsize}")
         result["fullsize_pairs"] = score_fullsize(scorer, photos)
+    if noise is not None:
+        photos = distinct_photos(fullsize_photos(noise))
+        if not photos:
+            raise SystemExit(f"no photos of {FULLSIZE_MIN_PIXELS / 1e6:.0f} MP or more under {noise}")
+        result["noise_sweep"] = noise_sweep(scorer, photos)
     if livec is not None:
         result["livec_agreement"] = livec_agreement(scorer, livec)
     if crops_compare:
@@ -403,6 +458,12 @@ def print_table(result: dict) -> None:
         by_type = ", ".join(f"{k} {100 * v:.0f}%" for k, v in full["by_type"].items())
         print(f"full-size pairs: original wins {100 * full['model']:.1f}% of {full['pairs']} ({by_type}; "
               f"Laplacian variance {100 * full['laplacian_variance']:.1f}%); misses: {', '.join(full['misses']) or 'none'}")
+    sweep = result.get("noise_sweep")
+    if sweep:
+        shares = ", ".join(f"sigma {s}: {100 * w:.1f}%" for s, w in sweep["clean_wins"].items())
+        misses = sweep["misses"].get(20) or sweep["misses"].get("20") or []  # keys are strings once read from JSON
+        print(f"noise sweep ({sweep['photos']} photos, JPEG 92): clean above noisy {shares}; misses at sigma 20: "
+              f"{', '.join(misses) or 'none'}")
     agreement = result.get("livec_agreement")
     if agreement:
         print(f"LIVE Challenge ({agreement['source']}): SRCC {agreement['srcc']:.4f}, PLCC {agreement['plcc']:.4f} "
@@ -534,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint (default: what `loda score` resolves)")
     parser.add_argument("--fullsize", type=Path, help="a folder of photos of 3 MP or more (not LIVE Challenge)")
+    parser.add_argument("--noise-sweep", type=Path, metavar="DIR",
+                        help="a folder of photos of 3 MP or more: each against its noise sigma 10/20/35 versions")
     parser.add_argument("--crops-compare", action="store_true", help="SRCC of the default crops against 15")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--manifest", help="write the results into this manifest.json entry")
@@ -561,8 +624,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="LIVE Challenge photos the model never trained on: SRCC with people's scores")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    if args.fullsize is not None and not args.fullsize.is_dir():
-        parser.error(f"--fullsize: no such folder: {args.fullsize}")
+    for name, folder in (("--fullsize", args.fullsize), ("--noise-sweep", args.noise_sweep)):
+        if folder is not None and not folder.is_dir():
+            parser.error(f"{name}: no such folder: {folder}")
     cv_folds = None
     if args.cv_folds:
         try:
@@ -591,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--from-json {args.from_json}: not the --json output of this script ({e})")
     else:
         result = evaluate(args.model, args.fullsize, args.crops_compare, args.device, args.livec, args.cv, cv_folds,
-                          args.cv_models)
+                          args.cv_models, args.noise_sweep)
     if parts:
         result["cross_validation"] = merge_cross_validations(parts)
     elif args.cv is None and args.cv_models is not None:

@@ -535,3 +535,15 @@ def test_livec_shares_as_scored_are_reported_and_recorded(tmp_path, tiny_checkpo
     shares = entry["metrics"]["livec_photos_score_shares_as_scored"]
     assert shares["photos"] == 6 and shares["people_below_0.4"] == pytest.approx(round(4 / 6, 4))
     assert shares["below_0.4"] == pytest.approx(round(got["share_below_0.4"], 4))
+
+
+def test_the_noise_sweep_counts_a_picture_shipped_at_several_sizes_once(tmp_path):
+    from PIL import Image
+
+    script = _eval_script()
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).resize((800, 600), Image.BICUBIC)
+    for size in ((400, 300), (800, 600), (640, 480)):
+        picture.resize(size, Image.BICUBIC).save(tmp_path / f"leaf_{size[0]}.png")
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "other.png")
+    assert [p.name for p in script.distinct_photos(sorted(tmp_path.glob("*.png")))] == ["leaf_800.png", "other.png"]
