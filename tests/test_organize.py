@@ -1021,6 +1021,17 @@ def test_cull_or_sort_refuse_a_destination_inside_the_library_that_holds_photos(
     ok("cull", "wedding", "--below", "0.6", "--to", shoot.root / "rejects", "--scores", shoot.scores)
 
 
+def test_a_plan_from_a_scores_file_counts_the_photos_it_does_not_list(shoot):
+    """A scores file made before photos were added leaves them alone; the plan says how many."""
+    stale = write_scores(shoot.tmp / "stale.csv", [("wedding/IMG_1.JPG", 0.1), ("wedding/IMG_3.jpg", 0.9),
+                                                   ("wedding/IMG_2.heic", 0.2), ("wedding/IMG_4.jpg", 0.5)])
+    out = " ".join(ok("cull", "wedding", "--below", "0.6", "--scores", stale).output.split())
+    # IMG_40, ceremony/IMG_5.jpg, its .nef (no scored photo to go with) and IMG_6; IMG_1.CR2 goes with IMG_1.JPG
+    assert "not in the scores file │ 4 │" in out
+    full = " ".join(ok("cull", "wedding", "--below", "0.6", "--scores", shoot.scores).output.split())
+    assert "not in the scores file" not in full
+
+
 def test_previews_of_a_review_page_inside_the_library_are_never_culled(shoot):
     thumbs = shoot.root / "review_files"
     thumbs.mkdir()

@@ -399,6 +399,7 @@ def _scored_groups(roots: list[str], dests: list[str], scores, model, burst_gap=
     """The scores (a file, the cache or the model) and the groups they make; every root's
     _culled and the destinations are left out. With ``burst_gap``, each group knows its burst."""
     from loda_cli import organize
+    from loda_cli.organize.groups import unlisted_photos
 
     # The destinations of earlier cull and sort runs not undone yet (`loda sort --into Sorted`
     # inside the library): their photos are copies or rejects, left out as `loda score` leaves
@@ -410,7 +411,11 @@ def _scored_groups(roots: list[str], dests: list[str], scores, model, burst_gap=
                           soft_wrap=True)
     excludes = organize.cull_excludes(roots, dests) + own
     source = _load(roots, scores, model, excludes, burst_gap)
-    groups, skips = organize.collect_groups(roots, source, exclude=excludes, **group_kw)
+    seen: set[str] = set()
+    groups, skips = organize.collect_groups(roots, source, exclude=excludes, seen=seen, **group_kw)
+    if scores is not None:  # a scores file may predate photos added since: say how many it lacks
+        listed = seen | {os.path.join(g.folder, m) for g in groups for m in g.members}
+        skips += unlisted_photos(roots, listed, excludes)
     return source, groups, skips
 
 

@@ -150,14 +150,39 @@ def list_folder(folder: str) -> dict[str, str]:
     return kinds
 
 
+def unlisted_photos(roots: Sequence[str], listed: set[str], exclude: Sequence[str] = ()) -> list[Skip]:
+    """The photos under ``roots`` that a scores file does not list (it was made before they were
+    added, or for another folder): each a Skip, so the plan says how many it left alone."""
+    from loda_cli.images import iter_image_files
+
+    missing = []
+    real_folders: dict[str, str] = {}  # each folder resolved once, not each file
+    for found in iter_image_files(list(roots)):
+        folder, name = os.path.split(found.path)
+        if folder not in real_folders:
+            real_folders[folder] = os.path.realpath(folder)
+        full = os.path.join(real_folders[folder], name)
+        if full in listed or os.path.islink(found.path):  # a link is never acted on, listed or not
+            continue
+        if not any(is_under_resolved(full, excluded) for excluded in exclude):
+            missing.append(Skip(str(found.path), NOT_IN_SCORES))
+    return missing
+
+
+#: The reason given for a photo under the roots that the scores file has no row for.
+NOT_IN_SCORES = "not in the scores file"
+
+
 def collect_groups(
     roots: Sequence[str],
     source: ScoreSource,
     *,
     exclude: Sequence[str] = (),
     include_failed: bool = False,
+    seen: Optional[set[str]] = None,
 ) -> tuple[list[Group], list[Skip]]:
     """Group the scored photos with their companions. Paths under ``exclude`` are left out.
+    ``seen``, when given, receives the full path of every row found on disk (scored or failed).
 
     Files that could not be scored are reported as skips with their error, unless
     ``include_failed``: then the broken ones (``is_broken_file_error``) come back as groups with
@@ -182,6 +207,8 @@ def collect_groups(
         if any(is_under_resolved(full, folder) for folder in exclude):  # (resolved: _culled and the dests)
             continue
         located.setdefault(full, (root, score, error))
+        if seen is not None:
+            seen.add(full)
         if source.bursts is not None and error is None:
             bursts.setdefault(full, source.bursts.get(raw))
 
