@@ -135,6 +135,10 @@ def _csv_rows(text: str, source: Path) -> Iterator[dict[str, Any]]:
     reader = csv.DictReader(text.splitlines(keepends=True))
     fields = [name.strip().lower() for name in (reader.fieldnames or [])]
     if "path" not in fields or "score" not in fields:
+        from loda_cli.images import is_image_path
+
+        if is_image_path(source):
+            raise UsageError(f"{source} is a photo, not a scores file: give the .csv or .json `loda score --out` wrote")
         raise UsageError(
             f"scores file {source} needs 'path' and 'score' columns (as `loda score` writes)"
         )

@@ -1032,6 +1032,16 @@ def test_a_plan_from_a_scores_file_counts_the_photos_it_does_not_list(shoot):
     assert "not in the scores file" not in full
 
 
+def test_a_scores_file_without_rows_or_a_photo_given_as_one_is_a_one_line_error(shoot):
+    empty = write(shoot.tmp / "empty.csv", b"path,score\n")
+    result = invoke("cull", "wedding", "--below", "0.5", "--scores", empty)
+    assert result.exit_code == 2 and "lists no photos" in result.output
+    photo = shoot.root / "IMG_3.jpg"
+    for command in (["cull", "wedding", "--below", "0.5", "--scores", photo], ["review", photo]):
+        result = invoke(*command)
+        assert result.exit_code == 2 and "is a photo, not a scores file" in " ".join(result.output.split())
+
+
 def test_previews_of_a_review_page_inside_the_library_are_never_culled(shoot):
     thumbs = shoot.root / "review_files"
     thumbs.mkdir()

@@ -108,6 +108,19 @@ def test_a_run_that_scores_nothing_writes_its_rows_and_exits_1(tree, tiny_checkp
     assert mixed.exit_code == 0, mixed.output
 
 
+def test_ctrl_c_while_the_model_loads_says_nothing_was_written(tree, tiny_checkpoint, tmp_path, monkeypatch):
+    import loda_cli.cli.score as score_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score_cli, "_open_scorer", interrupted)
+    out = tmp_path / "s.csv"
+    result = runner.invoke(app, ["score", str(tree["root"]), "-m", str(tiny_checkpoint), "-o", str(out), "--no-cache"])
+    assert result.exit_code == 130 and "before any photo was scored" in result.stderr and "was not written" in result.stderr
+    assert not out.exists()
+
+
 def test_json_and_jsonl_outputs_parse(tree, tiny_checkpoint, tmp_path):
     out = tmp_path / "scores.json"
     result = runner.invoke(app, ["score", str(tree["root"]), "-m", str(tiny_checkpoint), "-o", str(out), "-q"])

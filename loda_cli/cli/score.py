@@ -184,10 +184,17 @@ def score(
             for row in rows:
                 stream.write(row)
     else:
-        scorer = _open_scorer(
-            model, device=device, precision=precision, crops=crops, batch_size=batch_size,
-            workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups, decode=decode,
-        )
+        try:
+            scorer = _open_scorer(
+                model, device=device, precision=precision, crops=crops, batch_size=batch_size,
+                workers=workers, cache=cache, decode_timeout=decode_timeout, quiet=quiet, groups=groups,
+                decode=decode,
+            )
+        except KeyboardInterrupt:
+            kept = f"; {out} was not written" if out not in (None, "-") else ""
+            err_console.print(f"interrupted while the model loaded, before any photo was scored{kept}.",
+                              style="yellow", soft_wrap=True)
+            raise typer.Exit(130) from None
         # The cache pass counts as this run's work; loading the model does not.
         start = time.monotonic() - (split.seconds if split is not None else 0.0)
         rows, skipped, interrupted, read_seconds = _score_all(scorer, paths, walk_kw, (shard_k, shard_n), out,

@@ -208,7 +208,7 @@ class Plan:
 
     @property
     def score_range(self) -> Optional[tuple[float, float]]:
-        scores = [g.score for g in self.groups]
+        scores = [g.score for g in self.groups if g.error is None]  # an unreadable file has no score
         return (min(scores), max(scores)) if scores else None
 
     @property

@@ -126,6 +126,8 @@ def _from_file(scores_file: str | os.PathLike[str], *, bursts: bool) -> ScoreSou
     from loda_cli.scoresfile import read_scores, scores_bases
 
     parsed = read_scores(scores_file)
+    if not parsed.rows and not parsed.failed and not parsed.skipped:
+        raise UsageError(f"{display_path(scores_file)} lists no photos: write it with `loda score ... --out FILE`")
     rows = [(row.path, row.score) for row in parsed.rows]
     unusable = parsed.skipped - len(parsed.failed)
     bases = scores_bases(scores_file, parsed.header)
