@@ -103,6 +103,16 @@ def _make_thumb(source: str, target: str, size: int) -> tuple[int, int]:
     return img.size
 
 
+def _common_folder(folders: list[str]) -> str:
+    """The folder every photo lies in ("../lib" when `loda score ../lib` wrote the paths), which
+    the folder filter names once instead of in every entry; "" when there is none to name."""
+    try:
+        common = os.path.commonpath(folders) if folders else ""
+    except ValueError:  # absolute and relative paths mixed
+        return ""
+    return "" if common in ("", ".", os.sep) else common
+
+
 def _thumb_name(path: str, size: int) -> str:
     try:
         st = os.stat(path)
@@ -317,15 +327,19 @@ _SCRIPT = """
     shown.textContent = String(n);
   }
   function reorder() {
-    var items = Array.prototype.slice.call(grid.children);
+    // The single photos by score, and the burst rows by their best frame's (the keeper's).
     var sign = order.value === 'best' ? -1 : 1;
-    items.sort(function (a, b) {
-      var sa = parseFloat(a.getAttribute('data-score'));
-      var sb = parseFloat(b.getAttribute('data-score'));
-      if (isNaN(sa) || isNaN(sb)) { return (isNaN(sa) ? 1 : 0) - (isNaN(sb) ? 1 : 0); }
-      return sign * (sa - sb);
+    [grid, document.getElementById('bursts')].forEach(function (box) {
+      if (!box) { return; }
+      var items = Array.prototype.slice.call(box.children);
+      items.sort(function (a, b) {
+        var sa = parseFloat(a.getAttribute('data-score'));
+        var sb = parseFloat(b.getAttribute('data-score'));
+        if (isNaN(sa) || isNaN(sb)) { return (isNaN(sa) ? 1 : 0) - (isNaN(sb) ? 1 : 0); }
+        return sign * (sa - sb);
+      });
+      items.forEach(function (el) { box.appendChild(el); });
     });
-    items.forEach(function (el) { grid.appendChild(el); });
   }
   // A crop map's cells are made from its data-cells ("left top width height" in percent of
   // the picture, the colour's hue, the crop's score to 3 and to 2 decimals, 1 for a detail-view
@@ -480,8 +494,8 @@ def render_page(
         out.append('<section id="bursts">')
         for frames in bursts:
             out.append(
-                f'<div class="burst" data-group="{frames[0].group}"><div class="label">'
-                f"group {frames[0].group}<br>{len(frames)} frames</div>"
+                f'<div class="burst" data-group="{frames[0].group}" data-score="{frames[0].score:.6f}">'
+                f'<div class="label">group {frames[0].group}<br>{len(frames)} frames</div>'
             )
             out += [figure(item) for item in frames]
             out.append("</div>")
@@ -493,16 +507,14 @@ def render_page(
 
 
 def _bursts(items: Sequence[ReviewItem]) -> list[list[ReviewItem]]:
-    """Groups of two or more scored photos, by group number; each best frame first."""
+    """Groups of two or more scored photos, each best frame first; worst best frame first, as
+    the single photos are ordered worst first (the page's Order control turns both)."""
     members: dict[int, list[ReviewItem]] = {}
     for item in items:
         if item.group is not None and item.error is None:
             members.setdefault(item.group, []).append(item)
-    return [
-        sorted(frames, key=lambda i: (-i.score, i.path))
-        for _, frames in sorted(members.items())
-        if len(frames) > 1
-    ]
+    rows = [sorted(frames, key=lambda i: (-i.score, i.path)) for frames in members.values() if len(frames) > 1]
+    return sorted(rows, key=lambda frames: (frames[0].score, frames[0].group))
 
 
 def _page_top(items: Sequence[ReviewItem], below: Optional[float], title: str, bursts: int, keep: int) -> list[str]:
@@ -514,6 +526,7 @@ def _page_top(items: Sequence[ReviewItem], below: Optional[float], title: str, b
     folders: dict[str, int] = {}
     for item in items:
         folders[item.folder] = folders.get(item.folder, 0) + 1
+    common = _common_folder(list(folders))
     script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode("ascii")
     csp = (
         "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; "
@@ -551,10 +564,12 @@ def _page_top(items: Sequence[ReviewItem], below: Optional[float], title: str, b
         f' Previews loaded: <span id="loaded">0</span> of {thumb_count}'
         f'{"; the rest load as you scroll to them" if thumb_count > EAGER_PREVIEWS else ""}.</p>',
         '<div class="controls">',
-        '<label>Folder <select id="folder"><option value="">All folders</option>',
+        f'<label>Folder{" in " + esc(common) if common else ""} <select id="folder">'
+        '<option value="">All folders</option>',
     ]
     for folder, count in sorted(folders.items()):
-        out.append(f'<option value="{esc(folder)}">{esc(folder)} ({count})</option>')
+        label = os.path.relpath(folder, common) if common else folder
+        out.append(f'<option value="{esc(folder)}">{esc(label)} ({count})</option>')
     out += [
         "</select></label>",
         f'<label><input type="checkbox" id="only-cull"{disabled}> '

@@ -100,7 +100,9 @@ def test_thumbnails_sorted_by_score_with_histogram_threshold_and_folder_filter(s
     assert scores_in_order == sorted(scores_in_order)
     assert text.count('class="photo cull"') == 3
     assert 'class="threshold"' in text and "below 0.4: 3" in text
-    assert '<option value="photos/ceremony">photos/ceremony (2)</option>' in text
+    # Every photo lies in photos/: the filter names it once, and each folder below it.
+    assert '<label>Folder in photos <select id="folder">' in text
+    assert '<option value="photos/ceremony">ceremony (2)</option>' in text
     assert "no preview" in text
 
 
@@ -338,3 +340,13 @@ def test_groups_render_the_keeper_is_marked_and_the_map_toggles_in_headless_chro
         assert changed is not None  # the map is drawn over the thumbnails
         # the keeper's green outline is on the page
         assert any(g > 120 and r < 80 and b_ < 110 for _, (r, g, b_) in a.convert("RGB").getcolors(1 << 20))
+
+
+def test_burst_rows_come_worst_keeper_first_like_the_single_photos():
+    from loda_cli.review import ReviewItem, _bursts
+
+    def item(name, score, group):
+        return ReviewItem(name, name, ".", score, found=True, group=group)
+
+    rows = _bursts([item("a", 0.9, 1), item("b", 0.2, 1), item("c", 0.5, 2), item("d", 0.4, 2), item("e", 0.1, 3)])
+    assert [[i.path for i in frames] for frames in rows] == [["c", "d"], ["a", "b"]]  # keepers 0.5, then 0.9
