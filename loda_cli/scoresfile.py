@@ -55,6 +55,7 @@ class ScoresFile:
     skipped_errors: int = 0
     skipped_unscored: int = 0
     skipped_invalid: int = 0
+    unusable_example: Optional[str] = None  # the first row with a path but no usable score
     # (path, error) of the files `loda score` could not score, in the file's order
     failed: list[tuple[str, str]] = field(default_factory=list)
 
@@ -224,11 +225,13 @@ def _add_row(result: ScoresFile, row: dict[str, Any]) -> None:
     raw_score = row.get("score")
     if raw_score is None or (isinstance(raw_score, str) and not raw_score.strip()):
         result.skipped_unscored += 1
+        result.unusable_example = result.unusable_example or path
         return
     score = _number(raw_score)
     # A score outside [0, 1] is not one loda wrote; acting on it would be guessing.
     if score is None or not 0.0 <= score <= 1.0:
         result.skipped_invalid += 1
+        result.unusable_example = result.unusable_example or path
         return
     fmt = row.get("format")
     result.rows.append(

@@ -1042,6 +1042,12 @@ def test_a_scores_file_without_rows_or_a_photo_given_as_one_is_a_one_line_error(
         assert result.exit_code == 2 and "is a photo, not a scores file" in " ".join(result.output.split())
 
 
+def test_a_row_without_a_usable_score_is_counted_with_an_example(shoot):
+    odd = write(shoot.tmp / "odd.csv", b"path,score\nwedding/IMG_1.JPG,0.1\nwedding/IMG_3.jpg,high\nwedding/IMG_4.jpg,7\n")
+    out = " ".join(ok("cull", "wedding", "--below", "0.5", "--scores", odd).output.split())
+    assert "no usable score in the scores file │ 2 │ wedding/IMG_3.jpg" in out
+
+
 def test_previews_of_a_review_page_inside_the_library_are_never_culled(shoot):
     thumbs = shoot.root / "review_files"
     thumbs.mkdir()

@@ -308,6 +308,8 @@ def _print_not_acted_on(plan: "Plan", source: "ScoreSource") -> None:
         example.setdefault(reason, skip.path)
     if source.skipped:
         reasons["no usable score in the scores file"] += source.skipped
+        if source.skipped_example:
+            example["no usable score in the scores file"] = source.skipped_example
     if not reasons:
         return
     why = Table(title="not acted on")

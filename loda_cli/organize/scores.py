@@ -29,6 +29,7 @@ class ScoreSource:
     from_file: bool = False
     # path (as in ``rows``) -> its burst or near-duplicate set, when bursts were asked for
     bursts: Optional[dict[str, int]] = None
+    skipped_example: Optional[str] = None  # a path of one of the ``skipped`` rows, where it had one
 
 
 # Errors that say the file itself is broken, as opposed to loda lacking a decoder (HEIC without
@@ -141,7 +142,7 @@ def _from_file(scores_file: str | os.PathLike[str], *, bursts: bool) -> ScoreSou
         groups = {row.path: row.group for row in parsed.rows if row.group is not None}
     return ScoreSource(
         rows, bases, display_path(scores_file), unusable, list(parsed.failed), from_file=True,
-        bursts=groups,
+        bursts=groups, skipped_example=parsed.unusable_example,
     )
 
 
