@@ -1236,15 +1236,7 @@ def test_moves_without_hard_links_are_renames_whose_folders_are_fsynced_a_batch_
     assert snapshot(shoot.root) == before
     check_renames(11, "undone", "undo-end")
 
-    real_perform, calls = apply_module._perform, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # 4 renames synced as a batch, 2 made and waiting
-            raise KeyboardInterrupt
-        return real_perform(*args, **kwargs)
-
-    monkeypatch.setattr(apply_module, "_perform", interrupted)
+    real_perform = _ctrl_c_at_action(monkeypatch, 7)  # 4 renames synced as a batch, 2 made and waiting
     events.clear()
     assert invoke("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply").exit_code == 130
     records = [json.loads(line) for line in _journal().read_text().splitlines()]
@@ -1369,6 +1361,20 @@ def test_undo_makes_a_removed_folder_durable_before_moving_a_photo_back_into_it(
     assert (shoot.root / "ceremony" / "IMG_5.jpg").read_bytes() == before[b"ceremony/IMG_5.jpg"][1]
 
 
+def _ctrl_c_at_action(monkeypatch, n: int):
+    """Ctrl-C as a run's n-th action starts; returns the real ``_perform`` to put back."""
+    real_perform, calls = apply_module._perform, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_perform(*args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "_perform", interrupted)
+    return real_perform
+
+
 def _record_links_and_syncs(monkeypatch) -> list[tuple[str, str]]:
     """("link", new name), ("unlink", name) and ("sync", folder) as fileops makes them."""
     events: list[tuple[str, str]] = []
@@ -1411,16 +1417,7 @@ def _assert_new_names_durable_before_old_ones_go(events, moves: int, batch: int)
 def test_ctrl_c_or_a_failed_removal_in_a_batch_of_moves_leaves_every_photo_recoverable(shoot, monkeypatch):
     monkeypatch.setattr(fileops, "FOLDER_SYNC_EVERY", 4)
     before = snapshot(shoot.root)
-    real_perform = apply_module._perform
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # 4 moves done as a batch, 2 linked and waiting
-            raise KeyboardInterrupt
-        return real_perform(*args, **kwargs)
-
-    monkeypatch.setattr(apply_module, "_perform", interrupted)
+    real_perform = _ctrl_c_at_action(monkeypatch, 7)  # 4 moves done as a batch, 2 linked and waiting
     result = invoke("cull", "wedding", "--below", "0.6", "--scores", shoot.scores, "--apply")
     assert result.exit_code == 130
     # The two waiting moves were finished: every photo has one name, 6 in _culled.
