@@ -127,6 +127,16 @@ def test_presets_share_checkpoints(tmp_path):
         bm.plan_dataset("kadid", SPLITS, settings, test_on="kadid10k")
 
 
+def test_a_checkpoint_trained_on_another_seeds_split_is_refused(tmp_path):
+    """Split 0 of seed 1 holds most of split 0 of seed 3407's test images in its training set."""
+    settings = bm.BenchmarkSettings(checkpoints=tmp_path, results=tmp_path / "r")
+    run = bm.plan_dataset("koniq", [0], settings).runs[0]
+    meta = {"method": "loda", "config": {"vit": run.variant.vit, "cnn": "resnet50"},
+            "dataset": {"name": run.dataset, "split": 0, "seed": 1, "train_fraction": run.variant.train_fraction}}
+    assert bm.identity_mismatch(run, settings, meta) == "seed 1 (expected 3407)"
+    assert bm.identity_mismatch(run, settings, {**meta, "dataset": {**meta["dataset"], "seed": 3407}}) is None
+
+
 def _fake_report(tmp_path) -> bm.Report:
     settings = bm.BenchmarkSettings(checkpoints=tmp_path, results=tmp_path / "r")
     plan = bm.plan_table(7, SPLITS, settings, datasets=["kadid10k"])

@@ -151,6 +151,25 @@ def test_train_cli_and_bad_input(small_kadid, tmp_path):
     assert r.exit_code == 2
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "-1", "--lr -1.0: must be above 0"), ("--weight-decay", "-1", "must be 0 or more"),
+    ("--grad-accum", "0", "--grad-accum 0: must be at least 1"), ("--workers", "-1", "must be 0 or more"),
+    ("--epochs", "0", "--epochs 0: must be at least 1"), ("--crops-per-image", "0", "must be at least 1"),
+    ("--warmup", "2", "from 0 up to 1"), ("--vit-depth", "0", "--vit-depth 0: must be at least 1"),
+])
+def test_train_refuses_values_no_run_can_use_before_it_starts(small_kadid, option, value, message):
+    r = runner.invoke(app, ["train", "kadid", "--data", str(small_kadid), "--no-pretrained", option, value])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_train_checks_its_out_before_training(small_kadid, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out, message in ((afile / "x.safetensors", "is not a folder"), (tmp_path, "is a folder")):
+        r = runner.invoke(app, ["train", "kadid", "--data", str(small_kadid), "--no-pretrained", "--out", str(out)])
+        assert r.exit_code == 2 and message in r.output, r.output
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
 def test_ddp_with_gloo_two_processes(small_kadid, tmp_path):
     kadid = small_kadid
@@ -329,6 +348,10 @@ def test_bad_datasets_fail_in_one_line_before_training(tmp_path):
     assert r.exit_code == 1 and "is listed more than once" in r.output and "training and the test set" in r.output
     r = runner.invoke(app, ["data", "splits", "csv", "--data", str(root)])
     assert r.exit_code == 1 and "listed more than once" in r.output
+    # The same file spelled another way is the same image.
+    (root / "labels.csv").write_text(labels + "./" + first.split(",")[0] + ",9.5\n")
+    r = runner.invoke(app, ["data", "splits", "csv", "--data", str(root)])
+    assert r.exit_code == 1 and "listed more than once" in r.output, r.output
 
     (root / "labels.csv").write_text(labels)
     victim = root / labels.splitlines()[1].split(",")[0]

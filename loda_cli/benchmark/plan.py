@@ -276,6 +276,9 @@ def expected_identity(run: Run, settings: BenchmarkSettings) -> dict[str, Any]:
         "cnn": settings.cnn or DEFAULT_CNN,
         "dataset": run.dataset,
         "split": run.split,
+        # The seed draws the split: split 0 of another seed shares most of its test images with
+        # this split's training images, so a checkpoint of another seed would score seen images.
+        "seed": settings.seed,
         "train_fraction": run.variant.train_fraction,
     }
     if settings.epochs is not None:
@@ -294,6 +297,7 @@ def checkpoint_identity(meta: dict[str, Any]) -> dict[str, Any]:
         "cnn": config.get("cnn"),
         "dataset": dataset.get("name"),
         "split": dataset.get("split"),
+        "seed": dataset.get("seed"),
         "train_fraction": dataset.get("train_fraction"),
         "epochs": (meta.get("train") or {}).get("epochs"),
     }

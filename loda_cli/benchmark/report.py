@@ -296,5 +296,6 @@ def write_report(report: Report) -> dict[str, Path]:
     paths = {"json": folder / f"{report.plan.name}.json", "markdown": folder / f"{report.plan.name}.md"}
     write_json(paths["json"], report.to_dict())
     paths["markdown"].parent.mkdir(parents=True, exist_ok=True)
-    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
+    with replacing(paths["markdown"], "w", encoding="utf-8", sync=False) as fh:  # never through a link left there
+        fh.write(render_markdown(report))
     return paths

@@ -80,7 +80,7 @@ def train_cmd(
         model_kw["vit"] = vit
     if cnn:
         model_kw["cnn"] = cnn
-    if vit_depth:
+    if vit_depth is not None:
         model_kw["vit_kwargs"] = {**model_kw["vit_kwargs"], "depth": vit_depth}
     for key, file in (("vit_weights", vit_weights), ("cnn_weights", cnn_weights)):
         if file is not None:
@@ -102,6 +102,9 @@ def train_cmd(
             setattr(cfg, key, value)
     if no_pretrained:
         cfg.pretrained = False
+    _check_values(cfg, vit_depth)
+    if out is not None:
+        _check_out(out)  # before the run, not after its last epoch
     cfg.data = str(data) if data else None
     cfg.out = str(out) if out else None
     cfg.resume = resume
@@ -115,6 +118,45 @@ def train_cmd(
         reporter.close()
     if main_rank:
         err_console.print(f"checkpoint: {path}")
+
+
+def _check_values(cfg, vit_depth: Optional[int]) -> None:
+    """UsageError for a value no run can use (a negative rate, no epochs), before anything loads."""
+    from loda_cli.errors import UsageError
+
+    rules = [
+        ("--epochs", cfg.epochs, cfg.epochs >= 1, "at least 1"),
+        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
+        ("--lr", cfg.lr, cfg.lr > 0, "above 0"),
+        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, "0 or more"),
+        ("--grad-accum", cfg.grad_accum, cfg.grad_accum >= 1, "at least 1"),
+        ("--train-fraction", cfg.train_fraction, 0 < cfg.train_fraction <= 1, "above 0 and at most 1"),
+        ("--vit-depth", vit_depth, vit_depth is None or vit_depth >= 1, "at least 1"),
+    ]
+    for name, value, bound in (("--crops-per-image", cfg.crops_per_image, 1), ("--workers", cfg.workers, 0),
+                               ("--max-steps", cfg.max_steps, 1), ("--group-size", cfg.group_size, 0)):
+        rules.append((name, value, value is None or value >= bound, "at least 1" if bound else "0 or more"))
+    for name, value in (("--warmup", cfg.warmup), ("--aux-weight", cfg.aux_weight), ("--clip-grad", cfg.clip_grad)):
+        ok = value is None or (value >= 0 and (name != "--warmup" or value < 1))
+        rules.append((name, value, ok, "from 0 up to 1 (a fraction of the steps)" if name == "--warmup" else "0 or more"))
+    for name, value, ok, want in rules:
+        if not ok:
+            raise UsageError(f"{name} {value}: must be {want}")
+
+
+def _check_out(out: Path) -> None:
+    """The checkpoint's folder exists or can be made, and takes files."""
+    from loda_cli.errors import UsageError
+
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give the checkpoint's file name")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {folder}")
 
 
 def _stdin_is_terminal() -> bool:

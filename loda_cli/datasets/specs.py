@@ -107,14 +107,16 @@ class LabelSet:
         return [item.mos for item in self.items]
 
     def repeats(self) -> list[tuple[LabelItem, LabelItem]]:
-        """(first row, later row) for every image listed again under the same name."""
+        """(first row, later row) for every image listed again, under the same name or another
+        spelling of the same file (``img/x.jpg`` and ``./img/x.jpg``)."""
         first: dict[str, LabelItem] = {}
         pairs = []
         for item in self.items:
-            if item.name in first:
-                pairs.append((first[item.name], item))
+            key = os.path.normcase(os.path.normpath(os.fspath(item.path)))
+            if key in first:
+                pairs.append((first[key], item))
             else:
-                first[item.name] = item
+                first[key] = item
         return pairs
 
 
