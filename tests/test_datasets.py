@@ -23,6 +23,7 @@ from loda_cli.datasets import (
     check_dataset,
     csv_spec,
     dataset_root,
+    load_training_image,
     load_splits_json,
     make_splits,
     prepare_dataset,
@@ -545,12 +546,19 @@ def test_prepare_resizes_resumes_and_reports(tmp_path):
     assert first.ok and first.written == 6 and first.skipped == 0
     for item in labels.items:
         cached = prepared_path(spec, root, item)
-        assert cached.parent.parent == root / ".loda-prepared-384"
+        assert cached.parent.parent == root / ".loda-prepared-384" / spec.interpolation
         with Image.open(cached) as image:
             assert image.format == "PNG" and image.size == (512, 384)
     assert not list((root / ".loda-prepared-384").rglob("*.tmp"))
     again = prepare_dataset(spec, root, workers=1)
     assert again.written == 0 and again.skipped == 6
+    # A source replaced since is resized again, and training reads it afresh meanwhile.
+    replaced = labels.items[1]
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(replaced.path)
+    assert np.asarray(load_training_image(spec, root, replaced)).std() == 0
+    assert prepare_dataset(spec, root, workers=1).written == 1
+    with Image.open(prepared_path(spec, root, replaced)) as image:
+        assert np.asarray(image).std() == 0
     labels.items[0].path.write_bytes(b"junk")
     prepared_path(spec, root, labels.items[0]).unlink()
     broken = prepare_dataset(spec, root, workers=1)

@@ -44,7 +44,9 @@ def default_cache_dir(root: Path) -> Path:
 
 
 def prepared_path(spec: DatasetSpec, root: Path, item: LabelItem, cache_dir: Optional[Path] = None) -> Path:
-    """Where :func:`prepare_dataset` puts ``item``: its path under the root, plus ``.png``.
+    """Where :func:`prepare_dataset` puts ``item``: its path under the root, plus ``.png``, in a
+    folder named for the resize (``bicubic``, ``bilinear-exif``): datasets that resize
+    differently never share a prepared image.
 
     The original suffix stays in the name so ``a.jpg`` and ``a.bmp`` cannot collide.
     """
@@ -56,7 +58,17 @@ def prepared_path(spec: DatasetSpec, root: Path, item: LabelItem, cache_dir: Opt
         )
     except ValueError:
         raise DatasetPathError(f"{item.path} is outside the dataset folder {base}") from None
-    return cache / relative.parent / (relative.name + ".png")
+    method = spec.interpolation + ("-exif" if spec.exif_transpose else "")
+    return cache / method / relative.parent / (relative.name + ".png")
+
+
+def is_current(prepared: Path, source: Path) -> bool:
+    """Whether ``prepared`` is the resized ``source`` as it is now: it carries the source's
+    modification time (set when it was written), so a replaced or edited source is resized again."""
+    try:
+        return prepared.stat().st_mtime_ns == source.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def resize_short_side(image: Any, short_side: int, interpolation: str) -> Any:
@@ -85,6 +97,8 @@ def _prepare_one(src: str, dst: str, interpolation: str, exif_transpose: bool) -
         temporary = f"{dst}.{os.getpid()}.tmp"
         try:
             resized.save(temporary, format="PNG", compress_level=3)
+            source = os.stat(src)
+            os.utime(temporary, ns=(source.st_atime_ns, source.st_mtime_ns))  # what is_current compares
             os.replace(temporary, dst)
         finally:
             if os.path.exists(temporary):
@@ -112,7 +126,7 @@ def prepare_dataset(
     tasks, names = [], []
     for item in labels.items:
         target = prepared_path(spec, root, item, cache)
-        if target.is_file():
+        if is_current(target, item.path):
             report.skipped += 1
             continue
         tasks.append((str(item.path), str(target), spec.interpolation, spec.exif_transpose))
@@ -139,7 +153,7 @@ def load_training_image(
     from PIL import Image
 
     cached = prepared_path(spec, root, item, cache_dir)
-    prepared = cached.is_file()
+    prepared = is_current(cached, item.path)  # a source changed since is read afresh
     source = cached if prepared else item.path
     try:
         if prepared:
