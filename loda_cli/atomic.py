@@ -15,8 +15,8 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterator
-from typing import IO
 from pathlib import Path
+from typing import IO
 
 
 def output_mode(path: Path) -> int:

@@ -34,7 +34,6 @@ from loda_cli.images import REVIEW_MARKER
 from loda_cli.scoresfile import read_scores, scores_bases
 
 GENERATOR = f"loda review {__version__}"
-_MARKER = REVIEW_MARKER
 _BINS = 20
 
 
@@ -148,7 +147,7 @@ def build_review(
     thumbs_dir = os.path.join(page_dir, f"{stem}_files")
     _check_outputs(page, thumbs_dir, force)
     os.makedirs(thumbs_dir, exist_ok=True)
-    marker = os.path.join(thumbs_dir, _MARKER)
+    marker = os.path.join(thumbs_dir, REVIEW_MARKER)
     if not os.path.exists(marker):
         with open(marker, "w", encoding="utf-8") as fh:
             fh.write(f"Thumbnails for {os.path.basename(page)}, written by {GENERATOR}.\n")
@@ -254,7 +253,7 @@ def _check_outputs(page: str, thumbs_dir: str, force: bool) -> None:
     if os.path.lexists(thumbs_dir):
         if os.path.islink(thumbs_dir) or not os.path.isdir(thumbs_dir):
             raise OutputError(f"{_printable(thumbs_dir)} exists and is not a folder loda made")
-        if not os.path.exists(os.path.join(thumbs_dir, _MARKER)) and os.listdir(thumbs_dir):
+        if not os.path.exists(os.path.join(thumbs_dir, REVIEW_MARKER)) and os.listdir(thumbs_dir):
             raise OutputError(
                 f"{_printable(thumbs_dir)} exists and holds files loda did not write; "
                 "choose another --out"

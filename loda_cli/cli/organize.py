@@ -403,14 +403,10 @@ def _scored_groups(roots: list[str], dests: list[str], scores, model, burst_gap=
     from loda_cli import organize
     from loda_cli.organize.groups import unlisted_photos
 
-    # The destinations of earlier cull and sort runs not undone yet (`loda sort --into Sorted`
-    # inside the library): their photos are copies or rejects, left out as `loda score` leaves
-    # them out, unless one of them is named as a path.
-    own = [folder for folder in organize.own_folders(roots)
-           if folder not in dests and not any(organize.is_under(os.path.realpath(r), folder) for r in roots)]
-    if [f for f in own if os.path.isdir(f)]:
-        err_console.print(own_folders_note([f for f in own if os.path.isdir(f)], "acted on"), markup=False,
-                          soft_wrap=True)
+    own = organize.earlier_destinations(roots, dests)
+    present = [folder for folder in own if os.path.isdir(folder)]
+    if present:
+        err_console.print(own_folders_note(present, "acted on"), markup=False, soft_wrap=True)
     excludes = organize.cull_excludes(roots, dests) + own
     source = _load(roots, scores, model, excludes, burst_gap)
     seen: set[str] = set()

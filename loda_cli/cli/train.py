@@ -124,22 +124,20 @@ def _check_values(cfg, vit_depth: Optional[int]) -> None:
     """UsageError for a value no run can use (a negative rate, no epochs), before anything loads."""
     from loda_cli.errors import UsageError
 
-    rules = [
-        ("--epochs", cfg.epochs, cfg.epochs >= 1, "at least 1"),
-        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
-        ("--lr", cfg.lr, cfg.lr > 0, "above 0"),
-        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, "0 or more"),
-        ("--grad-accum", cfg.grad_accum, cfg.grad_accum >= 1, "at least 1"),
-        ("--train-fraction", cfg.train_fraction, 0 < cfg.train_fraction <= 1, "above 0 and at most 1"),
-        ("--vit-depth", vit_depth, vit_depth is None or vit_depth >= 1, "at least 1"),
-    ]
-    for name, value, bound in (("--crops-per-image", cfg.crops_per_image, 1), ("--workers", cfg.workers, 0),
-                               ("--max-steps", cfg.max_steps, 1), ("--group-size", cfg.group_size, 0)):
-        rules.append((name, value, value is None or value >= bound, "at least 1" if bound else "0 or more"))
-    for name, value in (("--warmup", cfg.warmup), ("--aux-weight", cfg.aux_weight), ("--clip-grad", cfg.clip_grad)):
-        ok = value is None or (value >= 0 and (name != "--warmup" or value < 1))
-        rules.append((name, value, ok, "from 0 up to 1 (a fraction of the steps)" if name == "--warmup" else "0 or more"))
-    for name, value, ok, want in rules:
+    at_least = {  # the option -> (its value, the smallest it may be); None: not given
+        "--epochs": (cfg.epochs, 1), "--batch-size": (cfg.batch_size, 1), "--grad-accum": (cfg.grad_accum, 1),
+        "--crops-per-image": (cfg.crops_per_image, 1), "--max-steps": (cfg.max_steps, 1),
+        "--vit-depth": (vit_depth, 1), "--workers": (cfg.workers, 0), "--group-size": (cfg.group_size, 0),
+        "--weight-decay": (cfg.weight_decay, 0), "--aux-weight": (cfg.aux_weight, 0),
+        "--clip-grad": (cfg.clip_grad, 0),
+    }
+    for name, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise UsageError(f"{name} {value}: must be {'at least 1' if low else '0 or more'}")
+    for name, value, ok, want in (("--lr", cfg.lr, cfg.lr > 0, "above 0"),
+                                  ("--train-fraction", cfg.train_fraction, 0 < cfg.train_fraction <= 1,
+                                   "above 0 and at most 1"),
+                                  ("--warmup", cfg.warmup, 0 <= cfg.warmup < 1, "from 0 up to 1 (a fraction of the steps)")):
         if not ok:
             raise UsageError(f"{name} {value}: must be {want}")
 

@@ -229,34 +229,36 @@ _renamer: Optional[Callable[[str, str], int]] = None
 
 
 def _exclusive_renamer() -> Callable[[str, str], int]:
-    """The C library's rename that refuses an existing destination (Linux ``renameat2`` with
-    RENAME_NOREPLACE, macOS ``renamex_np`` with RENAME_EXCL) as f(src, dst) -> errno (0: done);
-    ENOSYS where there is none."""
+    """The C library's rename that refuses an existing destination, as f(src, dst) -> errno
+    (0: done), found once (:func:`_load_exclusive_renamer`)."""
     global _renamer
     if _renamer is None:
-        import ctypes
-        import ctypes.util
-        import sys
-
-        _renamer = lambda src, dst: errno.ENOSYS  # noqa: E731
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-            if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
-                call = libc.renameat2
-                call.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-
-                def _renamer(src: str, dst: str) -> int:
-                    ok = call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), 1) == 0
-                    return 0 if ok else ctypes.get_errno()
-            elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
-                call = libc.renamex_np
-                call.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint)
-
-                def _renamer(src: str, dst: str) -> int:
-                    return 0 if call(os.fsencode(src), os.fsencode(dst), 0x4) == 0 else ctypes.get_errno()
-        except (OSError, AttributeError):
-            pass
+        _renamer = _load_exclusive_renamer()
     return _renamer
+
+
+def _load_exclusive_renamer() -> Callable[[str, str], int]:
+    """Linux ``renameat2`` with RENAME_NOREPLACE, macOS ``renamex_np`` with RENAME_EXCL; one
+    that answers ENOSYS where there is neither."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+            call = libc.renameat2
+            call.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+            args = lambda src, dst: (_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), 1)  # noqa: E731
+        elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+            call = libc.renamex_np
+            call.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint)
+            args = lambda src, dst: (os.fsencode(src), os.fsencode(dst), 0x4)  # noqa: E731
+        else:
+            return lambda src, dst: errno.ENOSYS
+    except (OSError, AttributeError):
+        return lambda src, dst: errno.ENOSYS
+    return lambda src, dst: 0 if call(*args(src, dst)) == 0 else ctypes.get_errno()
 
 
 def rename_new(src: str, dst: str) -> None:

@@ -150,6 +150,10 @@ def list_folder(folder: str) -> dict[str, str]:
     return kinds
 
 
+#: The reason given for a photo under the roots that the scores file has no row for.
+NOT_IN_SCORES = "not in the scores file"
+
+
 def unlisted_photos(roots: Sequence[str], listed: set[str], exclude: Sequence[str] = ()) -> list[Skip]:
     """The photos under ``roots`` that a scores file does not list (it was made before they were
     added, or for another folder): each a Skip, so the plan says how many it left alone."""
@@ -167,10 +171,6 @@ def unlisted_photos(roots: Sequence[str], listed: set[str], exclude: Sequence[st
         if not any(is_under_resolved(full, excluded) for excluded in exclude):
             missing.append(Skip(str(found.path), NOT_IN_SCORES))
     return missing
-
-
-#: The reason given for a photo under the roots that the scores file has no row for.
-NOT_IN_SCORES = "not in the scores file"
 
 
 def collect_groups(
@@ -217,6 +217,7 @@ def collect_groups(
         folder, name = os.path.split(full)
         by_stem.setdefault((folder, os.path.splitext(name)[0]), []).append(name)
 
+    real_roots = {os.path.realpath(r) for r in roots}  # a named previews folder is acted on
     listings: dict[str, dict[str, str]] = {}
     stem_index: dict[str, dict[str, list[str]]] = {}
     groups: list[Group] = []
@@ -231,7 +232,7 @@ def collect_groups(
                 skips.extend(Skip(os.path.join(folder, n), reason) for n in names)
                 continue
         listing = listings[folder]
-        if REVIEW_MARKER in listing and os.path.realpath(folder) not in {os.path.realpath(r) for r in roots}:
+        if REVIEW_MARKER in listing and os.path.realpath(folder) not in real_roots:
             skips.extend(Skip(os.path.join(folder, n), "a preview `loda review` made") for n in names)
             continue
         claimed: set[str] = set()

@@ -340,6 +340,15 @@ def _transfer_actions(
             plan.actions.append(Action(kind, source, target, size, index, group.score, is_decision))
 
 
+def earlier_destinations(roots: Sequence[str], dests: Sequence[str]) -> list[str]:
+    """The destinations of earlier cull and sort runs not undone yet under ``roots`` (`loda sort
+    --into Sorted` inside the library), other than this run's ``dests`` and than folders holding a
+    root: their photos are copies or rejects, left out as `loda score` leaves them out."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    return [folder for folder in own_folders(roots)
+            if folder not in dests and not any(is_under(r, folder) for r in real_roots)]
+
+
 def cull_excludes(roots: Sequence[str], dests: Sequence[str]) -> list[str]:
     """Folders whose files are never considered: every root's _culled and the destinations."""
     return [*(culled_folder(r) for r in roots), *dests]
