@@ -194,8 +194,9 @@ def iter_image_files(
 
     Order is deterministic: the paths in the order given; inside a folder, its files sorted by
     name, then its subfolders sorted by name, depth first. Folders reached through a symlink are
-    walked after the real tree below that argument, so a file reachable both ways is reported once,
-    under its real path. ``include``/``exclude`` are fnmatch globs tried against the path relative
+    walked after the real tree below that argument, and symlinked files found in folders after every
+    argument, so a file reachable both ways is reported once, under its real path (hard links, two
+    real names, stay two files). ``include``/``exclude`` are fnmatch globs tried against the path relative
     to the root and against the basename (case-insensitive); a folder matching ``exclude`` is not
     entered. Hidden names and junk folders (``@eaDir`` ...) are skipped silently, and so are
     non-image files inside folders. Missing arguments, broken links, symlink loops and unreadable
@@ -216,6 +217,7 @@ def iter_image_files(
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every folder walked so far
+    files = _SeenFiles()
     for argument in paths:
         path = Path(argument)
         try:
@@ -225,13 +227,54 @@ def iter_image_files(
             report(path, "broken symlink" if broken else _reason(error))
             continue
         if stat.S_ISDIR(info.st_mode):
-            yield from _walk(path, info, recursive, wanted, excluded, report, visited)
+            yield from _walk(path, info, recursive, wanted, excluded, report, visited, files)
         elif not stat.S_ISREG(info.st_mode):
             report(path, "not a regular file")
         elif not is_image_path(path):
             report(path, "not an image file")
         elif wanted(path.name, path.name):
+            files.add_real(path)
             yield FoundFile(path, path.parent)
+    yield from files.take_links(report)
+
+
+class _SeenFiles:
+    """The real files yielded so far, and the symlinked image files put off until every argument's
+    real tree is walked, so that a file also reached under a real path is yielded once, under that
+    path. Real files are only listed while walking; they are stat-ed (once each) only when there
+    are symlinked files to compare with them, so a tree without file links costs nothing more.
+    (A directory entry's inode is not used: on overlay and FUSE file systems it can differ from
+    the file's st_ino.)"""
+
+    def __init__(self) -> None:
+        self._real: list[str] = []  # str, not Path: a 50,000-file walk keeps them all
+        self.links: list[FoundFile] = []
+
+    def add_real(self, path: Path) -> None:
+        self._real.append(os.fspath(path))
+
+    def take_links(self, report: Callable[[Path, str], None]) -> Iterator[FoundFile]:
+        if not self.links:
+            return
+        seen: set[tuple[int, int]] = set()
+        for path in self._real:
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+        for found in self.links:
+            try:
+                info = os.stat(found.path)
+            except OSError as error:
+                report(found.path, _reason(error))
+                continue
+            file_id = (info.st_dev, info.st_ino)
+            if file_id in seen:
+                report(found.path, "a link to a file already scanned")
+                continue
+            seen.add(file_id)
+            yield found
 
 
 @dataclass
@@ -249,6 +292,7 @@ def _walk(
     excluded: _Globs,
     report: Callable[[Path, str], None],
     visited: set[tuple[int, int]],
+    files: _SeenFiles,
 ) -> Iterator[FoundFile]:
     root_id = (root_info.st_dev, root_info.st_ino)
     if root_id in visited:
@@ -315,8 +359,13 @@ def _walk(
 
             if is_file:
                 if is_image_path(name):
-                    if wanted(relative, name):
-                        yield FoundFile(entry_path, root)
+                    if not wanted(relative, name):
+                        continue
+                    if is_link:
+                        files.links.append(FoundFile(entry_path, root))
+                        continue
+                    files.add_real(entry_path)
+                    yield FoundFile(entry_path, root)
                 elif unread_image_extension(name) and wanted(relative, name):
                     report(entry_path, f"{UNKNOWN_EXTENSION_REASON} {unread_image_extension(name)}")
             elif is_dir and recursive and not excluded.matches(relative, name):

@@ -429,11 +429,20 @@ def test_tables_6_and_7_with_the_distortion_breakdown(world, table1):
     assert "1 random 224 crop per test image (seed 3407)" in paths["markdown"].read_text()
 
 
-def test_checkpoint_trained_differently_is_refused(world, table1):
+def test_checkpoint_trained_differently_is_refused(world, table1, tmp_path):
     settings = _settings(world, train=False, epochs=3)
     plan = bm.plan_dataset("live", [0], settings)
     with pytest.raises(CheckpointError, match="epochs 1 \\(expected 3\\)"):
         bm.execute(plan)
+    # The dry run says so too, instead of listing the run as one to evaluate.
+    rows, totals = bm.dry_run(plan)
+    assert [row.status for row in rows] == ["refused"] and totals["by_status"] == {"refused": 1}
+    assert "epochs 1 (expected 3)" in rows[0].reason and rows[0].seconds == 0
+    broken = tmp_path / "ck"
+    broken.mkdir()
+    (broken / plan.runs[0].checkpoint.name).write_bytes(b"not a checkpoint")
+    rows, _ = bm.dry_run(bm.plan_dataset("live", [0], _settings(world, train=False, checkpoints=broken)))
+    assert rows[0].status == "refused" and rows[0].reason
 
 
 def test_missing_checkpoints_without_train(world, tmp_path):

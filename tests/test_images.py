@@ -245,10 +245,30 @@ def test_linked_folder_outside_keeps_the_unresolved_path(tmp_path):
     root.mkdir()
     os.symlink(outside, root / "linked")
     os.symlink(outside / "x.jpg", root / "file_link.jpg")
+    (tmp_path / "y.jpg").write_bytes(b"y")
+    os.symlink(tmp_path / "y.jpg", root / "other_link.jpg")  # nowhere else in the tree
     found, skips = collect(root)
-    assert [f.path for f in found] == [root / "file_link.jpg", root / "linked" / "x.jpg"]
+    # The link to x.jpg is the same file as linked/x.jpg: scored once, under the folder's path.
+    assert [f.path for f in found] == [root / "linked" / "x.jpg", root / "other_link.jpg"]
     assert all(f.root == root for f in found)
-    assert skips == []
+    assert [(s.path.name, s.reason) for s in skips] == [("file_link.jpg", "a link to a file already scanned")]
+
+
+@needs_symlinks
+def test_a_linked_file_is_scored_once_under_its_real_path(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.jpg").write_bytes(b"x")
+    os.symlink("../b/x.jpg", tmp_path / "a" / "0_link.jpg")  # walked before the real file
+    os.symlink("x.jpg", tmp_path / "b" / "again.jpg")
+    os.link(tmp_path / "b" / "x.jpg", tmp_path / "b" / "hard.jpg")  # a second real name stays
+    for arguments in (tmp_path, [tmp_path / "a", tmp_path / "b"]):
+        found, skips = collect(arguments)
+        assert relative_paths(found, tmp_path) == ["b/hard.jpg", "b/x.jpg"], arguments
+        assert sorted((s.path.name, s.reason) for s in skips) == [
+            ("0_link.jpg", "a link to a file already scanned"), ("again.jpg", "a link to a file already scanned")]
+    found, skips = collect([tmp_path / "b" / "x.jpg", tmp_path / "a"])  # a file given directly
+    assert [f.path for f in found] == [tmp_path / "b" / "x.jpg"]
 
 
 @needs_symlinks

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 from loda_cli.benchmark.paper import LODA, NOMINAL_SIZES, PAPER, TABLES, TableSpec, Variant, column_title
 from loda_cli.config import DEFAULT_CNN, LoDaConfig, TrainConfig
-from loda_cli.errors import DatasetError, UsageError
+from loda_cli.errors import DatasetError, LodaError, UsageError
 
 
 # --- splits --------------------------------------------------------------------------------------
@@ -366,13 +366,27 @@ METHOD_COST = {
 
 
 def run_status(run: Run, settings: BenchmarkSettings) -> str:
-    """"done" (a result exists), "evaluate" (a checkpoint exists), "train" (will be trained) or
+    """"done" (a result exists), "evaluate" (a checkpoint exists), "refused" (a checkpoint exists
+    that the run would refuse: see :func:`checkpoint_refusal`), "train" (will be trained) or
     "missing" (no checkpoint and training not asked for)."""
     if reusable_result(run, settings) is not None:
         return "done"
     if run.checkpoint.is_file():
-        return "evaluate"
+        return "refused" if checkpoint_refusal(run, settings) else "evaluate"
     return "train" if settings.train else "missing"
+
+
+def checkpoint_refusal(run: Run, settings: BenchmarkSettings) -> Optional[str]:
+    """Why the run would refuse its existing checkpoint (unreadable, or trained on another dataset,
+    split, seed or architecture), in the words the run itself stops with; None when it is usable."""
+    from loda_cli.weights import read_metadata
+
+    try:
+        meta = read_metadata(run.checkpoint)
+    except (LodaError, OSError) as error:
+        return str(error)
+    wrong = identity_mismatch(run, settings, meta)
+    return f"{run.checkpoint} was trained with {wrong}" if wrong else None
 
 
 def dataset_sizes(names: Sequence[str], settings: BenchmarkSettings) -> dict[str, tuple[int, bool]]:
@@ -398,7 +412,7 @@ def estimate_seconds(run: Run, settings: BenchmarkSettings, sizes: dict[str, tup
     from loda_cli.datasets import resolve_dataset
 
     status = status or run_status(run, settings)
-    if status == "done":
+    if status in ("done", "refused"):
         return 0.0
     n = sizes[run.dataset][0]
     n_test_own = n - round(0.8 * n)
@@ -425,6 +439,7 @@ class DryRunRow:
     run: Run
     status: str
     seconds: float
+    reason: str = ""  # why a "refused" run would stop
 
 
 def dry_run(plan: Plan) -> tuple[list[DryRunRow], dict[str, Any]]:
@@ -447,7 +462,8 @@ def dry_run(plan: Plan) -> tuple[list[DryRunRow], dict[str, Any]]:
         if_trained += seconds
         # A missing run shows what it would take with --train.
         rows.append(DryRunRow(run, status, seconds if status == "missing" else
-                              estimate_seconds(run, plan.settings, sizes, status)))
+                              estimate_seconds(run, plan.settings, sizes, status),
+                              (checkpoint_refusal(run, plan.settings) or "") if status == "refused" else ""))
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1

@@ -23,9 +23,9 @@ from loda_cli.benchmark.plan import (
     BenchmarkSettings,
     Plan,
     Run,
+    checkpoint_refusal,
     dataset_folder,
     file_fingerprint,
-    identity_mismatch,
     reusable_result,
     run_identity,
     train_config,
@@ -205,7 +205,7 @@ class _Skip(Exception):
 def _do_run(run: Run, settings: BenchmarkSettings, context: _Context, device: str, precision: str,
             emit: Callable[[BenchmarkEvent], None]) -> dict[str, Any]:
     from loda_cli.datasets import make_splits
-    from loda_cli.weights import file_sha256, read_metadata
+    from loda_cli.weights import file_sha256
 
     if not run.checkpoint.is_file():
         if not settings.train:
@@ -214,12 +214,9 @@ def _do_run(run: Run, settings: BenchmarkSettings, context: _Context, device: st
 
         cfg = train_config(run, settings)
         train(cfg, on_event=lambda event: emit(BenchmarkEvent("train", run, {"event": event})))
-    meta = read_metadata(run.checkpoint)
-    wrong = identity_mismatch(run, settings, meta)
-    if wrong:
-        raise CheckpointError(
-            f"{run.checkpoint} was trained with {wrong}; move it away or point --checkpoints elsewhere"
-        )
+    refusal = checkpoint_refusal(run, settings)
+    if refusal:
+        raise CheckpointError(f"{refusal}; move it away or point --checkpoints elsewhere")
     t0 = time.perf_counter()
     spec, _, labels, source = context.dataset(run.test_dataset)
     if run.test_on:

@@ -115,7 +115,8 @@ def _print_dry_run(plan, as_json: bool) -> None:
     rows, totals = bm.dry_run(plan)
     if as_json:
         payload = {"name": plan.name, "title": plan.title, "splits": plan.splits, "totals": totals,
-                   "runs": [{**row.run.describe(), "status": row.status, "seconds": round(row.seconds, 1)}
+                   "runs": [{**row.run.describe(), "status": row.status, "seconds": round(row.seconds, 1),
+                             **({"reason": row.reason} if row.reason else {})}
                             for row in rows]}
         sys.stdout.write(json.dumps(payload, indent=1) + "\n")
         return
@@ -124,6 +125,9 @@ def _print_dry_run(plan, as_json: bool) -> None:
            f"{'run':<{width}}  {'status':<8}  {'estimate':>8}  checkpoint"]
     for row in rows:
         out.append(f"{row.run.id:<{width}}  {row.status:<8}  {_duration(row.seconds):>8}  {row.run.checkpoint}")
+    refused = [row for row in rows if row.status == "refused"]
+    for row in refused:
+        out.append(f"refused: {row.run.id}: {row.reason}")
     counts = ", ".join(f"{n} {status}" for status, n in sorted(totals["by_status"].items()))
     out.append(f"total: {counts}; about {_duration(totals['seconds'])} to run now"
                + (f", {_duration(totals['seconds_if_trained'])} with --train"
