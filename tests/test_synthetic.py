@@ -512,8 +512,13 @@ def test_synthetic_dataset_generates_from_a_reference_folder_once(tmp_path):
     folder = tmp_path / "refs"
     _tiny_reference_folder(folder)
     spec = datasets.resolve_dataset("synthetic")
+    # What is about to be generated is said before, with the count it turns out to be.
+    pending = synthetic.pending_generation(folder)
+    assert "2 reference photos" in pending and f"about {2 * (1 + 5 * len(DISTORTIONS))} images" in pending
     labels = datasets.read_labels(spec, folder)
     assert len(labels) == 2 * (1 + 5 * len(DISTORTIONS))
+    assert synthetic.pending_generation(folder) is None
+    assert synthetic.pending_generation(folder / synthetic.GENERATED_DIR) is None  # a written set
     assert {item.ref for item in labels.items} == {"ref0", "ref1"}
     generated = folder / synthetic.GENERATED_DIR / "labels.csv"
     stamp = generated.stat().st_mtime_ns
@@ -523,8 +528,26 @@ def test_synthetic_dataset_generates_from_a_reference_folder_once(tmp_path):
     assert generated.stat().st_mtime_ns == stamp
     # A changed reference regenerates the set.
     Image.fromarray(texture(24, 32, np.random.default_rng(9))).save(folder / "ref1.png")
+    assert synthetic.pending_generation(folder) is not None
     datasets.read_labels(spec, folder)
     assert generated.stat().st_mtime_ns != stamp
+
+
+def test_loda_data_says_before_it_generates_the_synthetic_set(tmp_path):
+    from typer.testing import CliRunner
+
+    from loda_cli.cli.main import app
+
+    folder = tmp_path / "refs"
+    _tiny_reference_folder(folder)
+    result = CliRunner().invoke(app, ["data", "check", "synthetic", "--data", str(folder), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "generating the synthetic set once from 2 reference photos" in result.output
+    again = CliRunner().invoke(app, ["data", "check", "synthetic", "--data", str(folder), "--workers", "1"])
+    assert again.exit_code == 0 and "generating" not in again.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "the built-in references (about 3.3 GB" in synthetic.pending_generation(empty)
 
 
 def test_synthetic_dataset_from_an_empty_folder_uses_built_in_references(tmp_path, monkeypatch):

@@ -130,6 +130,18 @@ def notice(message: str, quiet: bool = False) -> None:
         err_console.print(message, soft_wrap=True)
 
 
+def announce_generation(spec, root) -> None:
+    """Before a command reads the ``synthetic`` dataset: say what it is about to generate (GBs of
+    images, minutes), if anything."""
+    if root is None or spec.name != "synthetic":
+        return
+    from loda_cli.synthetic import pending_generation
+
+    message = pending_generation(root)
+    if message:
+        err_console.print(message + " ...", markup=False, soft_wrap=True)
+
+
 def print_precision_choice(choice) -> None:
     """The measured precision table, when ``--precision auto`` measured (now or earlier)."""
     if choice.measured:

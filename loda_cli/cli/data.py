@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from loda_cli import datasets
-from loda_cli.cli.common import err_console, fail, handle_errors, out_console
+from loda_cli.cli.common import announce_generation, err_console, fail, handle_errors, out_console
 
 data_app = typer.Typer(
     help="Inspect, check, prepare (resize once to 384) and split the IQA datasets.",
@@ -74,7 +74,9 @@ def check(
 ) -> None:
     """Check the label file and that every listed image exists and decodes."""
     spec = _spec(dataset, path_column, mos_column, lower_better)
-    _check(spec, datasets.dataset_root(spec, data), workers)
+    root = datasets.dataset_root(spec, data)
+    announce_generation(spec, root)
+    _check(spec, root, workers)
 
 
 def _check(spec: datasets.DatasetSpec, root: Path, workers: Optional[int]) -> None:
@@ -213,6 +215,7 @@ def prepare(
     """Resize every image once so its shorter side is 384 (the paper's preparation); resumable."""
     spec = _spec(dataset, path_column, mos_column, lower_better)
     root = datasets.dataset_root(spec, data)
+    announce_generation(spec, root)
     with _progress() as progress:
         task = progress.add_task(f"preparing {spec.name}", total=None)
         report = datasets.prepare_dataset(
@@ -246,6 +249,7 @@ def splits(
     """Show the paper's train/test splits. Reads the label files only, never the images."""
     spec = _spec(dataset, path_column, mos_column, lower_better)
     root = datasets.dataset_root(spec, data)
+    announce_generation(spec, root)
     labels = datasets.read_labels(spec, root)
     result = datasets.make_splits(labels, spec, seed=seed, n_splits=n_splits, train_fraction=train_fraction)
     if as_json:

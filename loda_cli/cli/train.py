@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from loda_cli.cli.common import err_console, handle_errors
+from loda_cli.cli.common import announce_generation, err_console, handle_errors
 
 # The built-in model has its own recipe (loda_cli.builtin): LIVE Challenge human opinions over an
 # ImageNet CNN, with a detail view. `--preset builtin` runs it; README, "Built-in model".
@@ -179,6 +179,7 @@ def _prepare(cfg, download: bool, quiet: bool) -> None:
         if not dl.downloadable(spec.name) or not (download or _stdin_is_terminal()):
             raise
         root, missing_error = None, exc
+    announce_generation(spec, root)
     count = (lambda: len(datasets.read_labels(spec, root))) if root is not None else (lambda: spec.expected_count or 0)
     for line in _estimate_lines(cfg, spec, count):
         if not quiet or line.startswith("warning"):

@@ -399,6 +399,50 @@ def _fingerprint(files: Sequence[Path], root: Path) -> list[list[object]]:
     ]
 
 
+def _generated_set(root: Path, seed: int) -> tuple[list[Path], dict[str, object], Path]:
+    """The reference files of ``root``, what the generated set must have been made from, and
+    where its ``labels.csv`` goes."""
+    if not root.is_dir():
+        raise DatasetError(f"synthetic dataset folder not found: {root}")
+    files = reference_files(root)
+    source = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "sources": _fingerprint(files, root) if files else "built-in",
+        "options": {} if files else BUILTIN_GENERATION,
+    }
+    return files, source, root / GENERATED_DIR / "labels.csv"
+
+
+def _is_current(labels_path: Path, source: dict[str, object]) -> bool:
+    manifest_path = labels_path.parent / "synthetic.json"
+    if not (labels_path.is_file() and manifest_path.is_file()):
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("source") == source
+
+
+def pending_generation(root: str | os.PathLike, seed: int = datasets.DEFAULT_SEED) -> str | None:
+    """What reading the ``synthetic`` dataset at ``root`` is about to generate, in one line for
+    the user, or None when the set is already there (or ``root`` is a ``labels.csv`` or a folder
+    holding one). Generating the built-in set writes about 3.3 GB of PNGs and takes about 8
+    minutes on a 2-core CPU, so a command that would do it says so first."""
+    root = Path(root)
+    if root.is_file() or (root / "labels.csv").is_file():
+        return None
+    files, source, labels_path = _generated_set(root, seed)
+    if _is_current(labels_path, source):
+        return None
+    what = (f"{len(files)} reference photos (every distortion type at 5 levels: about "
+            f"{len(files) * (len(DISTORTIONS) * 5 + 1):,} images)" if files else
+            "the built-in references (about 3.3 GB of PNGs, about 8 minutes on a 2-core CPU)")
+    return (f"generating the synthetic set once from {what} into {labels_path.parent}; later runs reuse it "
+            f"while the references stay the same")
+
+
 def ensure_generated(root: str | os.PathLike, seed: int = datasets.DEFAULT_SEED) -> Path:
     """The ``labels.csv`` of the synthetic set generated from the references in ``root``.
 
@@ -409,25 +453,10 @@ def ensure_generated(root: str | os.PathLike, seed: int = datasets.DEFAULT_SEED)
     reference files (names, sizes, mtimes), the seed and :data:`GENERATOR_VERSION` are the same.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"synthetic dataset folder not found: {root}")
-    files = reference_files(root)
-    out_dir = root / GENERATED_DIR
-    source = {
-        "generator_version": GENERATOR_VERSION,
-        "seed": seed,
-        "sources": _fingerprint(files, root) if files else "built-in",
-        "options": {} if files else BUILTIN_GENERATION,
-    }
-    labels_path = out_dir / "labels.csv"
-    manifest_path = out_dir / "synthetic.json"
-    if labels_path.is_file() and manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            manifest = {}
-        if manifest.get("source") == source:
-            return labels_path
+    files, source, labels_path = _generated_set(root, seed)
+    if _is_current(labels_path, source):
+        return labels_path
+    out_dir = labels_path.parent
     short_side = datasets.SHORT_SIDE
     if files:
         references = load_reference_folder(root, short_side=short_side)
