@@ -562,10 +562,15 @@ def import_checkpoint(
     if dest.exists() and not overwrite:
         raise UsageError(f"a checkpoint named {name!r} already exists; choose another --name")
 
+    preprocess = Preprocess()
     if dataset:
         from loda_cli.datasets import resolve_dataset
 
-        dataset = resolve_dataset(dataset).name  # an unknown name is an error, not ignored
+        spec = resolve_dataset(dataset)  # an unknown name is an error, not ignored
+        dataset = spec.name
+        # Scored as it was trained: the dataset's own resize (KonIQ-10k's is bilinear), as
+        # loda train records it.
+        preprocess = Preprocess(interpolation=spec.interpolation)
     if _is_safetensors(source):
         meta = read_metadata(source)
         recorded = (meta.get("dataset") or {}).get("name")
@@ -596,7 +601,7 @@ def import_checkpoint(
         dest,
         name=name,
         calibration=calibration,
-        preprocess=Preprocess(),
+        preprocess=preprocess,
         dataset=dataset_meta,
         description=f"imported from the authors' release format ({source.name})",
         extra={"imported_from": source.name, "source_sha256": file_sha256(source)},

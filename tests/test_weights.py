@@ -275,6 +275,10 @@ def test_import_authors_format_pt(tmp_path, tiny_model, tiny_config):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(loaded(x), tiny_model(x))
+    assert meta["preprocess"]["interpolation"] == "bicubic"
+    # Scored with the dataset's own resize, as loda train records it: KonIQ-10k's is bilinear.
+    koniq = import_checkpoint(pt, "from-authors-koniq", config=tiny_config, dataset="koniq")
+    assert load_checkpoint(koniq)[1]["preprocess"]["interpolation"] == "bilinear"
 
 
 class _Exploit:
