@@ -460,7 +460,7 @@ def _train_epoch(run: _Run, epoch: int, emit: Callable[[TrainEvent], None]) -> _
         if dist.main:
             elapsed = time.perf_counter() - t_epoch
             emit(TrainEvent("step", {"epoch": epoch, "step": run.step, "loss": loss_sum, "lr": lr,
-                                     "images_per_s": stats.seen * dist.world / max(elapsed, 1e-9),
+                                     "crops_per_s": stats.seen * dist.world / max(elapsed, 1e-9),
                                      "epoch_step": (i + 1) // cfg.grad_accum,
                                      "steps_per_epoch": run.steps_per_epoch}))
         loss_sum = 0.0
@@ -524,7 +524,7 @@ def _end_epoch(run: _Run, epoch: int, stats: _EpochStats, emit: Callable[[TrainE
     """Record the epoch in the history and the log, save a resume point, emit "epoch"."""
     cfg, dist = run.cfg, run.dist
     record = {"epoch": epoch + 1, "step": run.step, "epoch_seconds": round(stats.seconds, 2),
-              "train_images_per_s": round(stats.seen * dist.world / max(stats.seconds, 1e-9), 2),
+              "train_crops_per_s": round(stats.seen * dist.world / max(stats.seconds, 1e-9), 2),
               "train_loss": round(stats.loss / max(stats.steps, 1), 5), "metrics": run.metrics}
     if cfg.clip_grad > 0:
         record["clipped_steps"] = stats.clipped

@@ -485,7 +485,7 @@ def test_the_time_estimates(tmp_path):
     result = runner.invoke(app, ["train", "kadid", "--data", str(root), "--max-steps", "12", "--batch-size", "4",
                                  "--out", str(tmp_path / "m.safetensors"), *TINY_TRAIN])
     assert result.exit_code == 0, result.output
-    assert "measured over 10 steps:" in result.output and "the remaining 1 steps and 1 evaluations need" in result.output
+    assert "measured over 10 steps:" in result.output and "the remaining 1 step and 1 evaluation need" in result.output
 
 
 def test_backbone_weights_come_through_the_hub_cache_with_progress(server, monkeypatch, tmp_path):

@@ -380,3 +380,19 @@ def test_three_samples_fall_back_to_a_line_instead_of_crashing():
         result = evaluate([0.1, 0.2, 0.4], [1.0, 2.0, 3.5])
     assert result["fit_method"] == "linear" and result["n"] == 3
     assert any(issubclass(w.category, MetricWarning) for w in caught)
+
+
+def test_the_cli_shows_a_metric_warning_as_one_line(capsys):
+    """In a `loda` command, a metric's fallback is a 'warning:' line, not Python's file:line report;
+    other warnings stay as Python shows them."""
+    from loda_cli.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = main._show_warning
+        metrics.krcc([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])
+        warnings.warn("something else", DeprecationWarning)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[0] == "warning: KRCC is undefined for a constant input; returning 0.0"
+    assert "metrics.py" not in lines[0] and "warning: something else" not in err  # Python's, as before

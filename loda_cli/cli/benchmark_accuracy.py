@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from loda_cli.cli.common import err_console
+from loda_cli.cli.common import err_console, plural
 
 
 def run_accuracy(
@@ -121,7 +121,7 @@ def _print_dry_run(plan, as_json: bool) -> None:
         sys.stdout.write(json.dumps(payload, indent=1) + "\n")
         return
     width = max(len(row.run.id) for row in rows)
-    out = [f"{plan.title}: {len(rows)} runs (splits {bm.format_splits(plan.splits)})",
+    out = [f"{plan.title}: {plural(len(rows), 'run')} (splits {bm.format_splits(plan.splits)})",
            f"{'run':<{width}}  {'status':<8}  {'estimate':>8}  checkpoint"]
     for row in rows:
         out.append(f"{row.run.id:<{width}}  {row.status:<8}  {_duration(row.seconds):>8}  {row.run.checkpoint}")

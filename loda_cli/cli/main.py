@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -13,6 +14,8 @@ from loda_cli import __version__
 # anything else running: on a loaded 2-core machine training ran 4.5 crops/s spinning and 21-25
 # crops/s passive, with identical results. Set before torch is imported; the user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_PYTHON_SHOWWARNING = warnings.showwarning
 
 app = typer.Typer(
     name="loda",
@@ -31,6 +34,19 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """loda's own warnings (a metric that had to fall back, say) as one 'warning:' line, not
+    Python's file:line report; every other warning as Python shows it."""
+    from loda_cli.metrics import MetricWarning
+
+    if issubclass(category, MetricWarning):
+        from loda_cli.cli.common import err_console
+
+        err_console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -39,6 +55,7 @@ def _root(
     ] = None,
 ) -> None:
     """loda: photo quality scores with the LoDa model."""
+    warnings.showwarning = _show_warning
 
 
 def _register() -> None:

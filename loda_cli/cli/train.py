@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from loda_cli.cli.common import announce_generation, err_console, handle_errors
+from loda_cli.cli.common import announce_generation, err_console, handle_errors, plural
 
 # The built-in model has its own recipe (loda_cli.builtin): LIVE Challenge human opinions over an
 # ImageNet CNN, with a detail view. `--preset builtin` runs it; README, "Built-in model".
@@ -325,12 +325,14 @@ class _Reporter:
         per_step = (time.perf_counter() - began) / (step - first)
         d, cfg = self.start, self.cfg
         last = min(d["total_steps"], cfg.max_steps) if cfg.max_steps else d["total_steps"]
-        evals = -(-last // d["steps_per_epoch"]) - step // d["steps_per_epoch"]
+        # An epoch's evaluation follows its last step, so at an epoch's last step it is still to come.
+        evals = -(-last // d["steps_per_epoch"]) - (step - 1) // d["steps_per_epoch"]
         seconds = train_estimate.remaining_seconds(
             per_step, cfg.batch_size, last - step, evals, d["test_images"], cfg.test_crops,
             min(d["train_images"], cfg.calibration_images) * cfg.num_crops)
         line = (f"measured over {step - first} steps: {cfg.batch_size / per_step:.1f} crops/s; the remaining "
-                f"{last - step:,} steps and {evals} evaluations need {train_estimate.duration(seconds)}")
+                f"{last - step:,} {'step' if last - step == 1 else 'steps'} and {plural(evals, 'evaluation')} need "
+                f"{train_estimate.duration(seconds)}")
         (self.progress.console if self.progress is not None else err_console).print(line, markup=False)
 
     def __call__(self, event) -> None:
@@ -356,16 +358,16 @@ class _Reporter:
             if self.progress is None:
                 self.progress = Progress(
                     TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[ips]:.1f} img/s"),
+                    TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[ips]:.1f} crops/s"),
                     TimeRemainingColumn(), console=err_console, transient=True,
                     disable=not err_console.is_terminal,  # a log gets the epoch lines alone
                 )
                 self.progress.start()
             if self.task is None:
                 self.task = self.progress.add_task("train", total=d["steps_per_epoch"], epoch=d["epoch"] + 1,
-                                                   loss=d["loss"], lr=d["lr"], ips=d["images_per_s"])
+                                                   loss=d["loss"], lr=d["lr"], ips=d["crops_per_s"])
             self.progress.update(self.task, completed=d["epoch_step"], epoch=d["epoch"] + 1, loss=d["loss"],
-                                 lr=d["lr"], ips=d["images_per_s"])
+                                 lr=d["lr"], ips=d["crops_per_s"])
             self._measured(d["step"])
         elif event.kind == "epoch":
             if self.progress is not None and self.task is not None:
@@ -377,7 +379,7 @@ class _Reporter:
                 f"epoch {d['epoch']}: {', '.join(parts) or 'no metrics'} "
                 f"(loss {d.get('train_loss', float('nan')):.4f}"
                 + (f", {d['clipped_steps']} steps clipped" if "clipped_steps" in d else "")
-                + f", {d['epoch_seconds']:.0f} s, {d['train_images_per_s']:.1f} crops/s)",
+                + f", {d['epoch_seconds']:.0f} s, {d['train_crops_per_s']:.1f} crops/s)",
                 markup=False,
             )
         elif event.kind == "done":
