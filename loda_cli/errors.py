@@ -59,6 +59,11 @@ class MetricError(LodaError):
     """Metric inputs are unusable: mismatched lengths, NaNs, too few samples."""
 
 
+class MetricWarning(UserWarning):
+    """A metric was computed, but on a fallback: a constant input or a failed logistic fit.
+    (Defined here, beside the errors, so the CLI can recognise it without importing scipy.)"""
+
+
 class UnsafePathError(LodaError):
     """A path read from a CSV, journal or argument escapes the roots it belongs to."""
 

@@ -194,9 +194,9 @@ def iter_image_files(
 
     Order is deterministic: the paths in the order given; inside a folder, its files sorted by
     name, then its subfolders sorted by name, depth first. Folders reached through a symlink are
-    walked after the real tree below that argument, and symlinked files found in folders after every
-    argument, so a file reachable both ways is reported once, under its real path (hard links, two
-    real names, stay two files). ``include``/``exclude`` are fnmatch globs tried against the path relative
+    walked after the real trees of every argument, and symlinked files (found in folders or given)
+    last, so a file reachable both ways is reported once, under its real path (hard links, two real
+    names, stay two files). ``include``/``exclude`` are fnmatch globs tried against the path relative
     to the root and against the basename (case-insensitive); a folder matching ``exclude`` is not
     entered. Hidden names and junk folders (``@eaDir`` ...) are skipped silently, and so are
     non-image files inside folders. Missing arguments, broken links, symlink loops and unreadable
@@ -216,8 +216,7 @@ def iter_image_files(
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every folder walked so far
-    files = _SeenFiles()
+    state = _WalkState()
     for argument in paths:
         path = Path(argument)
         try:
@@ -227,28 +226,68 @@ def iter_image_files(
             report(path, "broken symlink" if broken else _reason(error))
             continue
         if stat.S_ISDIR(info.st_mode):
-            yield from _walk(path, info, recursive, wanted, excluded, report, visited, files)
+            root_id = (info.st_dev, info.st_ino)
+            if root_id in state.visited:
+                report(path, "already scanned")
+                continue
+            state.visited.add(root_id)
+            yield from _walk(_PendingFolder(path, path, "", ()), (root_id,), recursive, wanted, excluded, report, state)
         elif not stat.S_ISREG(info.st_mode):
             report(path, "not a regular file")
         elif not is_image_path(path):
             report(path, "not an image file")
         elif wanted(path.name, path.name):
-            files.add_real(path)
-            yield FoundFile(path, path.parent)
-    yield from files.take_links(report)
+            found = FoundFile(path, path.parent)
+            if os.path.islink(path):
+                state.links.append(found)
+            else:
+                state.add_real(path)
+                yield found
+    # Then the folders reached through a link (and the links found in them, in turn), and last the
+    # linked files, each only where its target was not walked under a real path.
+    while state.linked:
+        folder = state.linked.popleft()
+        try:
+            info = os.stat(folder.path)
+        except OSError as error:
+            report(folder.path, _reason(error))
+            continue
+        folder_id = (info.st_dev, info.st_ino)
+        if folder_id in folder.ancestors:
+            report(folder.path, "symlink loop")
+            continue
+        if folder_id in state.visited:
+            report(folder.path, "already scanned")
+            continue
+        state.visited.add(folder_id)
+        yield from _walk(folder, (*folder.ancestors, folder_id), recursive, wanted, excluded, report, state)
+    yield from state.take_links(report)
 
 
-class _SeenFiles:
-    """The real files yielded so far, and the symlinked image files put off until every argument's
-    real tree is walked, so that a file also reached under a real path is yielded once, under that
-    path. Real files are only listed while walking; they are stat-ed (once each) only when there
-    are symlinked files to compare with them, so a tree without file links costs nothing more.
-    (A directory entry's inode is not used: on overlay and FUSE file systems it can differ from
-    the file's st_ino.)"""
+@dataclass
+class _PendingFolder:
+    path: Path
+    root: Path  # the argument it was found under
+    relative: str  # posix path below the root, "" for the root
+    ancestors: tuple[tuple[int, int], ...]  # folder ids from the root down to this folder's parent
+
+
+class _WalkState:
+    """What one :func:`iter_image_files` call has seen: the folders walked (by device and inode),
+    the real files yielded, and what waits until the real trees of every argument are done: the
+    folders reached through a symlink and the symlinked image files. So a photo also reached
+    under a real path is yielded once, under that path.
+
+    Real files are only listed while walking; they are stat-ed (once each) only when there are
+    symlinked files to compare with them, so a tree without file links costs nothing more. (A
+    directory entry's inode is not used: on overlay and FUSE file systems it can differ from the
+    file's st_ino.)"""
 
     def __init__(self) -> None:
-        self._real: list[str] = []  # str, not Path: a 50,000-file walk keeps them all
+        self.visited: set[tuple[int, int]] = set()
+        self.linked: deque[_PendingFolder] = deque()
         self.links: list[FoundFile] = []
+        self._real: list[str] = []  # str, not Path: a 50,000-file walk keeps them all
 
     def add_real(self, path: Path) -> None:
         self._real.append(os.fspath(path))
@@ -267,7 +306,8 @@ class _SeenFiles:
             try:
                 info = os.stat(found.path)
             except OSError as error:
-                report(found.path, _reason(error))
+                broken = isinstance(error, FileNotFoundError)
+                report(found.path, "broken symlink" if broken else _reason(error))
                 continue
             file_id = (info.st_dev, info.st_ino)
             if file_id in seen:
@@ -277,55 +317,21 @@ class _SeenFiles:
             yield found
 
 
-@dataclass
-class _PendingFolder:
-    path: Path
-    relative: str  # posix path below the root, "" for the root
-    ancestors: tuple[tuple[int, int], ...]  # folder ids from the root down to this folder's parent
-
-
 def _walk(
-    root: Path,
-    root_info: os.stat_result,
+    top: _PendingFolder,
+    top_chain: tuple[tuple[int, int], ...],
     recursive: bool,
     wanted: Callable[[str, str], bool],
     excluded: _Globs,
     report: Callable[[Path, str], None],
-    visited: set[tuple[int, int]],
-    files: _SeenFiles,
+    state: _WalkState,
 ) -> Iterator[FoundFile]:
-    root_id = (root_info.st_dev, root_info.st_ino)
-    if root_id in visited:
-        report(root, "already scanned")
-        return
-    visited.add(root_id)
-    # Real folders go on a stack (depth first); symlinked folders wait in a queue until the real
-    # tree is done, so a folder linked from elsewhere in the tree is walked under its real path.
-    stack: list[tuple[_PendingFolder, tuple[tuple[int, int], ...]]] = [
-        (_PendingFolder(root, "", ()), (root_id,))
-    ]
-    linked: deque[_PendingFolder] = deque()
-
-    while stack or linked:
-        if stack:
-            folder, chain = stack.pop()
-        else:
-            folder = linked.popleft()
-            try:
-                info = os.stat(folder.path)
-            except OSError as error:
-                report(folder.path, _reason(error))
-                continue
-            folder_id = (info.st_dev, info.st_ino)
-            if folder_id in folder.ancestors:
-                report(folder.path, "symlink loop")
-                continue
-            if folder_id in visited:
-                report(folder.path, "already scanned")
-                continue
-            visited.add(folder_id)
-            chain = (*folder.ancestors, folder_id)
-
+    """The real tree below ``top`` (already marked visited), depth first; the symlinked folders
+    and files found in it go to ``state`` for later."""
+    stack: list[tuple[_PendingFolder, tuple[tuple[int, int], ...]]] = [(top, top_chain)]
+    root = top.root
+    while stack:
+        folder, chain = stack.pop()
         try:
             with os.scandir(folder.path) as scan:
                 entries = sorted(scan, key=lambda entry: entry.name)
@@ -362,16 +368,16 @@ def _walk(
                     if not wanted(relative, name):
                         continue
                     if is_link:
-                        files.links.append(FoundFile(entry_path, root))
+                        state.links.append(FoundFile(entry_path, root))
                         continue
-                    files.add_real(entry_path)
+                    state.add_real(entry_path)
                     yield FoundFile(entry_path, root)
                 elif unread_image_extension(name) and wanted(relative, name):
                     report(entry_path, f"{UNKNOWN_EXTENSION_REASON} {unread_image_extension(name)}")
             elif is_dir and recursive and not excluded.matches(relative, name):
-                pending = _PendingFolder(entry_path, relative, chain)
+                pending = _PendingFolder(entry_path, root, relative, chain)
                 if is_link:
-                    linked.append(pending)
+                    state.linked.append(pending)
                 else:
                     try:
                         info = entry.stat(follow_symlinks=False)
@@ -379,10 +385,10 @@ def _walk(
                         report(entry_path, _reason(error))
                         continue
                     folder_id = (info.st_dev, info.st_ino)
-                    if folder_id in visited:  # a bind mount or an earlier argument
+                    if folder_id in state.visited:  # a bind mount or an earlier argument
                         report(entry_path, "already scanned")
                         continue
-                    visited.add(folder_id)
+                    state.visited.add(folder_id)
                     real_subfolders.append((pending, (*chain, folder_id)))
         # Reversed so that popping the stack visits subfolders in name order.
         stack.extend(reversed(real_subfolders))

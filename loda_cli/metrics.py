@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import optimize, special, stats
 
-from loda_cli.errors import MetricError
+from loda_cli.errors import MetricError, MetricWarning
 
 __all__ = [
     "MIN_SAMPLES",
@@ -47,10 +47,6 @@ MIN_SAMPLES = 3
 # The fit has 4 parameters; scipy's default budget (200 * (n + 1)) gives up too early on the
 # flat, badly scaled predictions an untrained or half-trained model produces.
 MAXFEV = 10_000
-
-
-class MetricWarning(UserWarning):
-    """A metric was computed, but on a fallback: a constant input or a failed logistic fit."""
 
 
 @dataclass(frozen=True)

@@ -432,8 +432,10 @@ def test_tables_6_and_7_with_the_distortion_breakdown(world, table1):
 def test_checkpoint_trained_differently_is_refused(world, table1, tmp_path):
     settings = _settings(world, train=False, epochs=3)
     plan = bm.plan_dataset("live", [0], settings)
+    events = []
     with pytest.raises(CheckpointError, match="epochs 1 \\(expected 3\\)"):
-        bm.execute(plan)
+        bm.execute(plan, events.append)
+    assert events == []  # refused before any run starts
     # The dry run says so too, instead of listing the run as one to evaluate.
     rows, totals = bm.dry_run(plan)
     assert [row.status for row in rows] == ["refused"] and totals["by_status"] == {"refused": 1}

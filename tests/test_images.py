@@ -269,6 +269,22 @@ def test_a_linked_file_is_scored_once_under_its_real_path(tmp_path):
             ("0_link.jpg", "a link to a file already scanned"), ("again.jpg", "a link to a file already scanned")]
     found, skips = collect([tmp_path / "b" / "x.jpg", tmp_path / "a"])  # a file given directly
     assert [f.path for f in found] == [tmp_path / "b" / "x.jpg"]
+    found, skips = collect([tmp_path / "a" / "0_link.jpg", tmp_path / "b"])  # a link given directly
+    assert relative_paths(found, tmp_path) == ["b/hard.jpg", "b/x.jpg"]
+
+
+@needs_symlinks
+def test_a_linked_folder_under_an_earlier_argument_yields_the_real_paths(tmp_path):
+    (tmp_path / "Photos" / "2023").mkdir(parents=True)
+    (tmp_path / "Photos" / "2023" / "x.jpg").write_bytes(b"x")
+    (tmp_path / "favs").mkdir()
+    os.symlink(tmp_path / "Photos" / "2023", tmp_path / "favs" / "best")
+    for arguments in ([tmp_path / "favs", tmp_path / "Photos"], [tmp_path / "Photos", tmp_path / "favs"]):
+        found, skips = collect(arguments)
+        assert relative_paths(found, tmp_path) == ["Photos/2023/x.jpg"], arguments
+        assert [(s.path.name, s.reason) for s in skips] == [("best", "already scanned")]
+    found, _ = collect(tmp_path / "favs")  # alone, the link is the only way to them
+    assert relative_paths(found, tmp_path) == ["favs/best/x.jpg"] and found[0].root == tmp_path / "favs"
 
 
 @needs_symlinks

@@ -382,10 +382,17 @@ def test_three_samples_fall_back_to_a_line_instead_of_crashing():
     assert any(issubclass(w.category, MetricWarning) for w in caught)
 
 
-def test_the_cli_shows_a_metric_warning_as_one_line(capsys):
+def test_the_cli_shows_a_metric_warning_as_one_line(capsys, monkeypatch, tmp_path):
     """In a `loda` command, a metric's fallback is a 'warning:' line, not Python's file:line report;
     other warnings stay as Python shows them."""
+    from typer.testing import CliRunner
+
     from loda_cli.cli import main
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back afterwards
+    monkeypatch.setenv("LODA_HOME", str(tmp_path))
+    assert CliRunner().invoke(main.app, ["weights", "list"]).exit_code == 0
+    assert warnings.showwarning is main._show_warning  # every command installs it
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

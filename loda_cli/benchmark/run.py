@@ -150,7 +150,9 @@ def execute(plan: Plan, on_event: Optional[Callable[[BenchmarkEvent], None]] = N
     ``settings.train`` (``train`` resumes a killed run), then summarise.
 
     A run whose dataset is not on disk, or whose pretrained backbone is unavailable, is skipped
-    with the reason; if no run at all could be done, the first reason is raised.
+    with the reason; if no run at all could be done, the first reason is raised. A checkpoint
+    already there that a run would refuse (:func:`checkpoint_refusal`) stops the plan before
+    anything runs, not hours into it.
     """
     from loda_cli.scoring import resolve_device, resolve_precision
 
@@ -158,6 +160,11 @@ def execute(plan: Plan, on_event: Optional[Callable[[BenchmarkEvent], None]] = N
     settings = plan.settings
     if settings.by_distortion and not any(r.test_dataset == "kadid10k" for r in plan.runs):
         raise UsageError("--by-distortion needs KADID-10k (its file names carry the distortion type)")
+    for run in plan.runs:
+        if run.checkpoint.is_file() and reusable_result(run, settings) is None:
+            refusal = checkpoint_refusal(run, settings)
+            if refusal:
+                raise CheckpointError(f"{refusal}; move it away or point --checkpoints elsewhere")
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     if precision == "fp16" and device == "cpu":

@@ -128,6 +128,9 @@ def _print_dry_run(plan, as_json: bool) -> None:
     refused = [row for row in rows if row.status == "refused"]
     for row in refused:
         out.append(f"refused: {row.run.id}: {row.reason}")
+    if refused:
+        out.append(f"the benchmark would stop before its first run: move {plural(len(refused), 'refused checkpoint')} "
+                   "away or point --checkpoints elsewhere")
     counts = ", ".join(f"{n} {status}" for status, n in sorted(totals["by_status"].items()))
     out.append(f"total: {counts}; about {_duration(totals['seconds'])} to run now"
                + (f", {_duration(totals['seconds_if_trained'])} with --train"

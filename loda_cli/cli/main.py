@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from loda_cli import __version__
+from loda_cli.errors import MetricWarning
 
 # OpenMP threads that spin while they wait steal the CPU from the DataLoader workers and from
 # anything else running: on a loaded 2-core machine training ran 4.5 crops/s spinning and 21-25
@@ -37,9 +38,7 @@ def _version_callback(value: bool) -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """loda's own warnings (a metric that had to fall back, say) as one 'warning:' line, not
     Python's file:line report; every other warning as Python shows it."""
-    from loda_cli.metrics import MetricWarning
-
-    if issubclass(category, MetricWarning):
+    if file is None and issubclass(category, MetricWarning):
         from loda_cli.cli.common import err_console
 
         err_console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)

@@ -179,7 +179,8 @@ def _prepare(cfg, download: bool, quiet: bool) -> None:
         if not dl.downloadable(spec.name) or not (download or _stdin_is_terminal()):
             raise
         root, missing_error = None, exc
-    announce_generation(spec, root)
+    if not quiet:
+        announce_generation(spec, root)
     count = (lambda: len(datasets.read_labels(spec, root))) if root is not None else (lambda: spec.expected_count or 0)
     for line in _estimate_lines(cfg, spec, count):
         if not quiet or line.startswith("warning"):
