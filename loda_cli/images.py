@@ -90,6 +90,8 @@ def unread_image_extension(name: str) -> str | None:
     return ext if ext in UNREAD_IMAGE_EXTENSIONS else None
 
 UNKNOWN_EXTENSION_REASON = "an image format loda does not read:"
+#: The skip reason of a symlinked photo whose target was scanned under its real path.
+LINKED_DUPLICATE_REASON = "a link to a file already scanned"
 
 # Folders that photo tools, NAS boxes and operating systems leave inside photo collections. Names
 # starting with "." (.thumbnails, .Trash-1000, ._x.jpg AppleDouble files) are skipped separately.
@@ -311,7 +313,7 @@ class _WalkState:
                 continue
             file_id = (info.st_dev, info.st_ino)
             if file_id in seen:
-                report(found.path, "a link to a file already scanned")
+                report(found.path, LINKED_DUPLICATE_REASON)
                 continue
             seen.add(file_id)
             yield found

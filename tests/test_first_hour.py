@@ -119,6 +119,15 @@ def test_summary_counts_add_up_pluralise_and_rate_only_the_work_done(tmp_path, t
     assert "8 files: 6 scored now, 2 failed" in first.stderr, first.stderr
     again = runner.invoke(app, ["score", str(root), "--model", str(tiny_checkpoint), "--workers", "0"])
     assert "8 files: 0 scored now, 6 from cache, 2 failed" in again.stderr and "img/s" not in again.stderr
+    if hasattr(os, "symlink"):
+        # A folder of links to favourites: scored once, under the real paths, and not called a problem.
+        (root / "favourites").mkdir()
+        for i in (1, 4):
+            os.symlink(next(root.rglob(f"IMG_{i}.JPG")), root / "favourites" / f"fav_{i}.JPG")
+        linked = runner.invoke(app, ["score", str(root), "--model", str(tiny_checkpoint), "--workers", "0"])
+        assert "8 files: 0 scored now, 6 from cache, 2 failed" in linked.stderr, linked.stderr
+        assert "2 links to photos scored under their real paths, not again" in linked.stderr
+        assert "skipped" not in linked.stderr
 
 
 def test_stderr_to_a_log_is_not_wrapped_and_paths_are_never_cut(tmp_path, tiny_checkpoint):

@@ -541,7 +541,7 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None, read_second
     from rich.table import Table
 
     from loda_cli.cli.common import middle_ellipsis
-    from loda_cli.images import UNKNOWN_EXTENSION_REASON
+    from loda_cli.images import LINKED_DUPLICATE_REASON, UNKNOWN_EXTENSION_REASON
     from loda_cli.output import rank_rows
 
     ranked = rank_rows(rows)
@@ -550,7 +550,10 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None, read_second
     unknown = Counter(
         reason.rsplit(" ", 1)[-1] for _, reason in skipped if reason.startswith(UNKNOWN_EXTENSION_REASON)
     )
-    other_skips = [(p, r) for p, r in skipped if not r.startswith(UNKNOWN_EXTENSION_REASON)]
+    # A link to a photo scored under its real path (a folder of favourites, say) is not a problem.
+    links = sum(1 for _, r in skipped if r == LINKED_DUPLICATE_REASON)
+    other_skips = [(p, r) for p, r in skipped
+                   if not r.startswith(UNKNOWN_EXTENSION_REASON) and r != LINKED_DUPLICATE_REASON]
     ran = f"{scorer.device} {scorer.precision}, " if scorer.device is not None else "all from the cache, "
     err_console.print(
         summary_counts(rows, elapsed, read_seconds)
@@ -583,6 +586,9 @@ def _summary(scorer, rows, skipped, elapsed: float, out: str | None, read_second
         err_console.print(f"... and {len(failed) - 5} more failures" + (f" (see {out})" if out and out != "-" else ""))
     for path, reason in other_skips[:3]:
         err_console.print(f"[dim]skipped {escape(shown(path))}: {escape(reason)}[/]", soft_wrap=True)
+    if links:
+        err_console.print(f"[dim]{plural(links, 'link')} to photos scored under their real paths, not again[/]",
+                          soft_wrap=True)
     _groups_summary(rows)
     warned = sum(1 for r in rows if r.warnings)
     if warned:
