@@ -97,13 +97,28 @@ def _csv_value(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+# A spreadsheet runs a cell that begins with one of these as a formula.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_path(path: str) -> str:
+    """A relative path a spreadsheet would take for a formula (a photo named ``=HYPERLINK(...).jpg``
+    scored from inside its folder) is written as ``./=HYPERLINK(...).jpg``: the same file, and text."""
+    return "./" + path if path.startswith(_FORMULA_STARTS) else path
+
+
 def render(records: Sequence[dict[str, Any]], fmt: str, header: dict[str, Any] | None = None) -> str:
     if fmt == "csv":
         buf = io.StringIO(newline="")
         writer = csv.writer(buf, lineterminator="\n")
+        # With "\n" as the line end, the csv module leaves a lone "\r" in a field unquoted, and
+        # spreadsheets and readers end the row there: such a row has every field quoted.
+        quoting = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
         writer.writerow(COLUMNS)
         for rec in records:
-            writer.writerow([_csv_value(rec[c]) for c in COLUMNS])
+            values = [_csv_value(rec[c]) for c in COLUMNS]
+            values[COLUMNS.index("path")] = _csv_path(values[COLUMNS.index("path")])
+            (quoting if any("\r" in v for v in values) else writer).writerow(values)
         return buf.getvalue()
     if fmt == "json":
         return _json_document(records, header or {})

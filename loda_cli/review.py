@@ -70,10 +70,9 @@ class ReviewReport:
 
 
 def _printable(path: str) -> str:
-    text = os.fsencode(path).decode("utf-8", errors="backslashreplace")
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
+    from loda_cli.organize.paths import display_path
+
+    return display_path(path)
 
 
 def _resolve(raw: str, bases: Sequence[str]) -> tuple[str, bool]:
@@ -150,7 +149,7 @@ def build_review(
     marker = os.path.join(thumbs_dir, REVIEW_MARKER)
     if not os.path.exists(marker):
         with open(marker, "w", encoding="utf-8") as fh:
-            fh.write(f"Thumbnails for {os.path.basename(page)}, written by {GENERATOR}.\n")
+            fh.write(f"Thumbnails for {_printable(os.path.basename(page))}, written by {GENERATOR}.\n")
 
     bases = scores_bases(scores_file, parsed.header)
     items = []
@@ -196,7 +195,7 @@ def build_review(
 
     html_text = render_page(
         items,
-        thumbs_url=urllib.parse.quote(os.path.basename(thumbs_dir)),
+        thumbs_url=urllib.parse.quote(os.fsencode(os.path.basename(thumbs_dir))),  # bytes: any name
         below=below,
         page_dir=page_dir,
         title=_printable(os.path.basename(os.fspath(scores_file))),

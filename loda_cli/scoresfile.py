@@ -15,6 +15,7 @@ lone surrogates as ``\\udcXX`` escapes; either way ``os.fsencode(row.path)`` is 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -133,7 +134,9 @@ def _detect_format(source: Path, text: str) -> str:
 
 def _csv_rows(text: str, source: Path) -> Iterator[dict[str, Any]]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    # Rows end only where the csv module says (str.splitlines would also break a quoted name at
+    # a form feed, U+2028 or U+0085).
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     fields = [name.strip().lower() for name in (reader.fieldnames or [])]
     if "path" not in fields or "score" not in fields:
         from loda_cli.images import is_image_path

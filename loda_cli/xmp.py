@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from loda_cli import __version__
-from loda_cli.errors import LodaError
+from loda_cli.errors import LodaError, UsageError
 
 XMP_NS = "http://ns.adobe.com/xap/1.0/"
 RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
@@ -96,6 +96,7 @@ def read_state(data: bytes) -> XmpState:
 def new_sidecar(rating: int, label: Optional[str] = None) -> bytes:
     """A complete XMP packet holding only loda's rating (and label)."""
     _check_rating(rating)
+    check_label(label)
     attrs = [
         ("rdf:about", ""),
         ("xmp:Rating", str(rating)),
@@ -124,6 +125,7 @@ def plan_rating(
     never happens. Raises XmpError when ``existing`` is not parseable XMP.
     """
     _check_rating(rating)
+    check_label(label)
     if existing is None:
         return RatingUpdate(new_sidecar(rating, label), "create")
     state = read_state(existing)
@@ -263,6 +265,20 @@ def _parse_rating(value: Optional[str]) -> Optional[int]:
 def _check_rating(rating: int) -> None:
     if not isinstance(rating, int) or not 1 <= rating <= 5:
         raise XmpError(f"a star rating is 1 to 5, not {rating!r}")
+
+
+def check_label(label: Optional[str]) -> None:
+    """Refuse a label XML cannot hold (control characters, undecodable bytes from the command
+    line, U+FFFE/U+FFFF) before any sidecar is planned: written, it would make sidecars that no
+    XMP reader, loda's included, can read back."""
+    if not label:
+        return
+    for ch in label:
+        code = ord(ch)
+        if code < 0x20 or 0xD800 <= code <= 0xDFFF or code in (0xFFFE, 0xFFFF):
+            shown = label.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UsageError(f"--label {shown!r} holds a character a sidecar cannot hold ({ch!r}); "
+                             "use plain text such as Red")
 
 
 # --- serialising (our own, so prefixes survive and nothing global changes) ----------------------

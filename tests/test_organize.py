@@ -1587,6 +1587,33 @@ def test_rate_darktable_only_and_edges(shoot):
     assert invoke("rate", "wedding", "--scores", shoot.scores, "--sidecar", "capture-one").exit_code == 2
 
 
+def test_rate_says_which_photo_a_shared_lightroom_sidecar_takes_its_rating_from(tmp_path, monkeypatch):
+    """IMG_3.JPG and IMG_3.PNG (not a RAW+JPEG pair: two photos) both name IMG_3.xmp in the
+    Lightroom naming: one rating goes in, and the other photo is reported, not dropped quietly."""
+    from loda_cli import xmp
+
+    root = tmp_path / "lib"
+    write(root / "IMG_3.JPG", photo_bytes(1))
+    Image.new("RGB", (16, 12), (9, 9, 9)).save(root / "IMG_3.PNG")
+    scores = write_scores(tmp_path / "s.csv", [("lib/IMG_3.JPG", 0.9), ("lib/IMG_3.PNG", 0.1)])
+    monkeypatch.chdir(tmp_path)
+    result = invoke("rate", "lib", "--scores", scores, "--sidecar", "lightroom", "--apply")
+    assert result.exit_code == 0, result.output
+    written = xmp.read_state((root / "IMG_3.xmp").read_bytes()).rating
+    said = " ".join(result.output.split())
+    first, other = ("IMG_3.JPG", "IMG_3.PNG") if written == 5 else ("IMG_3.PNG", "IMG_3.JPG")
+    assert written in (1, 5) and f"its sidecar IMG_3.xmp takes the rating of {first}, scored first" in said, said
+    assert other in said
+
+
+def test_rate_refuses_a_label_no_sidecar_can_hold_before_planning(shoot):
+    before = snapshot(shoot.root)
+    for label in ("Red\x01", os.fsdecode(b"Red\xff"), "two\nlines"):
+        result = invoke("rate", "wedding", "--scores", shoot.scores, "--label", label, "--apply")
+        assert result.exit_code == 2 and "--label" in result.output and "Traceback" not in result.output, result.output
+    assert snapshot(shoot.root) == before
+
+
 def test_rate_writes_an_existing_sidecar_whose_name_differs_in_case(shoot):
     """A sidecar named in another case (a camera's or an app's IMG_40.JPG.XMP) is the one updated,
     not joined by a second; of two such names the first in sorted order. Each folder is listed
@@ -1631,6 +1658,20 @@ def test_display_path_escapes_control_characters_and_bad_bytes():
     assert organize.display_path(os.fsdecode(b"a\nb\xff.jpg")) == "a\\nb\\xff.jpg"
     result = organize.display_path("[bold]x[/bold].jpg")
     assert result == "[bold]x[/bold].jpg"  # printed through Text, so markup is shown, not applied
+    # A name's terminal escape (set the title, colour the rest) and a bidi override are escaped ...
+    assert organize.display_path("esc\x1b]0;pwned\x07\x1b[31mred.jpg") == "esc\\x1b]0;pwned\\x07\\x1b[31mred.jpg"
+    assert organize.display_path("photo\u202egpj.exe") == "photo\\u202egpj.exe"
+    assert organize.display_path("a\u2028b.jpg") == "a\\u2028b.jpg"
+    # ... but a macOS screenshot's narrow no-break space and an emoji's joiner are shown as they are.
+    for name in ("Screenshot 9.41.20\u202fPM.png", "family \U0001F468\u200d\U0001F469.jpg", "café.jpg"):
+        assert organize.display_path(name) == name
+
+
+def test_the_score_summary_escapes_what_a_terminal_would_obey():
+    from loda_cli.cli.common import shown
+
+    assert shown("esc\x1b[31mred.jpg") == "esc\\x1b[31mred.jpg"
+    assert shown(os.fsdecode(b"bad\xff.jpg")) == "bad\\xff.jpg"
 
 
 def test_markup_in_file_names_is_printed_literally(shoot):

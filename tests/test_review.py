@@ -125,6 +125,15 @@ def test_rerun_reuses_thumbnails_and_never_overwrites_foreign_files(scored):
     assert not (tmp / "other.html").exists()
 
 
+def test_a_page_whose_name_is_not_utf8_is_written_and_its_previews_found(scored):
+    tmp, scores = scored
+    page = Path(os.fsdecode(os.fsencode(str(tmp)) + b"/rev\xff.html"))
+    for _ in range(2):  # the second run reuses the thumbnails folder by its marker
+        built = build_review(scores, page)
+    text = page.read_text(encoding="utf-8")
+    assert 'src="rev%FF_files/' in text and Path(built.thumbs_dir).is_dir()
+
+
 def test_a_link_left_at_a_temporary_name_is_never_written_through(scored):
     """The page and its previews are written to new files of their own (O_EXCL), never to a
     fixed name such as ``review.html.part`` that a link could already hold."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
 import json
 from dataclasses import replace
 
@@ -230,3 +232,28 @@ def test_python_api(tree, tiny_checkpoint):
     rows = list(score_paths([tree["root"]], model=str(tiny_checkpoint), progress=seen.append, workers=0))
     assert len(seen) == len(rows) and any(r.error for r in rows)
     assert all(isinstance(r.score, float) for r in rows if r.error is None)
+
+
+def test_a_csv_of_odd_names_reads_back_row_for_row_and_is_no_formula(tmp_path):
+    """Names with a carriage return, a form feed, U+2028, U+0085 or a non-UTF-8 byte stay one row
+    each (the csv module leaves a lone CR unquoted when rows end in LF, and splitlines breaks at the
+    others); a relative path a spreadsheet would run as a formula is written as ./ and the same file."""
+    from loda_cli.output import render
+    from loda_cli.scoresfile import read_scores
+
+    names = ["cr\rret.jpg", "ff\x0cfeed.jpg", "fs\x1csep.jpg", "ls\u2028sep.jpg", "nel\u0085x.jpg",
+             os.fsdecode(b"bad\xff.jpg"), "=HYPERLINK(\"http://x\",\"y\").jpg", "@at.jpg", "-minus.jpg",
+             "/abs/=fine.jpg", "plain, \"quoted\".jpg"]
+    records = [{"rank": i + 1, "path": name, "score": 0.9 - i / 100, "mos": None, "raw": 0.1, "width": 10,
+                "height": 10, "format": "JPEG", "error": None, "group": None, "rank_in_group": None}
+               for i, name in enumerate(names)]
+    out = tmp_path / "s.csv"
+    out.write_bytes(render(records, "csv").encode("utf-8", "surrogateescape"))
+    rows = read_scores(out).rows
+    written = [row.path for row in rows]
+    assert len(written) == len(names) and [row.score for row in rows] == [r["score"] for r in records]
+    expected = [("./" + n if n[0] in "=@-" else n) for n in names]
+    assert written == expected
+    assert all(os.path.normpath(w) == os.path.normpath(n) for w, n in zip(written, names))
+    for line in csv.reader(io.StringIO(out.read_text(encoding="utf-8", errors="surrogateescape"), newline="")):
+        assert not line[1].startswith(("=", "+", "-", "@"))

@@ -101,9 +101,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def shown(text: str) -> str:
-    """A file name made safe for the terminal: undecodable bytes become U+FFFD (display only;
-    outputs keep the exact bytes)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """A file name made safe for the terminal (display only; outputs keep the exact bytes):
+    undecodable bytes, controls (a name's ESC would start a terminal escape sequence), line
+    separators and bidirectional overrides escaped (:func:`loda_cli.organize.paths.display_path`)."""
+    from loda_cli.organize.paths import display_path
+
+    return display_path(text)
 
 
 def write_stdout_line(line: str) -> None:

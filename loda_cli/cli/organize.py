@@ -528,6 +528,9 @@ def rate(
     if sidecar not in organize.SIDECAR_STYLES:
         styles = ", ".join(organize.SIDECAR_STYLES)
         raise UsageError(f"--sidecar is one of {styles}, not {sidecar!r}")
+    from loda_cli.xmp import check_label
+
+    check_label(label)  # before the photos are read or scored
     roots = organize.resolve_roots(paths or [])
     source, groups, skips = _scored_groups(roots, [], scores, model)
     if quantiles:

@@ -8,6 +8,7 @@ paths are resolved). Paths are printed through :func:`display_path` only.
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,14 +18,25 @@ from loda_cli.errors import UsageError
 CULLED_DIRNAME = "_culled"
 
 
+# Characters a terminal or page must not receive raw from a file name: controls (ESC starts a
+# terminal escape sequence), line and paragraph separators, and the bidirectional overrides and
+# isolates that make "photo<RLO>gpj.exe" read as "photoexe.jpg".
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _unsafe(ch: str) -> bool:
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") or ch in _BIDI_CONTROLS
+
+
 def display_path(path: str | os.PathLike[str]) -> str:
-    """A path as text that is safe to print: undecodable bytes and control characters escaped."""
+    """A path as text that is safe to print: undecodable bytes as ``\\xff``, and controls, line
+    separators and bidirectional overrides as ``\\x1b``-style escapes. Everything else, the
+    narrow no-break space of a macOS screenshot's name and the joiners inside an emoji
+    included, is shown as it is."""
     text = os.fsencode(path).decode("utf-8", errors="backslashreplace")
     if text.isprintable():  # nearly every path: the same text, without a look at each character
         return text
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
+    return "".join(ch.encode("unicode_escape").decode("ascii") if _unsafe(ch) else ch for ch in text)
 
 
 def is_under(path: str, folder: str) -> bool:

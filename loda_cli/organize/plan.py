@@ -487,10 +487,11 @@ def plan_rate(
     A rating a person set in any sidecar of a group leaves every sidecar of that group alone
     (unless ``force``), whatever the naming.
     """
+    xmp.check_label(label)  # before anything is planned
     plan = Plan(
         "rate", style, list(roots), [], journals_dir(), edges=tuple(edges), layout="in-place"
     )
-    claimed: set[str] = set()
+    claimed: dict[str, str] = {}  # sidecar path -> the photo whose rating it takes
     folders = _Listings()
     for group in groups:
         stars = star_rating(group.score, edges)
@@ -507,8 +508,11 @@ def plan_rate(
             name = folders.existing_case(group.folder, wanted)
             path = os.path.join(group.folder, name)
             if path in claimed:
+                if claimed[path] != group.path:  # IMG_1.JPG and IMG_1.PNG share IMG_1.xmp
+                    plan.skipped.append(Skip(group.path, f"its sidecar {name} takes the rating of "
+                                                         f"{os.path.basename(claimed[path])}, scored first"))
                 continue
-            claimed.add(path)
+            claimed[path] = group.path
             if person is not None:
                 rating, where = person
                 reason = f"rating {rating} set by a person in {where} (use --force)"
