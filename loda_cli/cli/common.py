@@ -118,7 +118,8 @@ def write_stdout_line(line: str) -> None:
         buffer.write(data)
         buffer.flush()
     else:
-        sys.stdout.write(shown(line) + "\n")
+        # No byte stream under it: the text as is, undecodable bytes as U+FFFD (data, not display).
+        sys.stdout.write(line.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + "\n")
 
 
 def own_folders_note(folders: list[str], what: str) -> str:
