@@ -116,8 +116,7 @@ def render(records: Sequence[dict[str, Any]], fmt: str, header: dict[str, Any] |
         quoting = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
         writer.writerow(COLUMNS)
         for rec in records:
-            values = [_csv_value(rec[c]) for c in COLUMNS]
-            values[COLUMNS.index("path")] = _csv_path(values[COLUMNS.index("path")])
+            values = [_csv_path(_csv_value(rec[c])) if c == "path" else _csv_value(rec[c]) for c in COLUMNS]
             (quoting if any("\r" in v for v in values) else writer).writerow(values)
         return buf.getvalue()
     if fmt == "json":

@@ -31,6 +31,7 @@ from loda_cli import __version__
 from loda_cli.atomic import replacing
 from loda_cli.errors import OutputError, UsageError
 from loda_cli.images import REVIEW_MARKER
+from loda_cli.organize.paths import display_path
 from loda_cli.scoresfile import read_scores, scores_bases
 
 GENERATOR = f"loda review {__version__}"
@@ -67,12 +68,6 @@ class ReviewReport:
     bases: tuple[str, ...] = ()  # where relative paths were looked for, in order
     bursts: int = 0  # groups of two or more photos, shown as rows
     maps: int = 0  # photos with a crop map
-
-
-def _printable(path: str) -> str:
-    from loda_cli.organize.paths import display_path
-
-    return display_path(path)
 
 
 def _resolve(raw: str, bases: Sequence[str]) -> tuple[str, bool]:
@@ -149,12 +144,12 @@ def build_review(
     marker = os.path.join(thumbs_dir, REVIEW_MARKER)
     if not os.path.exists(marker):
         with open(marker, "w", encoding="utf-8") as fh:
-            fh.write(f"Thumbnails for {_printable(os.path.basename(page))}, written by {GENERATOR}.\n")
+            fh.write(f"Thumbnails for {display_path(os.path.basename(page))}, written by {GENERATOR}.\n")
 
     bases = scores_bases(scores_file, parsed.header)
     items = []
     for row in sorted(parsed.rows, key=lambda r: (r.score, r.path)):
-        shown = _printable(row.path)
+        shown = display_path(row.path)
         folder = os.path.dirname(shown) or "."
         path, found = _resolve(row.path, bases)
         items.append(ReviewItem(
@@ -163,7 +158,7 @@ def build_review(
         ))
     bursts = _mark_keepers(items, keep)
     for raw, error in parsed.failed:  # after the scored photos, as the scores file ranks them
-        shown = _printable(raw)
+        shown = display_path(raw)
         path, found = _resolve(raw, bases)
         items.append(ReviewItem(path, shown, os.path.dirname(shown) or ".", 0.0, error=error, found=found))
 
@@ -198,14 +193,14 @@ def build_review(
         thumbs_url=urllib.parse.quote(os.fsencode(os.path.basename(thumbs_dir))),  # bytes: any name
         below=below,
         page_dir=page_dir,
-        title=_printable(os.path.basename(os.fspath(scores_file))),
+        title=display_path(os.path.basename(os.fspath(scores_file))),
         keep=keep,
     )
     try:
         with replacing(page, "w", encoding="utf-8") as fh:
             fh.write(html_text)
     except OSError as exc:
-        raise OutputError(f"cannot write {_printable(page)}: {exc.strerror}") from None
+        raise OutputError(f"cannot write {display_path(page)}: {exc.strerror}") from None
     thumbs = sum(1 for i in items if i.thumb)
     cull = sum(1 for i in items if below is not None and i.error is None and i.score < below)
     unscored = sum(1 for i in items if i.error is not None)
@@ -241,20 +236,20 @@ def _check_outputs(page: str, thumbs_dir: str, force: bool) -> None:
     """Refuse to overwrite anything loda did not write (a photo named review.html, say)."""
     if os.path.lexists(page):
         if os.path.islink(page) or not os.path.isfile(page):
-            raise OutputError(f"{_printable(page)} exists and is not a file loda wrote")
+            raise OutputError(f"{display_path(page)} exists and is not a file loda wrote")
         with open(page, "rb") as fh:
             head = fh.read(4096)
         if b'content="loda review' not in head and not force:
             raise OutputError(
-                f"{_printable(page)} exists and was not written by loda review; "
+                f"{display_path(page)} exists and was not written by loda review; "
                 "pass --force to replace it"
             )
     if os.path.lexists(thumbs_dir):
         if os.path.islink(thumbs_dir) or not os.path.isdir(thumbs_dir):
-            raise OutputError(f"{_printable(thumbs_dir)} exists and is not a folder loda made")
+            raise OutputError(f"{display_path(thumbs_dir)} exists and is not a folder loda made")
         if not os.path.exists(os.path.join(thumbs_dir, REVIEW_MARKER)) and os.listdir(thumbs_dir):
             raise OutputError(
-                f"{_printable(thumbs_dir)} exists and holds files loda did not write; "
+                f"{display_path(thumbs_dir)} exists and holds files loda did not write; "
                 "choose another --out"
             )
 

@@ -160,11 +160,10 @@ def execute(plan: Plan, on_event: Optional[Callable[[BenchmarkEvent], None]] = N
     settings = plan.settings
     if settings.by_distortion and not any(r.test_dataset == "kadid10k" for r in plan.runs):
         raise UsageError("--by-distortion needs KADID-10k (its file names carry the distortion type)")
-    for run in plan.runs:
-        if run.checkpoint.is_file() and reusable_result(run, settings) is None:
-            refusal = checkpoint_refusal(run, settings)
-            if refusal:
-                raise CheckpointError(f"{refusal}; move it away or point --checkpoints elsewhere")
+    for run in plan.runs:  # a checkpoint's header first; a stored result only for a refused one
+        refusal = checkpoint_refusal(run, settings) if run.checkpoint.is_file() else None
+        if refusal and reusable_result(run, settings) is None:
+            raise CheckpointError(f"{refusal}; move it away or point --checkpoints elsewhere")
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     if precision == "fp16" and device == "cpu":

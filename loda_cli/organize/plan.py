@@ -487,7 +487,6 @@ def plan_rate(
     A rating a person set in any sidecar of a group leaves every sidecar of that group alone
     (unless ``force``), whatever the naming.
     """
-    xmp.check_label(label)  # before anything is planned
     plan = Plan(
         "rate", style, list(roots), [], journals_dir(), edges=tuple(edges), layout="in-place"
     )
